@@ -1,0 +1,19 @@
+"""kiln: an inference optimizer for ONNX models, in Python on PyTorch and Triton."""
+
+from kiln.errors import InputError, KilnError, ModelLoadError, OpError, UnsupportedModelError
+from kiln.executor import Executor
+from kiln.onnx_io import load_model, load_model_proto
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Executor",
+    "InputError",
+    "KilnError",
+    "ModelLoadError",
+    "OpError",
+    "UnsupportedModelError",
+    "__version__",
+    "load_model",
+    "load_model_proto",
+]

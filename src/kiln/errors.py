@@ -1,0 +1,28 @@
+"""Errors kiln raises on purpose.
+
+Every error a user can cause (a bad file, an unsupported op, a wrong input) is a ``KilnError``
+whose message names the model, the node and the op where they apply and says what to do. The CLI
+prints the message on one line and exits with code 2; anything else is a bug in kiln.
+"""
+
+from __future__ import annotations
+
+
+class KilnError(Exception):
+    """Base class: a problem the user can act on."""
+
+
+class ModelLoadError(KilnError):
+    """The model file cannot be read safely (missing, corrupt, too large, hostile external data)."""
+
+
+class UnsupportedModelError(KilnError):
+    """The model is valid ONNX but uses something kiln cannot run (op, opset, dtype)."""
+
+
+class InputError(KilnError):
+    """Inputs given to a run do not match the model (name, dtype, rank, shape, device)."""
+
+
+class OpError(KilnError):
+    """An op failed while running; the message names the node and op."""

@@ -1,0 +1,248 @@
+"""The reference executor: runs an ONNX graph node by node with torch, on CPU or CUDA.
+
+It is an interpreter in the shape of ``torch.fx.Interpreter``: a plan is made once per graph (each
+node bound to its registered op function and attributes), then ``run`` walks the plan with one value
+table, freeing each value after its last use so memory stays flat. Subgraphs (If/Loop/Scan bodies)
+get plans of their own and see the enclosing scope's values.
+
+Example::
+
+    model = kiln.load_model("resnet50.onnx")
+    outputs = Executor(model, device="cuda").run({"input": images})
+
+float32 means float32: while a model runs, TF32 is switched off in cuBLAS and cuDNN so results match
+onnxruntime's fp32 within 1e-4. Faster precisions are the builder's job, chosen per layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import ChainMap
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from kiln import dtypes
+from kiln.errors import InputError, KilnError, OpError
+from kiln.ops import lookup
+from kiln.ops.registry import OpContext, canonical_domain
+
+
+@dataclass
+class _Step:
+    fn: Any
+    op: OpContext
+    inputs: list[str | None]
+    outputs: list[str]
+    free_after: list[str]
+
+
+class _GraphPlan:
+    """A graph bound to op functions, with the point after which each value can be dropped."""
+
+    def __init__(self, graph: ir.Graph, executor: Executor) -> None:
+        self.graph = graph
+        self.input_names = [v.name for v in graph.inputs]
+        self.output_names = [v.name for v in graph.outputs]
+        self.constants: dict[str, Any] = {}
+        for name, value in graph.initializers.items():
+            if value.const_value is not None:
+                self.constants[name] = executor.constant(value.const_value)
+        self.steps: list[_Step] = []
+        last_use: dict[str, int] = {}
+        for index, node in enumerate(graph):
+            domain = canonical_domain(node.domain)
+            opset = executor.opsets.get(domain, executor.opsets.get("", 1))
+            fn = lookup(domain, node.op_type, opset)
+            if fn is None:
+                raise executor.unsupported(node, opset)
+            op = OpContext(node, opset, executor.device, executor.run_subgraph)
+            inputs = [v.name if v is not None and v.name else None for v in node.inputs]
+            outputs = [v.name for v in node.outputs]
+            self.steps.append(_Step(fn, op, inputs, outputs, []))
+            for name in [n for n in inputs if n] + sorted(_captured_names(node)):
+                last_use[name] = index
+        keep = set(self.output_names)
+        for name, index in last_use.items():
+            if name not in keep:
+                self.steps[index].free_after.append(name)
+
+
+def _captured_names(node: ir.Node) -> set[str]:
+    """Names a node's subgraphs read from enclosing scopes (they keep those values alive)."""
+    names: set[str] = set()
+    for attr in node.attributes.values():
+        graphs = []
+        if attr.type == ir.AttributeType.GRAPH:
+            graphs = [attr.value]
+        elif attr.type == ir.AttributeType.GRAPHS:
+            graphs = list(attr.value)
+        for graph in graphs:
+            defined = {v.name for v in graph.inputs} | set(graph.initializers)
+            for inner in graph:
+                defined.update(v.name for v in inner.outputs)
+            for inner in graph:
+                names.update(v.name for v in inner.inputs if v is not None and v.name and v.name not in defined)
+                names.update(_captured_names(inner) - defined)
+            names.update(v.name for v in graph.outputs if v.name not in defined)
+    return names
+
+
+@contextlib.contextmanager
+def _exact_fp32(device: torch.device) -> Iterator[None]:
+    """Switch TF32 off while a model runs: ONNX float32 means IEEE float32."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
+class Executor:
+    """Runs an ``ir.Model`` with the registered reference ops. See the module docstring."""
+
+    def __init__(self, model: ir.Model, device: str | torch.device = "cpu", name: str | None = None) -> None:
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise KilnError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu")
+        self.model = model
+        self.name = name or model.graph.name or "model"
+        self.opsets = {canonical_domain(d): v for d, v in model.opset_imports.items()}
+        self._plans: dict[int, _GraphPlan] = {}
+        self._main = self._plan(model.graph)
+        graph = model.graph
+        self.inputs = [v for v in graph.inputs if v.name not in self._main.constants]
+        self.outputs = list(graph.outputs)
+
+    # -- building ---------------------------------------------------------------------------
+    def constant(self, tensor: ir.TensorProtocol) -> Any:
+        return dtypes.tensor_from_numpy(tensor.numpy(), self.device)
+
+    def unsupported(self, node: ir.Node, opset: int) -> KilnError:
+        from kiln.errors import UnsupportedModelError
+
+        domain = canonical_domain(node.domain) or "ai.onnx"
+        return UnsupportedModelError(
+            f"{self.name}: node {node.name!r} uses op {domain}::{node.op_type} (opset {opset}), "
+            "which kiln does not implement; see `kiln.ops.registered_ops()` for what it runs"
+        )
+
+    def _plan(self, graph: ir.Graph) -> _GraphPlan:
+        plan = self._plans.get(id(graph))
+        if plan is None:
+            plan = self._plans[id(graph)] = _GraphPlan(graph, self)
+        return plan
+
+    # -- running ----------------------------------------------------------------------------
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        """Run the model on ``feeds`` (name -> numpy array or torch tensor); returns name -> value."""
+        values = self._check_feeds(feeds)
+        with torch.inference_mode(), _exact_fp32(self.device):
+            outputs = self._execute(self._main, values, None)
+        return dict(zip(self._main.output_names, outputs))
+
+    def run_subgraph(self, graph: ir.Graph, inputs: Sequence[Any], outer: Any) -> list[Any]:
+        plan = self._plan(graph)
+        values = dict(zip(plan.input_names, inputs))
+        return self._execute(plan, values, outer)
+
+    def _execute(self, plan: _GraphPlan, values: dict[str, Any], outer: Any) -> list[Any]:
+        local: dict[str, Any] = {**plan.constants, **values}
+        env = ChainMap(local, outer) if outer is not None else local
+        for step in plan.steps:
+            args = [env[name] if name is not None else None for name in step.inputs]
+            step.op._outer = env
+            try:
+                result = step.fn(step.op, *args)
+            except KilnError as error:
+                if step.op.name in str(error):
+                    raise
+                raise type(error)(f"{self.name}: {error}") from error
+            except Exception as error:  # noqa: BLE001 - any op failure is reported with its node
+                raise OpError(
+                    f"{self.name}: node {step.op.name!r} (op {step.op.op_type}) failed: "
+                    f"{type(error).__name__}: {error}"
+                ) from error
+            finally:
+                step.op._outer = None
+            if not isinstance(result, tuple):
+                result = (result,)
+            for name, value in zip(step.outputs, result):
+                if name:
+                    local[name] = value
+            for name in step.free_after:
+                local.pop(name, None)
+        return [env[name] for name in plan.output_names]
+
+    def _check_feeds(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        expected = {v.name: v for v in self.inputs}
+        unknown = sorted(set(feeds) - set(expected) - set(self._main.constants))
+        if unknown:
+            raise InputError(f"{self.name}: unknown input(s) {unknown}; the model's inputs are {sorted(expected)}")
+        missing = sorted(set(expected) - set(feeds))
+        if missing:
+            raise InputError(f"{self.name}: missing input(s) {missing}")
+        values: dict[str, Any] = {}
+        for name, given in feeds.items():
+            value = self._to_value(name, given)
+            spec = expected.get(name)
+            if spec is not None:
+                _check_against_spec(self.name, spec, value)
+            values[name] = value
+        return values
+
+    def _to_value(self, name: str, given: Any) -> Any:
+        if isinstance(given, torch.Tensor):
+            return given.to(self.device)
+        if isinstance(given, list):
+            return [self._to_value(name, item) for item in given]
+        if given is None:
+            return None
+        try:
+            return dtypes.tensor_from_numpy(np.asarray(given), self.device)
+        except KeyError as error:
+            raise InputError(f"{self.name}: input {name!r} has dtype {np.asarray(given).dtype}, which kiln cannot hold") from error
+
+
+def _check_against_spec(model_name: str, spec: ir.Value, value: Any) -> None:
+    if not isinstance(value, (torch.Tensor, np.ndarray)) or not isinstance(spec.type, ir.TensorType):
+        return
+    want = spec.dtype
+    if isinstance(value, np.ndarray):
+        got_name = "string"
+        ok = want == ir.DataType.STRING
+    else:
+        got = dtypes.ONNX_DTYPES.get(value.dtype)
+        got_name = dtypes.onnx_name(got) if got is not None else str(value.dtype)
+        ok = got == want
+    if want is not None and not ok:
+        raise InputError(
+            f"{model_name}: input {spec.name!r} has dtype {got_name}, the model expects {dtypes.onnx_name(want)}"
+        )
+    shape = spec.shape
+    if shape is None:
+        return
+    if len(shape) != value.ndim:
+        raise InputError(
+            f"{model_name}: input {spec.name!r} has rank {value.ndim} (shape {list(value.shape)}), "
+            f"the model expects rank {len(shape)} ({_shape_text(shape)})"
+        )
+    for axis, (dim, size) in enumerate(zip(shape, value.shape)):
+        if isinstance(dim, int) and dim != size:
+            raise InputError(
+                f"{model_name}: input {spec.name!r} has shape {list(value.shape)}, the model expects "
+                f"{_shape_text(shape)} (axis {axis} must be {dim})"
+            )
+
+
+def _shape_text(shape: ir.Shape) -> str:
+    return "[" + ", ".join(str(d) if isinstance(d, int) else (d.value or "?") for d in shape) + "]"

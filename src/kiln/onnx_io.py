@@ -1,0 +1,220 @@
+"""Safe loading of ONNX files into onnx-ir.
+
+A model file is untrusted input. ``load_model`` accepts it only after these checks, each failing
+with a ``ModelLoadError`` or ``UnsupportedModelError`` that names the file (and node) and the reason:
+
+1. the path is a regular, non-empty file no larger than ``max_bytes`` (external data counted too);
+2. it parses as a ModelProto that onnx's checker accepts (truncated or foreign bytes do not);
+3. every external-data reference stays inside the model's folder: no absolute path, no ``..``,
+   no symlink leading out, no offset/length past the end of its file. This is checked before any
+   external file is opened, so a hostile model makes kiln read nothing outside its folder;
+4. the opsets are ones kiln supports, every op has a kiln implementation (all missing ones are
+   listed at once), and every graph input has an element type kiln can hold.
+
+Model-local functions are inlined and onnx's shape inference runs, so the IR carries the types and
+shapes the builder needs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+import onnx.inliner
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from kiln import dtypes
+from kiln.errors import ModelLoadError, UnsupportedModelError
+from kiln.ops import lookup
+from kiln.ops.registry import canonical_domain
+
+# Highest opset of each domain kiln implements (onnx 1.23's: its node tests are kiln's conformance suite).
+MAX_OPSETS = {"": 28, "ai.onnx.ml": 5, "ai.onnx.preview.training": 1, "ai.onnx.preview": 1}
+
+DEFAULT_MAX_BYTES = int(os.environ.get("KILN_MAX_MODEL_BYTES", 8 << 30))
+
+
+def load_model(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES) -> ir.Model:
+    """Read, check and convert an ONNX file. See the module docstring for what is refused."""
+    path = Path(path)
+    label = str(path)
+    if not path.exists():
+        raise ModelLoadError(f"{label}: no such file")
+    if not path.is_file():
+        raise ModelLoadError(f"{label}: not a regular file")
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelLoadError(f"{label}: the file is empty, not an ONNX model")
+    if size > max_bytes:
+        raise ModelLoadError(
+            f"{label}: the file is {size:,} bytes, over the {max_bytes:,}-byte limit "
+            "(raise it with --max-model-bytes or KILN_MAX_MODEL_BYTES)"
+        )
+    proto = _parse(path.read_bytes(), label)
+    return load_model_proto(proto, name=label, base_dir=path.parent, max_bytes=max_bytes - size)
+
+
+def load_model_proto(
+    proto: onnx.ModelProto,
+    *,
+    name: str = "model",
+    base_dir: str | os.PathLike[str] | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> ir.Model:
+    """Check and convert a ModelProto already in memory. External data is read from ``base_dir``."""
+    _check_structure(proto, name)
+    external = list(_external_tensors(proto.graph))
+    if external:
+        if base_dir is None:
+            raise ModelLoadError(f"{name}: the model references external data but no folder to read it from was given")
+        _check_external_data(external, Path(base_dir), name, max_bytes)
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as error:
+        raise ModelLoadError(f"{name}: not a valid ONNX model: {_first_line(error)}") from error
+    _check_opsets(proto, name)
+    if proto.functions:
+        proto = onnx.inliner.inline_local_functions(proto)
+    _check_ops(proto, name)
+    _check_input_types(proto, name)
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    except Exception as error:  # noqa: BLE001 - onnx raises several unrelated types here
+        raise ModelLoadError(f"{name}: shape inference failed: {_first_line(error)}") from error
+    if external:
+        external_data_helper.load_external_data_for_model(proto, str(base_dir))
+    return ir.serde.deserialize_model(proto)
+
+
+def _parse(data: bytes, label: str) -> onnx.ModelProto:
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as error:
+        raise ModelLoadError(f"{label}: not an ONNX model (truncated or corrupt protobuf: {_first_line(error)})") from error
+    return proto
+
+
+def _check_structure(proto: onnx.ModelProto, name: str) -> None:
+    # Arbitrary bytes can parse as a protobuf; a real model has a version, opsets and a graph.
+    if proto.ir_version <= 0 or not proto.HasField("graph") or not proto.opset_import:
+        raise ModelLoadError(f"{name}: not an ONNX model (no IR version, opset or graph; is the file truncated?)")
+    if not proto.graph.output:
+        raise ModelLoadError(f"{name}: the graph has no outputs")
+
+
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _graphs(sub)
+
+
+def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for g in _graphs(graph):
+        yield from g.node
+
+
+def _external_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    for g in _graphs(graph):
+        for tensor in g.initializer:
+            if external_data_helper.uses_external_data(tensor):
+                yield tensor
+        for node in g.node:
+            for attr in node.attribute:
+                tensors = [attr.t] if attr.type == onnx.AttributeProto.TENSOR else list(attr.tensors)
+                yield from (t for t in tensors if external_data_helper.uses_external_data(t))
+
+
+def _check_external_data(tensors: list[onnx.TensorProto], base_dir: Path, name: str, max_bytes: int) -> None:
+    root = base_dir.resolve()
+    total = 0
+    for tensor in tensors:
+        info = external_data_helper.ExternalDataInfo(tensor)
+        location = info.location
+        where = f"{name}: tensor {tensor.name!r} has external data at {location!r}"
+        if not location:
+            raise ModelLoadError(f"{where}: the location is empty")
+        if os.path.isabs(location) or Path(location).drive or location.startswith(("/", "\\")):
+            raise ModelLoadError(f"{where}: an absolute path; external data must lie inside the model's folder")
+        if ".." in Path(location.replace("\\", "/")).parts:
+            raise ModelLoadError(f"{where}: the path leaves the model's folder ('..'); refused")
+        target = (root / location).resolve()
+        if not target.is_relative_to(root):
+            raise ModelLoadError(f"{where}: the path resolves outside the model's folder (through a symlink); refused")
+        if not target.is_file():
+            raise ModelLoadError(f"{where}: no such file in the model's folder")
+        file_size = target.stat().st_size
+        offset = info.offset or 0
+        length = info.length if info.length is not None else file_size - offset
+        if offset < 0 or length < 0 or offset + length > file_size:
+            raise ModelLoadError(
+                f"{where}: offset {offset} + length {length} runs past the end of the {file_size}-byte file (truncated?)"
+            )
+        total += length
+        if total > max_bytes:
+            raise ModelLoadError(f"{name}: external data exceeds the size limit ({max_bytes:,} bytes left for it)")
+
+
+def _check_opsets(proto: onnx.ModelProto, name: str) -> None:
+    for opset in proto.opset_import:
+        domain = canonical_domain(opset.domain)
+        limit = MAX_OPSETS.get(domain)
+        if limit is not None and opset.version > limit:
+            raise UnsupportedModelError(
+                f"{name}: opset {opset.version} of domain {domain or 'ai.onnx'} is newer than kiln supports "
+                f"(up to {limit}); re-export the model at opset {limit} or lower"
+            )
+
+
+def _check_ops(proto: onnx.ModelProto, name: str) -> None:
+    opsets = {canonical_domain(o.domain): o.version for o in proto.opset_import}
+    missing: dict[str, list[str]] = {}
+    for node in _nodes(proto.graph):
+        domain = canonical_domain(node.domain)
+        version = opsets.get(domain)
+        if version is None or lookup(domain, node.op_type, version) is None:
+            key = f"{domain or 'ai.onnx'}::{node.op_type}" + (f" (opset {version})" if version else " (domain not imported)")
+            missing.setdefault(key, []).append(node.name or "<unnamed>")
+    if missing:
+        parts = []
+        for op, nodes in sorted(missing.items()):
+            shown = ", ".join(repr(n) for n in nodes[:3]) + (f" and {len(nodes) - 3} more" if len(nodes) > 3 else "")
+            parts.append(f"{op} at node {shown}")
+        raise UnsupportedModelError(
+            f"{name}: {len(missing)} op(s) kiln does not implement: " + "; ".join(parts)
+            + ". Re-export without them, or add them to kiln.ops"
+        )
+
+
+def _check_input_types(proto: onnx.ModelProto, name: str) -> None:
+    initializers = {t.name for t in proto.graph.initializer}
+    problems = []
+    for value in proto.graph.input:
+        kind = value.type.WhichOneof("value")
+        if kind is None:
+            problems.append(f"input {value.name!r} has no type")
+        elif kind == "tensor_type":
+            elem = value.type.tensor_type.elem_type
+            if elem == onnx.TensorProto.UNDEFINED:
+                problems.append(f"input {value.name!r} has no element type (dtype)")
+            elif value.name not in initializers and not dtypes.supported(ir.DataType(elem)):
+                problems.append(f"input {value.name!r} has element type {dtypes.onnx_name(elem)}, which kiln cannot hold")
+    for tensor in proto.graph.initializer:
+        if not dtypes.supported(ir.DataType(tensor.data_type)):
+            problems.append(f"initializer {tensor.name!r} has element type {dtypes.onnx_name(tensor.data_type)}, which kiln cannot hold")
+    if problems:
+        raise UnsupportedModelError(f"{name}: " + "; ".join(problems))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:300]

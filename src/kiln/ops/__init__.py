@@ -1,0 +1,21 @@
+"""Reference implementations of ONNX ops, one registered function per op and opset range.
+
+Importing this package registers every op module below.
+"""
+
+from kiln.ops import (  # noqa: F401 - importing registers the ops
+    attention,
+    cast,
+    control_flow,
+    image,
+    math,
+    misc,
+    nn,
+    quantize,
+    reduce,
+    rnn,
+    tensor,
+)
+from kiln.ops.registry import OpContext, lookup, register, registered_ops
+
+__all__ = ["OpContext", "lookup", "register", "registered_ops"]

@@ -1,0 +1,134 @@
+"""The op table: one function per ONNX op and opset range.
+
+An op function is the reference *tactic* of its op: plain torch, correct for every case the ONNX
+spec defines, on CPU and CUDA. Later tactics (fused, Triton, low precision) are checked against it.
+
+    @register("Relu", since=6)
+    def relu(op: OpContext, x):
+        return torch.relu(x)
+
+The executor calls ``fn(op, *inputs)`` with one positional argument per node input (``None`` for
+an omitted optional input). It returns one value, or a ``tuple`` with one value per node output
+(extra trailing values are dropped). Values are ``torch.Tensor``; an ONNX sequence is a Python
+``list``; an empty optional is ``None``; a string tensor is a numpy object array.
+A function registered ``since=N`` serves opsets N and up, until the next registration of the same
+op. Where an op's inputs or attributes changed between opsets (Split, Reduce*, Pad, Clip, ...), it
+has one registration per version range.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from kiln.dtypes import tensor_from_numpy
+from kiln.errors import UnsupportedModelError
+
+OpFunction = Callable[..., Any]
+
+_TABLE: dict[tuple[str, str], list[tuple[int, OpFunction]]] = {}
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def canonical_domain(domain: str) -> str:
+    return "" if domain in DEFAULT_DOMAINS else domain
+
+
+def register(op_type: str, since: int = 1, domain: str = "") -> Callable[[OpFunction], OpFunction]:
+    """Register ``fn`` as the implementation of ``domain::op_type`` from opset ``since`` on."""
+
+    def decorate(fn: OpFunction) -> OpFunction:
+        versions = _TABLE.setdefault((canonical_domain(domain), op_type), [])
+        if any(v == since for v, _ in versions):
+            raise ValueError(f"{domain or 'ai.onnx'}::{op_type} since {since} registered twice")
+        bisect.insort(versions, (since, fn), key=lambda item: item[0])
+        return fn
+
+    return decorate
+
+
+def lookup(domain: str, op_type: str, opset: int) -> OpFunction | None:
+    """The implementation serving ``op_type`` at ``opset``, or None when kiln has none."""
+    versions = _TABLE.get((canonical_domain(domain), op_type))
+    if not versions:
+        return None
+    index = bisect.bisect_right([v for v, _ in versions], opset) - 1
+    return versions[index][1] if index >= 0 else None
+
+
+def registered_ops() -> dict[tuple[str, str], list[int]]:
+    """Every registered op with the opsets its versions start at (for docs and tests)."""
+    return {key: [v for v, _ in versions] for key, versions in sorted(_TABLE.items())}
+
+
+def _attribute_value(attr: ir.Attr, device: torch.device) -> Any:
+    kind = attr.type
+    if kind == ir.AttributeType.TENSOR:
+        return tensor_from_numpy(attr.value.numpy(), device)
+    if kind == ir.AttributeType.TENSORS:
+        return [tensor_from_numpy(t.numpy(), device) for t in attr.value]
+    if kind in (ir.AttributeType.INTS, ir.AttributeType.FLOATS, ir.AttributeType.STRINGS):
+        return list(attr.value)
+    if kind == ir.AttributeType.GRAPHS:
+        return list(attr.value)
+    if kind == ir.AttributeType.SPARSE_TENSOR:
+        raise NotImplementedError("sparse tensor attributes")
+    return attr.value  # INT, FLOAT, STRING, GRAPH, TYPE_PROTO
+
+
+class OpContext:
+    """What an op function knows about its node: attributes, opset, device, outputs wanted.
+
+    ``run_graph(graph, inputs)`` runs a subgraph attribute (If/Loop/Scan bodies) with the values of
+    the enclosing scope visible, and returns its outputs as a list.
+    """
+
+    __slots__ = ("node", "name", "op_type", "domain", "opset", "attrs", "device", "outputs", "_run_graph", "_outer")
+
+    def __init__(
+        self,
+        node: ir.Node,
+        opset: int,
+        device: torch.device,
+        run_graph: Callable[[ir.Graph, Sequence[Any], Any], list[Any]] | None = None,
+    ) -> None:
+        self.node = node
+        self.name = node.name or f"<unnamed {node.op_type}>"
+        self.op_type = node.op_type
+        self.domain = canonical_domain(node.domain)
+        self.opset = opset
+        self.device = device
+        self.attrs = {name: _attribute_value(attr, device) for name, attr in node.attributes.items()}
+        # True for each output position the model actually uses (an empty name means "not wanted").
+        self.outputs = [bool(v.name) for v in node.outputs]
+        self._run_graph = run_graph
+        self._outer: Any = None
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.outputs)
+
+    def attr(self, name: str, default: Any = None) -> Any:
+        return self.attrs.get(name, default)
+
+    def run_graph(self, graph: ir.Graph, inputs: Sequence[Any]) -> list[Any]:
+        assert self._run_graph is not None
+        return self._run_graph(graph, inputs, self._outer)
+
+    def fail(self, reason: str) -> UnsupportedModelError:
+        """An error naming this node and op, for cases kiln does not cover: ``raise op.fail(...)``."""
+        return UnsupportedModelError(
+            f"node {self.name!r} (op {self.domain or 'ai.onnx'}::{self.op_type}, opset {self.opset}): {reason}"
+        )
+
+    def tensor(self, data: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A new tensor on this op's device."""
+        if isinstance(data, np.ndarray):
+            return torch.as_tensor(data, device=self.device, dtype=dtype)
+        return torch.tensor(data, device=self.device, dtype=dtype)
