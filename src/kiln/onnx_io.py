@@ -55,7 +55,7 @@ def load_model(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYT
             "(raise it with --max-model-bytes or KILN_MAX_MODEL_BYTES)"
         )
     proto = _parse(path.read_bytes(), label)
-    return load_model_proto(proto, name=label, base_dir=path.parent, max_bytes=max_bytes - size)
+    return load_model_proto(proto, name=label, base_dir=path.parent, max_bytes=max_bytes - size, _path=path)
 
 
 def load_model_proto(
@@ -64,6 +64,7 @@ def load_model_proto(
     name: str = "model",
     base_dir: str | os.PathLike[str] | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    _path: Path | None = None,
 ) -> ir.Model:
     """Check and convert a ModelProto already in memory. External data is read from ``base_dir``."""
     _check_structure(proto, name)
@@ -73,8 +74,15 @@ def load_model_proto(
             raise ModelLoadError(f"{name}: the model references external data but no folder to read it from was given")
         _check_external_data(external, Path(base_dir), name, max_bytes)
     try:
-        onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as error:
+        # Given the file, the checker finds external data beside it and handles models over 2 GB.
+        if _path is not None:
+            onnx.checker.check_model(str(_path))
+        else:
+            if external:
+                external_data_helper.load_external_data_for_model(proto, str(base_dir))
+                external = []
+            onnx.checker.check_model(proto)
+    except (onnx.checker.ValidationError, ValueError) as error:
         raise ModelLoadError(f"{name}: not a valid ONNX model: {_first_line(error)}") from error
     _check_opsets(proto, name)
     if proto.functions:

@@ -1,0 +1,273 @@
+"""Safe loading: every kind of bad model file is refused with a clear KilnError, and nothing outside
+the model's folder is ever opened."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import add_relu_model
+from onnx import TensorProto, helper
+
+import kiln
+from kiln import ModelLoadError, UnsupportedModelError, load_model
+
+# -- files that are not models ---------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelLoadError, match="no such file"):
+        load_model(tmp_path / "nope.onnx")
+
+
+def test_directory_is_not_a_model(tmp_path):
+    with pytest.raises(ModelLoadError, match="not a regular file"):
+        load_model(tmp_path)
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.onnx"
+    path.write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="empty"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.9, 0.99])
+def test_truncated_file(tmp_path, fraction):
+    data = add_relu_model((16, 16)).SerializeToString()
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(data[: int(len(data) * fraction)])
+    with pytest.raises(ModelLoadError, match="cut.onnx"):
+        load_model(path)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"hello, I am a text file\n", b"\x89PNG\r\n\x1a\n" + bytes(range(256)), os.urandom(4096), b"\x08\x07" * 10],
+    ids=["text", "png", "random", "looks-like-protobuf"],
+)
+def test_not_onnx(tmp_path, content):
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(content)
+    with pytest.raises(ModelLoadError, match="bad.onnx"):
+        load_model(path)
+
+
+def test_size_limit(tmp_path):
+    path = tmp_path / "big.onnx"
+    onnx.save(add_relu_model((64, 64)), path)
+    with pytest.raises(ModelLoadError, match="over the .*-byte limit"):
+        load_model(path, max_bytes=1000)
+    assert load_model(path, max_bytes=1 << 20) is not None
+
+
+# -- external data -----------------------------------------------------------------------------------
+
+
+def _save_external(tmp_path: Path, location: str = "weights.bin") -> Path:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    model = add_relu_model((32, 32))
+    path = folder / "m.onnx"
+    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=location, size_threshold=0)
+    return path
+
+
+def _set_location(path: Path, location: str, **extra: str) -> None:
+    model = onnx.load(path, load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+        for key, value in extra.items():
+            entry = next((e for e in tensor.external_data if e.key == key), None)
+            if entry is None:
+                entry = tensor.external_data.add()
+                entry.key = key
+            entry.value = value
+    path.write_bytes(model.SerializeToString())
+
+
+def test_external_data_inside_folder_loads_and_runs(tmp_path):
+    path = _save_external(tmp_path)
+    model = load_model(path)
+    x = np.random.default_rng(0).standard_normal((32, 32)).astype(np.float32)
+    y = kiln.Executor(model).run({"x": x})["y"].numpy()
+    w = onnx.numpy_helper.to_array(add_relu_model((32, 32)).graph.initializer[0])
+    np.testing.assert_allclose(y, np.maximum(x + w, 0), rtol=1e-6)
+
+
+class _OpenRecorder:
+    """Records every file Python opens while active (an audit hook cannot be removed, so it is gated)."""
+
+    active = False
+    paths: list[str] = []
+
+    @classmethod
+    def hook(cls, event, args):
+        if cls.active and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            cls.paths.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_OpenRecorder.hook)
+
+
+@contextlib.contextmanager
+def recording_opens():
+    _OpenRecorder.paths = []
+    _OpenRecorder.active = True
+    try:
+        yield _OpenRecorder.paths
+    finally:
+        _OpenRecorder.active = False
+
+
+def _outside_secret(tmp_path: Path) -> Path:
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(os.urandom(8192))
+    return secret
+
+
+def _assert_nothing_outside(opened: list[str], folder: Path) -> None:
+    root = str(folder.resolve())
+    outside = [p for p in opened if not os.path.realpath(p).startswith(root + os.sep)]
+    assert not outside, f"opened outside the model folder: {outside}"
+
+
+def test_external_data_absolute_path(tmp_path):
+    path = _save_external(tmp_path)
+    secret = _outside_secret(tmp_path)
+    _set_location(path, str(secret))
+    with recording_opens() as opened, pytest.raises(ModelLoadError, match="absolute path"):
+        load_model(path)
+    _assert_nothing_outside(opened, path.parent)
+
+
+def test_external_data_dotdot(tmp_path):
+    path = _save_external(tmp_path)
+    _outside_secret(tmp_path)
+    _set_location(path, "../secret.bin")
+    with recording_opens() as opened, pytest.raises(ModelLoadError, match=r"leaves the model's folder"):
+        load_model(path)
+    _assert_nothing_outside(opened, path.parent)
+
+
+def test_external_data_dotdot_hidden_in_the_middle(tmp_path):
+    path = _save_external(tmp_path)
+    _outside_secret(tmp_path)
+    _set_location(path, "sub/../../secret.bin")
+    with recording_opens() as opened, pytest.raises(ModelLoadError, match=r"leaves the model's folder"):
+        load_model(path)
+    _assert_nothing_outside(opened, path.parent)
+
+
+def test_external_data_symlink_out(tmp_path):
+    path = _save_external(tmp_path)
+    secret = _outside_secret(tmp_path)
+    (path.parent / "link.bin").symlink_to(secret)
+    _set_location(path, "link.bin")
+    with recording_opens() as opened, pytest.raises(ModelLoadError, match="symlink"):
+        load_model(path)
+    _assert_nothing_outside(opened, path.parent)
+
+
+def test_external_data_missing_file(tmp_path):
+    path = _save_external(tmp_path)
+    _set_location(path, "gone.bin")
+    with pytest.raises(ModelLoadError, match="no such file"):
+        load_model(path)
+
+
+def test_external_data_truncated(tmp_path):
+    path = _save_external(tmp_path)
+    weights = path.parent / "weights.bin"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ModelLoadError, match="past the end"):
+        load_model(path)
+
+
+def test_external_data_offset_past_end(tmp_path):
+    path = _save_external(tmp_path)
+    _set_location(path, "weights.bin", offset="1000000")
+    with pytest.raises(ModelLoadError, match="past the end"):
+        load_model(path)
+
+
+def test_external_data_counts_toward_size_limit(tmp_path):
+    path = _save_external(tmp_path)
+    with pytest.raises(ModelLoadError, match="size limit"):
+        load_model(path, max_bytes=path.stat().st_size + 100)
+
+
+# -- valid files kiln cannot run ------------------------------------------------------------------------
+
+
+def test_opset_newer_than_supported(tmp_path):
+    path = tmp_path / "new.onnx"
+    model = add_relu_model(opset=17)
+    model.opset_import[0].version = 99
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(UnsupportedModelError, match="opset 99 .* newer than kiln supports"):
+        load_model(path)
+
+
+def test_unknown_ops_are_all_listed(tmp_path):
+    graph = helper.make_graph(
+        [
+            helper.make_node("Relu", ["x"], ["a"], name="ok"),
+            helper.make_node("FancyOp", ["a"], ["b"], name="fancy1", domain="com.example"),
+            helper.make_node("OtherOp", ["b"], ["c"], name="other", domain="com.example"),
+            helper.make_node("FancyOp", ["c"], ["y"], name="fancy2", domain="com.example"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    path = tmp_path / "custom.onnx"
+    onnx.save(model, path)
+    with pytest.raises(UnsupportedModelError) as info:
+        load_model(path)
+    message = str(info.value)
+    assert "2 op(s)" in message
+    for expected in ["com.example::FancyOp", "'fancy1'", "'fancy2'", "com.example::OtherOp", "'other'", "custom.onnx"]:
+        assert expected in message
+
+
+def test_input_without_dtype(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"], name="relu")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.UNDEFINED, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    path = tmp_path / "nodtype.onnx"
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    with pytest.raises(kiln.KilnError, match="'x'.*(element type|type)"):
+        load_model(path)
+
+
+def test_invalid_graph_is_refused_by_the_checker(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["missing"], ["y"], name="relu")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    with pytest.raises(ModelLoadError, match="not a valid ONNX model"):
+        load_model(path)
+
+
+def test_loaded_model_carries_inferred_shapes(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(add_relu_model((2, 5)), path)
+    model = load_model(path)
+    s = next(n for n in model.graph if n.name == "add").outputs[0]
+    assert s.shape is not None and list(s.shape) == [2, 5]
