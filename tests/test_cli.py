@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from conftest import add_relu_model
+from model_builders import add_relu_model
 from onnx import TensorProto, helper, numpy_helper
 
 from kiln.cli import main

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import add_relu_model
+from model_builders import add_relu_model
 from onnx import TensorProto, helper
 
 import kiln

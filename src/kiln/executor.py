@@ -196,7 +196,7 @@ class Executor:
             value = self._to_value(name, given)
             spec = expected.get(name)
             if spec is not None:
-                _check_against_spec(self.name, spec, value)
+                value = _check_against_spec(self.name, spec, value)
             values[name] = value
         return values
 
@@ -213,9 +213,10 @@ class Executor:
             raise InputError(f"{self.name}: input {name!r} has dtype {np.asarray(given).dtype}, which kiln cannot hold") from error
 
 
-def _check_against_spec(model_name: str, spec: ir.Value, value: Any) -> None:
+def _check_against_spec(model_name: str, spec: ir.Value, value: Any) -> Any:
+    """``value`` if it fits the declared input; raises ``InputError`` otherwise."""
     if not isinstance(value, (torch.Tensor, np.ndarray)) or not isinstance(spec.type, ir.TensorType):
-        return
+        return value
     want = spec.dtype
     if isinstance(value, np.ndarray):
         got_name = "string"
@@ -230,7 +231,7 @@ def _check_against_spec(model_name: str, spec: ir.Value, value: Any) -> None:
         )
     shape = spec.shape
     if shape is None:
-        return
+        return value
     if len(shape) != value.ndim:
         raise InputError(
             f"{model_name}: input {spec.name!r} has rank {value.ndim} (shape {list(value.shape)}), "
@@ -242,6 +243,7 @@ def _check_against_spec(model_name: str, spec: ir.Value, value: Any) -> None:
                 f"{model_name}: input {spec.name!r} has shape {list(value.shape)}, the model expects "
                 f"{_shape_text(shape)} (axis {axis} must be {dim})"
             )
+    return value
 
 
 def _shape_text(shape: ir.Shape) -> str:

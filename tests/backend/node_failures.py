@@ -13,9 +13,6 @@ FAILURES_FILE = Path(__file__).with_name("node_failures.txt")
 
 # Why whole families of ops are absent: said once here rather than per case.
 _FAMILIES = {
-    "string op (torch has no string tensors)": {
-        "StringConcat", "StringSplit", "StringNormalizer", "RegexFullMatch", "TfIdfVectorizer", "LabelEncoder",
-    },
     "training op (kiln is an inference engine)": {"Momentum", "Adagrad", "Adam", "Gradient"},
     "image decoding (needs an image codec, not a tensor op)": {"ImageDecoder"},
 }
