@@ -61,7 +61,7 @@ def test_op_failure_names_node_and_op():
         "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
          helper.make_tensor_value_info("shape", TensorProto.INT64, [2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b"])],
     )
     ex = _executor(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     with pytest.raises(OpError, match="bad_reshape.*Reshape"):

@@ -11,10 +11,8 @@ the failures file says *why* each case fails, not only that it does.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
-import traceback
 import unittest
 import warnings
 from pathlib import Path
@@ -24,9 +22,9 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests" / "backend"))
 
 import onnx.backend.test  # noqa: E402
+from node_failures import FAILURES_FILE, classify, write_failures  # noqa: E402
 
 import kiln.backend  # noqa: E402
-from node_failures import FAILURES_FILE, classify, write_failures  # noqa: E402
 
 
 def node_tests(device: str = "CPU") -> dict[str, object]:

@@ -6,10 +6,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import onnx
 from onnx.backend.base import Backend, BackendRep
 
