@@ -2,7 +2,7 @@
 
 The model is a small image network written with ``onnx.helper`` (conv + BatchNorm + ReLU stem, a
 residual block, max pooling, then a LayerNorm + single-head self-attention block over the pixels,
-a pooled Gemm classifier): the layer kinds of ResNet and ViT in 40-odd nodes, with seeded random
+a pooled Gemm classifier): the layer kinds of ResNet and ViT in 26 nodes, with seeded random
 weights, so nothing is downloaded. The demo loads it, plans it, runs it, checks the outputs against
 onnxruntime and prints a short report.
 """

@@ -75,7 +75,9 @@ def tensor_from_numpy(array: np.ndarray, device: torch.device | str = "cpu") -> 
     torch_dtype = TORCH_DTYPES.get(onnx_type)
     if torch_dtype is None:
         raise KeyError(onnx_type)
-    array = np.require(array, requirements="C")  # ascontiguousarray would make a 0-d array 1-d
+    # C order and writable (torch refuses to share read-only memory, e.g. onnx-ir's initializers);
+    # np.ascontiguousarray would also make a 0-d array 1-d.
+    array = np.require(array, requirements=["C", "W"])
     if array.dtype.type.__module__.startswith("ml_dtypes") or array.dtype.names is not None:
         bits_np, bits_torch = _BITS_VIEW[array.dtype.itemsize]
         tensor = torch.from_numpy(array.view(bits_np)).view(torch_dtype)

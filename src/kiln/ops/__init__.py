@@ -14,6 +14,7 @@ from kiln.ops import (  # noqa: F401 - importing registers the ops
     quantize,
     reduce,
     rnn,
+    strings,
     tensor,
 )
 from kiln.ops.registry import OpContext, lookup, register, registered_ops

@@ -1,7 +1,370 @@
-"""Ops with subgraphs (If, Loop, Scan, SequenceMap), sequences and optionals."""
+"""Ops with subgraphs (If, Loop, Scan, SequenceMap), sequences and optionals.
+
+A sequence is a Python list of values; an empty optional is ``None`` and a full one is its value.
+Subgraphs run through ``op.run_graph``, which makes the enclosing scope visible to the body.
+Tensors are torch tensors, or numpy object arrays for strings: the helpers below take both.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
 import torch
 
+from kiln import dtypes
 from kiln.ops.registry import OpContext, register
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _flag(op: OpContext, value: Any, what: str) -> bool:
+    """The truth of a one-element bool tensor (If's cond, Loop's cond)."""
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        shape = list(value.shape) if hasattr(value, "shape") else type(value).__name__
+        raise op.fail(f"{what} must be a tensor with one element, got {shape}")
+    return bool(value.reshape(()).item())
+
+
+def _index(op: OpContext, value: Any, what: str) -> int:
+    """A Python int from a scalar (or one-element) integer tensor."""
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        raise op.fail(f"{what} must be a scalar integer tensor")
+    return int(value.reshape(()).item())
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, (torch.Tensor, np.ndarray))
+
+
+def _select(x: Any, axis: int, i: int) -> Any:
+    """``x`` indexed at ``i`` along ``axis`` (rank one less)."""
+    if isinstance(x, np.ndarray):
+        return np.take(x, i, axis=axis)
+    return x.select(axis, i)
+
+
+def _stack(xs: list[Any], axis: int) -> Any:
+    if isinstance(xs[0], np.ndarray):
+        return np.stack(xs, axis=axis)
+    return torch.stack(xs, dim=axis)
+
+
+def _concat(xs: list[Any], axis: int) -> Any:
+    if isinstance(xs[0], np.ndarray):
+        return np.concatenate(xs, axis=axis)
+    return torch.cat(xs, dim=axis)
+
+
+def _axis(op: OpContext, axis: int, rank: int, what: str = "axis") -> int:
+    if not -rank <= axis < rank:
+        raise op.fail(f"{what} {axis} is out of range for rank {rank}")
+    return axis + rank if axis < 0 else axis
+
+
+def _empty_like_output(op: OpContext, value: ir.Value, lead: tuple[int, ...]) -> Any:
+    """A tensor of shape ``lead + <declared shape of value>`` with no elements, for scan outputs of
+    loops that ran zero times: the body never ran, so its declared type is all there is to go on."""
+    if not isinstance(value.type, ir.TensorType) or value.dtype is None:
+        raise op.fail(f"zero iterations and scan output {value.name!r} has no declared tensor type")
+    if value.shape is None:
+        raise op.fail(f"zero iterations and scan output {value.name!r} has no declared shape")
+    dims = [d if isinstance(d, int) else 0 for d in value.shape]
+    shape = (*lead, *dims)
+    if value.dtype == ir.DataType.STRING:
+        return np.empty(shape, dtype=object)
+    return torch.empty(shape, dtype=dtypes.to_torch_dtype(value.dtype), device=op.device)
+
+
+def _zeros_like(x: Any, shape: tuple[int, ...]) -> Any:
+    if isinstance(x, np.ndarray):
+        return np.full(shape, "", dtype=object)
+    return torch.zeros(shape, dtype=x.dtype, device=x.device)
+
+
+# -- If / Loop / Scan ---------------------------------------------------------------------------
+@register("If", since=1)
+def if_(op, cond):
+    """Runs then_branch or else_branch; its outputs (tensors, sequences, optionals) are If's."""
+    branch = op.attr("then_branch") if _flag(op, cond, "cond") else op.attr("else_branch")
+    return tuple(op.run_graph(branch, []))
+
+
+@register("Loop", since=1)
+def loop(op, max_trip_count, cond, *initial):
+    """Body (iteration_num, cond, carried...) -> (cond, carried..., scan...); scans stack on axis 0."""
+    body: ir.Graph = op.attr("body")
+    n_carried = len(initial)
+    if len(body.inputs) != n_carried + 2:
+        raise op.fail(f"body has {len(body.inputs)} inputs, expected {n_carried + 2} (iteration, cond, carried...)")
+    n_scan = len(body.outputs) - 1 - n_carried
+    if n_scan < 0:
+        raise op.fail(f"body has {len(body.outputs)} outputs, expected at least {n_carried + 1}")
+    trips = None if max_trip_count is None else _index(op, max_trip_count, "M (max trip count)")
+    use_cond = cond is not None
+    if trips is None and not use_cond:
+        raise op.fail("neither M nor cond is given, so the loop never ends")
+    keep_going = _flag(op, cond, "cond") if use_cond else True
+    cond_value = cond if use_cond else torch.tensor(True, device=op.device)
+    carried = list(initial)
+    scans: list[list[Any]] = [[] for _ in range(n_scan)]
+    i = 0
+    while keep_going and (trips is None or i < trips):
+        iteration = torch.tensor(i, dtype=torch.int64, device=op.device)
+        outs = op.run_graph(body, [iteration, cond_value, *carried])
+        cond_value = outs[0]
+        carried = list(outs[1 : 1 + n_carried])
+        for k, value in enumerate(outs[1 + n_carried :]):
+            if not _is_tensor(value):
+                raise op.fail(f"scan output {k} is a {type(value).__name__}; Loop scan outputs must be tensors")
+            scans[k].append(value)
+        if use_cond:
+            keep_going = _flag(op, cond_value, "the body's cond output")
+        i += 1
+    stacked = [
+        _stack(values, 0) if values else _empty_like_output(op, body.outputs[1 + n_carried + k], (0,))
+        for k, values in enumerate(scans)
+    ]
+    return (*carried, *stacked)
+
+
+def _scan_outputs(op, body, n_state, collected, out_axes, out_dirs):
+    """Stack each scan output's per-iteration values along its axis (reversed if its direction is 1)."""
+    results = []
+    for k, values in enumerate(collected):
+        if not values:
+            empty = _empty_like_output(op, body.outputs[n_state + k], (0,))
+            axis = _axis(op, out_axes[k], empty.ndim, "scan_output_axes entry")
+            results.append(np.moveaxis(empty, 0, axis) if isinstance(empty, np.ndarray) else empty.movedim(0, axis))
+            continue
+        if out_dirs[k]:
+            values = values[::-1]
+        rank = values[0].ndim + 1
+        results.append(_stack(values, _axis(op, out_axes[k], rank, "scan_output_axes entry")))
+    return results
+
+
+@register("Scan", since=9)
+def scan(op, *inputs):
+    """Body (state..., scan_elem...) -> (state..., scan_out_elem...), per position along each scan axis."""
+    body: ir.Graph = op.attr("body")
+    m = op.attr("num_scan_inputs")
+    n_state = len(inputs) - m
+    if m is None or m < 1 or n_state < 0:
+        raise op.fail(f"num_scan_inputs={m} does not fit the {len(inputs)} inputs")
+    k = len(body.outputs) - n_state
+    in_axes = op.attr("scan_input_axes") or [0] * m
+    in_dirs = op.attr("scan_input_directions") or [0] * m
+    out_axes = op.attr("scan_output_axes") or [0] * k
+    out_dirs = op.attr("scan_output_directions") or [0] * k
+    if len(in_axes) != m or len(in_dirs) != m or len(out_axes) != k or len(out_dirs) != k:
+        raise op.fail("scan_input_*/scan_output_* attributes must have one entry per scan input/output")
+    xs = inputs[n_state:]
+    axes = [_axis(op, a, x.ndim, "scan_input_axes entry") for a, x in zip(in_axes, xs, strict=True)]
+    lengths = {x.shape[a] for x, a in zip(xs, axes, strict=True)}
+    if len(lengths) != 1:
+        raise op.fail(f"scan inputs have different lengths along their scan axes: {sorted(lengths)}")
+    length = lengths.pop()
+    states = list(inputs[:n_state])
+    collected: list[list[Any]] = [[] for _ in range(k)]
+    for t in range(length):
+        elems = [_select(x, a, length - 1 - t if d else t) for x, a, d in zip(xs, axes, in_dirs, strict=True)]
+        outs = op.run_graph(body, [*states, *elems])
+        states = list(outs[:n_state])
+        for j, value in enumerate(outs[n_state:]):
+            collected[j].append(value)
+    return (*states, *_scan_outputs(op, body, n_state, collected, out_axes, out_dirs))
+
+
+@register("Scan", since=8)
+def scan_8(op, sequence_lens, *inputs):
+    """Scan-8: batch axis 0, scan axis 1, optional per-batch sequence_lens; short outputs zero-padded."""
+    body: ir.Graph = op.attr("body")
+    m = op.attr("num_scan_inputs")
+    n_state = len(inputs) - m
+    if m is None or m < 1 or n_state < 0:
+        raise op.fail(f"num_scan_inputs={m} does not fit the {len(inputs)} inputs")
+    k = len(body.outputs) - n_state
+    dirs = op.attr("directions") or [0] * m
+    if len(dirs) != m:
+        raise op.fail("directions must have one entry per scan input")
+    xs = inputs[n_state:]
+    if any(x.ndim < 2 for x in xs):
+        raise op.fail("Scan-8 scan inputs need a batch axis 0 and a scan axis 1")
+    batch, max_len = xs[0].shape[0], xs[0].shape[1]
+    if any(x.shape[0] != batch or x.shape[1] != max_len for x in xs):
+        raise op.fail("Scan-8 scan inputs must share batch size and sequence length")
+    lens = [max_len] * batch if sequence_lens is None else [int(v) for v in sequence_lens.reshape(-1).tolist()]
+    if len(lens) != batch or any(not 0 <= n <= max_len for n in lens):
+        raise op.fail(f"sequence_lens {lens} does not fit batch {batch} and max length {max_len}")
+    final_states: list[list[Any]] = [[] for _ in range(n_state)]
+    per_batch: list[list[Any]] = []  # per batch, per output: stacked values (or None when empty)
+    for b in range(batch):
+        states = [_select(s, 0, b) for s in inputs[:n_state]]
+        rows = [_select(x, 0, b) for x in xs]
+        collected: list[list[Any]] = [[] for _ in range(k)]
+        n = lens[b]
+        for t in range(n):
+            elems = [_select(r, 0, n - 1 - t if d else t) for r, d in zip(rows, dirs, strict=True)]
+            outs = op.run_graph(body, [*states, *elems])
+            states = list(outs[:n_state])
+            for j, value in enumerate(outs[n_state:]):
+                collected[j].append(value)
+        for j, s in enumerate(states):
+            final_states[j].append(s)
+        per_batch.append([_stack(v, 0) if v else None for v in collected])
+    results = []
+    for j in range(k):
+        sample = next((row[j] for row in per_batch if row[j] is not None), None)
+        if sample is None:
+            results.append(_empty_like_output(op, body.outputs[n_state + j], (batch, max_len)))
+            continue
+        padded = []
+        for row in per_batch:
+            value = row[j]
+            if value is None or value.shape[0] < max_len:
+                pad = _zeros_like(sample, (max_len - (0 if value is None else value.shape[0]), *sample.shape[1:]))
+                value = pad if value is None else _concat([value, pad], 0)
+            padded.append(value)
+        results.append(_stack(padded, 0))
+    return (*[_stack(s, 0) for s in final_states], *results)
+
+
+# -- sequences ----------------------------------------------------------------------------------
+@register("SequenceMap", since=17)
+def sequence_map(op, sequence, *extra):
+    """Runs body once per element; extra sequence inputs are zipped, extra tensors given each time."""
+    body: ir.Graph = op.attr("body")
+    n = len(sequence)
+    for x in extra:
+        if isinstance(x, list) and len(x) != n:
+            raise op.fail(f"sequence inputs have different lengths ({n} and {len(x)})")
+    outputs: list[list[Any]] = [[] for _ in body.outputs]
+    for i in range(n):
+        args = [sequence[i], *[x[i] if isinstance(x, list) else x for x in extra]]
+        for j, value in enumerate(op.run_graph(body, args)):
+            outputs[j].append(value)
+    return tuple(outputs)
+
+
+@register("SequenceEmpty", since=11)
+def sequence_empty(op):
+    return []
+
+
+def _element_type(x: Any) -> Any:
+    return "string" if isinstance(x, np.ndarray) else x.dtype
+
+
+def _check_elements(op: OpContext, xs: list[Any]) -> None:
+    """A sequence holds tensors of one element type."""
+    kinds = {_element_type(x) for x in xs}
+    if len(kinds) > 1:
+        raise op.fail(f"sequence elements must share one element type, got {sorted(map(str, kinds))}")
+
+
+@register("SequenceConstruct", since=11)
+def sequence_construct(op, *xs):
+    _check_elements(op, list(xs))
+    return list(xs)
+
+
+def _position(op: OpContext, position: Any, size: int, inclusive_end: bool) -> int:
+    """A sequence position in [-size, size-1] (or [-size, size] for insertion), made non-negative."""
+    pos = _index(op, position, "position")
+    high = size if inclusive_end else size - 1
+    if not -size <= pos <= high:
+        raise op.fail(f"position {pos} is out of range for a sequence of length {size}")
+    return pos + size if pos < 0 else pos
+
+
+@register("SequenceInsert", since=11)
+def sequence_insert(op, sequence, tensor, position=None):
+    out = list(sequence)
+    _check_elements(op, [*out[:1], tensor])
+    if position is None:
+        out.append(tensor)
+    else:
+        out.insert(_position(op, position, len(out), True), tensor)
+    return out
+
+
+@register("SequenceErase", since=11)
+def sequence_erase(op, sequence, position=None):
+    out = list(sequence)
+    if not out:
+        raise op.fail("cannot erase from an empty sequence")
+    del out[-1 if position is None else _position(op, position, len(out), False)]
+    return out
+
+
+@register("SequenceAt", since=11)
+def sequence_at(op, sequence, position):
+    return sequence[_position(op, position, len(sequence), False)]
+
+
+@register("SequenceLength", since=11)
+def sequence_length(op, sequence):
+    return torch.tensor(len(sequence), dtype=torch.int64, device=op.device)
+
+
+@register("SplitToSequence", since=11)
+def split_to_sequence(op, x, split=None):
+    """Split into a list: scalar split = chunks of that size (last may be short), 1-D = sizes."""
+    axis = _axis(op, op.attr("axis", 0), x.ndim)
+    dim = x.shape[axis]
+    if split is None:
+        sizes = [1] * dim
+    elif split.ndim == 0:
+        size = int(split)
+        if size <= 0:
+            raise op.fail(f"scalar split must be positive, got {size}")
+        sizes = [size] * (dim // size) + ([dim % size] if dim % size else [])
+    elif split.ndim == 1:
+        sizes = [int(s) for s in split.tolist()]
+        if any(s < 0 for s in sizes) or sum(sizes) != dim:
+            raise op.fail(f"split {sizes} must be non-negative and sum to the axis size {dim}")
+    else:
+        raise op.fail(f"split must be a scalar or 1-D, got rank {split.ndim}")
+    if isinstance(x, np.ndarray):
+        parts = np.split(x, np.cumsum(sizes)[:-1].tolist(), axis=axis) if sizes else []
+    else:
+        parts = list(torch.split(x, sizes, dim=axis))
+    if split is None and not op.attr("keepdims", 1):
+        parts = [_select(p, axis, 0) for p in parts]
+    return parts
+
+
+@register("ConcatFromSequence", since=11)
+def concat_from_sequence(op, sequence):
+    """torch.cat along axis, or torch.stack when new_axis=1 (axis may then be rank)."""
+    if not sequence:
+        raise op.fail("the input sequence is empty: the result's shape and type are unknown")
+    if op.attr("axis") is None:
+        raise op.fail("the 'axis' attribute is required")
+    rank = sequence[0].ndim
+    if op.attr("new_axis", 0):
+        return _stack(list(sequence), _axis(op, op.attr("axis"), rank + 1))
+    return _concat(list(sequence), _axis(op, op.attr("axis"), rank))
+
+
+# -- optionals ----------------------------------------------------------------------------------
+@register("Optional", since=15)
+def optional(op, x=None):
+    """A full optional is its value; with no input (only a type attribute) it is empty (None)."""
+    if x is None and op.attr("type") is None:
+        raise op.fail("Optional needs an input or a 'type' attribute")
+    return x
+
+
+@register("OptionalHasElement", since=15)
+def optional_has_element(op, x=None):
+    return torch.tensor(x is not None, device=op.device)
+
+
+@register("OptionalGetElement", since=15)
+def optional_get_element(op, x):
+    """Opset 18 also accepts a plain tensor or sequence, which is already its own element."""
+    if x is None:
+        raise op.fail("the optional input is empty")
+    return x
