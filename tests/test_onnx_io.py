@@ -271,3 +271,51 @@ def test_loaded_model_carries_inferred_shapes(tmp_path):
     model = load_model(path)
     s = next(n for n in model.graph if n.name == "add").outputs[0]
     assert s.shape is not None and list(s.shape) == [2, 5]
+
+
+# -- native crashes and odd-but-valid models -------------------------------------------------------
+
+
+def _slice_with_huge_step() -> onnx.ModelProto:
+    inits = [onnx.numpy_helper.from_array(np.array([v]), n) for n, v in [("s", 0), ("e", 4), ("a", 0), ("st", 2**63 - 1)]]
+    graph = helper.make_graph(
+        [helper.make_node("Slice", ["x", "s", "e", "a", "st"], ["y"], name="slice")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_slice_with_int64_max_step_loads_and_runs(tmp_path):
+    """onnx 1.23's shape-inference data propagation segfaults on this valid model; kiln must not."""
+    path = tmp_path / "slice.onnx"
+    onnx.save(_slice_with_huge_step(), path)
+    y = kiln.Executor(load_model(path)).run({"x": np.arange(1, 5, dtype=np.float32)})["y"]
+    assert y.tolist() == [1.0]
+
+
+def test_native_crash_while_checking_is_a_load_error(tmp_path, monkeypatch):
+    import signal
+
+    import kiln.onnx_io
+
+    path = tmp_path / "m.onnx"
+    onnx.save(add_relu_model(), path)
+    monkeypatch.setattr(kiln.onnx_io, "_check_and_infer", lambda *a: os.kill(os.getpid(), signal.SIGSEGV))
+    with pytest.raises(ModelLoadError, match="crashed on this model"):
+        load_model(path)
+
+
+def test_sparse_attribute_is_refused_with_a_kiln_error():
+    sparse = helper.make_sparse_tensor(
+        helper.make_tensor("v", TensorProto.FLOAT, [1], [5.0]), helper.make_tensor("i", TensorProto.INT64, [1], [2]), [4]
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["y"], name="const", sparse_value=sparse)],
+        "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(kiln.KilnError, match="sparse"):
+        kiln.Executor(kiln.load_model_proto(model, name="sparse"))

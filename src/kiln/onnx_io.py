@@ -73,15 +73,24 @@ def load_model_proto(
         if base_dir is None:
             raise ModelLoadError(f"{name}: the model references external data but no folder to read it from was given")
         _check_external_data(external, Path(base_dir), name, max_bytes)
+    if external and _path is None:
+        external_data_helper.load_external_data_for_model(proto, str(base_dir))
+        external = []
+    _survives_native_checks(proto, _path, name)
+    proto = _check_and_infer(proto, _path, name)
+    if external:
+        external_data_helper.load_external_data_for_model(proto, str(base_dir))
+    try:
+        return ir.serde.deserialize_model(proto)
+    except Exception as error:  # noqa: BLE001 - onnx-ir wraps what it cannot read in several types
+        raise ModelLoadError(f"{name}: cannot convert the model to kiln's IR: {_first_line(error)}") from error
+
+
+def _check_and_infer(proto: onnx.ModelProto, path: Path | None, name: str) -> onnx.ModelProto:
+    """onnx's checker, kiln's own checks, function inlining and shape inference."""
     try:
         # Given the file, the checker finds external data beside it and handles models over 2 GB.
-        if _path is not None:
-            onnx.checker.check_model(str(_path))
-        else:
-            if external:
-                external_data_helper.load_external_data_for_model(proto, str(base_dir))
-                external = []
-            onnx.checker.check_model(proto)
+        onnx.checker.check_model(str(path) if path is not None else proto)
     except (onnx.checker.ValidationError, ValueError) as error:
         raise ModelLoadError(f"{name}: not a valid ONNX model: {_first_line(error)}") from error
     _check_opsets(proto, name)
@@ -89,13 +98,37 @@ def load_model_proto(
         proto = onnx.inliner.inline_local_functions(proto)
     _check_ops(proto, name)
     _check_input_types(proto, name)
+    _check_no_sparse(proto, name)
     try:
-        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+        # data_prop=False: onnx 1.23's data propagation crashes the process on some valid models
+        # (a Slice with steps = INT64_MAX).
+        return onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=False)
     except Exception as error:  # noqa: BLE001 - onnx raises several unrelated types here
         raise ModelLoadError(f"{name}: shape inference failed: {_first_line(error)}") from error
-    if external:
-        external_data_helper.load_external_data_for_model(proto, str(base_dir))
-    return ir.serde.deserialize_model(proto)
+
+
+def _survives_native_checks(proto: onnx.ModelProto, path: Path | None, name: str) -> None:
+    """Run the checks (onnx's C++ checker, inliner, shape inference) once in a forked child first.
+
+    A malformed file can crash native code outright; in a child that costs a ModelLoadError, not
+    the caller's process. Python-level errors are left for the real run in this process to raise.
+    """
+    if not hasattr(os, "fork"):
+        return
+    pid = os.fork()
+    if pid == 0:  # the child: report survival by exit code only, skip every cleanup handler
+        code = 0
+        try:
+            _check_and_infer(proto, path, name)
+        except BaseException:  # noqa: BLE001 - the parent raises it properly
+            code = 3
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        raise ModelLoadError(
+            f"{name}: onnx's checker or shape inference crashed on this model (signal {os.WTERMSIG(status)}); "
+            "the file is malformed or hostile"
+        )
 
 
 def _parse(data: bytes, label: str) -> onnx.ModelProto:
@@ -221,6 +254,20 @@ def _check_input_types(proto: onnx.ModelProto, name: str) -> None:
             problems.append(f"initializer {tensor.name!r} has element type {dtypes.onnx_name(tensor.data_type)}, which kiln cannot hold")
     if problems:
         raise UnsupportedModelError(f"{name}: " + "; ".join(problems))
+
+
+def _check_no_sparse(proto: onnx.ModelProto, name: str) -> None:
+    where = [f"sparse initializer {t.values.name!r}" for g in _graphs(proto.graph) for t in g.sparse_initializer]
+    where += [
+        f"attribute {a.name!r} of node {n.name or n.op_type!r}"
+        for n in _nodes(proto.graph)
+        for a in n.attribute
+        if a.type in (onnx.AttributeProto.SPARSE_TENSOR, onnx.AttributeProto.SPARSE_TENSORS)
+    ]
+    if where:
+        raise UnsupportedModelError(
+            f"{name}: sparse tensors are not supported ({'; '.join(where[:5])}); store them as dense tensors"
+        )
 
 
 def _first_line(error: BaseException) -> str:

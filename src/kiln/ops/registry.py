@@ -78,7 +78,9 @@ def _attribute_value(attr: ir.Attr, device: torch.device) -> Any:
     if kind == ir.AttributeType.GRAPHS:
         return list(attr.value)
     if kind == ir.AttributeType.SPARSE_TENSOR:
-        raise NotImplementedError("sparse tensor attributes")
+        raise UnsupportedModelError(
+            f"attribute {attr.name!r} is a sparse tensor, which kiln does not support; store it densely"
+        )
     return attr.value  # INT, FLOAT, STRING, GRAPH, TYPE_PROTO
 
 

@@ -110,10 +110,6 @@ def _index(indices: torch.Tensor, size: int) -> torch.Tensor:
     return torch.where(indices < 0, indices + size, indices)
 
 
-def _shape(x) -> tuple[int, ...]:
-    return tuple(x.shape)
-
-
 # -- shape arithmetic ----------------------------------------------------------------------------
 
 
@@ -413,7 +409,12 @@ def slice_1(op: OpContext, x):
 @_strings
 def slice_10(op: OpContext, x, starts, ends, axes=None, steps=None):
     return _slice(
-        op, x, _ints(starts), _ints(ends), None if axes is None else _ints(axes), None if steps is None else _ints(steps)
+        op,
+        x,
+        _ints(starts),
+        _ints(ends),
+        None if axes is None else _ints(axes),
+        None if steps is None else _ints(steps),
     )
 
 
@@ -435,7 +436,9 @@ def _pad(op: OpContext, x, pads: list[int], mode: str, value, axes: list[int] | 
             value = torch.zeros((), dtype=x.dtype, device=x.device)
         elif not isinstance(value, torch.Tensor):
             value = torch.tensor(value, device=x.device).to(x.dtype)
-        value = _raw(value.reshape(-1)[0].to(x.dtype) if value.numel() else torch.zeros((), dtype=x.dtype, device=x.device))
+        value = _raw(
+            value.reshape(-1)[0].to(x.dtype) if value.numel() else torch.zeros((), dtype=x.dtype, device=x.device)
+        )
         out = value.expand(out_shape).contiguous()
         src, dst = [], []
         for n, (b, e) in zip(x.shape, widths, strict=True):
