@@ -51,7 +51,7 @@ def main() -> int:
         case(name).run(result)
         problems = result.errors + result.failures
         if problems:
-            failures[name] = classify(problems[0][1])
+            failures[name] = classify(problems[0][1], name)
             if args.v:
                 print(f"FAIL {name}: {failures[name]}")
                 lines = [ln for ln in problems[0][1].splitlines() if ln.strip()]

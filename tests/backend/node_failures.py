@@ -25,12 +25,24 @@ def _family(op: str) -> str | None:
     return None
 
 
-def classify(trace: str) -> str:
-    """A short, stable reason for one failing case, from its traceback text."""
+# Cases whose failure was investigated and is not kiln's to fix, by name prefix.
+_EXPLAINED = {
+    "test_bernoulli": "random op: onnx's expected values come from numpy's unseeded generator (shapes and dtypes match)",
+    "test_dft_inverse": "numpy's float32 FFT leaves ~2e-7 noise where the exact answer (kiln's) is 0; atol is 1e-7",
+    "test_attention_4d_causal_fp16_expanded": "fp16 Softmax: kiln accumulates in fp32, onnx's reference in fp16 (1 ulp apart)",
+    "test_loop16_seq_none": "onnx's harness cannot compare a sequence whose first element is 0-d (values match)",
+}
+
+
+def classify(trace: str, name: str = "") -> str:
+    """A short, stable reason for one failing case, from its name and traceback text."""
+    for prefix, reason in _EXPLAINED.items():
+        if name.startswith(prefix):
+            return reason
     match = re.search(r"does not implement: (\S+?::(\w+))", trace)
     if match:
         return _family(match.group(2)) or f"op not implemented: {match.group(1)}"
-    match = re.search(r"element type (\w+), which kiln cannot hold", trace)
+    match = re.search(r"element type (\w+)(?:, which kiln| cannot be held)", trace)
     if match:
         return f"element type {match.group(1)} (torch has no such dtype)"
     match = re.search(r"\(op (?:[\w.]+::)?(\w+), opset \d+\): (.*)", trace)
