@@ -23,6 +23,8 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+import torch
+
 VISION = ["resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny", "regnet_y_400mf", "vit_b_16"]
 TEXT = ["bert", "distilbert", "gpt2"]
 USES_SDPA = {"vit_b_16", "bert", "distilbert", "gpt2"}
@@ -55,17 +57,35 @@ def _build(name: str):
 
 
 def _export(model, inputs: dict, path: Path, exporter: str, opset: int) -> None:
+    """Export with dynamic batch (and sequence) dims. Inputs go positionally through a wrapper that
+    names them, so each lands on the right keyword of a transformers model. Gradients stay enabled:
+    under no_grad, nn.MultiheadAttention takes a fused fast path the TorchScript exporter cannot export."""
     import torch
 
     names = list(inputs)
     text = "input_ids" in inputs
+    wrapped = _ByName(model, names)
     if exporter == "torchscript":
         axes = {n: {0: "batch", 1: "sequence"} if text else {0: "batch"} for n in names}
-        torch.onnx.export(model, tuple(inputs.values()), str(path), input_names=names, opset_version=opset,
+        torch.onnx.export(wrapped, tuple(inputs.values()), str(path), input_names=names, opset_version=opset,
                           dynamo=False, dynamic_axes=axes)
     else:
-        torch.onnx.export(model, (), str(path), kwargs=inputs, opset_version=opset, dynamo=True, verbose=False,
-                          external_data=True)
+        batch = torch.export.Dim("batch", min=1, max=256)
+        seq = torch.export.Dim("sequence", min=2, max=512)
+        shapes = tuple({0: batch, 1: seq} if text else {0: batch} for _ in names)
+        torch.onnx.export(wrapped, tuple(inputs.values()), str(path), input_names=names, opset_version=opset,
+                          dynamo=True, dynamic_shapes=shapes, verbose=False, external_data=True)
+
+
+class _ByName(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *tensors):
+        if self.names == ["pixel_values"]:
+            return self.model(tensors[0])
+        return self.model(**dict(zip(self.names, tensors)))
 
 
 def check(name: str, exporter: str, opset: int, work: str, devices: list[str]) -> dict:
@@ -88,8 +108,7 @@ def check(name: str, exporter: str, opset: int, work: str, devices: list[str]) -
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "model.onnx"
         start = time.time()
-        with torch.no_grad():
-            _export(model, inputs, path, exporter, opset)
+        _export(model, inputs, path, exporter, opset)
         row["export_s"] = round(time.time() - start, 1)
         ir_model = kiln.load_model(path)
         row["nodes"] = len(ir_model.graph)
