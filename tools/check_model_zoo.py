@@ -38,7 +38,7 @@ def _build(name: str):
     if name in VISION:
         import torchvision
 
-        model = getattr(torchvision.models, name)(weights=None).eval()
+        model = _no_zero_parameters(getattr(torchvision.models, name)(weights=None).eval())
         return model, {"pixel_values": torch.randn(BATCH, 3, 224, 224)}
     import transformers
 
@@ -56,15 +56,23 @@ def _build(name: str):
     return model, inputs
 
 
+def _no_zero_parameters(model):
+    """torchvision zero-initializes some layers (ViT's head): an all-zero output would check nothing."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if not parameter.any():
+                parameter.normal_(0, 0.02)
+    return model
+
+
 def _export(model, inputs: dict, path: Path, exporter: str, opset: int) -> None:
-    """Export with dynamic batch (and sequence) dims. Inputs go positionally through a wrapper that
-    names them, so each lands on the right keyword of a transformers model. Gradients stay enabled:
+    """Export with dynamic batch (and sequence) dims, through a wrapper with named inputs. Gradients stay enabled:
     under no_grad, nn.MultiheadAttention takes a fused fast path the TorchScript exporter cannot export."""
     import torch
 
     names = list(inputs)
     text = "input_ids" in inputs
-    wrapped = _ByName(model, names)
+    wrapped = _Text(model) if text else _Vision(model)
     if exporter == "torchscript":
         axes = {n: {0: "batch", 1: "sequence"} if text else {0: "batch"} for n in names}
         torch.onnx.export(wrapped, tuple(inputs.values()), str(path), input_names=names, opset_version=opset,
@@ -77,15 +85,25 @@ def _export(model, inputs: dict, path: Path, exporter: str, opset: int) -> None:
                           dynamo=True, dynamic_shapes=shapes, verbose=False, external_data=True)
 
 
-class _ByName(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module, names: list[str]) -> None:
+class _Vision(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
-        self.model, self.names = model, names
+        self.model = model
 
-    def forward(self, *tensors):
-        if self.names == ["pixel_values"]:
-            return self.model(tensors[0])
-        return self.model(**dict(zip(self.names, tensors)))
+    def forward(self, pixel_values):
+        return self.model(pixel_values)
+
+
+class _Text(torch.nn.Module):
+    """Passes each input by keyword, so it lands on the right argument of a transformers model."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
 
 
 def check(name: str, exporter: str, opset: int, work: str, devices: list[str]) -> dict:
