@@ -120,3 +120,22 @@ def restore(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         bits = 16 if dtype == torch.uint16 else 32
         return (tensor.to(torch.int64) & ((1 << bits) - 1)).to(dtype)
     return tensor.to(dtype)
+
+
+_SIGN_BIT = -(1 << 63)
+
+
+def ordered(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in a dtype torch can compare, with the same order: like ``computable``, except that
+    uint64 flips its top bit into int64 so that order (compare, max, sort) stays unsigned.
+    Undo with ``unordered``."""
+    if tensor.dtype == torch.uint64:
+        return tensor.view(torch.int64) ^ _SIGN_BIT
+    return computable(tensor)
+
+
+def unordered(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Undo ``ordered`` on values taken from its result."""
+    if dtype == torch.uint64:
+        return (tensor ^ _SIGN_BIT).view(torch.uint64)
+    return restore(tensor, dtype)

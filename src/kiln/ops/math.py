@@ -3,7 +3,7 @@
 torch cannot compute with uint16/uint32/uint64: integer ops go through ``dtypes.computable`` (uint16
 and uint32 widen to int64 exactly, uint64 becomes an int64 bit view) and ``dtypes.restore``. The bit
 view is exact for +, -, *, bitwise ops and shifts; order (compare, Max, Min, Clip) flips the sign bit
-first (``_ordered``) and division uses an unsigned 64-bit long division (``_udiv64``).
+first (``dtypes.ordered``) and division uses an unsigned 64-bit long division (``_udiv64``).
 Opsets before 7 broadcast binary ops by the ``broadcast``/``axis`` attributes (``_legacy``).
 """
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kiln.dtypes import UNSIGNED_WIDE, computable, restore
+from kiln.dtypes import UNSIGNED_WIDE, computable, ordered, restore, unordered
 from kiln.ops.registry import OpContext, register
 
 _I64_MIN = -(2**63)
@@ -32,19 +32,6 @@ def _is_unsigned(dtype: torch.dtype) -> bool:
 
 
 # -- helpers for unsigned types -------------------------------------------------------------------
-def _ordered(t: torch.Tensor) -> torch.Tensor:
-    """An int64 (or native) tensor with the same order as ``t``; undo with ``_unordered``."""
-    if t.dtype == torch.uint64:
-        return t.view(torch.int64) ^ _I64_MIN
-    return computable(t)
-
-
-def _unordered(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if dtype == torch.uint64:
-        return (t ^ _I64_MIN).view(torch.uint64)
-    return restore(t, dtype)
-
-
 def _u64_less(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Unsigned a < b on int64 bit views of uint64."""
     return (a ^ _I64_MIN) < (b ^ _I64_MIN)
@@ -233,7 +220,7 @@ def _compare(fn):
             )
         if a.dtype in _FLOAT8:
             a, b = a.to(torch.float32), b.to(torch.float32)
-        return fn(_ordered(a), _ordered(b))
+        return fn(ordered(a), ordered(b))
 
     return compare
 
@@ -251,12 +238,12 @@ def _variadic(fn, xs, op: OpContext):
     if not xs:
         raise op.fail("needs at least one input")
     dtype = xs[0].dtype
-    result = _ordered(xs[0])
+    result = ordered(xs[0])
     for x in xs[1:]:
-        result = fn(result, _ordered(x))
+        result = fn(result, ordered(x))
     if len(xs) == 1:
         result = result.clone()
-    return _unordered(result, dtype)
+    return unordered(result, dtype)
 
 
 @register("Max", since=1)
@@ -300,9 +287,9 @@ def _clip(x, low, high):
     if low is None and high is None:
         return x.clone()
     dtype = x.dtype
-    low = None if low is None else _ordered(low.to(dtype))
-    high = None if high is None else _ordered(high.to(dtype))
-    return _unordered(torch.clamp(_ordered(x), low, high), dtype)
+    low = None if low is None else ordered(low.to(dtype))
+    high = None if high is None else ordered(high.to(dtype))
+    return unordered(torch.clamp(ordered(x), low, high), dtype)
 
 
 @register("Clip", since=1)

@@ -6,25 +6,10 @@ import math
 
 import torch
 
-from kiln.dtypes import computable, restore
+from kiln.dtypes import computable, ordered, restore, unordered
 from kiln.ops.registry import OpContext, register
 
-_SIGN_BIT = -(1 << 63)
 _UNSIGNED = (torch.uint8, torch.uint16, torch.uint32, torch.uint64)
-
-
-def _ordered(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in a dtype torch can compare, with the same order (uint64 flips its top bit into int64)."""
-    if x.dtype == torch.uint64:
-        return x.view(torch.int64) ^ _SIGN_BIT
-    return computable(x)
-
-
-def _unordered(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Undo ``_ordered`` on values taken from its result."""
-    if dtype == torch.uint64:
-        return (y ^ _SIGN_BIT).view(torch.uint64)
-    return restore(y, dtype)
 
 
 def _is_float(x: torch.Tensor) -> bool:
@@ -93,7 +78,7 @@ def _extreme(fn):
     def reduce(x, dims, keep):
         if x.dtype == torch.bool:
             return fn(x.to(torch.uint8), dim=dims, keepdim=keep).to(torch.bool)
-        return _unordered(fn(_ordered(x), dim=dims, keepdim=keep), x.dtype)
+        return unordered(fn(ordered(x), dim=dims, keepdim=keep), x.dtype)
 
     return reduce
 
@@ -196,7 +181,7 @@ def _arg(op: OpContext, x, fn):
     last = bool(op.attr("select_last_index", 0))
     if x.ndim == 0:
         x = x.reshape(1)
-    xo = x.to(torch.uint8) if x.dtype == torch.bool else _ordered(x)
+    xo = x.to(torch.uint8) if x.dtype == torch.bool else ordered(x)
     if last:
         xo = xo.flip(axis)
     index = fn(xo, dim=axis, keepdim=True)
@@ -316,10 +301,10 @@ def _top_k(op: OpContext, x, k: int, largest: bool):
     axis %= x.ndim
     if k < 0 or k > x.shape[axis]:
         raise op.fail(f"k={k} is outside [0, {x.shape[axis]}] for axis {axis} of shape {list(x.shape)}")
-    xo = x.to(torch.uint8) if x.dtype == torch.bool else _ordered(x)
+    xo = x.to(torch.uint8) if x.dtype == torch.bool else ordered(x)
     values, indices = torch.sort(xo, dim=axis, descending=largest, stable=True)
     values = values.narrow(axis, 0, k)
-    values = values.to(torch.bool) if x.dtype == torch.bool else _unordered(values, x.dtype)
+    values = values.to(torch.bool) if x.dtype == torch.bool else unordered(values, x.dtype)
     return values, indices.narrow(axis, 0, k).contiguous()
 
 

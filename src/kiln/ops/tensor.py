@@ -20,7 +20,6 @@ from kiln.ops.registry import OpContext, register
 
 _BITS = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
 _FLOAT8 = {d for d in dtypes.TORCH_DTYPES.values() if d.is_floating_point and d.itemsize == 1}
-_INT64_MIN = -(2**63)
 
 
 def _raw(x: torch.Tensor) -> torch.Tensor:
@@ -41,18 +40,14 @@ def _widen(x: torch.Tensor, ordered: bool = False) -> torch.Tensor:
     """``x`` in a dtype torch computes with; ``ordered`` keeps uint64 order (sign bit flipped)."""
     if x.dtype in _FLOAT8:
         return x.float()
-    if x.dtype == torch.uint64 and ordered:
-        return x.view(torch.int64) ^ _INT64_MIN
-    return dtypes.computable(x)
+    return dtypes.ordered(x) if ordered else dtypes.computable(x)
 
 
 def _narrow(y: torch.Tensor, dtype: torch.dtype, ordered: bool = False) -> torch.Tensor:
     """Undo ``_widen``."""
     if dtype in _FLOAT8:
         return y.to(dtype)
-    if dtype == torch.uint64 and ordered:
-        return (y ^ _INT64_MIN).view(torch.uint64)
-    return dtypes.restore(y, dtype)
+    return dtypes.unordered(y, dtype) if ordered else dtypes.restore(y, dtype)
 
 
 def _strings(fn):
