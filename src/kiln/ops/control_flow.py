@@ -144,15 +144,20 @@ def _scan_outputs(op, body, n_state, collected, out_axes, out_dirs):
     return results
 
 
+def _scan_arity(op, inputs) -> tuple[ir.Graph, int, int, int]:
+    """The body and the counts of scan inputs, state variables and scan outputs."""
+    body: ir.Graph = op.attr("body")
+    m = op.attr("num_scan_inputs")
+    n_state = len(inputs) - (m or 0)
+    if m is None or m < 1 or n_state < 0:
+        raise op.fail(f"num_scan_inputs={m} does not fit the {len(inputs)} inputs")
+    return body, m, n_state, len(body.outputs) - n_state
+
+
 @register("Scan", since=9)
 def scan(op, *inputs):
     """Body (state..., scan_elem...) -> (state..., scan_out_elem...), per position along each scan axis."""
-    body: ir.Graph = op.attr("body")
-    m = op.attr("num_scan_inputs")
-    n_state = len(inputs) - m
-    if m is None or m < 1 or n_state < 0:
-        raise op.fail(f"num_scan_inputs={m} does not fit the {len(inputs)} inputs")
-    k = len(body.outputs) - n_state
+    body, m, n_state, k = _scan_arity(op, inputs)
     in_axes = op.attr("scan_input_axes") or [0] * m
     in_dirs = op.attr("scan_input_directions") or [0] * m
     out_axes = op.attr("scan_output_axes") or [0] * k
@@ -179,12 +184,7 @@ def scan(op, *inputs):
 @register("Scan", since=8)
 def scan_8(op, sequence_lens, *inputs):
     """Scan-8: batch axis 0, scan axis 1, optional per-batch sequence_lens; short outputs zero-padded."""
-    body: ir.Graph = op.attr("body")
-    m = op.attr("num_scan_inputs")
-    n_state = len(inputs) - m
-    if m is None or m < 1 or n_state < 0:
-        raise op.fail(f"num_scan_inputs={m} does not fit the {len(inputs)} inputs")
-    k = len(body.outputs) - n_state
+    body, m, n_state, k = _scan_arity(op, inputs)
     dirs = op.attr("directions") or [0] * m
     if len(dirs) != m:
         raise op.fail("directions must have one entry per scan input")
