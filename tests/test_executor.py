@@ -118,8 +118,22 @@ def test_demo_model_on_cuda_matches_cpu(rng):
 
 
 @pytest.mark.cuda
-def test_tf32_is_off_while_running_and_restored():
+def test_tf32_is_off_while_running_and_settings_are_restored():
+    seen = {}
     torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
     model = kiln.load_model_proto(make_demo_model(), name="demo")
-    kiln.Executor(model, "cuda").run({"image": np.ones((2, 3, 32, 32), np.float32)})
-    assert torch.backends.cuda.matmul.allow_tf32 is True
+    executor = kiln.Executor(model, "cuda")
+    step = executor._main.steps[0]
+    inner = step.fn
+
+    def spy(op, *args):
+        seen["matmul_tf32"] = torch.backends.cuda.matmul.allow_tf32
+        seen["cudnn_tf32"] = torch.backends.cudnn.allow_tf32
+        seen["benchmark"] = torch.backends.cudnn.benchmark
+        return inner(op, *args)
+
+    step.fn = spy
+    executor.run({"image": np.ones((2, 3, 32, 32), np.float32)})
+    assert seen == {"matmul_tf32": False, "cudnn_tf32": False, "benchmark": True}
+    assert torch.backends.cuda.matmul.allow_tf32 is True and torch.backends.cudnn.allow_tf32 is True

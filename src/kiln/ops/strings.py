@@ -301,3 +301,98 @@ def label_encoder_1(op, x):
         raise op.fail(f"input must be string or int64, got {x.dtype}")
     default = _text(op.attr("default_string", "_Unused"))
     return _encode(op, x, list(range(len(classes))), classes, "string", default)
+
+
+_TFIDF_MODES = ("TF", "IDF", "TFIDF")
+
+
+def _tfidf_table(op: OpContext, pool: list[Any], lo: int, hi: int, n_indexes: int) -> tuple[dict[tuple, int], set[tuple]]:
+    """Pool n-grams of length lo..hi -> their n-gram number (numbered across all lengths; a repeated
+    n-gram keeps its last number), and the set of their proper prefixes (to stop a scan early)."""
+    counts = [int(c) for c in op.attr("ngram_counts", []) or []]
+    if not counts or counts[0] != 0 or any(b < a for a, b in zip(counts, counts[1:])) or counts[-1] > len(pool):
+        raise op.fail(f"ngram_counts {counts} must start at 0, not decrease and stay within the pool ({len(pool)})")
+    table: dict[tuple, int] = {}
+    prefixes: set[tuple] = set()
+    ngram_id = 0
+    for size, start in enumerate(counts, start=1):
+        end = counts[size] if size < len(counts) else len(pool)
+        for first in range(start, start + (end - start) // size * size, size):
+            if lo <= size <= hi:
+                if ngram_id >= n_indexes:
+                    raise op.fail(f"the pool has more n-grams than the {n_indexes} ngram_indexes")
+                gram = tuple(pool[first : first + size])
+                table[gram] = ngram_id
+                prefixes.update(gram[:k] for k in range(1, size))
+            ngram_id += 1
+    return table, prefixes
+
+
+@register("TfIdfVectorizer", since=9)
+def tfidf_vectorizer(op, x):
+    """Scans each row in Python (the ids go to the CPU): for skip s in 0..max_skip_count, n-grams take
+    every (s+1)-th item from each start; unigrams count once, not once per skip. As onnxruntime, each
+    hit of n-gram i adds 1 (TF) or weights[i] (TFIDF) to Y[ngram_indexes[i]], or sets it to weights[i]
+    (IDF), in scan order: this only matters where n-grams share an output coordinate."""
+    mode = _text(op.attr("mode", ""))
+    if mode not in _TFIDF_MODES:
+        raise op.fail(f"mode {mode!r} is not one of {', '.join(_TFIDF_MODES)}")
+    lo, hi, skips = (op.attr(n) for n in ("min_gram_length", "max_gram_length", "max_skip_count"))
+    if lo is None or hi is None or skips is None:
+        raise op.fail("min_gram_length, max_gram_length and max_skip_count are required")
+    if not 1 <= lo <= hi or skips < 0:
+        raise op.fail(f"needs 1 <= min_gram_length ({lo}) <= max_gram_length ({hi}) and max_skip_count ({skips}) >= 0")
+    indexes = [int(i) for i in op.attr("ngram_indexes", []) or []]
+    if not indexes or min(indexes) < 0:
+        raise op.fail("ngram_indexes must be a non-empty list of non-negative output coordinates")
+    size = max(indexes) + 1
+    weights = [float(w) for w in op.attr("weights", []) or []]
+    if weights and len(weights) != len(indexes):
+        raise op.fail(f"weights has {len(weights)} values but ngram_indexes has {len(indexes)}; they must match")
+    if mode == "TF" or not weights:
+        weights = [1.0] * len(indexes)
+    pool_ints, pool_strings = op.attr("pool_int64s"), op.attr("pool_strings")
+    if (pool_ints is None) == (pool_strings is None):
+        raise op.fail("exactly one of pool_int64s and pool_strings must be set")
+    if pool_strings is not None:
+        if not isinstance(x, np.ndarray):
+            raise op.fail(f"pool_strings is set, so the input must be a string tensor, got {x.dtype}")
+        pool = [_text(s) for s in pool_strings]
+        items = _strings(op, x)
+        shape = items.shape
+        values = items.reshape(-1).tolist()
+    else:
+        if isinstance(x, np.ndarray) or x.dtype not in (torch.int32, torch.int64):
+            raise op.fail(f"pool_int64s is set, so the input must be int32 or int64, got {'a string tensor' if isinstance(x, np.ndarray) else x.dtype}")
+        pool = [int(v) for v in pool_ints]
+        shape = tuple(x.shape)
+        values = x.reshape(-1).tolist()
+    if len(shape) > 2:
+        raise op.fail(f"input must have shape [C] or [N, C], got {list(shape)}")
+    rows, width = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0] if shape else 1)
+    table, prefixes = _tfidf_table(op, pool, lo, hi, len(indexes))
+    out = [[0.0] * size for _ in range(rows)]
+    for r in range(rows):
+        row, y = values[r * width : (r + 1) * width], out[r]
+        for skip in range(skips + 1):
+            first = 2 if skip and lo == 1 else lo  # unigrams were counted at skip 0
+            if first > hi:
+                break
+            step = skip + 1
+            for start in range(width):
+                gram: tuple = ()
+                for n in range(1, hi + 1):
+                    pos = start + (n - 1) * step
+                    if pos >= width:
+                        break
+                    gram += (row[pos],)
+                    ngram_id = table.get(gram) if n >= first else None
+                    if ngram_id is not None:
+                        if mode == "IDF":
+                            y[indexes[ngram_id]] = weights[ngram_id]
+                        else:
+                            y[indexes[ngram_id]] += weights[ngram_id]
+                    if gram not in prefixes:
+                        break
+    y = torch.tensor(out, dtype=torch.float32, device=op.device).reshape(rows, size)
+    return y if len(shape) == 2 else y.reshape(size)
