@@ -17,4 +17,5 @@ def add_relu_model(shape=(2, 3), opset: int = 17, weight: np.ndarray | None = No
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],
         [numpy_helper.from_array(w, "w")],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    # IR 10, not onnx 1.23's default 14: onnxruntime before 1.32 refuses IR 14.
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)

@@ -29,7 +29,7 @@ def _dynamic_model(tmp_path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
     )
     path = tmp_path / "dyn.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), path)
     return path
 
 

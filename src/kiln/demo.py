@@ -78,7 +78,8 @@ def make_demo_model(batch: int = 2, seed: int = 0) -> onnx.ModelProto:
          helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [batch, 10])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="kiln-demo")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="kiln-demo",
+                             ir_version=10)  # onnxruntime >= 1.18 reads IR 10; onnx 1.23 would stamp 14
     onnx.checker.check_model(model, full_check=True)
     return model
 
