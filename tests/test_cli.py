@@ -127,3 +127,21 @@ def test_corrupt_model_exits_2(tmp_path):
     result = subprocess.run([sys.executable, "-m", "kiln", "run", str(path)], capture_output=True, text=True)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "bad.onnx" in result.stderr
+
+
+def test_full_disk_leaves_no_partial_outputs_file(model_path, tmp_path, capsys, monkeypatch):
+    """A failing write (here: ENOSPC from fsync) exits 2 and leaves neither a partial nor a temporary file."""
+    import errno
+    import os
+
+    out = tmp_path / "out.npz"
+    out.write_bytes(b"previous contents")
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    assert main(["run", str(model_path), "--save-outputs", str(out)]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert out.read_bytes() == b"previous contents"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "out.npz"]

@@ -90,6 +90,7 @@ def run_demo(out_dir: Path) -> bool:
     from rich.table import Table
 
     from kiln import compare
+    from kiln.atomic_file import write_atomically
     from kiln.dtypes import tensor_to_numpy
     from kiln.executor import Executor
     from kiln.inputs import random_inputs
@@ -98,7 +99,8 @@ def run_demo(out_dir: Path) -> bool:
     console = Console()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "kiln-demo.onnx"
-    onnx.save(make_demo_model(), path)
+    model_bytes = make_demo_model().SerializeToString()
+    write_atomically(path, lambda handle: handle.write(model_bytes))
 
     t0 = time.perf_counter()
     model = load_model(path)

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from kiln.atomic_file import write_atomically
 from kiln.errors import InputError
 
 _SHAPE_ITEM = re.compile(r"^(?P<name>.+):(?P<dims>\d+(?:x\d+)*|)$")
@@ -46,20 +47,8 @@ def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
 
 
 def write_npz(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray]) -> None:
-    """Write atomically: a crash or a full disk leaves the old file (or none), never half a file."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **{k: np.asarray(v) for k, v in arrays.items()})
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as error:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise InputError(f"{path}: could not write outputs ({error.strerror or error})") from error
+    """Write the arrays to an .npz atomically (never half a file, even on a full disk)."""
+    write_atomically(path, lambda handle: np.savez(handle, **{k: np.asarray(v) for k, v in arrays.items()}))
 
 
 def concrete_shape(value: ir.Value, shapes: Mapping[str, Sequence[int]], model: str) -> tuple[int, ...]:

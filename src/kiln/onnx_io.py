@@ -12,12 +12,16 @@ with a ``ModelLoadError`` or ``UnsupportedModelError`` that names the file (and 
    listed at once), and every graph input has an element type kiln can hold.
 
 Model-local functions are inlined and onnx's shape inference runs, so the IR carries the types and
-shapes the builder needs.
+shapes the builder needs. For a file, onnx's native checks run first in a child process, so a file
+that crashes onnx's C++ code yields a ``ModelLoadError`` instead of killing the caller; a
+``ModelProto`` given in memory is the caller's own object and skips that step.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,7 +80,8 @@ def load_model_proto(
     if external and _path is None:
         external_data_helper.load_external_data_for_model(proto, str(base_dir))
         external = []
-    _survives_native_checks(proto, _path, name)
+    if _path is not None:
+        _survives_native_checks(_path, name)
     proto = _check_and_infer(proto, _path, name)
     if external:
         external_data_helper.load_external_data_for_model(proto, str(base_dir))
@@ -107,26 +112,33 @@ def _check_and_infer(proto: onnx.ModelProto, path: Path | None, name: str) -> on
         raise ModelLoadError(f"{name}: shape inference failed: {_first_line(error)}") from error
 
 
-def _survives_native_checks(proto: onnx.ModelProto, path: Path | None, name: str) -> None:
-    """Run the checks (onnx's C++ checker, inliner, shape inference) once in a forked child first.
+# Run in a fresh interpreter on the model file: the same native checks load_model makes.
+_NATIVE_CHECKS = """
+import sys
+import onnx, onnx.inliner
+path = sys.argv[1]
+try:
+    proto = onnx.load_model_from_string(open(path, "rb").read())
+    onnx.checker.check_model(path)
+    if proto.functions:
+        proto = onnx.inliner.inline_local_functions(proto)
+    onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=False)
+except Exception:
+    sys.exit(3)  # a Python-level error: the real load raises it with a proper message
+"""
+
+
+def _survives_native_checks(path: Path, name: str) -> None:
+    """Run onnx's C++ checker, inliner and shape inference on the file in a child process first.
 
     A malformed file can crash native code outright; in a child that costs a ModelLoadError, not
-    the caller's process. Python-level errors are left for the real run in this process to raise.
+    the caller's process. A fresh interpreter rather than fork(): forking a process whose other
+    threads hold locks can deadlock the child.
     """
-    if not hasattr(os, "fork"):
-        return
-    pid = os.fork()
-    if pid == 0:  # the child: report survival by exit code only, skip every cleanup handler
-        code = 0
-        try:
-            _check_and_infer(proto, path, name)
-        except BaseException:  # noqa: BLE001 - the parent raises it properly
-            code = 3
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status):
+    result = subprocess.run([sys.executable, "-c", _NATIVE_CHECKS, str(path)], capture_output=True)
+    if result.returncode < 0:
         raise ModelLoadError(
-            f"{name}: onnx's checker or shape inference crashed on this model (signal {os.WTERMSIG(status)}); "
+            f"{name}: onnx's checker or shape inference crashed on this model (signal {-result.returncode}); "
             "the file is malformed or hostile"
         )
 
