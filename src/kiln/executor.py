@@ -27,7 +27,7 @@ import onnx_ir as ir
 import torch
 
 from kiln import dtypes
-from kiln.errors import InputError, KilnError, OpError
+from kiln.errors import InputError, KilnError, OpError, UnsupportedModelError
 from kiln.ops import lookup
 from kiln.ops.registry import OpContext, canonical_domain
 
@@ -110,7 +110,11 @@ def _exact_fp32(device: torch.device) -> Iterator[None]:
 
 
 class Executor:
-    """Runs an ``ir.Model`` with the registered reference ops. See the module docstring."""
+    """Runs an ``ir.Model`` with the registered reference ops. See the module docstring.
+
+    One executor serves one thread at a time (a run keeps its subgraph scope on the plan); give
+    each thread its own executor.
+    """
 
     def __init__(self, model: ir.Model, device: str | torch.device = "cpu", name: str | None = None) -> None:
         self.device = torch.device(device)
@@ -130,8 +134,6 @@ class Executor:
         return dtypes.tensor_from_numpy(tensor.numpy(), self.device)
 
     def unsupported(self, node: ir.Node, opset: int) -> KilnError:
-        from kiln.errors import UnsupportedModelError
-
         domain = canonical_domain(node.domain) or "ai.onnx"
         return UnsupportedModelError(
             f"{self.name}: node {node.name!r} uses op {domain}::{node.op_type} (opset {opset}), "
