@@ -77,13 +77,14 @@ def load_model_proto(
         if base_dir is None:
             raise ModelLoadError(f"{name}: the model references external data but no folder to read it from was given")
         _check_external_data(external, Path(base_dir), name, max_bytes)
-    if external and _path is None:
-        external_data_helper.load_external_data_for_model(proto, str(base_dir))
-        external = []
-    if _path is not None:
+    if _path is None:
+        # In memory, onnx's checker needs the external data itself; given the file, it reads it there.
+        if external:
+            external_data_helper.load_external_data_for_model(proto, str(base_dir))
+    else:
         _survives_native_checks(_path, name)
     proto = _check_and_infer(proto, _path, name)
-    if external:
+    if external and _path is not None:
         external_data_helper.load_external_data_for_model(proto, str(base_dir))
     try:
         return ir.serde.deserialize_model(proto)
