@@ -148,19 +148,11 @@ def test_external_data_absolute_path(tmp_path):
     _assert_nothing_outside(opened, path.parent)
 
 
-def test_external_data_dotdot(tmp_path):
+@pytest.mark.parametrize("location", ["../secret.bin", "sub/../../secret.bin"], ids=["leading", "hidden-in-the-middle"])
+def test_external_data_dotdot(tmp_path, location):
     path = _save_external(tmp_path)
     _outside_secret(tmp_path)
-    _set_location(path, "../secret.bin")
-    with recording_opens() as opened, pytest.raises(ModelLoadError, match=r"leaves the model's folder"):
-        load_model(path)
-    _assert_nothing_outside(opened, path.parent)
-
-
-def test_external_data_dotdot_hidden_in_the_middle(tmp_path):
-    path = _save_external(tmp_path)
-    _outside_secret(tmp_path)
-    _set_location(path, "sub/../../secret.bin")
+    _set_location(path, location)
     with recording_opens() as opened, pytest.raises(ModelLoadError, match=r"leaves the model's folder"):
         load_model(path)
     _assert_nothing_outside(opened, path.parent)
