@@ -124,6 +124,9 @@ class Executor:
         self.name = name or model.graph.name or "model"
         self.opsets = {canonical_domain(d): v for d, v in model.opset_imports.items()}
         self._plans: dict[int, _GraphPlan] = {}
+        # Called as observer(step, outputs) after each main-graph step (the builder
+        # records shapes and dtypes with it).
+        self.observer: Any = None
         self._main = self._plan(model.graph)
         graph = model.graph
         self.inputs = [v for v in graph.inputs if v.name not in self._main.constants]
@@ -145,6 +148,10 @@ class Executor:
         if plan is None:
             plan = self._plans[id(graph)] = _GraphPlan(graph, self)
         return plan
+
+    def node_steps(self) -> dict[str, _Step]:
+        """The main graph's bound steps by node name (the builder's Node layers run them)."""
+        return {step.op.node.name: step for step in self._main.steps}
 
     # -- running ----------------------------------------------------------------------------
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
@@ -180,6 +187,8 @@ class Executor:
                 step.op._outer = None
             if not isinstance(result, tuple):
                 result = (result,)
+            if self.observer is not None and plan is self._main:
+                self.observer(step, result)
             for name, value in zip(step.outputs, result):
                 if name:
                     local[name] = value

@@ -1,0 +1,793 @@
+"""The builder: ONNX model + BuildConfig -> Engine, choosing the fastest correct tactic per layer.
+
+The steps, each visible in the build log:
+
+1. a reference run at each profile's opt shapes records every value's shape and dtype;
+2. lowering fuses nodes into layers (``kiln.builder.layers``);
+3. each layer gets a precision: the config's, a per-layer constraint, fp32 for shape arithmetic,
+   or (strongly typed) the model's own;
+4. tactic selection, per layer and profile: every candidate allowed at the optimization level is
+   run on fresh random inputs at the opt shape, checked against the kind's reference tactic at the
+   same precision (a wrong fast kernel is never chosen), and timed with CUDA events (median of
+   repeated runs). Timings go to the timing cache; level 0 times nothing and trusts the heuristic;
+5. a walk over the network on representative inputs, in fp32 beside the chosen tactics: a
+   reduced-precision layer whose output overflows or drifts from fp32 falls back (fp16 -> bf16 ->
+   fp32); Node layers are timed on real values here;
+6. the engine: plan + prepared weights, deterministic for the same model, config and cache.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from kiln import dtypes
+from kiln.builder import tactics as tactic_registry
+from kiln.builder.config import BuildConfig, Profile
+from kiln.builder.layers import FLOAT_TYPES, GraphFacts, Layer, lower
+from kiln.builder.tactics import PRECISION_DTYPES, Tactic
+from kiln.builder.tactics.node import castable
+from kiln.builder.timing_cache import TimingCache
+from kiln.errors import InputError, KilnError
+from kiln.executor import Executor
+
+TOLERANCES = {"fp32": 1e-4, "tf32": 1e-3, "fp16": 1e-2, "bf16": 1e-2, "native": 1e-2}
+# Layer-vs-fp32 drift above which a reduced-precision layer falls back (bf16 keeps 3 fewer bits).
+FALLBACK_TOLERANCES = {"fp16": 1e-2, "bf16": 2e-2}
+
+# (op, input index) whose value is a shape, size, index or axis: the float arithmetic feeding
+# them stays fp32 in reduced-precision builds (a rounded size is a wrong size).
+SHAPE_INPUTS = {
+    "Reshape": (1,), "Expand": (1,), "Tile": (1,), "Slice": (1, 2, 3, 4), "Resize": (1, 2, 3), "Upsample": (1,),
+    "ConstantOfShape": (0,), "Range": (0, 1, 2), "Pad": (1, 3), "TopK": (1,), "OneHot": (1,), "Squeeze": (1,),
+    "Unsqueeze": (1,), "Split": (1,), "ReduceSum": (1,), "ReduceMean": (1,), "ReduceMax": (1,), "ReduceMin": (1,),
+    "ReduceProd": (1,), "CumSum": (1,), "Gather": (1,), "GatherElements": (1,), "GatherND": (1,),
+}
+METADATA_OPS = {"Shape", "Size"}
+_NOT_FOLDABLE = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial",
+                 "Dropout"}
+
+
+def _has_subgraph(node: ir.Node) -> bool:
+    return any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())
+
+
+@dataclass
+class Choice:
+    tactic: str
+    config: dict
+    time_ms: float | None
+
+
+@dataclass
+class PlannedLayer:
+    """A layer with everything the build decided about it."""
+
+    layer: Layer
+    precision: str
+    constrained: bool = False
+    choices: list[Choice] = field(default_factory=list)  # one per profile
+    cast_inputs: list[int] = field(default_factory=list)
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BuildReport:
+    """What the build did, for the log and the summary (times are not part of the engine file)."""
+
+    lines: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    timed: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    rejected: int = 0
+    fallbacks: list[str] = field(default_factory=list)
+    output_diffs: dict[str, float] = field(default_factory=dict)
+
+    def log(self, line: str) -> None:
+        self.lines.append(line)
+
+
+def build(
+    model: ir.Model | str | os.PathLike[str],
+    config: BuildConfig | None = None,
+    *,
+    calibration: Mapping[str, Any] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+):
+    """Build an engine. ``calibration``: representative inputs (name -> array) for the precision
+    check; random ones (seeded, never zeros) at the first profile's opt shapes otherwise.
+    ``progress(phase, done, total)`` is called as layers are processed."""
+    from kiln.engine import Engine
+
+    config = config or BuildConfig()
+    config.validate()
+    if not isinstance(model, ir.Model):
+        from kiln.onnx_io import load_model
+
+        name = str(model)
+        model = load_model(model)
+    else:
+        name = model.graph.name or "model"
+    builder = _Builder(model, config, name, calibration, progress)
+    plan, tensors, graph_bytes = builder.run()
+    engine = Engine(plan, tensors, graph_bytes, device=config.device)
+    engine.report = builder.report
+    return engine
+
+
+class _Builder:
+    def __init__(self, model: ir.Model, config: BuildConfig, name: str, calibration, progress) -> None:
+        self.model = model
+        self.config = config
+        self.name = name
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise KilnError("the build asks for device 'cuda' but torch sees no CUDA GPU; build with --device cpu")
+        self.calibration = calibration
+        self.progress = progress or (lambda phase, done, total: None)
+        self.report = BuildReport()
+        from kiln.engine import environment
+
+        self.cache = TimingCache(config.timing_cache, environment(self.device))
+        for warning in self.cache.warnings:
+            self.report.log(f"warning: {warning}")
+        self.opset = dict(model.opset_imports).get("", dict(model.opset_imports).get("ai.onnx", 1))
+        self.level = config.opt_level
+        self.reps = 11 if self.level >= 5 else 5
+
+    # -- driver -------------------------------------------------------------------------------
+    def run(self):
+        start = time.perf_counter()
+        graph = self.model.graph
+        _name_nodes(graph)
+        self.executor = Executor(self.model, self.device, self.name)
+        self._steps = self.executor.node_steps()
+        self.profiles = self._profiles()
+        self.facts: list[GraphFacts] = []
+        self.opt_feeds: list[dict[str, torch.Tensor]] = []
+        for profile in self.profiles:
+            feeds = self._random_feeds({n: s[1] for n, s in profile.shapes.items()})
+            self.opt_feeds.append(feeds)
+            self.facts.append(self._record(feeds))
+        facts = self.facts[0]
+        self.constants = {n: torch.as_tensor(v).to(self.device) if isinstance(v, np.ndarray) else v
+                          for n, v in facts.constants.items()}
+        layers = lower(graph, facts, self.opset)
+        fused = sum(1 for layer in layers if layer.fused)
+        self.report.log(f"{self.name}: {len(list(graph))} nodes -> {len(layers)} layers ({fused} fused)")
+        planned = [self._assign_precision(layer) for layer in layers]
+        self._check_constraints_used(layers)
+        self.canonical: dict[int, dict[str, torch.Tensor]] = {}
+        for index, item in enumerate(planned):
+            self.progress("tactics", index, len(planned))
+            item.choices = [self._select(index, item, p) for p in range(len(self.profiles))]
+        self.progress("tactics", len(planned), len(planned))
+        self._walk(planned)
+        tensors, layer_records = self._prepare_all(planned)
+        plan = self._plan_json(planned, layer_records)
+        graph_bytes = _stripped_graph(self.model)
+        try:
+            self.cache.save()
+        except KilnError as error:
+            self.report.log(f"warning: {error}")
+        self.report.seconds = time.perf_counter() - start
+        self.report.cache_hits, self.report.cache_misses = self.cache.hits, self.cache.misses
+        self.report.log(
+            f"optimization level {self.level}: built in {self.report.seconds:.1f} s; {self.report.timed} candidates timed, "
+            f"{self.cache.hits} timing-cache hits, {self.report.rejected} candidates rejected"
+        )
+        self.planned = planned
+        return plan, tensors, graph_bytes
+
+    # -- shapes -------------------------------------------------------------------------------
+    def _profiles(self) -> list[Profile]:
+        inputs = [v for v in self.executor.inputs]
+        names = {v.name for v in inputs}
+        profiles = list(self.config.profiles) or [Profile({})]
+        for index, profile in enumerate(profiles):
+            unknown = sorted(set(profile.shapes) - names)
+            if unknown:
+                raise InputError(f"{self.name}: profile {index} names unknown input(s) {unknown}; inputs are {sorted(names)}")
+            full = dict(profile.shapes)
+            for value in inputs:
+                declared = value.shape
+                if value.name in full:
+                    lo, opt, hi = full[value.name]
+                    if declared is not None:
+                        if len(declared) != len(opt):
+                            raise InputError(f"{self.name}: profile {index} gives input {value.name!r} rank {len(opt)}, "
+                                             f"the model declares rank {len(declared)}")
+                        for axis, dim in enumerate(declared):
+                            if isinstance(dim, int) and not (lo[axis] == opt[axis] == hi[axis] == dim):
+                                raise InputError(f"{self.name}: profile {index} gives input {value.name!r} axis {axis} "
+                                                 f"sizes {lo[axis]}/{opt[axis]}/{hi[axis]}, the model fixes it at {dim}")
+                    continue
+                if declared is None or any(not isinstance(d, int) for d in declared):
+                    shown = "?" if declared is None else "x".join(str(d) if isinstance(d, int) else "N" for d in declared)
+                    raise InputError(
+                        f"{self.name}: input {value.name!r} has dynamic dimensions ({shown}); give its shapes with "
+                        f"--min-shapes/--opt-shapes/--max-shapes {value.name}:{shown.replace('N', '1')}"
+                    )
+                static = tuple(int(d) for d in declared)
+                full[value.name] = (static, static, static)
+            profiles[index] = Profile(full)
+        return profiles
+
+    def _random_feeds(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        generator = np.random.default_rng(self.config.seed)
+        feeds = {}
+        for value in self.executor.inputs:
+            shape = shapes[value.name]
+            dtype = value.dtype
+            if self.calibration is not None and value.name in self.calibration:
+                array = np.asarray(self.calibration[value.name])
+                if tuple(array.shape) != tuple(shape):
+                    raise InputError(f"{self.name}: calibration input {value.name!r} has shape {list(array.shape)}, "
+                                     f"the profile's opt shape is {list(shape)}")
+            elif dtype == ir.DataType.BOOL:
+                array = generator.random(shape) < 0.5
+            elif dtype is not None and dtype.is_floating_point():
+                array = generator.standard_normal(shape, dtype=np.float32).astype(dtype.numpy())
+            elif dtype is not None and dtype != ir.DataType.STRING:
+                array = generator.integers(0, 2, size=shape).astype(dtype.numpy())
+            else:
+                raise InputError(f"{self.name}: cannot make inputs for {value.name!r} of type {value.type}")
+            feeds[value.name] = dtypes.tensor_from_numpy(array, self.device)
+        return feeds
+
+    def _record(self, feeds: Mapping[str, torch.Tensor]) -> GraphFacts:
+        shapes: dict[str, tuple[int, ...]] = {}
+        kinds: dict[str, ir.DataType] = {}
+        constants: dict[str, Any] = {}
+        for name, value in {**self.executor._main.constants, **feeds}.items():
+            if isinstance(value, torch.Tensor):
+                shapes[name] = tuple(value.shape)
+                kinds[name] = dtypes.ONNX_DTYPES.get(value.dtype)
+        for name, value in self.executor._main.constants.items():
+            constants[name] = value
+
+        def observe(step, outputs) -> None:
+            # A node computed from constants alone is a constant (the builder's constant folding);
+            # random ops are not, and neither is anything reading a subgraph.
+            op = step.op
+            folded = op.domain == "" and op.op_type not in _NOT_FOLDABLE and not _has_subgraph(op.node) and (
+                op.op_type == "Constant" or (any(step.inputs) and all(n in constants for n in step.inputs if n)))
+            for out_name, value in zip(step.outputs, outputs):
+                if out_name and isinstance(value, torch.Tensor):
+                    shapes[out_name] = tuple(value.shape)
+                    kinds[out_name] = dtypes.ONNX_DTYPES.get(value.dtype)
+                    if folded:
+                        constants[out_name] = value
+
+        self.executor.observer = observe
+        try:
+            self.executor.run(feeds)
+        finally:
+            self.executor.observer = None
+        return GraphFacts(shapes, kinds, constants)
+
+    # -- precision ----------------------------------------------------------------------------
+    def _shape_nodes(self) -> set[str]:
+        if hasattr(self, "_shape_node_names"):
+            return self._shape_node_names
+        names: set[str] = set()
+        stack = []
+        for node in self.model.graph:
+            for index in SHAPE_INPUTS.get(node.op_type, ()):
+                if index < len(node.inputs) and node.inputs[index] is not None:
+                    stack.append(node.inputs[index])
+        seen: set[int] = set()
+        while stack:
+            value = stack.pop()
+            producer = value.producer()
+            if producer is None or id(producer) in seen:
+                continue
+            seen.add(id(producer))
+            names.add(producer.name)
+            if producer.op_type in METADATA_OPS:
+                continue
+            stack.extend(v for v in producer.inputs if v is not None)
+        self._shape_node_names = names
+        return names
+
+    def _assign_precision(self, layer: Layer) -> PlannedLayer:
+        config = self.config
+        facts = self.facts[0]
+        constraint = None
+        for key in layer.nodes + layer.op_types:
+            if key in config.layer_precisions:
+                constraint = config.layer_precisions[key]
+                break
+        if config.strongly_typed:
+            precision = self._native_precision(layer)
+        elif constraint is not None:
+            precision = constraint
+        elif any(n in self._shape_nodes() for n in layer.nodes):
+            precision = "fp32"
+        else:
+            precision = config.default_precision()
+        item = PlannedLayer(layer, precision, constrained=constraint is not None)
+        if precision != "native":
+            for i, name in enumerate(layer.inputs):
+                if facts.dtypes.get(name) == ir.DataType.FLOAT and (layer.kind != "Node" or self._castable_input(layer, i)):
+                    item.cast_inputs.append(i)
+        item.shapes = {n: list(facts.shapes[n]) for n in layer.inputs + layer.outputs if n in facts.shapes}
+        return item
+
+    def _castable_input(self, layer: Layer, runtime_index: int) -> bool:
+        for slot, arg in enumerate(layer.attrs.get("args", [])):
+            if arg is not None and arg.get("input") == runtime_index:
+                return castable(layer.op_types[0], slot)
+        return True  # captured values
+
+    def _native_precision(self, layer: Layer) -> str:
+        if layer.kind == "Node":
+            return "native"
+        facts = self.facts[0]
+        dtype = facts.dtypes.get(layer.outputs[0] if layer.kind == "Pointwise" else layer.inputs[0])
+        return {ir.DataType.FLOAT16: "fp16", ir.DataType.BFLOAT16: "bf16"}.get(dtype, "fp32")
+
+    def _check_constraints_used(self, layers: list[Layer]) -> None:
+        known = {n for layer in layers for n in layer.nodes} | {o for layer in layers for o in layer.op_types}
+        known |= {n.name for n in self.model.graph} | {n.op_type for n in self.model.graph}
+        unknown = sorted(set(self.config.layer_precisions) - known)
+        if unknown:
+            raise KilnError(f"{self.name}: --layer-precision names {unknown}, which are neither node names nor op types of the model")
+
+    # -- tactic selection ---------------------------------------------------------------------
+    def _candidates(self, item: PlannedLayer, precision: str) -> list[tuple[Tactic, dict]]:
+        layer, config, device = item.layer, self.config, self.device.type
+        found = []
+        for t in tactic_registry.tactics_for(layer.kind):
+            if device not in t.devices or precision not in t.precisions:
+                continue
+            if any(t.matches(p) for p in config.deny_tactics) and not (t.reference and t.name not in config.deny_tactics):
+                continue
+            if config.allow_tactics and not t.reference and not any(t.matches(p) for p in config.allow_tactics):
+                continue
+            if not t.supports(layer, precision, device):
+                continue
+            level = 3 if self.level == 0 else self.level
+            if t.level > level:
+                continue
+            for cfg in t.configs(layer, level, precision):
+                found.append((t, cfg))
+        if not found:
+            raise KilnError(
+                f"{self.name}: no tactic is left for layer {layer.name!r} ({layer.kind}, op {'+'.join(layer.op_types)}) "
+                f"at {precision} after the tactic allow/deny lists; allow at least its reference tactic"
+            )
+        found.sort(key=lambda tc: -tc[0].heuristic(layer, precision, device))
+        return found
+
+    def _weights(self, index: int, layer: Layer) -> dict[str, torch.Tensor]:
+        if index not in self.canonical:
+            self.canonical[index] = tactic_registry.canonical(layer, self.constants)
+        return self.canonical[index]
+
+    def _select(self, index: int, item: PlannedLayer, profile: int, precision: str | None = None) -> Choice:
+        precision = precision or item.precision
+        layer = item.layer
+        candidates = self._candidates(item, precision)
+        if layer.kind == "Node":
+            t, cfg = candidates[0]
+            return Choice(t.name, cfg, None)
+        shapes = self.facts[profile].shapes
+        in_shapes = [list(shapes[n]) for n in layer.inputs]
+        weights = self._weights(index, layer)
+        key_fields = {
+            "kind": layer.kind, "attrs": layer.attrs, "inputs": in_shapes, "precision": precision,
+            "weights": {r: list(w.shape) for r, w in sorted(weights.items())},
+            "in_dtypes": [str(self.facts[profile].dtypes.get(n)) for n in layer.inputs],
+        }
+        if self.level == 0:
+            return self._heuristic_choice(index, item, candidates, precision, profile, key_fields)
+        inputs = None
+        reference = None
+        best: Choice | None = None
+        for t, cfg in candidates:
+            key = self.cache.key({**key_fields, "tactic": t.name, "config": cfg})
+            entry = self.cache.get(key)
+            if entry is None:
+                if inputs is None:
+                    inputs = self._layer_inputs(index, layer, profile, precision)
+                    reference = self._reference_output(index, item, inputs, precision)
+                entry = self._time(t, cfg, item, index, inputs, reference, precision)
+                self.cache.put(key, entry)
+                self.report.timed += 1
+            if not entry["ok"]:
+                self.report.rejected += 1
+                item.notes.append(f"{t.name} {cfg or ''} rejected: {entry.get('reason', 'mismatch')}")
+                continue
+            if best is None or entry["ms"] < best.time_ms:
+                best = Choice(t.name, cfg, entry["ms"])
+        if best is None:
+            raise KilnError(f"{self.name}: every tactic for layer {layer.name!r} ({layer.kind}) failed its check at {precision}")
+        return best
+
+    def _heuristic_choice(self, index, item, candidates, precision, profile, key_fields) -> Choice:
+        """Level 0: the heuristic's first pick that passes its correctness check; nothing is timed."""
+        inputs = self._layer_inputs(index, item.layer, profile, precision)
+        reference = self._reference_output(index, item, inputs, precision)
+        for t, cfg in candidates:
+            ok, reason = self._check(t, cfg, item, index, inputs, reference, precision)
+            if ok:
+                return Choice(t.name, cfg, None)
+            self.report.rejected += 1
+            item.notes.append(f"{t.name} rejected: {reason}")
+        raise KilnError(f"{self.name}: every tactic for layer {item.layer.name!r} failed its check at {precision}")
+
+    def _layer_inputs(self, index: int, layer: Layer, profile: int, precision: str) -> list[torch.Tensor]:
+        facts = self.facts[profile]
+        generator = torch.Generator(device="cpu").manual_seed(self.config.seed * 7919 + zlib.crc32(layer.name.encode()))
+        dtype = PRECISION_DTYPES[precision]
+        inputs = []
+        for name in layer.inputs:
+            shape = facts.shapes[name]
+            kind = facts.dtypes.get(name)
+            if kind in FLOAT_TYPES:
+                inputs.append(torch.randn(shape, generator=generator).to(self.device, dtype))
+            else:
+                raise KilnError(f"{self.name}: layer {layer.name!r} has a non-float input {name!r}; this is a kiln bug")
+        return inputs
+
+    def _runner(self, t: Tactic, cfg: dict, item: PlannedLayer, index: int, precision: str):
+        prepared = t.prepare(item.layer, self._weights(index, item.layer), precision, cfg)
+        return t.runner(item.layer, prepared, precision, cfg, self)
+
+    def _reference_output(self, index, item, inputs, precision) -> list[torch.Tensor]:
+        ref = tactic_registry.reference_for(item.layer.kind)
+        with _tf32(precision == "tf32"), torch.inference_mode():
+            return ref_outputs(self._runner(ref, {}, item, index, precision)(list(inputs)))
+
+    def _check(self, t, cfg, item, index, inputs, reference, precision) -> tuple[bool, str]:
+        try:
+            run = self._runner(t, cfg, item, index, precision)
+            with _tf32(precision == "tf32"), torch.inference_mode():
+                got = run(list(inputs))
+        except Exception as error:  # noqa: BLE001 - a tactic that cannot run is not chosen
+            return False, f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        for a, b in zip(got, reference):
+            err = relative_error(a, b)
+            if not err <= TOLERANCES[precision]:
+                return False, f"relative error {err:.3g} over {TOLERANCES[precision]:g}"
+        return True, ""
+
+    def _time(self, t, cfg, item, index, inputs, reference, precision) -> dict:
+        try:
+            run = self._runner(t, cfg, item, index, precision)
+            with _tf32(precision == "tf32"), torch.inference_mode():
+                workspace = _workspace(run, inputs, self.device)
+                got = run(list(inputs))
+        except Exception as error:  # noqa: BLE001 - a tactic that cannot run is not chosen
+            return {"ms": None, "ok": False, "reason": f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"}
+        for a, b in zip(got, reference):
+            err = relative_error(a, b)
+            if not err <= TOLERANCES[precision]:
+                return {"ms": None, "ok": False, "reason": f"relative error {err:.3g} over {TOLERANCES[precision]:g}"}
+        limit = self.config.memory_limit
+        if limit is not None and workspace is not None and workspace > limit:
+            return {"ms": None, "ok": False, "reason": f"needs {workspace} bytes of scratch memory, over the limit of {limit}"}
+        with _tf32(precision == "tf32"), torch.inference_mode():
+            ms = measure(lambda: run(list(inputs)), self.device, self.reps)
+        return {"ms": ms, "ok": True, "workspace": workspace}
+
+    # -- the walk: precision check, fallback, Node timing -------------------------------------
+    def node_step(self, name: str):
+        return self._steps[name]
+
+    def _walk(self, planned: list[PlannedLayer]) -> None:
+        low = [p for p in planned if p.precision in ("fp16", "bf16")]
+        check = bool(low) and self.config.precision_check and not self.config.strongly_typed
+        if not check and self.level == 0:
+            return
+        feeds = self._random_feeds({n: s[1] for n, s in self.profiles[0].shapes.items()})
+        env: dict[str, Any] = {**self.constants, **feeds}
+        last_use: dict[str, int] = {}
+        for index, item in enumerate(planned):
+            for node_name in item.layer.nodes:
+                step = self._steps[node_name]
+                for name in [n for n in step.inputs if n] + list(item.layer.attrs.get("captured", [])):
+                    last_use[name] = index
+        outputs = {v.name for v in self.model.graph.outputs}
+        for index, item in enumerate(planned):
+            self.progress("precision check" if check else "profiling", index, len(planned))
+            layer = item.layer
+            ref_inputs = [env.get(n) for n in layer.inputs]
+            with torch.inference_mode():
+                for node_name in layer.nodes:
+                    step = self._steps[node_name]
+                    args = [env[n] if n is not None else None for n in step.inputs]
+                    step.op._outer = env
+                    try:
+                        result = step.fn(step.op, *args)
+                    finally:
+                        step.op._outer = None
+                    if not isinstance(result, tuple):
+                        result = (result,)
+                    for name, value in zip(step.outputs, result):
+                        if name:
+                            env[name] = value
+            ref_out = [env.get(n) for n in layer.outputs]
+            if check and item.precision in ("fp16", "bf16") and not item.constrained:
+                self._check_precision(index, item, ref_inputs, ref_out)
+            if layer.kind == "Node" and self.level > 0 and item.choices:
+                item.choices[0].time_ms = self._time_node(index, item, ref_inputs)
+            for name, at in list(last_use.items()):
+                if at == index and name not in outputs:
+                    env.pop(name, None)
+                    del last_use[name]
+        self.progress("precision check" if check else "profiling", len(planned), len(planned))
+
+    def _cast_inputs(self, item: PlannedLayer, values: list[Any], precision: str) -> list[Any]:
+        dtype = PRECISION_DTYPES.get(precision)
+        out = list(values)
+        if dtype is None:
+            return out
+        for i in item.cast_inputs:
+            if isinstance(out[i], torch.Tensor) and out[i].dtype != dtype:
+                out[i] = out[i].to(dtype)
+        return out
+
+    def _run_choice(self, index: int, item: PlannedLayer, choice: Choice, precision: str, values: list[Any]):
+        t = tactic_registry.get(choice.tactic)
+        run = self._runner(t, choice.config, item, index, precision)
+        with _tf32(precision == "tf32"), torch.inference_mode():
+            return run(self._cast_inputs(item, values, precision))
+
+    def _check_precision(self, index: int, item: PlannedLayer, ref_inputs: list[Any], ref_out: list[Any]) -> None:
+        chain = self.config.low_precisions
+        if item.precision not in chain:
+            return
+        order = chain[chain.index(item.precision):] + ["tf32" if self.config.tf32 else "fp32"]
+        for position, precision in enumerate(order):
+            if position > 0:
+                item.precision = precision
+                item.choices = [self._select(index, item, p, precision) for p in range(len(self.profiles))]
+            if position == len(order) - 1:
+                return
+            reason = self._precision_problem(index, item, precision, ref_inputs, ref_out)
+            if reason is None:
+                return
+            message = (f"layer {item.layer.name!r} ({'+'.join(item.layer.op_types)}): {reason} in {precision}; "
+                       f"falls back to {order[position + 1]}")
+            item.notes.append(message)
+            self.report.fallbacks.append(message)
+            self.report.log(message)
+
+    def _precision_problem(self, index, item, precision, ref_inputs, ref_out) -> str | None:
+        try:
+            got = self._run_choice(index, item, item.choices[0], precision, ref_inputs)
+        except Exception as error:  # noqa: BLE001 - an op without a kernel at this precision falls back
+            return f"cannot run ({type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''})"
+        for a, b in zip(got, ref_out):
+            if not isinstance(b, torch.Tensor) or not isinstance(a, torch.Tensor):
+                continue
+            if b.is_floating_point():
+                finite = torch.isfinite(b)
+                if bool((finite & ~torch.isfinite(a.float())).any()):
+                    return "output overflows"
+                err = relative_error(a, b)
+                if err > FALLBACK_TOLERANCES[precision]:
+                    return f"output drifts from fp32 by {err:.3g}"
+            elif a.shape != b.shape or not torch.equal(a, b.to(a.dtype)):
+                return "integer output differs from fp32"
+        return None
+
+    def _time_node(self, index: int, item: PlannedLayer, ref_inputs: list[Any]) -> float | None:
+        facts = self.facts[0]
+        key = self.cache.key({
+            "kind": "Node", "op": item.layer.op_types[0], "node": _node_signature(self._steps[item.layer.nodes[0]].op.node),
+            "inputs": [list(facts.shapes.get(n, ())) for n in item.layer.inputs],
+            "in_dtypes": [str(facts.dtypes.get(n)) for n in item.layer.inputs], "precision": item.precision,
+            "tactic": "node.reference", "config": {},
+        })
+        entry = self.cache.get(key)
+        if entry is None:
+            try:
+                t = tactic_registry.get("node.reference")
+                run = self._runner(t, {}, item, index, item.precision)
+                values = self._cast_inputs(item, ref_inputs, item.precision)
+                with torch.inference_mode():
+                    ms = measure(lambda: run(values), self.device, 3)
+                entry = {"ms": ms, "ok": True}
+            except Exception as error:  # noqa: BLE001 - timing is informative only
+                entry = {"ms": None, "ok": False, "reason": type(error).__name__}
+            self.cache.put(key, entry)
+        return entry["ms"]
+
+    # -- the engine ---------------------------------------------------------------------------
+    def _prepare_all(self, planned: list[PlannedLayer]):
+        tensors: dict[str, torch.Tensor] = {}
+        records = []
+        for index, item in enumerate(planned):
+            self.progress("weights", index, len(planned))
+            record = []
+            for choice in item.choices:
+                t = tactic_registry.get(choice.tactic)
+                prep = f"{index}.{t.prep_id(choice.config)}"
+                if not any(k.startswith(prep + ".") for k in tensors):
+                    prepared = t.prepare(item.layer, self._weights(index, item.layer), item.precision, choice.config)
+                    for role, tensor in prepared.items():
+                        tensors[f"{prep}.{role}"] = tensor.detach()
+                record.append(prep)
+            records.append(record)
+            self.canonical.pop(index, None)
+        self.progress("weights", len(planned), len(planned))
+        return tensors, records
+
+    def _plan_json(self, planned: list[PlannedLayer], records) -> dict:
+        graph = self.model.graph
+        declared = []
+        for value in self.executor.inputs:
+            declared.append({"name": value.name, "dtype": dtypes.onnx_name(value.dtype),
+                             "shape": [d if isinstance(d, int) else None for d in value.shape] if value.shape is not None else None})
+        outputs = [{"name": v.name, "dtype": dtypes.onnx_name(self.facts[0].dtypes[v.name]) if v.name in self.facts[0].dtypes
+                    else dtypes.onnx_name(v.dtype)} for v in graph.outputs]
+        layers = []
+        for item, prep in zip(planned, records):
+            layer = item.layer
+            layers.append({
+                "name": layer.name, "kind": layer.kind, "nodes": layer.nodes, "op_types": layer.op_types,
+                "inputs": layer.inputs, "outputs": layer.outputs, "attrs": layer.attrs, "weights": layer.weights,
+                "precision": item.precision, "cast_inputs": item.cast_inputs, "shapes": item.shapes,
+                "choices": [{"tactic": c.tactic, "config": c.config, "time_ms": c.time_ms, "weights": p}
+                            for c, p in zip(item.choices, prep)],
+                "notes": item.notes,
+            })
+        return {
+            "name": os.path.basename(self.name),
+            "inputs": declared,
+            "outputs": outputs,
+            "opsets": {d or "": v for d, v in sorted(self.model.opset_imports.items())},
+            "profiles": [p.to_json() for p in self.profiles],
+            "config": self.config.to_json(),
+            "layers": layers,
+        }
+
+
+# -- helpers shared with the engine and the tests ---------------------------------------------
+
+def ref_outputs(values: list[Any]) -> list[Any]:
+    return [v.clone() if isinstance(v, torch.Tensor) else v for v in values]
+
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|got - ref| / max|ref| over finite reference values; NaN/inf must sit where the reference has them."""
+    if got.shape != ref.shape:
+        return float("inf")
+    a, b = got.detach().double(), ref.detach().double()
+    if a.numel() == 0:
+        return 0.0
+    if bool((torch.isnan(a) != torch.isnan(b)).any()):
+        return float("inf")
+    both = torch.isfinite(a) & torch.isfinite(b)
+    if bool((~both & ~torch.isnan(b) & (a != b)).any()):
+        return float("inf")
+    diff = (a - b).abs()[both]
+    scale = b.abs()[torch.isfinite(b)]
+    max_abs = float(diff.max()) if diff.numel() else 0.0
+    max_ref = float(scale.max()) if scale.numel() else 0.0
+    if max_ref == 0:
+        return 0.0 if max_abs == 0 else float("inf")
+    return max_abs / max_ref
+
+
+def measure(fn: Callable[[], Any], device: torch.device, reps: int = 5) -> float:
+    """Median milliseconds per call: warm-up, then ``reps`` batches of back-to-back calls, timed with
+    CUDA events on a side stream (never the default stream), or with perf_counter on CPU."""
+    if device.type == "cuda":
+        stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            estimate = max(start.elapsed_time(end), 1e-3)
+            iters = max(1, min(100, int(0.5 / estimate)))
+            times = []
+            for _ in range(reps):
+                start.record()
+                for _ in range(iters):
+                    fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / iters)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        return statistics.median(times)
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    estimate = max((time.perf_counter() - t0) * 1e3, 1e-3)
+    iters = max(1, min(50, int(0.5 / estimate)))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        times.append((time.perf_counter() - t0) * 1e3 / iters)
+    return statistics.median(times)
+
+
+def _workspace(run, inputs, device: torch.device) -> int | None:
+    """Bytes a tactic allocates beyond its outputs (its scratch memory), on CUDA."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = run(list(inputs))
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    produced = sum(o.numel() * o.element_size() for o in out if isinstance(o, torch.Tensor))
+    return max(0, peak - base - produced)
+
+
+class _tf32:
+    """TF32 on for the duration (cuBLAS and cuDNN), off otherwise: fp32 layers stay IEEE fp32."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __enter__(self):
+        self.saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = self.enabled
+        torch.backends.cudnn.allow_tf32 = self.enabled
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+
+
+def _node_signature(node: ir.Node) -> str:
+    attrs = []
+    for name, attr in sorted(node.attributes.items()):
+        if attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS, ir.AttributeType.TENSOR, ir.AttributeType.TENSORS):
+            attrs.append(f"{name}=<{attr.type.name}>")
+        else:
+            attrs.append(f"{name}={attr.value!r}")
+    return f"{node.domain}::{node.op_type}({','.join(attrs)})"
+
+
+def _name_nodes(graph: ir.Graph) -> None:
+    """Give every node a unique name (layers, constraints and the engine refer to nodes by name)."""
+    seen: set[str] = set()
+    for index, node in enumerate(graph):
+        name = node.name
+        if not name or name in seen:
+            base = name or f"{node.op_type}_{index}"
+            name, k = base, 1
+            while name in seen:
+                name, k = f"{base}_{k}", k + 1
+            node.name = name
+        seen.add(name)
+
+
+def _stripped_graph(model: ir.Model) -> bytes:
+    """The model without its weights (they live in the engine's tensors), as ONNX bytes: the engine
+    rebuilds its Node layers' ops (attributes, subgraphs) from it. Initializers become typed graph
+    inputs so every name still resolves."""
+    import onnx
+
+    proto = ir.serde.serialize_model(model)
+    graph = proto.graph
+    kept_inputs = {i.name for i in graph.input}
+    for init in list(graph.initializer):
+        if init.name not in kept_inputs:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    del graph.initializer[:]
+    del graph.sparse_initializer[:]
+    return proto.SerializeToString(deterministic=True)

@@ -1,0 +1,131 @@
+"""What a build may do: precisions, optimization level, profiles, constraints, tactic lists.
+
+``BuildConfig`` is TensorRT's ``IBuilderConfig`` in one dataclass. It is checked once, up front
+(``validate``), so a typo in a layer name or a tactic pattern fails before minutes of timing.
+
+Precision flags say what layers *may* use; the builder picks per layer. fp32 is always allowed.
+With ``fp16`` and ``bf16`` both set, layers run fp16 and fall back to bf16 (same range as fp32)
+before fp32 when fp16 overflows. ``strongly_typed`` lets the model's own tensor types decide
+(an fp16 ONNX model runs in fp16) and forbids the flags, as TensorRT's strongly typed networks do.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from kiln.errors import KilnError
+
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+OPT_LEVELS = range(0, 6)
+DEFAULT_OPT_LEVEL = 3
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Shapes one optimization profile covers: per input name, (min, opt, max) shapes.
+
+    Tactics are timed at ``opt``; the engine accepts any shape between ``min`` and ``max``.
+    Inputs with fully static shapes need no entry.
+    """
+
+    shapes: Mapping[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+
+    @staticmethod
+    def from_lists(
+        min_shapes: Mapping[str, Sequence[int]] | None = None,
+        opt_shapes: Mapping[str, Sequence[int]] | None = None,
+        max_shapes: Mapping[str, Sequence[int]] | None = None,
+    ) -> Profile:
+        """trtexec's rule: a missing min or max shape is the opt shape; a missing opt is the max."""
+        min_shapes, opt_shapes, max_shapes = min_shapes or {}, opt_shapes or {}, max_shapes or {}
+        shapes = {}
+        for name in sorted(set(min_shapes) | set(opt_shapes) | set(max_shapes)):
+            opt = opt_shapes.get(name) or max_shapes.get(name) or min_shapes.get(name)
+            lo = tuple(min_shapes.get(name, opt))
+            hi = tuple(max_shapes.get(name, opt))
+            shapes[name] = (lo, tuple(opt), hi)
+        return Profile(shapes)
+
+    def validate(self, index: int) -> None:
+        for name, (lo, opt, hi) in self.shapes.items():
+            if not (len(lo) == len(opt) == len(hi)):
+                raise KilnError(f"profile {index}: input {name!r} has min/opt/max shapes of different ranks: {lo}, {opt}, {hi}")
+            if any(d < 0 for d in lo) or not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
+                raise KilnError(f"profile {index}: input {name!r} needs min <= opt <= max on every axis, got {lo}, {opt}, {hi}")
+
+    def to_json(self) -> dict:
+        return {name: [list(lo), list(opt), list(hi)] for name, (lo, opt, hi) in sorted(self.shapes.items())}
+
+    @staticmethod
+    def from_json(data: Mapping) -> Profile:
+        return Profile({name: tuple(tuple(int(d) for d in s) for s in shapes) for name, shapes in data.items()})
+
+
+@dataclass
+class BuildConfig:
+    """Everything a build is allowed to do. See the module docstring."""
+
+    fp16: bool = False
+    bf16: bool = False
+    tf32: bool = False
+    strongly_typed: bool = False
+    opt_level: int = DEFAULT_OPT_LEVEL
+    timing_cache: str | os.PathLike[str] | None = None
+    profiles: list[Profile] = field(default_factory=list)
+    # node name or op type -> precision ("fp32", "tf32", "fp16", "bf16")
+    layer_precisions: dict[str, str] = field(default_factory=dict)
+    # tactic patterns: a tactic's full name ("gemm.triton"), its kind ("gemm") or its source ("triton")
+    allow_tactics: list[str] = field(default_factory=list)
+    deny_tactics: list[str] = field(default_factory=list)
+    # most scratch memory (bytes) one tactic may use beyond its inputs and outputs; None = no limit
+    memory_limit: int | None = None
+    device: str = "cuda"
+    # fp16/bf16 builds: check each layer against fp32 and fall back where it overflows or drifts
+    precision_check: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.opt_level not in OPT_LEVELS:
+            raise KilnError(f"optimization level must be 0-5, got {self.opt_level}")
+        if self.strongly_typed and (self.fp16 or self.bf16 or self.tf32):
+            raise KilnError("a strongly typed build takes precisions from the model; drop --fp16/--bf16/--tf32 or --strongly-typed")
+        for key, precision in self.layer_precisions.items():
+            if precision not in PRECISIONS:
+                raise KilnError(f"layer precision for {key!r} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+            if precision != "fp32" and not self.strongly_typed and not getattr(self, precision):
+                raise KilnError(f"layer precision {key}:{precision} needs the --{precision} flag as well")
+        if self.memory_limit is not None and self.memory_limit < 0:
+            raise KilnError(f"memory limit must be >= 0 bytes, got {self.memory_limit}")
+        if self.device not in ("cpu", "cuda"):
+            raise KilnError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        for index, profile in enumerate(self.profiles):
+            profile.validate(index)
+
+    @property
+    def low_precisions(self) -> list[str]:
+        """Reduced precisions in the order layers try them (fp16 first: more mantissa)."""
+        return [p for p in ("fp16", "bf16") if getattr(self, p)]
+
+    def default_precision(self) -> str:
+        """What a layer runs at when nothing constrains it."""
+        if self.low_precisions:
+            return self.low_precisions[0]
+        return "tf32" if self.tf32 else "fp32"
+
+    def to_json(self) -> dict:
+        """The parts of the config that shape the engine (stored in it; no paths, no device)."""
+        return {
+            "fp16": self.fp16,
+            "bf16": self.bf16,
+            "tf32": self.tf32,
+            "strongly_typed": self.strongly_typed,
+            "opt_level": self.opt_level,
+            "profiles": [p.to_json() for p in self.profiles],
+            "layer_precisions": dict(sorted(self.layer_precisions.items())),
+            "allow_tactics": list(self.allow_tactics),
+            "deny_tactics": list(self.deny_tactics),
+            "memory_limit": self.memory_limit,
+            "precision_check": self.precision_check,
+        }

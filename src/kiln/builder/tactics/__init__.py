@@ -1,0 +1,115 @@
+"""Tactics: the implementations the builder chooses between, one class per implementation.
+
+A tactic declares the layer kind it implements, where it runs (CPU, CUDA), the precisions it
+supports, the lowest optimization level at which it is tried, and a ``supports(layer, ...)`` check.
+``prepare`` turns the layer's weights into the form the kernel wants, once, at build time
+(transposed, channels_last, cast, bias folded); ``runner`` returns the callable the engine calls
+with the layer's runtime inputs. ``configs`` lists the variants worth timing at a level (Triton
+block sizes, layouts).
+
+Each kind has one *reference* tactic: plain torch in fp32 with TF32 off. Every other candidate is
+checked against it on the same random inputs before it may win.
+
+Register with ``@tactic``; the registry is filled by importing the kind modules below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from kiln.builder.layers import Layer
+
+PRECISION_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+Runner = Callable[[list[Any]], list[Any]]
+
+
+class Tactic:
+    """One implementation of one layer kind. See the module docstring."""
+
+    name = ""
+    kind = ""
+    source = "torch"
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    precisions: frozenset[str] = frozenset(PRECISION_DTYPES)
+    level = 0
+    reference = False
+
+    def configs(self, layer: Layer, level: int, precision: str) -> list[dict[str, Any]]:
+        """The variants to time at this optimization level (an empty list: none at this level)."""
+        return [{}]
+
+    def supports(self, layer: Layer, precision: str, device: str) -> bool:
+        return True
+
+    def heuristic(self, layer: Layer, precision: str, device: str) -> int:
+        """Rank used at optimization level 0 and to order short lists: higher is tried first."""
+        return 0
+
+    def prepare(self, layer: Layer, weights: Mapping[str, torch.Tensor], precision: str, config: Mapping) -> dict[str, torch.Tensor]:
+        return {}
+
+    def prep_id(self, config: Mapping) -> str:
+        """Tactics (and configs) whose prepared weights are identical share one id, and one copy."""
+        return self.name
+
+    def runner(self, layer: Layer, prepared: Mapping[str, torch.Tensor], precision: str, config: Mapping,
+               context: Any) -> Runner:
+        raise NotImplementedError
+
+    def matches(self, pattern: str) -> bool:
+        """A tactic pattern names it fully (``gemm.triton``), by kind (``gemm``) or by source (``triton``)."""
+        return pattern in (self.name, self.name.split(".")[0], self.source)
+
+
+_REGISTRY: dict[str, Tactic] = {}
+_CANONICAL: dict[str, Callable[[Layer, Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]] = {}
+
+
+def tactic(cls: type[Tactic]) -> type[Tactic]:
+    instance = cls()
+    if instance.name in _REGISTRY:
+        raise ValueError(f"tactic {instance.name} registered twice")
+    _REGISTRY[instance.name] = instance
+    return cls
+
+
+def canonical_weights(kind: str):
+    """Register how a kind turns raw ONNX constants into the canonical fp32 weights its tactics prepare from."""
+
+    def decorate(fn):
+        _CANONICAL[kind] = fn
+        return fn
+
+    return decorate
+
+
+def canonical(layer: Layer, constants: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    fn = _CANONICAL.get(layer.kind)
+    return fn(layer, constants) if fn else {role: constants[name] for role, name in layer.weights.items()}
+
+
+def tactics_for(kind: str) -> list[Tactic]:
+    _load()
+    return [t for t in _REGISTRY.values() if t.kind == kind]
+
+
+def get(name: str) -> Tactic | None:
+    _load()
+    return _REGISTRY.get(name)
+
+
+def all_tactics() -> list[Tactic]:
+    _load()
+    return list(_REGISTRY.values())
+
+
+def reference_for(kind: str) -> Tactic:
+    return next(t for t in tactics_for(kind) if t.reference)
+
+
+def _load() -> None:
+    from kiln.builder.tactics import conv, gemm, node, norm, pointwise  # noqa: F401  (registers)

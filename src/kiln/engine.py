@@ -1,0 +1,432 @@
+"""The engine: a built plan and its prepared weights, runnable, and saved as ONE file.
+
+The file is safetensors: every prepared weight is a tensor, and the plan (layers, chosen tactics,
+precisions, profiles) is JSON in the safetensors metadata, with the kiln, torch and triton versions,
+the GPU name and compute capability, and a SHA-256 over the plan and every tensor byte. Loading
+refuses an engine from another kiln version or GPU architecture and a truncated or tampered file,
+each with one clear message. Nothing is ever unpickled: the plan names registered tactics, and the
+weights-stripped ONNX graph (for layers that run kiln's reference ops) is parsed by onnx.
+
+Example::
+
+    engine = kiln.build("resnet50.onnx", BuildConfig(fp16=True))
+    engine.save("resnet50.kiln")
+    engine = kiln.load_engine("resnet50.kiln")
+    outputs = engine.run({"input": images})
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from kiln import dtypes
+from kiln.atomic_file import write_atomically
+from kiln.errors import InputError, KilnError, OpError
+
+FORMAT = "kiln-engine"
+VERSION = 1
+_GRAPH_TENSOR = "__graph__"
+MAX_ENGINE_BYTES = 64 * 1024**3
+
+
+class EngineLoadError(KilnError):
+    """An engine file cannot be used here (corrupt, tampered, or built for something else)."""
+
+
+@dataclass
+class _Step:
+    name: str
+    run: Any
+    in_slots: list[int]
+    out_slots: list[int | None]
+    cast: list[int]
+    cast_dtype: torch.dtype | None
+    tf32: bool
+    free: list[int]
+
+
+class Engine:
+    """A built model. ``run`` takes inputs by name (numpy arrays or tensors) and returns outputs by
+    name as tensors on the engine's device. One engine serves one thread at a time."""
+
+    def __init__(self, plan: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], graph: bytes, device: str = "cuda") -> None:
+        self.plan = dict(plan)
+        self.tensors = {name: t.to(device) for name, t in tensors.items()}
+        self.graph = graph
+        self.device = torch.device(device)
+        self.report = None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise EngineLoadError("this engine runs on CUDA, but torch sees no CUDA GPU here")
+        self.name = self.plan["name"]
+        self.inputs = self.plan["inputs"]
+        self.outputs = self.plan["outputs"]
+        from kiln.builder.config import Profile
+
+        self.profiles = [Profile.from_json(p) for p in self.plan["profiles"]]
+        self._build_runtime()
+
+    # -- runtime -----------------------------------------------------------------------------
+    def _build_runtime(self) -> None:
+        import onnx
+        import onnx_ir as ir
+
+        from kiln.builder import tactics as registry
+        from kiln.builder.layers import Layer
+        from kiln.builder.tactics import PRECISION_DTYPES
+        from kiln.executor import Executor
+
+        try:
+            proto = onnx.load_from_string(self.graph)
+            model = ir.serde.deserialize_model(proto)
+        except Exception as error:  # noqa: BLE001 - any parse failure means a broken engine
+            raise EngineLoadError(f"{self.name}: the engine's graph does not parse ({type(error).__name__})") from error
+        self._executor = Executor(model, self.device, self.name)
+        self._node_steps = self._executor.node_steps()
+
+        slots: dict[str, int] = {}
+
+        def slot(name: str) -> int:
+            if name not in slots:
+                slots[name] = len(slots)
+            return slots[name]
+
+        self._input_slots = [slot(spec["name"]) for spec in self.inputs]
+        layers = self.plan["layers"]
+        last_use: dict[str, int] = {}
+        for index, layer in enumerate(layers):
+            for name in layer["inputs"]:
+                last_use[name] = index
+        graph_outputs = {o["name"] for o in self.outputs}
+        self._steps: list[list[_Step]] = [[] for _ in self.profiles]
+        for index, record in enumerate(layers):
+            layer = Layer(name=record["name"], kind=record["kind"], nodes=list(record["nodes"]), inputs=list(record["inputs"]),
+                          outputs=list(record["outputs"]), attrs=record["attrs"], weights=dict(record["weights"]),
+                          op_types=list(record["op_types"]))
+            in_slots = []
+            for name in layer.inputs:
+                if name not in slots:
+                    raise EngineLoadError(f"{self.name}: layer {layer.name!r} reads {name!r} before anything writes it")
+                in_slots.append(slots[name])
+            out_slots = [slot(name) if name else None for name in layer.outputs]
+            free = [slots[n] for n, at in last_use.items() if at == index and n not in graph_outputs]
+            precision = record["precision"]
+            runners: dict[str, Any] = {}
+            for profile, choice in enumerate(record["choices"]):
+                key = json.dumps([choice["tactic"], choice["config"]], sort_keys=True)
+                if key not in runners:
+                    t = registry.get(choice["tactic"])
+                    if t is None or t.kind != layer.kind:
+                        raise EngineLoadError(f"{self.name}: layer {layer.name!r} names unknown tactic {choice['tactic']!r}")
+                    prefix = choice["weights"] + "."
+                    prepared = {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+                    runners[key] = t.runner(layer, prepared, precision, choice["config"], self)
+                self._steps[profile].append(_Step(
+                    layer.name, runners[key], in_slots, out_slots, list(record["cast_inputs"]),
+                    PRECISION_DTYPES.get(precision), precision == "tf32", free,
+                ))
+        missing = [o["name"] for o in self.outputs if o["name"] not in slots]
+        if missing:
+            raise EngineLoadError(f"{self.name}: nothing in the plan produces output(s) {missing}")
+        self._output_slots = [slots[o["name"]] for o in self.outputs]
+        self._output_dtypes = [dtypes.to_torch_dtype(getattr(ir.DataType, o["dtype"].upper())) for o in self.outputs]
+        self._slot_count = len(slots)
+
+    def node_step(self, name: str):
+        """The reference op bound to a node (Node layers run it)."""
+        return self._node_steps[name]
+
+    def profile_for(self, shapes: Mapping[str, tuple[int, ...]]) -> int:
+        """The first profile whose min..max range holds every input shape."""
+        for index, profile in enumerate(self.profiles):
+            if all(_within(profile.shapes[name], shape) for name, shape in shapes.items() if name in profile.shapes):
+                return index
+        ranges = "; ".join(
+            f"profile {i}: " + ", ".join(f"{n} {list(lo)}..{list(hi)}" for n, (lo, _, hi) in p.shapes.items())
+            for i, p in enumerate(self.profiles)
+        )
+        given = ", ".join(f"{n} {list(s)}" for n, s in shapes.items())
+        raise InputError(f"{self.name}: input shapes {given} fit no optimization profile ({ranges}); rebuild with a profile that covers them")
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Run the engine on ``feeds`` (name -> numpy array or torch tensor)."""
+        values = self._check_feeds(feeds)
+        profile = self.profile_for({spec["name"]: tuple(v.shape) for spec, v in zip(self.inputs, values)})
+        env: list[Any] = [None] * self._slot_count
+        for slot, value in zip(self._input_slots, values):
+            env[slot] = value
+        steps = self._steps[profile]
+        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        step = None
+        try:
+            with torch.inference_mode():
+                for step in steps:
+                    ins = [env[s] for s in step.in_slots]
+                    dtype = step.cast_dtype
+                    for i in step.cast:
+                        if ins[i].dtype != dtype:
+                            ins[i] = ins[i].to(dtype)
+                    if step.tf32:
+                        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+                        outs = step.run(ins)
+                        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+                    else:
+                        outs = step.run(ins)
+                    for s, value in zip(step.out_slots, outs):
+                        if s is not None:
+                            env[s] = value
+                    for s in step.free:
+                        env[s] = None
+                results = {}
+                for spec, slot, dtype in zip(self.outputs, self._output_slots, self._output_dtypes):
+                    value = env[slot]
+                    if isinstance(value, torch.Tensor):
+                        value = value.to(dtype).contiguous()
+                    results[spec["name"]] = value
+        except KilnError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any layer failure is reported with its layer
+            where = f"layer {step.name!r}" if step is not None else "the engine"
+            raise OpError(f"{self.name}: {where} failed: {type(error).__name__}: {error}") from error
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        return results
+
+    def _check_feeds(self, feeds: Mapping[str, Any]) -> list[torch.Tensor]:
+        names = [spec["name"] for spec in self.inputs]
+        unknown = sorted(set(feeds) - set(names))
+        if unknown:
+            raise InputError(f"{self.name}: unknown input(s) {unknown}; the engine's inputs are {names}")
+        missing = [n for n in names if n not in feeds]
+        if missing:
+            raise InputError(f"{self.name}: missing input(s) {missing}")
+        values = []
+        for spec in self.inputs:
+            given = feeds[spec["name"]]
+            if isinstance(given, torch.Tensor):
+                value = given.to(self.device)
+            else:
+                try:
+                    value = dtypes.tensor_from_numpy(np.asarray(given), self.device)
+                except KeyError as error:
+                    raise InputError(f"{self.name}: input {spec['name']!r} has dtype {np.asarray(given).dtype}, which kiln cannot hold") from error
+                if not isinstance(value, torch.Tensor):
+                    raise InputError(f"{self.name}: input {spec['name']!r} is a string tensor; engines take numeric inputs")
+            got = dtypes.onnx_name(dtypes.ONNX_DTYPES[value.dtype]) if value.dtype in dtypes.ONNX_DTYPES else str(value.dtype)
+            if got != spec["dtype"]:
+                raise InputError(f"{self.name}: input {spec['name']!r} has dtype {got}, the engine expects {spec['dtype']}")
+            shape = spec["shape"]
+            if shape is not None:
+                if len(shape) != value.dim():
+                    raise InputError(f"{self.name}: input {spec['name']!r} has rank {value.dim()} (shape {list(value.shape)}), "
+                                     f"the engine expects rank {len(shape)}")
+                for axis, (dim, size) in enumerate(zip(shape, value.shape)):
+                    if dim is not None and dim != size:
+                        raise InputError(f"{self.name}: input {spec['name']!r} has shape {list(value.shape)}, "
+                                         f"the engine expects {shape} (axis {axis} must be {dim})")
+            values.append(value)
+        return values
+
+    # -- description --------------------------------------------------------------------------
+    def describe(self) -> list[dict[str, Any]]:
+        """One row per layer (for ``kiln inspect``): nodes, tactic, precision, layout, shapes, share of timed cost."""
+        layers = self.plan["layers"]
+        total = sum(layer["choices"][0]["time_ms"] or 0.0 for layer in layers)
+        rows = []
+        for index, layer in enumerate(layers):
+            choice = layer["choices"][0]
+            ms = choice["time_ms"]
+            rows.append({
+                "index": index, "name": layer["name"], "kind": layer["kind"], "nodes": layer["nodes"],
+                "op_types": layer["op_types"], "tactic": choice["tactic"], "config": choice["config"],
+                "tactics_per_profile": [c["tactic"] for c in layer["choices"]],
+                "precision": layer["precision"], "layout": _layout(choice),
+                "inputs": {n: layer["shapes"].get(n) for n in layer["inputs"]},
+                "outputs": {n: layer["shapes"].get(n) for n in layer["outputs"] if n},
+                "time_ms": ms, "share": (ms / total) if ms is not None and total > 0 else None,
+                "notes": layer.get("notes", []),
+            })
+        return rows
+
+    def summary(self) -> dict[str, Any]:
+        layers = self.plan["layers"]
+        tactics: dict[str, int] = {}
+        for layer in layers:
+            tactics[layer["choices"][0]["tactic"]] = tactics.get(layer["choices"][0]["tactic"], 0) + 1
+        precisions: dict[str, int] = {}
+        for layer in layers:
+            precisions[layer["precision"]] = precisions.get(layer["precision"], 0) + 1
+        return {
+            "layers": len(layers), "fused_layers": sum(1 for layer in layers if len(layer["nodes"]) > 1),
+            "nodes": sum(len(layer["nodes"]) for layer in layers), "tactics": dict(sorted(tactics.items())),
+            "precisions": dict(sorted(precisions.items())), "profiles": len(self.profiles),
+            "weights_bytes": sum(t.numel() * t.element_size() for t in self.tensors.values()),
+        }
+
+    # -- files --------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the engine as one safetensors file, atomically."""
+        from safetensors.torch import save
+
+        stored, layouts, aliases = {}, {}, {}
+        seen: dict[tuple, str] = {}
+        storages: set[int] = set()
+        for name, tensor in sorted(self.tensors.items()):
+            identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                        tuple(tensor.stride()), tensor.dtype, tensor.device)
+            if identity in seen:  # one weight prepared identically for two layers: stored once
+                aliases[name] = seen[identity]
+                continue
+            seen[identity] = name
+            flat, perm = _storable(tensor)
+            if flat.untyped_storage().data_ptr() in storages or flat.numel() != flat.untyped_storage().nbytes() // max(flat.element_size(), 1):
+                flat = flat.clone()
+            storages.add(flat.untyped_storage().data_ptr())
+            stored[name] = flat
+            if perm is not None:
+                layouts[name] = perm
+        stored[_GRAPH_TENSOR] = torch.frombuffer(bytearray(self.graph), dtype=torch.uint8) if self.graph else torch.zeros(0, dtype=torch.uint8)
+        header = {"format": FORMAT, "version": VERSION, **environment(self.device), "plan": self.plan, "layouts": layouts,
+                  "aliases": aliases}
+        header["sha256"] = _digest(header, stored)
+        data = save(stored, metadata={"kiln": json.dumps(header, sort_keys=True, separators=(",", ":"))})
+        write_atomically(path, lambda handle: handle.write(data))
+
+
+def load_engine(path: str | os.PathLike[str], device: str | None = None) -> Engine:
+    """Read an engine file, refusing (with ``EngineLoadError``) anything it cannot trust or run here."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError as error:
+        raise EngineLoadError(f"{path}: cannot read the engine ({error.strerror or error})") from error
+    if size > MAX_ENGINE_BYTES:
+        raise EngineLoadError(f"{path}: {size} bytes is larger than any engine kiln writes")
+    with open(path, "rb") as handle:
+        data = handle.read()
+    try:
+        stored = load(data)
+        header_text = _metadata(data).get("kiln")
+    except (SafetensorError, ValueError, RuntimeError, KeyError, OverflowError) as error:
+        raise EngineLoadError(f"{path}: not a kiln engine, or truncated ({str(error).splitlines()[0][:200]})") from error
+    if header_text is None:
+        raise EngineLoadError(f"{path}: a safetensors file without kiln's plan; not a kiln engine")
+    try:
+        header = json.loads(header_text)
+    except (ValueError, RecursionError) as error:
+        raise EngineLoadError(f"{path}: the engine's plan is not valid JSON; the file is corrupt") from error
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise EngineLoadError(f"{path}: not a kiln engine")
+    if header.get("version") != VERSION:
+        raise EngineLoadError(f"{path}: engine format version {header.get('version')!r}; this kiln reads version {VERSION}. Rebuild it")
+    if header.get("sha256") != _digest({k: v for k, v in header.items() if k != "sha256"}, stored):
+        raise EngineLoadError(f"{path}: checksum mismatch: the engine file was modified or damaged after it was written; rebuild it")
+    here = environment(torch.device(device or header.get("device", "cpu")))
+    if header.get("kiln") != here["kiln"]:
+        raise EngineLoadError(f"{path}: built by kiln {header.get('kiln')}, this is kiln {here['kiln']}; rebuild the engine with this version")
+    built_on = header.get("device")
+    if device is not None and device != built_on:
+        raise EngineLoadError(f"{path}: the engine was built for {built_on}, not {device}; rebuild it with --device {device}")
+    if built_on == "cuda":
+        if not torch.cuda.is_available():
+            raise EngineLoadError(f"{path}: the engine was built for CUDA ({header.get('gpu')}), and torch sees no CUDA GPU here")
+        if header.get("capability") != here.get("capability"):
+            raise EngineLoadError(
+                f"{path}: built for {header.get('gpu')} (compute capability {header.get('capability')}); this GPU is "
+                f"{here.get('gpu')} ({here.get('capability')}). Rebuild the engine on this GPU"
+            )
+    graph = stored.pop(_GRAPH_TENSOR, torch.zeros(0, dtype=torch.uint8)).numpy().tobytes()
+    layouts = header.get("layouts", {})
+    tensors = {name: _restore(t, layouts.get(name)) for name, t in stored.items()}
+    aliases = header.get("aliases", {})
+    if not isinstance(aliases, dict) or any(not isinstance(v, str) or v not in tensors for v in aliases.values()):
+        raise EngineLoadError(f"{path}: the engine's tensor aliases are inconsistent; the file is corrupt")
+    tensors.update({name: tensors[target] for name, target in aliases.items()})
+    try:
+        return Engine(header["plan"], tensors, graph, device=built_on)
+    except KilnError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a plan that does not fit together is a corrupt engine
+        raise EngineLoadError(f"{path}: the engine's plan is inconsistent ({type(error).__name__}: {error}); rebuild it") from error
+
+
+def _within(ranges, shape) -> bool:
+    lo, _, hi = ranges
+    return len(shape) == len(lo) and all(a <= s <= b for a, s, b in zip(lo, shape, hi))
+
+
+def _layout(choice: Mapping) -> str:
+    tactic = choice["tactic"]
+    if tactic == "conv.nhwc" or choice["config"].get("layout") == "nhwc":
+        return "NHWC"
+    if tactic.startswith("conv."):
+        return "NCHW"
+    return "-"
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    """What engines and timings depend on: kiln and torch versions, and on CUDA the GPU, its compute
+    capability and the triton version."""
+    from kiln import __version__
+
+    env = {"kiln": __version__, "torch": torch.__version__, "device": device.type}
+    if device.type == "cuda" and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(device)
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["capability"] = f"{major}.{minor}"
+        try:
+            import triton
+
+            env["triton"] = triton.__version__
+        except ImportError:
+            env["triton"] = "none"
+    return env
+
+
+def _storable(tensor: torch.Tensor) -> tuple[torch.Tensor, list[int] | None]:
+    """A contiguous CPU tensor to store, and the permutation that restores the original strides
+    (channels_last weights are stored as their NHWC bytes, not converted)."""
+    tensor = tensor.detach()
+    if tensor.is_contiguous():
+        return tensor.cpu(), None
+    perm = sorted(range(tensor.dim()), key=lambda d: (-tensor.stride(d), d))
+    return tensor.permute(perm).contiguous().cpu(), perm
+
+
+def _restore(tensor: torch.Tensor, perm: list[int] | None) -> torch.Tensor:
+    if perm is None:
+        return tensor
+    if sorted(perm) != list(range(tensor.dim())):
+        raise EngineLoadError("a stored tensor's layout permutation does not fit its rank; the file is corrupt")
+    inverse = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inverse[p] = i
+    return tensor.permute(inverse)
+
+
+def _digest(header: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """The safetensors ``__metadata__`` block (safetensors' own loader has already validated the header)."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    meta = header.get("__metadata__") or {}
+    return meta if isinstance(meta, dict) else {}
