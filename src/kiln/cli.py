@@ -18,36 +18,55 @@ EXIT_MISMATCH = 1
 EXIT_BAD_INPUT = 2
 
 
+def _is_engine(path: Path) -> bool:
+    return path.suffix == ".kiln"
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
     from kiln import compare, inputs
     from kiln.dtypes import tensor_to_numpy
-    from kiln.executor import Executor
-    from kiln.onnx_io import load_model
 
     console = Console()
-    model = load_model(args.model, max_bytes=args.max_model_bytes) if args.max_model_bytes else load_model(args.model)
-    executor = Executor(model, device=args.device, name=str(args.model))
     shapes = inputs.parse_shapes(args.shapes)
+    onnx_path = args.model
+    if _is_engine(args.model):
+        from kiln.engine import load_engine
+
+        engine = load_engine(args.model)
+        device = engine.device.type
+        specs = _engine_input_values(engine)
+        run = engine.run
+        onnx_path = args.onnx
+        tolerance = _engine_tolerance(engine)
+        if args.compare and onnx_path is None:
+            raise KilnError(f"{args.model}: an engine does not carry its ONNX weights; give --onnx MODEL.onnx to compare it")
+    else:
+        from kiln.executor import Executor
+        from kiln.onnx_io import load_model
+
+        model = load_model(args.model, max_bytes=args.max_model_bytes) if args.max_model_bytes else load_model(args.model)
+        executor = Executor(model, device=args.device, name=str(args.model))
+        device, specs, run, tolerance = args.device, executor.inputs, executor.run, None
     if args.inputs:
         feeds = inputs.read_npz(args.inputs)
-        missing = [v for v in executor.inputs if v.name not in feeds]
+        missing = [v for v in specs if v.name not in feeds]
         feeds.update(inputs.random_inputs(missing, shapes, model=str(args.model)))
     else:
-        feeds = inputs.random_inputs(executor.inputs, shapes, model=str(args.model))
+        feeds = inputs.random_inputs(specs, shapes, model=str(args.model))
     start = time.perf_counter()
-    outputs = executor.run(feeds)
+    outputs = run(feeds)
     elapsed = time.perf_counter() - start
     arrays = {name: tensor_to_numpy(value) for name, value in outputs.items()}
 
     diffs = {}
     if args.compare:
-        reference = compare.run_onnxruntime(args.model, feeds)
-        diffs = {d.name: d for d in compare.compare_outputs(arrays, reference)}
+        reference = compare.run_onnxruntime(onnx_path, feeds)
+        diffs = {d.name: d for d in compare.compare_outputs(arrays, reference, tolerance)}
 
-    table = Table(title=f"{args.model} on {args.device} ({elapsed * 1e3:.1f} ms)")
+    table = Table(title=f"{args.model} on {device} ({elapsed * 1e3:.1f} ms)")
     for column in ["output", "shape", "dtype"] + (["max abs diff", "max rel diff", "verdict"] if diffs else []):
         table.add_column(column)
     for name, array in arrays.items():
@@ -66,6 +85,142 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine_input_values(engine):
+    """The engine's inputs as onnx-ir values, so random inputs are made the same way as for a model."""
+    import onnx_ir as ir
+
+    values = []
+    for spec in engine.inputs:
+        shape = None if spec["shape"] is None else ir.Shape([d if d is not None else ir.SymbolicDim("N") for d in spec["shape"]])
+        values.append(ir.Value(name=spec["name"], type=ir.TensorType(getattr(ir.DataType, spec["dtype"].upper())), shape=shape))
+    return values
+
+
+def _engine_tolerance(engine) -> float:
+    """Engines built in reduced precision are compared at that precision's tolerance."""
+    precisions = {layer["precision"] for layer in engine.plan["layers"]}
+    if precisions & {"fp16", "bf16", "native"}:
+        return 1e-2
+    return 1e-3 if "tf32" in precisions else 1e-4
+
+
+def _parse_profiles(args: argparse.Namespace):
+    """Profiles from repeated --min-shapes/--opt-shapes/--max-shapes: the i-th of each forms profile i."""
+    from kiln.builder import Profile
+    from kiln.inputs import parse_shapes
+
+    mins, opts, maxs = args.min_shapes or [], args.opt_shapes or [], args.max_shapes or []
+    count = max(len(mins), len(opts), len(maxs))
+    profiles = []
+    for i in range(count):
+        profiles.append(Profile.from_lists(
+            parse_shapes(mins[i]) if i < len(mins) else None,
+            parse_shapes(opts[i]) if i < len(opts) else None,
+            parse_shapes(maxs[i]) if i < len(maxs) else None,
+        ))
+    return profiles
+
+
+def _parse_layer_precisions(text: str | None) -> dict[str, str]:
+    """``NAME:fp32,Softmax:fp32`` (trtexec's --layerPrecisions syntax)."""
+    result: dict[str, str] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        name, sep, precision = item.strip().rpartition(":")
+        if not sep or not name:
+            raise KilnError(f"--layer-precision: {item!r} is not NAME:PRECISION (for example /encoder/Softmax:fp32)")
+        result[name] = precision.strip()
+    return result
+
+
+def _parse_tactics(text: str | None) -> tuple[list[str], list[str]]:
+    """``-triton,+gemm.cublaslt`` (trtexec's --tacticSources syntax): + allows, - denies."""
+    allow, deny = [], []
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if item[0] not in "+-":
+            raise KilnError(f"--tactics: {item!r} must start with + (allow) or - (deny), for example -triton")
+        (allow if item[0] == "+" else deny).append(item[1:])
+    return allow, deny
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from kiln.builder import BuildConfig, build
+    from kiln.inputs import read_npz
+
+    console = Console(stderr=True)
+    allow, deny = _parse_tactics(args.tactics)
+    config = BuildConfig(
+        fp16=args.fp16, bf16=args.bf16, tf32=args.tf32, strongly_typed=args.strongly_typed, opt_level=args.opt_level,
+        timing_cache=args.timing_cache, profiles=_parse_profiles(args), layer_precisions=_parse_layer_precisions(args.layer_precision),
+        allow_tactics=allow, deny_tactics=deny, memory_limit=args.memory_limit, device=args.device,
+        precision_check=not args.no_precision_check,
+    )
+    calibration = read_npz(args.inputs) if args.inputs else None
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} layers"),
+                  TimeElapsedColumn(), console=console, transient=True, disable=args.quiet) as progress:
+        tasks: dict[str, int] = {}
+
+        def report(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = progress.add_task(phase, total=total)
+            progress.update(tasks[phase], completed=done, total=total)
+
+        engine = build(args.model, config, calibration=calibration, progress=report)
+    engine.save(args.output)
+    out = Console()
+    for line in engine.report.lines:
+        out.print(line, markup=False, highlight=False)
+    summary = engine.summary()
+    table = Table(title=f"{args.model} -> {args.output}")
+    table.add_column("")
+    table.add_column("")
+    table.add_row("layers", f"{summary['layers']} ({summary['fused_layers']} fused, from {summary['nodes']} nodes)")
+    table.add_row("tactics", ", ".join(f"{k} x{v}" for k, v in summary["tactics"].items()))
+    table.add_row("precisions", ", ".join(f"{k} x{v}" for k, v in summary["precisions"].items()))
+    table.add_row("profiles", str(summary["profiles"]))
+    table.add_row("build time", f"{engine.report.seconds:.1f} s at optimization level {args.opt_level}")
+    table.add_row("timing cache", f"{engine.report.cache_hits} hits, {engine.report.cache_misses} misses")
+    table.add_row("weights", f"{summary['weights_bytes'] / 1e6:.1f} MB")
+    out.print(table)
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from kiln.engine import load_engine
+
+    engine = load_engine(args.engine)
+    rows = engine.describe()
+    if args.json:
+        print(json.dumps({"summary": engine.summary(), "profiles": engine.plan["profiles"], "layers": rows}, indent=1))
+        return 0
+    table = Table(title=f"{args.engine}: {len(rows)} layers")
+    for column in ["#", "layer", "nodes", "tactic", "precision", "layout", "shapes", "ms", "share"]:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        shapes = " ".join("x".join(map(str, s)) for s in row["inputs"].values() if s) + " -> " + \
+            " ".join("x".join(map(str, s)) for s in row["outputs"].values() if s)
+        config = row["config"]
+        tactic = row["tactic"] + (" " + ",".join(f"{k}={v}" for k, v in config.items()) if config else "")
+        table.add_row(str(row["index"]), row["name"], "+".join(row["op_types"]), tactic, row["precision"], row["layout"],
+                      shapes, "-" if row["time_ms"] is None else f"{row['time_ms']:.4f}",
+                      "-" if row["share"] is None else f"{100 * row['share']:.1f}%")
+    Console().print(table)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from kiln.demo import run_demo
 
@@ -77,8 +232,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kiln {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run an ONNX model and print its outputs", description="Run an ONNX model once.")
-    run.add_argument("model", type=Path, help="the .onnx file")
+    build = sub.add_parser("build", help="build an engine from an ONNX model", description=(
+        "Build an engine: fuse layers, time every candidate tactic per layer, keep the fastest correct one."))
+    build.add_argument("model", type=Path, help="the .onnx file")
+    build.add_argument("-o", "--output", type=Path, required=True, help="the engine file to write (.kiln)")
+    build.add_argument("--fp16", action="store_true", help="allow fp16 tactics (layers that overflow fall back)")
+    build.add_argument("--bf16", action="store_true", help="allow bf16 tactics")
+    build.add_argument("--tf32", action="store_true", help="allow TF32 tensor cores for fp32 layers")
+    build.add_argument("--strongly-typed", action="store_true", help="precisions come from the model's own tensor types")
+    build.add_argument("--opt-level", "--builderOptimizationLevel", dest="opt_level", type=int, default=3, choices=range(6),
+                       help="0: heuristics only, no timing; 1-2: short list; 3: every candidate (default); 4-5: wider search")
+    build.add_argument("--timing-cache", "--timingCacheFile", dest="timing_cache", type=Path, help="timing cache file (read and updated)")
+    for which in ("min", "opt", "max"):
+        build.add_argument(f"--{which}-shapes", f"--{which}Shapes", dest=f"{which}_shapes", action="append",
+                           help=f"{which} shapes of a profile, NAME:1x3x224x224,...; repeat for more profiles")
+    build.add_argument("--layer-precision", "--layerPrecisions", dest="layer_precision",
+                       help="per-layer precision: NODE_NAME_OR_OP_TYPE:fp32,...")
+    build.add_argument("--tactics", "--tacticSources", dest="tactics", help="allow/deny tactics: -triton,+gemm.cublaslt,...")
+    build.add_argument("--memory-limit", "--memPoolSize", dest="memory_limit", type=int, help="most scratch bytes one tactic may use")
+    build.add_argument("--inputs", type=Path, help=".npz of representative inputs for the precision check (else random)")
+    build.add_argument("--no-precision-check", action="store_true", help="skip the fp16/bf16 per-layer check against fp32")
+    build.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+    build.set_defaults(func=_cmd_build)
+
+    inspect = sub.add_parser("inspect", help="print an engine's layers", description="Print every layer of an engine.")
+    inspect.add_argument("engine", type=Path, help="the .kiln file")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.set_defaults(func=_cmd_inspect)
+
+    run = sub.add_parser("run", help="run an ONNX model or a .kiln engine and print its outputs",
+                         description="Run an ONNX model (reference executor) or a built engine once.")
+    run.add_argument("model", type=Path, help="the .onnx or .kiln file")
+    run.add_argument("--onnx", type=Path, help="with a .kiln engine and --compare: the ONNX model it was built from")
     run.add_argument("--inputs", type=Path, help=".npz with arrays named after the graph inputs (others are random)")
     run.add_argument("--save-outputs", type=Path, help="write the outputs to this .npz")
     run.add_argument("--shapes", help="input shapes, NAME:1x3x224x224,... (needed for dynamic dimensions)")

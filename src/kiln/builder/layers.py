@@ -36,6 +36,10 @@ POINTWISE_OPS = frozenset({
     "Softsign", "Max", "Min", "Identity", "Floor", "Ceil", "Sin", "Cos", "Mish", "ThresholdedRelu", "Celu",
 })
 _BINARY_MINMAX = ("Max", "Min")
+# The attributes each pointwise op may carry; a node with any other (an old-opset Add's
+# broadcast/axis, say) is left to its reference op.
+_POINTWISE_ATTRS = {"LeakyRelu": {"alpha"}, "HardSigmoid": {"alpha", "beta"}, "Elu": {"alpha"}, "Selu": {"alpha", "gamma"},
+                    "Gelu": {"approximate"}, "ThresholdedRelu": {"alpha"}, "Celu": {"alpha"}, "Clip": {"min", "max"}}
 
 
 @dataclass
@@ -370,6 +374,8 @@ class _Lowering:
         if node.domain not in ("", "ai.onnx") or node.op_type not in POINTWISE_OPS or len(node.outputs) != 1:
             return False
         if node.op_type in _BINARY_MINMAX and len(node.inputs) != 2:
+            return False
+        if set(node.attributes) - _POINTWISE_ATTRS.get(node.op_type, set()):
             return False
         if node.op_type == "Clip" and self._clip_bounds(node) is None:
             return False
