@@ -287,7 +287,12 @@ def _version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # "--tactics -triton" reads to argparse as two options; glue the value on, as "--tactics=-triton".
+    for i in range(len(argv) - 1):
+        if argv[i] in ("--tactics", "--tacticSources") and argv[i + 1][:1] in "+-" and argv[i + 1][1:2] != "-":
+            argv[i:i + 2] = [f"{argv[i]}={argv[i + 1]}", ""]
+    args = parser.parse_args([a for a in argv if a != ""])
     try:
         return args.func(args)
     except KilnError as error:

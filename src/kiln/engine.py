@@ -127,6 +127,9 @@ class Engine:
                         raise EngineLoadError(f"{self.name}: layer {layer.name!r} names unknown tactic {choice['tactic']!r}")
                     prefix = choice["weights"] + "."
                     prepared = {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+                    if sorted(prepared) != sorted(choice["roles"]):
+                        raise EngineLoadError(f"{self.name}: layer {layer.name!r} needs weights {sorted(choice['roles'])}, "
+                                              f"the engine holds {sorted(prepared)}")
                     runners[key] = t.runner(layer, prepared, precision, choice["config"], self)
                 self._steps[profile].append(_Step(
                     layer.name, runners[key], in_slots, out_slots, list(record["cast_inputs"]),
@@ -313,8 +316,11 @@ def load_engine(path: str | os.PathLike[str], device: str | None = None) -> Engi
         raise EngineLoadError(f"{path}: cannot read the engine ({error.strerror or error})") from error
     if size > MAX_ENGINE_BYTES:
         raise EngineLoadError(f"{path}: {size} bytes is larger than any engine kiln writes")
-    with open(path, "rb") as handle:
-        data = handle.read()
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as error:
+        raise EngineLoadError(f"{path}: cannot read the engine ({error.strerror or error})") from error
     try:
         stored = load(data)
         header_text = _metadata(data).get("kiln")
@@ -332,10 +338,14 @@ def load_engine(path: str | os.PathLike[str], device: str | None = None) -> Engi
         raise EngineLoadError(f"{path}: engine format version {header.get('version')!r}; this kiln reads version {VERSION}. Rebuild it")
     if header.get("sha256") != _digest({k: v for k, v in header.items() if k != "sha256"}, stored):
         raise EngineLoadError(f"{path}: checksum mismatch: the engine file was modified or damaged after it was written; rebuild it")
-    here = environment(torch.device(device or header.get("device", "cpu")))
+    built_on = header.get("device")
+    if built_on not in ("cpu", "cuda"):
+        raise EngineLoadError(f"{path}: the engine names device {built_on!r}; kiln engines run on 'cpu' or 'cuda'. The file is corrupt")
+    if device not in (None, "cpu", "cuda"):
+        raise EngineLoadError(f"{path}: device must be 'cpu' or 'cuda', got {device!r}")
+    here = environment(torch.device(device or built_on))
     if header.get("kiln") != here["kiln"]:
         raise EngineLoadError(f"{path}: built by kiln {header.get('kiln')}, this is kiln {here['kiln']}; rebuild the engine with this version")
-    built_on = header.get("device")
     if device is not None and device != built_on:
         raise EngineLoadError(f"{path}: the engine was built for {built_on}, not {device}; rebuild it with --device {device}")
     if built_on == "cuda":
@@ -346,14 +356,16 @@ def load_engine(path: str | os.PathLike[str], device: str | None = None) -> Engi
                 f"{path}: built for {header.get('gpu')} (compute capability {header.get('capability')}); this GPU is "
                 f"{here.get('gpu')} ({here.get('capability')}). Rebuild the engine on this GPU"
             )
-    graph = stored.pop(_GRAPH_TENSOR, torch.zeros(0, dtype=torch.uint8)).numpy().tobytes()
-    layouts = header.get("layouts", {})
-    tensors = {name: _restore(t, layouts.get(name)) for name, t in stored.items()}
-    aliases = header.get("aliases", {})
-    if not isinstance(aliases, dict) or any(not isinstance(v, str) or v not in tensors for v in aliases.values()):
-        raise EngineLoadError(f"{path}: the engine's tensor aliases are inconsistent; the file is corrupt")
-    tensors.update({name: tensors[target] for name, target in aliases.items()})
     try:
+        graph = stored.pop(_GRAPH_TENSOR, torch.zeros(0, dtype=torch.uint8)).numpy().tobytes()
+        layouts = header.get("layouts", {})
+        if not isinstance(layouts, dict):
+            raise EngineLoadError(f"{path}: the engine's tensor layouts are not a table; the file is corrupt")
+        tensors = {name: _restore(t, layouts.get(name)) for name, t in stored.items()}
+        aliases = header.get("aliases", {})
+        if not isinstance(aliases, dict) or any(not isinstance(v, str) or v not in tensors for v in aliases.values()):
+            raise EngineLoadError(f"{path}: the engine's tensor aliases are inconsistent; the file is corrupt")
+        tensors.update({name: tensors[target] for name, target in aliases.items()})
         return Engine(header["plan"], tensors, graph, device=built_on)
     except KilnError:
         raise
@@ -407,7 +419,7 @@ def _storable(tensor: torch.Tensor) -> tuple[torch.Tensor, list[int] | None]:
 def _restore(tensor: torch.Tensor, perm: list[int] | None) -> torch.Tensor:
     if perm is None:
         return tensor
-    if sorted(perm) != list(range(tensor.dim())):
+    if not isinstance(perm, list) or not all(type(p) is int for p in perm) or sorted(perm) != list(range(tensor.dim())):
         raise EngineLoadError("a stored tensor's layout permutation does not fit its rank; the file is corrupt")
     inverse = [0] * len(perm)
     for i, p in enumerate(perm):

@@ -155,9 +155,6 @@ def test_tactics_deny_list_with_equals_sign(model_path, tmp_path, capsys):
     assert out.is_file()
 
 
-@pytest.mark.xfail(strict=True, raises=SystemExit,
-                   reason="kiln CLI bug: `--tactics -triton` (the syntax its help shows) is taken by argparse as an "
-                          "option and exits with 'expected one argument'; only --tactics=-triton works")
 def test_tactics_deny_list_as_a_separate_argument(model_path, tmp_path):
     assert main(build_args(model_path, tmp_path / "e.kiln", "--tactics", "-triton")) == 0
 
@@ -281,8 +278,6 @@ def test_broken_engine_files_exit_2(engine_path, tmp_path, capsys, content):
     assert "missing.kiln" in one_line_error(capsys)
 
 
-@pytest.mark.xfail(strict=True, raises=IsADirectoryError,
-                   reason="kiln bug: load_engine lets IsADirectoryError escape, so `kiln inspect DIR` prints a traceback")
 def test_inspect_a_directory_exits_2(tmp_path, capsys):
     folder = tmp_path / "dir.kiln"
     folder.mkdir()

@@ -614,14 +614,16 @@ class _Builder:
         for index, item in enumerate(planned):
             self.progress("weights", index, len(planned))
             record = []
+            roles: dict[str, list[str]] = {}
             for choice in item.choices:
                 t = tactic_registry.get(choice.tactic)
                 prep = f"{index}.{t.prep_id(choice.config)}"
-                if not any(k.startswith(prep + ".") for k in tensors):
+                if prep not in roles:
                     prepared = t.prepare(item.layer, self._weights(index, item.layer), item.precision, choice.config)
                     for role, tensor in prepared.items():
                         tensors[f"{prep}.{role}"] = tensor.detach()
-                record.append(prep)
+                    roles[prep] = sorted(prepared)
+                record.append((prep, roles[prep]))
             records.append(record)
             self.canonical.pop(index, None)
         self.progress("weights", len(planned), len(planned))
@@ -642,8 +644,8 @@ class _Builder:
                 "name": layer.name, "kind": layer.kind, "nodes": layer.nodes, "op_types": layer.op_types,
                 "inputs": layer.inputs, "outputs": layer.outputs, "attrs": layer.attrs, "weights": layer.weights,
                 "precision": item.precision, "cast_inputs": item.cast_inputs, "shapes": item.shapes,
-                "choices": [{"tactic": c.tactic, "config": c.config, "time_ms": c.time_ms, "weights": p}
-                            for c, p in zip(item.choices, prep)],
+                "choices": [{"tactic": c.tactic, "config": c.config, "time_ms": c.time_ms, "weights": p, "roles": r}
+                            for c, (p, r) in zip(item.choices, prep)],
                 "notes": item.notes,
             })
         return {
