@@ -1,0 +1,158 @@
+"""Lowering: each fusion fires on the graph it is for, leaves alone the graph where it must not,
+and the fused engine computes what the unfused graph computes (fresh random inputs, fp32 1e-4)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import kiln
+from kiln.builder import BuildConfig
+from kiln.builder.build import relative_error
+from tests.builder.graphs import model, node, weights
+
+
+def build_and_check(m, rng, **config):
+    """Build on CPU, run engine and reference executor on the same random inputs; return layers."""
+    engine = kiln.build(m, BuildConfig(device="cpu", opt_level=1, **config))
+    feeds = {v.name: rng.standard_normal([d for d in v.shape]).astype(np.float32) for v in m.graph.inputs
+             if v.name not in m.graph.initializers}
+    got = engine.run(feeds)
+    ref = kiln.Executor(m).run(feeds)
+    for name in ref:
+        assert relative_error(got[name].float(), ref[name].float()) <= 1e-4, name
+    return [(layer["kind"], layer["op_types"]) for layer in engine.plan["layers"]]
+
+
+def conv_inits(rng, cin=4, cout=8):
+    return [("w", weights(rng, cout, cin, 3, 3)), ("b", weights(rng, cout))]
+
+
+def test_conv_bias_residual_relu_is_one_layer(rng):
+    m = model([node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), node("Add", ["c", "z"], ["s"]),
+               node("Relu", ["s"], ["y"])],
+              [("x", [2, 4, 6, 6]), ("z", [2, 8, 6, 6])], [("y", [2, 8, 6, 6])], conv_inits(rng))
+    assert build_and_check(m, rng) == [("Conv", ["Conv", "Add", "Relu"])]
+
+
+def test_residual_first_operand_and_asymmetric_pads(rng):
+    m = model([node("Conv", ["x", "w", "b"], ["c"], pads=[0, 1, 1, 0], strides=[2, 1]), node("Add", ["z", "c"], ["s"]),
+               node("Relu", ["s"], ["y"])],
+              [("x", [1, 4, 7, 6]), ("z", [1, 8, 3, 5])], [("y", [1, 8, 3, 5])], conv_inits(rng))
+    assert build_and_check(m, rng) == [("Conv", ["Conv", "Add", "Relu"])]
+
+
+@pytest.mark.parametrize("act, nodes", [
+    ("clip", [node("Clip", ["c", "lo", "hi"], ["y"])]),
+    ("silu", [node("Sigmoid", ["c"], ["s"]), node("Mul", ["c", "s"], ["y"])]),
+    ("leaky", [node("LeakyRelu", ["c"], ["y"], alpha=0.2)]),
+    ("hardswish", [node("HardSwish", ["c"], ["y"])]),
+    ("hardsigmoid", [node("HardSigmoid", ["c"], ["y"], alpha=0.3, beta=0.4)]),
+])
+def test_conv_activations_fuse(rng, act, nodes):
+    inits = conv_inits(rng) + [("lo", np.array(0.0, np.float32)), ("hi", np.array(6.0, np.float32))]
+    m = model([node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1])] + nodes,
+              [("x", [2, 4, 5, 5])], [("y", [2, 8, 5, 5])], inits)
+    layers = build_and_check(m, rng)
+    assert len(layers) == 1 and layers[0][0] == "Conv" and len(layers[0][1]) == 1 + len(nodes)
+
+
+def test_conv_output_read_twice_keeps_its_activation_apart(rng):
+    m = model([node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), node("Relu", ["c"], ["y"])],
+              [("x", [1, 4, 5, 5])], [("y", [1, 8, 5, 5]), ("c", [1, 8, 5, 5])], conv_inits(rng))
+    assert build_and_check(m, rng) == [("Conv", ["Conv"]), ("Node", ["Relu"])]
+
+
+def test_same_upper_conv_stays_a_node(rng):
+    m = model([node("Conv", ["x", "w", "b"], ["y"], auto_pad="SAME_UPPER", strides=[2, 2])],
+              [("x", [1, 4, 5, 5])], [("y", [1, 8, 3, 3])], conv_inits(rng))
+    assert build_and_check(m, rng) == [("Node", ["Conv"])]
+
+
+def test_matmul_bias_gelu_flattens_leading_dims(rng):
+    m = model([node("MatMul", ["x", "w"], ["m"]), node("Add", ["m", "b"], ["a"]), node("Gelu", ["a"], ["y"])],
+              [("x", [2, 3, 8])], [("y", [2, 3, 16])], [("w", weights(rng, 8, 16)), ("b", weights(rng, 16))], opset=20)
+    assert build_and_check(m, rng) == [("Gemm", ["MatMul", "Add", "Gelu"])]
+
+
+def test_matmul_with_a_full_tensor_add_keeps_the_add(rng):
+    m = model([node("MatMul", ["x", "w"], ["m"]), node("Add", ["m", "b"], ["y"])],
+              [("x", [2, 3, 8])], [("y", [2, 3, 16])], [("w", weights(rng, 8, 16)), ("b", weights(rng, 2, 3, 16))])
+    assert build_and_check(m, rng) == [("Gemm", ["MatMul"]), ("Node", ["Add"])]
+
+
+@pytest.mark.parametrize("trans_b, alpha, beta", [(0, 1.0, 1.0), (1, 0.5, 2.0)])
+def test_gemm_folds_alpha_beta_and_transpose(rng, trans_b, alpha, beta):
+    w = weights(rng, 16, 8) if trans_b else weights(rng, 8, 16)
+    m = model([node("Gemm", ["x", "w", "c"], ["g"], transB=trans_b, alpha=alpha, beta=beta), node("Relu", ["g"], ["y"])],
+              [("x", [4, 8])], [("y", [4, 16])], [("w", w), ("c", weights(rng, 1, 16))])
+    assert build_and_check(m, rng) == [("Gemm", ["Gemm", "Relu"])]
+
+
+def test_gemm_trans_a_stays_a_node(rng):
+    m = model([node("Gemm", ["x", "w"], ["y"], transA=1)], [("x", [8, 4])], [("y", [4, 16])], [("w", weights(rng, 8, 16))])
+    assert build_and_check(m, rng) == [("Node", ["Gemm"])]
+
+
+def test_layernorm_takes_its_residual_add(rng):
+    m = model([node("Add", ["x", "r"], ["s"]), node("LayerNormalization", ["s", "g", "b"], ["y"], epsilon=1e-3)],
+              [("x", [2, 5, 16]), ("r", [2, 5, 16])], [("y", [2, 5, 16])],
+              [("g", weights(rng, 16) + 1), ("b", weights(rng, 16))])
+    assert build_and_check(m, rng) == [("LayerNorm", ["Add", "LayerNormalization"])]
+
+
+def test_layernorm_over_two_axes_and_shared_add(rng):
+    m = model([node("Add", ["x", "r"], ["s"]), node("LayerNormalization", ["s", "g"], ["n"], axis=-2),
+               node("Add", ["n", "s"], ["y"])],
+              [("x", [2, 5, 16]), ("r", [2, 5, 16])], [("y", [2, 5, 16])], [("g", weights(rng, 5, 16) + 1)])
+    assert build_and_check(m, rng) == [("Node", ["Add"]), ("LayerNorm", ["LayerNormalization"]), ("Node", ["Add"])]
+
+
+@pytest.mark.parametrize("axis, kind", [(-1, "Softmax"), (2, "Softmax"), (1, "Node")])
+def test_softmax_only_over_the_last_axis(rng, axis, kind):
+    m = model([node("Softmax", ["x"], ["y"], axis=axis)], [("x", [2, 3, 7])], [("y", [2, 3, 7])])
+    assert build_and_check(m, rng) == [(kind, ["Softmax"])]
+
+
+def test_decomposed_gelu_is_one_pointwise_layer(rng):
+    inits = [("sq", np.array(1.4142135, np.float32)), ("one", np.array(1.0, np.float32)), ("half", np.array(0.5, np.float32)),
+             ("bias", weights(rng, 16))]
+    m = model([node("Add", ["x", "bias"], ["xb"]), node("Div", ["xb", "sq"], ["d"]), node("Erf", ["d"], ["e"]),
+               node("Add", ["e", "one"], ["a"]), node("Mul", ["xb", "a"], ["m"]), node("Mul", ["m", "half"], ["y"])],
+              [("x", [3, 16])], [("y", [3, 16])], inits)
+    assert build_and_check(m, rng) == [("Node", ["Add"]), ("Pointwise", ["Div", "Erf", "Add", "Mul", "Mul"])]
+
+
+def test_pointwise_chain_splits_at_a_graph_output(rng):
+    m = model([node("Mul", ["x", "x"], ["a"]), node("Exp", ["a"], ["b"]), node("Neg", ["b"], ["y"])],
+              [("x", [3, 4])], [("y", [3, 4]), ("b", [3, 4])])
+    assert build_and_check(m, rng) == [("Pointwise", ["Mul", "Exp"]), ("Node", ["Neg"])]
+
+
+BINARY = ["Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"]
+UNARY = ["Neg", "Abs", "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Exp", "Log", "Sqrt", "Reciprocal", "Erf", "HardSigmoid",
+         "HardSwish", "Elu", "Selu", "Softplus", "Softsign", "Identity", "Floor", "Ceil", "Sin", "Cos", "Mish",
+         "ThresholdedRelu", "Celu"]
+
+
+@pytest.mark.parametrize("op", BINARY + UNARY)
+def test_every_pointwise_op_matches_its_reference(rng, op):
+    """Each op the pointwise layer holds, in a chain with a broadcast input, equals the reference ops."""
+    first = node(op, ["x", "r"] if op in BINARY else ["x"], ["a"], name="op")
+    m = model([first, node("Add", ["a", "r"], ["y"])], [("x", [3, 4, 5]), ("r", [4, 5])], [("y", [3, 4, 5])], opset=18)
+    assert build_and_check(m, rng) == [("Pointwise", [op, "Add"])]
+
+
+def test_constant_subgraphs_fold_into_weights(rng):
+    """A weight reached through Identity/Transpose of an initializer (as exporters write) still fuses."""
+    m = model([node("Transpose", ["wt"], ["w"], perm=[1, 0]), node("MatMul", ["x", "w"], ["m"]), node("Relu", ["m"], ["y"])],
+              [("x", [4, 8])], [("y", [4, 16])], [("wt", weights(rng, 16, 8))])
+    assert build_and_check(m, rng) == [("Gemm", ["MatMul", "Relu"])]
+
+
+def test_fused_layer_runs_where_its_last_node_stood(rng):
+    """The residual comes from a node listed after the conv: the fused layer must run after it."""
+    m = model([node("Relu", ["x"], ["a"]), node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+               node("Identity", ["a"], ["a2"]), node("Add", ["c", "a2"], ["s"]), node("Relu", ["s"], ["y"])],
+              [("x", [1, 8, 4, 4])], [("y", [1, 8, 4, 4])], [("w", weights(rng, 8, 8, 3, 3)), ("b", weights(rng, 8))])
+    assert build_and_check(m, rng)[-1] == ("Conv", ["Conv", "Add", "Relu"])
