@@ -51,6 +51,20 @@ class _Step:
     cast_dtype: torch.dtype | None
     tf32: bool
     free: list[int]
+    static: bool = False
+
+
+# Ops whose result depends on the input's shape only, and ops that never produce data-dependent
+# results from shape-only inputs: a chain of them (Shape -> Gather -> Unsqueeze -> Concat ->
+# Reshape's shape) is computed once per input shape and then reused (TensorRT's shape tensors).
+_SHAPE_SOURCES = {"Shape", "Size"}
+_NOT_STATIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial",
+               "Dropout", "If", "Loop", "Scan", "SequenceMap"}
+# (op, input) positions the reference ops read with ``tolist()``: a cached shape value is kept on
+# the CPU for them, so reading it does not wait for the GPU.
+_HOST_SHAPE_INPUTS = {("Reshape", 1), ("Expand", 1), ("Slice", 1), ("Slice", 2), ("Slice", 3), ("Slice", 4),
+                      ("Squeeze", 1), ("Unsqueeze", 1), ("ConstantOfShape", 0), ("Tile", 1), ("Split", 1)}
+_SHAPE_CACHE_SIZE = 32
 
 
 class Engine:
@@ -135,12 +149,43 @@ class Engine:
                     layer.name, runners[key], in_slots, out_slots, list(record["cast_inputs"]),
                     PRECISION_DTYPES.get(precision), precision == "tf32", free,
                 ))
+        self._plan_static(layers, slots)
         missing = [o["name"] for o in self.outputs if o["name"] not in slots]
         if missing:
             raise EngineLoadError(f"{self.name}: nothing in the plan produces output(s) {missing}")
         self._output_slots = [slots[o["name"]] for o in self.outputs]
         self._output_dtypes = [dtypes.to_torch_dtype(getattr(ir.DataType, o["dtype"].upper())) for o in self.outputs]
         self._slot_count = len(slots)
+
+    def _plan_static(self, layers: list[Mapping[str, Any]], slots: dict[str, int]) -> None:
+        """Mark the layers that compute from input shapes alone, and which of their values the other
+        layers read (those are cached per input shape; on the CPU where only shape inputs read them)."""
+        derived: set[str] = set()
+        static = []
+        for layer in layers:
+            op = layer["op_types"][0]
+            is_static = layer["kind"] == "Node" and op not in _NOT_STATIC and not layer["attrs"].get("captured") and (
+                op in _SHAPE_SOURCES or all(name in derived for name in layer["inputs"]))
+            static.append(is_static)
+            if is_static:
+                derived.update(n for n in layer["outputs"] if n)
+        readers: dict[str, list[bool]] = {}
+        for layer, is_static in zip(layers, static):
+            if is_static:
+                continue
+            for index, name in enumerate(layer["inputs"]):
+                if name in derived:
+                    readers.setdefault(name, []).append(_host_position(layer, index))
+        for name in (o["name"] for o in self.outputs):
+            if name in derived:
+                readers.setdefault(name, []).append(False)
+        self._cached_slots = [(slots[name], all(host)) for name, host in sorted(readers.items())]
+        self._lean: list[list[_Step]] = []
+        for steps in self._steps:
+            for step, is_static in zip(steps, static):
+                step.static = is_static
+            self._lean.append([step for step in steps if not step.static])
+        self._shape_cache: dict[tuple, dict[int, Any]] = {}
 
     def node_step(self, name: str):
         """The reference op bound to a node (Node layers run it)."""
@@ -165,9 +210,19 @@ class Engine:
         env: list[Any] = [None] * self._slot_count
         for slot, value in zip(self._input_slots, values):
             env[slot] = value
-        steps = self._steps[profile]
-        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        key = (profile,) + tuple(tuple(v.shape) for v in values)
+        cached = self._shape_cache.get(key)
+        if cached is not None:
+            steps = self._lean[profile]
+            for slot, value in cached.items():
+                env[slot] = value
+        else:
+            steps = self._steps[profile]
+            captured: dict[int, Any] = {}
+            wanted = dict(self._cached_slots)
+        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = True
         step = None
         try:
             with torch.inference_mode():
@@ -186,6 +241,11 @@ class Engine:
                     for s, value in zip(step.out_slots, outs):
                         if s is not None:
                             env[s] = value
+                    if cached is None and step.static:
+                        for s in step.out_slots:
+                            if s in wanted:
+                                value = env[s]
+                                captured[s] = value.cpu() if wanted[s] and isinstance(value, torch.Tensor) else value
                     for s in step.free:
                         env[s] = None
                 results = {}
@@ -200,7 +260,11 @@ class Engine:
             where = f"layer {step.name!r}" if step is not None else "the engine"
             raise OpError(f"{self.name}: {where} failed: {type(error).__name__}: {error}") from error
         finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
+        if cached is None:
+            if len(self._shape_cache) >= _SHAPE_CACHE_SIZE:
+                self._shape_cache.pop(next(iter(self._shape_cache)))
+            self._shape_cache[key] = captured
         return results
 
     def _check_feeds(self, feeds: Mapping[str, Any]) -> list[torch.Tensor]:
@@ -371,6 +435,16 @@ def load_engine(path: str | os.PathLike[str], device: str | None = None) -> Engi
         raise
     except Exception as error:  # noqa: BLE001 - a plan that does not fit together is a corrupt engine
         raise EngineLoadError(f"{path}: the engine's plan is inconsistent ({type(error).__name__}: {error}); rebuild it") from error
+
+
+def _host_position(layer: Mapping[str, Any], index: int) -> bool:
+    """True when a Node layer reads its ``index``-th runtime input only as a list of ints."""
+    if layer["kind"] != "Node":
+        return False
+    for position, arg in enumerate(layer["attrs"].get("args", [])):
+        if arg is not None and arg.get("input") == index:
+            return (layer["op_types"][0], position) in _HOST_SHAPE_INPUTS
+    return False
 
 
 def _within(ranges, shape) -> bool:

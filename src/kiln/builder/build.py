@@ -35,6 +35,7 @@ from kiln.builder import tactics as tactic_registry
 from kiln.builder.config import BuildConfig, Profile
 from kiln.builder.layers import FLOAT_TYPES, GraphFacts, Layer, lower
 from kiln.builder.tactics import PRECISION_DTYPES, Tactic
+from kiln.builder.tactics.conv import nhwc_region
 from kiln.builder.tactics.node import castable
 from kiln.builder.timing_cache import TimingCache
 from kiln.errors import InputError, KilnError
@@ -120,7 +121,10 @@ def build(
     else:
         name = model.graph.name or "model"
     builder = _Builder(model, config, name, calibration, progress)
-    plan, tensors, graph_bytes = builder.run()
+    # cuDNN picks each convolution's algorithm by timing it (cached per shape), as the engine does.
+    with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False,
+                                    allow_tf32=torch.backends.cudnn.allow_tf32):
+        plan, tensors, graph_bytes = builder.run()
     engine = Engine(plan, tensors, graph_bytes, device=config.device)
     engine.report = builder.report
     return engine
@@ -361,7 +365,7 @@ class _Builder:
             level = 3 if self.level == 0 else self.level
             if t.level > level:
                 continue
-            for cfg in t.configs(layer, level, precision):
+            for cfg in t.configs(layer, level, precision, device):
                 found.append((t, cfg))
         if not found:
             raise KilnError(
@@ -437,7 +441,10 @@ class _Builder:
             shape = facts.shapes[name]
             kind = facts.dtypes.get(name)
             if kind in FLOAT_TYPES:
-                inputs.append(torch.randn(shape, generator=generator).to(self.device, dtype))
+                value = torch.randn(shape, generator=generator).to(self.device, dtype)
+                if layer.kind == "Conv" and value.dim() == 4 and nhwc_region(precision, self.device.type):
+                    value = value.contiguous(memory_format=torch.channels_last)
+                inputs.append(value)
             else:
                 raise KilnError(f"{self.name}: layer {layer.name!r} has a non-float input {name!r}; this is a kiln bug")
         return inputs

@@ -38,7 +38,7 @@ class Tactic:
     level = 0
     reference = False
 
-    def configs(self, layer: Layer, level: int, precision: str) -> list[dict[str, Any]]:
+    def configs(self, layer: Layer, level: int, precision: str, device: str) -> list[dict[str, Any]]:
         """The variants to time at this optimization level (an empty list: none at this level)."""
         return [{}]
 

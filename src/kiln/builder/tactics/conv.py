@@ -62,12 +62,22 @@ class _ConvTorch(Tactic):
         return run
 
 
+def nhwc_region(precision: str, device: str) -> bool:
+    """Reduced-precision convolutions on the GPU run as an NHWC region: the builder times them with
+    channels_last inputs, so an NCHW tactic pays its reformat, and tries NCHW only as a level 4-5
+    layout alternative."""
+    return device == "cuda" and precision in ("fp16", "bf16", "tf32")
+
+
 @tactic
 class ConvNCHW(_ConvTorch):
     """The reference: torch's conv2d in NCHW (cuDNN on CUDA, oneDNN on CPU), epilogue as separate ops."""
 
     name = "conv.nchw"
     reference = True
+
+    def configs(self, layer, level, precision, device):
+        return [{}] if level >= 4 or not nhwc_region(precision, device) else []
 
     def heuristic(self, layer, precision, device):
         return 1 if precision in ("fp32", "tf32") or device == "cpu" else 0
@@ -81,9 +91,8 @@ class ConvNHWC(_ConvTorch):
     memory_format = torch.channels_last
     level = 1
 
-    def configs(self, layer, level, precision):
-        wanted = precision in ("fp16", "bf16", "tf32")
-        return [{}] if level >= (1 if wanted else 4) else []
+    def configs(self, layer, level, precision, device):
+        return [{}] if level >= (1 if nhwc_region(precision, device) else 4) else []
 
     def prep_id(self, config):
         return "conv.nhwc"
@@ -108,8 +117,8 @@ class ConvCudnnFused(Tactic):
         act = layer.attrs["activation"]
         return act is not None and act["op"] == "relu" and _symmetric(layer) and hasattr(torch, "cudnn_convolution_relu")
 
-    def configs(self, layer, level, precision):
-        preferred = "nhwc" if precision in ("fp16", "bf16", "tf32") else "nchw"
+    def configs(self, layer, level, precision, device):
+        preferred = "nhwc" if nhwc_region(precision, device) else "nchw"
         layouts = ["nhwc", "nchw"] if level >= 4 else [preferred]
         return [{"layout": layout} for layout in layouts]
 

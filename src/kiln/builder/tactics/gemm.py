@@ -120,7 +120,7 @@ class GemmTriton(_Gemm):
     def heuristic(self, layer, precision, device):
         return 1
 
-    def configs(self, layer, level, precision):
+    def configs(self, layer, level, precision, device):
         from kiln.kernels.gemm import SHORT_CONFIGS, WIDE_CONFIGS
 
         if level < 2:

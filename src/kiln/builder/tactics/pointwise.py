@@ -128,7 +128,7 @@ class PointwiseTriton(_Pointwise):
     def heuristic(self, layer, precision, device):
         return 1
 
-    def configs(self, layer, level, precision):
+    def configs(self, layer, level, precision, device):
         if level <= 3:
             return [{"block": 1024, "num_warps": 4}]
         return [{"block": b, "num_warps": w} for b in (512, 1024, 2048) for w in (4, 8)]
