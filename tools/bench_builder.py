@@ -545,10 +545,16 @@ def measure_model(spec: ModelSpec, args, out: Path, work: Path, state: dict[str,
     for b in (1, 2):
         feeds = make_feeds(spec, b, seed=b)
         reference = run_onnxruntime(onnx_path, feeds)
-        kiln_out = engine.run(to_torch(feeds, device))
+        torch_feeds = to_torch(feeds, device)
+        kiln_out = engine.run(torch_feeds)
         correctness[f"fp16_vs_ort_batch{b}"] = compare_with_ort(kiln_out, reference, FP16_TOLERANCE)
+        # the second run captures a CUDA graph at this shape, the third replays it: both must match too
+        for run_index in (2, 3):
+            correctness[f"fp16_vs_ort_batch{b}_run{run_index}"] = compare_with_ort(engine.run(torch_feeds), reference, FP16_TOLERANCE)
+        correctness[f"cuda_graph_errors_batch{b}"] = list(getattr(engine, "graph_errors", []))
         correctness[f"load_then_run_batch{b}"] = same_outputs(kiln_out, loaded.run(to_torch(feeds, device)))
-        log(f"{spec.name}: fp16 vs ort at batch {b}: rel {correctness[f'fp16_vs_ort_batch{b}']['max_rel']:.2e}; "
+        log(f"{spec.name}: fp16 vs ort at batch {b}: rel {correctness[f'fp16_vs_ort_batch{b}']['max_rel']:.2e}, "
+            f"replayed {correctness[f'fp16_vs_ort_batch{b}_run3']['max_rel']:.2e}; graph errors {engine.graph_errors}; "
             f"loaded engine identical: {correctness[f'load_then_run_batch{b}']['identical']}")
     del loaded
     stage("fp16_correctness", t0)

@@ -65,6 +65,7 @@ _NOT_STATIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUnifo
 _HOST_SHAPE_INPUTS = {("Reshape", 1), ("Expand", 1), ("Slice", 1), ("Slice", 2), ("Slice", 3), ("Slice", 4),
                       ("Squeeze", 1), ("Unsqueeze", 1), ("ConstantOfShape", 0), ("Tile", 1), ("Split", 1)}
 _SHAPE_CACHE_SIZE = 32
+_MISSING = object()
 
 
 class Engine:
@@ -77,6 +78,9 @@ class Engine:
         self.graph = graph
         self.device = torch.device(device)
         self.report = None
+        # CUDA graphs: one per input shape, captured on the second run at that shape.
+        self.cuda_graphs = self.device.type == "cuda"
+        self.graph_errors: list[str] = []
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise EngineLoadError("this engine runs on CUDA, but torch sees no CUDA GPU here")
         self.name = self.plan["name"]
@@ -169,23 +173,39 @@ class Engine:
             static.append(is_static)
             if is_static:
                 derived.update(n for n in layer["outputs"] if n)
-        readers: dict[str, list[bool]] = {}
-        for layer, is_static in zip(layers, static):
+        readers: dict[str, list[tuple[list[int], int, bool]]] = {}
+        steps0 = self._steps[0] if self._steps else []
+        for index, (layer, is_static) in enumerate(zip(layers, static)):
             if is_static:
                 continue
-            for index, name in enumerate(layer["inputs"]):
+            for position, name in enumerate(layer["inputs"]):
                 if name in derived:
-                    readers.setdefault(name, []).append(_host_position(layer, index))
+                    in_slots = steps0[index].in_slots if index < len(steps0) else []
+                    readers.setdefault(name, []).append((in_slots, position, _host_position(layer, position)))
         for name in (o["name"] for o in self.outputs):
             if name in derived:
-                readers.setdefault(name, []).append(False)
-        self._cached_slots = [(slots[name], all(host)) for name, host in sorted(readers.items())]
+                readers.setdefault(name, []).append(([], 0, False))
+        # slot -> (slot the device value is cached in, slot the host copy is cached in)
+        self._cached_slots: dict[int, tuple[int | None, int | None]] = {}
+        for name, uses in sorted(readers.items()):
+            slot = slots[name]
+            hosts = [use for use in uses if use[2]]
+            if len(hosts) == len(uses):
+                self._cached_slots[slot] = (None, slot)
+            elif not hosts:
+                self._cached_slots[slot] = (slot, None)
+            else:  # read both ways: host readers get a slot of their own holding a CPU copy
+                shadow = slots.setdefault("\0host\0" + name, len(slots))
+                for in_slots, position, _ in hosts:
+                    in_slots[position] = shadow
+                self._cached_slots[slot] = (slot, shadow)
         self._lean: list[list[_Step]] = []
         for steps in self._steps:
             for step, is_static in zip(steps, static):
                 step.static = is_static
             self._lean.append([step for step in steps if not step.static])
         self._shape_cache: dict[tuple, dict[int, Any]] = {}
+        self._graphs: dict[tuple, Any] = {}
 
     def node_step(self, name: str):
         """The reference op bound to a node (Node layers run it)."""
@@ -204,22 +224,59 @@ class Engine:
         raise InputError(f"{self.name}: input shapes {given} fit no optimization profile ({ranges}); rebuild with a profile that covers them")
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """Run the engine on ``feeds`` (name -> numpy array or torch tensor)."""
+        """Run the engine on ``feeds`` (name -> numpy array or torch tensor).
+
+        The first run at an input shape runs every layer and keeps the shape arithmetic's results;
+        later runs at that shape skip it, and on CUDA replay a CUDA graph of the remaining layers
+        captured on the second run (one graph per input shape; engines whose layers cannot be
+        captured, because an op waits for the GPU, keep running layer by layer)."""
         values = self._check_feeds(feeds)
         profile = self.profile_for({spec["name"]: tuple(v.shape) for spec, v in zip(self.inputs, values)})
+        key = (profile,) + tuple(tuple(v.shape) for v in values)
+        cached = self._shape_cache.get(key)
+        if cached is None:
+            results, captured = self._execute(self._steps[profile], values, None, capture=True)
+            if len(self._shape_cache) >= _SHAPE_CACHE_SIZE:
+                evicted = next(iter(self._shape_cache))
+                self._shape_cache.pop(evicted)
+                self._graphs.pop(evicted, None)
+            self._shape_cache[key] = captured
+            return results
+        if self.cuda_graphs:
+            entry = self._graphs.get(key, _MISSING)
+            if entry is _MISSING:
+                entry = self._graphs[key] = self._capture(profile, values, cached)
+            if entry is not None:
+                static_inputs, graph, outputs = entry
+                for buffer, value in zip(static_inputs, values):
+                    buffer.copy_(value)
+                graph.replay()
+                return {name: value.clone() if isinstance(value, torch.Tensor) else value for name, value in outputs.items()}
+        return self._execute(self._lean[profile], values, cached)[0]
+
+    def _capture(self, profile: int, values: list[torch.Tensor], cached: dict[int, Any]):
+        """A CUDA graph of the layers at this shape, or None when some layer cannot be captured."""
+        static_inputs = [v.clone() for v in values]
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize(self.device)
+        try:
+            with torch.cuda.graph(graph):
+                outputs = self._execute(self._lean[profile], static_inputs, cached)[0]
+        except Exception as error:  # noqa: BLE001 - an op that syncs or copies from the host: run uncaptured
+            self.graph_errors.append(f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}")
+            torch.cuda.synchronize(self.device)
+            return None
+        return static_inputs, graph, outputs
+
+    def _execute(self, steps: list[_Step], values: list[torch.Tensor], cached: dict[int, Any] | None, capture: bool = False):
         env: list[Any] = [None] * self._slot_count
         for slot, value in zip(self._input_slots, values):
             env[slot] = value
-        key = (profile,) + tuple(tuple(v.shape) for v in values)
-        cached = self._shape_cache.get(key)
         if cached is not None:
-            steps = self._lean[profile]
             for slot, value in cached.items():
                 env[slot] = value
-        else:
-            steps = self._steps[profile]
-            captured: dict[int, Any] = {}
-            wanted = dict(self._cached_slots)
+        captured: dict[int, Any] = {}
+        wanted = self._cached_slots
         saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         torch.backends.cudnn.benchmark = True
@@ -241,11 +298,17 @@ class Engine:
                     for s, value in zip(step.out_slots, outs):
                         if s is not None:
                             env[s] = value
-                    if cached is None and step.static:
+                    if capture and step.static:
                         for s in step.out_slots:
                             if s in wanted:
                                 value = env[s]
-                                captured[s] = value.cpu() if wanted[s] and isinstance(value, torch.Tensor) else value
+                                device_slot, host_slot = wanted[s]
+                                if device_slot is not None:
+                                    captured[device_slot] = value
+                                if host_slot is not None:
+                                    captured[host_slot] = value.cpu() if isinstance(value, torch.Tensor) else value
+                                    if host_slot != s:
+                                        env[host_slot] = captured[host_slot]
                     for s in step.free:
                         env[s] = None
                 results = {}
@@ -257,15 +320,13 @@ class Engine:
         except KilnError:
             raise
         except Exception as error:  # noqa: BLE001 - any layer failure is reported with its layer
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise
             where = f"layer {step.name!r}" if step is not None else "the engine"
             raise OpError(f"{self.name}: {where} failed: {type(error).__name__}: {error}") from error
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
-        if cached is None:
-            if len(self._shape_cache) >= _SHAPE_CACHE_SIZE:
-                self._shape_cache.pop(next(iter(self._shape_cache)))
-            self._shape_cache[key] = captured
-        return results
+        return results, captured
 
     def _check_feeds(self, feeds: Mapping[str, Any]) -> list[torch.Tensor]:
         names = [spec["name"] for spec in self.inputs]
