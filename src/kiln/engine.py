@@ -60,10 +60,6 @@ class _Step:
 _SHAPE_SOURCES = {"Shape", "Size"}
 _NOT_STATIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial",
                "Dropout", "If", "Loop", "Scan", "SequenceMap"}
-# (op, input) positions the reference ops read with ``tolist()``: a cached shape value is kept on
-# the CPU for them, so reading it does not wait for the GPU.
-_HOST_SHAPE_INPUTS = {("Reshape", 1), ("Expand", 1), ("Slice", 1), ("Slice", 2), ("Slice", 3), ("Slice", 4),
-                      ("Squeeze", 1), ("Unsqueeze", 1), ("ConstantOfShape", 0), ("Tile", 1), ("Split", 1)}
 _SHAPE_CACHE_SIZE = 32
 _MISSING = object()
 
@@ -263,7 +259,8 @@ class Engine:
             with torch.cuda.graph(graph):
                 outputs = self._execute(self._lean[profile], static_inputs, cached)[0]
         except Exception as error:  # noqa: BLE001 - an op that syncs or copies from the host: run uncaptured
-            self.graph_errors.append(f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}")
+            notes = " ".join(getattr(error, "__notes__", []))
+            self.graph_errors.append(f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''} {notes}".strip())
             torch.cuda.synchronize(self.device)
             return None
         return static_inputs, graph, outputs
@@ -321,6 +318,7 @@ class Engine:
             raise
         except Exception as error:  # noqa: BLE001 - any layer failure is reported with its layer
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                error.add_note(f"while capturing layer {step.name!r}" if step is not None else "while capturing")
                 raise
             where = f"layer {step.name!r}" if step is not None else "the engine"
             raise OpError(f"{self.name}: {where} failed: {type(error).__name__}: {error}") from error
@@ -504,7 +502,9 @@ def _host_position(layer: Mapping[str, Any], index: int) -> bool:
         return False
     for position, arg in enumerate(layer["attrs"].get("args", [])):
         if arg is not None and arg.get("input") == index:
-            return (layer["op_types"][0], position) in _HOST_SHAPE_INPUTS
+            from kiln.builder.tactics.node import HOST_INPUTS
+
+            return (layer["op_types"][0], position) in HOST_INPUTS
     return False
 
 

@@ -28,7 +28,7 @@ def _export(tmp_path, family, exporter):
     return path
 
 
-@pytest.mark.parametrize("precision,tol", [("fp32", 1e-4), ("fp16", 1e-2), ("tf32", 1e-3)])
+@pytest.mark.parametrize("precision,tol", [("fp32", 1e-4), ("fp16", 1e-2)])
 @pytest.mark.parametrize("family,exporter", CASES, ids=[f"{f}-{e}" for f, e in CASES])
 def test_engine_matches_onnxruntime_on_every_run(tmp_path, family, exporter, precision, tol):
     """Run 1 runs every layer, run 2 captures a CUDA graph, run 3 replays it: all three match."""
@@ -36,7 +36,7 @@ def test_engine_matches_onnxruntime_on_every_run(tmp_path, family, exporter, pre
     feeds = {k: v.numpy() for k, v in example_inputs(family, batch=3, seq=6, generator=torch.Generator().manual_seed(5)).items()}
     profile = Profile.from_lists(opt_shapes={k: v.shape for k, v in feeds.items()})
     flags = {} if precision == "fp32" else {precision: True}
-    engine = kiln.build(path, BuildConfig(device="cuda", opt_level=4, profiles=[profile], **flags))
+    engine = kiln.build(path, BuildConfig(device="cuda", opt_level=2, profiles=[profile], **flags))
     reference = run_onnxruntime(path, feeds)
     for _ in range(3):
         got = engine.run(feeds)
@@ -71,7 +71,8 @@ def test_each_tactic_alone_is_chosen_and_correct(rng, tactic, precision, tol):
     reference = next(t.name for t in registry.all_tactics() if t.reference and t.name.startswith(kind + "."))
     deny = [] if tactic == reference else [reference]
     flags = {} if precision == "fp32" else {precision: True}
-    engine = kiln.build(m, BuildConfig(device="cuda", opt_level=4, allow_tactics=[tactic], deny_tactics=deny,
+    level = 4 if tactic == "conv.nchw" and precision != "fp32" else 3  # NCHW is a level-4 layout alternative there
+    engine = kiln.build(m, BuildConfig(device="cuda", opt_level=level, allow_tactics=[tactic], deny_tactics=deny,
                                        precision_check=False, **flags))
     chosen = {layer["choices"][0]["tactic"] for layer in engine.plan["layers"] if layer["kind"] != "Node"}
     assert chosen == {tactic}

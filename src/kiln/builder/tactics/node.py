@@ -23,6 +23,12 @@ ACCUMULATE_FP32 = frozenset({
 PARAMETER_INPUTS = frozenset({("Resize", 1), ("Resize", 2), ("Upsample", 1), ("Range", 0), ("Range", 1), ("Range", 2)})
 
 
+# (op, input) positions the reference ops read with ``tolist()``: constants there stay on the CPU,
+# so reading them neither waits for the GPU nor breaks CUDA-graph capture.
+HOST_INPUTS = frozenset({("Reshape", 1), ("Expand", 1), ("Slice", 1), ("Slice", 2), ("Slice", 3), ("Slice", 4),
+                         ("Squeeze", 1), ("Unsqueeze", 1), ("ConstantOfShape", 0), ("Tile", 1), ("Split", 1)})
+
+
 def castable(op_type: str, index: int) -> bool:
     return (op_type, index) not in PARAMETER_INPUTS
 
@@ -57,11 +63,13 @@ class NodeReference(Tactic):
         step = context.node_step(layer.nodes[0])
         fn, op = step.fn, step.op
         plan = []
-        for arg in layer.attrs["args"]:
+        op_type = layer.op_types[0]
+        for position, arg in enumerate(layer.attrs["args"]):
             if arg is None:
                 plan.append((0, None))
             elif "weight" in arg:
-                plan.append((1, prepared[arg["weight"]]))
+                value = prepared[arg["weight"]]
+                plan.append((1, value.cpu() if (op_type, position) in HOST_INPUTS else value))
             else:
                 plan.append((2, arg["input"]))
         captured = layer.attrs.get("captured", [])
