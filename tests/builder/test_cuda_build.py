@@ -71,7 +71,9 @@ def test_each_tactic_alone_is_chosen_and_correct(rng, tactic, precision, tol):
     reference = next(t.name for t in registry.all_tactics() if t.reference and t.name.startswith(kind + "."))
     deny = [] if tactic == reference else [reference]
     flags = {} if precision == "fp32" else {precision: True}
-    level = 4 if tactic == "conv.nchw" and precision != "fp32" else 3  # NCHW is a level-4 layout alternative there
+    # layout alternatives come at level 4: NCHW in reduced precision, NHWC in fp32
+    alternative = (tactic == "conv.nchw" and precision != "fp32") or (tactic == "conv.nhwc" and precision == "fp32")
+    level = 4 if alternative else 3
     engine = kiln.build(m, BuildConfig(device="cuda", opt_level=level, allow_tactics=[tactic], deny_tactics=deny,
                                        precision_check=False, **flags))
     chosen = {layer["choices"][0]["tactic"] for layer in engine.plan["layers"] if layer["kind"] != "Node"}
