@@ -27,3 +27,32 @@ def weights(rng: np.random.Generator, *shape: int, dtype=np.float32) -> np.ndarr
 
 def node(op: str, inputs, outputs, name: str | None = None, **attrs) -> onnx.NodeProto:
     return helper.make_node(op, inputs, outputs, name=name or outputs[0], **attrs)
+
+
+def tiny_model(batch: int | str = 2) -> onnx.ModelProto:
+    """Conv(+bias) -> Add(residual) -> Relu -> MatMul(const) -> Add(const bias) -> Softmax -> Transpose:
+    four layers (conv+add+relu, matmul+add, softmax, transpose), as an onnx ModelProto."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "w"),
+        numpy_helper.from_array((rng.standard_normal(4) * 0.1).astype(np.float32), "b"),
+        numpy_helper.from_array((rng.standard_normal((8, 5)) * 0.3).astype(np.float32), "m"),
+        numpy_helper.from_array((rng.standard_normal(5) * 0.1).astype(np.float32), "mb"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c", "r"], ["s"], name="residual"),
+        helper.make_node("Relu", ["s"], ["a"], name="relu"),
+        helper.make_node("MatMul", ["a", "m"], ["mm"], name="matmul"),
+        helper.make_node("Add", ["mm", "mb"], ["z"], name="bias"),
+        helper.make_node("Softmax", ["z"], ["p"], name="softmax", axis=-1),
+        helper.make_node("Transpose", ["p"], ["y"], name="transpose", perm=[0, 1, 3, 2]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 6, 8]),
+         helper.make_tensor_value_info("r", TensorProto.FLOAT, [batch, 4, 6, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4, 5, 6])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)

@@ -14,7 +14,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
 from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -23,39 +22,12 @@ import kiln
 from kiln import BuildConfig, EngineLoadError, InputError, KilnError, Profile, load_engine
 from kiln.compare import diff, run_onnxruntime
 from kiln.engine import _digest
+from tests.builder.graphs import tiny_model
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 1e-2}
 
 
 # -- models and helpers ---------------------------------------------------------------------------
-
-def tiny_model(batch: int | str = 2) -> onnx.ModelProto:
-    """Conv(+bias) -> Add(residual) -> Relu -> MatMul(const) -> Add(const bias) -> Softmax -> Transpose."""
-    rng = np.random.default_rng(0)
-    inits = [
-        numpy_helper.from_array((rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32), "w"),
-        numpy_helper.from_array((rng.standard_normal(4) * 0.1).astype(np.float32), "b"),
-        numpy_helper.from_array((rng.standard_normal((8, 5)) * 0.3).astype(np.float32), "m"),
-        numpy_helper.from_array((rng.standard_normal(5) * 0.1).astype(np.float32), "mb"),
-    ]
-    nodes = [
-        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-        helper.make_node("Add", ["c", "r"], ["s"], name="residual"),
-        helper.make_node("Relu", ["s"], ["a"], name="relu"),
-        helper.make_node("MatMul", ["a", "m"], ["mm"], name="matmul"),
-        helper.make_node("Add", ["mm", "mb"], ["z"], name="bias"),
-        helper.make_node("Softmax", ["z"], ["p"], name="softmax", axis=-1),
-        helper.make_node("Transpose", ["p"], ["y"], name="transpose", perm=[0, 1, 3, 2]),
-    ]
-    graph = helper.make_graph(
-        nodes, "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 6, 8]),
-         helper.make_tensor_value_info("r", TensorProto.FLOAT, [batch, 4, 6, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4, 5, 6])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
-
 
 def feeds_for(batch: int = 2, seed: int = 1) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)

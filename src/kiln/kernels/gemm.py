@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from kiln.kernels.tanh import tanh as _tanh
+
 ACTIVATIONS = ("none", "relu", "gelu_erf", "gelu_tanh", "sigmoid", "silu")
 _INT32_LIMIT = 2**31  # offsets at or past this need 64-bit index math
 
@@ -70,15 +72,6 @@ WIDE_CONFIGS: tuple[GemmConfig, ...] = SHORT_CONFIGS + (
     GemmConfig(16, 64, 64, 8, 4, 4),
     GemmConfig(16, 128, 128, 8, 4, 3),
 )
-
-
-@triton.jit
-def _tanh(u):
-    # tl has no tanh in every version. With t = e^(-2|u|) in (0, 1] nothing overflows, and
-    # (1 - t) / (1 + t) tends to exactly 1 for large |u|.
-    t = tl.exp(-2.0 * tl.abs(u))
-    y = (1.0 - t) / (1.0 + t)
-    return tl.where(u < 0.0, -y, y)
 
 
 @triton.jit
