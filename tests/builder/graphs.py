@@ -9,10 +9,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 
 def model(nodes, inputs, outputs, initializers=(), opset: int = 17, elem=TensorProto.FLOAT) -> ir.Model:
-    """An ir.Model from nodes; inputs/outputs are (name, shape) pairs."""
+    """An ir.Model from nodes; inputs/outputs are (name, shape) pairs, or (name, shape, element type)."""
     graph = helper.make_graph(
         nodes, "g",
-        [helper.make_tensor_value_info(n, elem, s) for n, s in inputs],
+        [helper.make_tensor_value_info(i[0], i[2] if len(i) > 2 else elem, i[1]) for i in inputs],
         [helper.make_tensor_value_info(n, elem, s) for n, s in outputs],
         [numpy_helper.from_array(a, n) for n, a in initializers],
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 import torch
 from families import build, example_inputs, export
@@ -55,7 +56,17 @@ def _models(rng):
     softmax = model([node("Softmax", ["x"], ["y"], axis=-1)], [("x", [4, 8, 100])], [("y", [4, 8, 100])])
     chain = model([node("Mul", ["x", "r"], ["a"]), node("Tanh", ["a"], ["b"]), node("Add", ["b", "r"], ["y"])],
                   [("x", [4, 32, 64]), ("r", [64])], [("y", [4, 32, 64])])
-    return {"conv.nchw": conv, "conv.nhwc": conv, "conv.cudnn_fused": conv, "gemm.torch": gemm, "gemm.cublaslt": gemm,
+    from onnx import TensorProto
+
+    attention = model([node("Mul", ["q", "r"], ["qs"]), node("Mul", ["k", "r"], ["ks"]), node("MatMul", ["qs", "ks"], ["s"]),
+                       node("Where", ["m", "zero", "ninf"], ["bias"]), node("Add", ["s", "bias"], ["x"]),
+                       node("Softmax", ["x"], ["p"], axis=-1), node("IsNaN", ["p"], ["nan"]),
+                       node("Where", ["nan", "zero", "p"], ["pc"]), node("MatMul", ["pc", "v"], ["y"])],
+                      [("q", [4, 12, 64, 64]), ("k", [4, 12, 64, 64]), ("v", [4, 12, 64, 64]), ("m", [4, 1, 1, 64], TensorProto.BOOL)],
+                      [("y", [4, 12, 64, 64])],
+                      [("r", np.array(64 ** -0.25, np.float32)), ("zero", np.array(0.0, np.float32)),
+                       ("ninf", np.array(-np.inf, np.float32))])
+    return {"attention.torch": attention, "attention.sdpa": attention, "conv.nchw": conv, "conv.nhwc": conv, "conv.cudnn_fused": conv, "gemm.torch": gemm, "gemm.cublaslt": gemm,
             "gemm.triton": gemm, "layernorm.torch": norm, "layernorm.triton": norm, "softmax.torch": softmax,
             "softmax.triton": softmax, "pointwise.torch": chain, "pointwise.triton": chain}
 
@@ -78,7 +89,8 @@ def test_each_tactic_alone_is_chosen_and_correct(rng, tactic, precision, tol):
                                        precision_check=False, **flags))
     chosen = {layer["choices"][0]["tactic"] for layer in engine.plan["layers"] if layer["kind"] != "Node"}
     assert chosen == {tactic}
-    feeds = {v.name: rng.standard_normal([d for d in v.shape]).astype(np.float32) for v in m.graph.inputs}
+    feeds = {v.name: (rng.random(list(v.shape)) < 0.7) if v.dtype == ir.DataType.BOOL
+             else rng.standard_normal(list(v.shape)).astype(np.float32) for v in m.graph.inputs}
     got, ref = engine.run(feeds), kiln.Executor(m).run(feeds)
     for name in ref:
         assert relative_error(got[name].float().cpu(), ref[name].float()) <= tol

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import kiln
 from kiln.builder import BuildConfig
@@ -156,3 +157,66 @@ def test_fused_layer_runs_where_its_last_node_stood(rng):
                node("Identity", ["a"], ["a2"]), node("Add", ["c", "a2"], ["s"]), node("Relu", ["s"], ["y"])],
               [("x", [1, 8, 4, 4])], [("y", [1, 8, 4, 4])], [("w", weights(rng, 8, 8, 3, 3)), ("b", weights(rng, 8))])
     assert build_and_check(m, rng)[-1] == ("Conv", ["Conv", "Add", "Relu"])
+
+
+def _attention_nodes(cleanup: bool, post_scale: bool):
+    """scaled_dot_product_attention as the TorchScript exporter writes it (q and k each scaled by
+    sqrt(scale), a boolean mask turned into 0/-inf, NaN rows cleaned), or with one scale after the
+    MatMul and no clean-up."""
+    if post_scale:
+        nodes = [node("MatMul", ["q", "k"], ["t"]), node("Div", ["t", "d"], ["s"])]
+    else:
+        nodes = [node("Mul", ["q", "r"], ["qs"]), node("Mul", ["k", "r"], ["ks"]), node("MatMul", ["qs", "ks"], ["s"])]
+    nodes += [node("Where", ["m", "zero", "ninf"], ["bias"]), node("Add", ["s", "bias"], ["x"]),
+              node("Softmax", ["x"], ["p"], axis=-1)]
+    if cleanup:
+        nodes += [node("IsNaN", ["p"], ["nan"]), node("Where", ["nan", "zero", "p"], ["pc"]), node("MatMul", ["pc", "v"], ["y"])]
+    else:
+        nodes += [node("MatMul", ["p", "v"], ["y"])]
+    return nodes
+
+
+@pytest.mark.parametrize("cleanup,post_scale", [(True, False), (False, True)])
+def test_attention_becomes_one_layer(rng, cleanup, post_scale):
+    from onnx import TensorProto
+
+    inits = [("r", np.array(8 ** -0.25, np.float32)), ("d", np.array(8 ** 0.5, np.float32)),
+             ("zero", np.array(0.0, np.float32)), ("ninf", np.array(-np.inf, np.float32))]
+    m = model(_attention_nodes(cleanup, post_scale),
+              [("q", [2, 3, 5, 8]), ("k", [2, 3, 8, 6]), ("v", [2, 3, 6, 4]), ("m", [2, 1, 1, 6], TensorProto.BOOL)],
+              [("y", [2, 3, 5, 4])], inits)
+    engine = kiln.build(m, BuildConfig(device="cpu", opt_level=1))
+    kinds = [(layer["kind"], layer["op_types"]) for layer in engine.plan["layers"]]
+    assert ("Node", ["Where"]) in kinds and sum(k == "Attention" for k, _ in kinds) == 1
+    feeds = {n: rng.standard_normal(s).astype(np.float32) for n, s in (("q", (2, 3, 5, 8)), ("k", (2, 3, 8, 6)), ("v", (2, 3, 6, 4)))}
+    mask = rng.random((2, 1, 1, 6)) < 0.7
+    mask[1] = False  # every key masked for the second batch: NaN rows, cleaned to zeros (or NaN without the clean-up)
+    feeds["m"] = mask
+    for tactic in ("attention.torch", "attention.sdpa"):
+        engine = kiln.build(m, BuildConfig(device="cpu", opt_level=1, allow_tactics=[tactic],
+                                           deny_tactics=[] if tactic == "attention.torch" else ["attention.torch"]))
+        got, ref = engine.run(feeds)["y"], kiln.Executor(m).run(feeds)["y"]
+        assert relative_error(got, ref) <= 1e-4, tactic
+        assert bool(torch.isnan(got[1]).all()) == (not cleanup)
+
+
+def test_attention_probabilities_read_elsewhere_stay_unfused(rng):
+    inits = [("r", np.array(0.5, np.float32)), ("zero", np.array(0.0, np.float32)), ("ninf", np.array(-1e9, np.float32))]
+    nodes = [node("MatMul", ["q", "k"], ["s"]), node("Softmax", ["s"], ["p"], axis=-1), node("MatMul", ["p", "v"], ["y"])]
+    m = model(nodes, [("q", [1, 2, 4, 8]), ("k", [1, 2, 8, 4]), ("v", [1, 2, 4, 8])], [("y", [1, 2, 4, 8]), ("p", [1, 2, 4, 4])], inits)
+    assert build_and_check(m, rng) == [("Node", ["MatMul"]), ("Softmax", ["Softmax"]), ("Node", ["MatMul"])]
+
+
+@pytest.mark.parametrize("form", ["torchscript", "half_first"])
+def test_erf_gelu_after_a_gemm_is_its_activation(rng, form):
+    inits = [("w", weights(rng, 8, 16)), ("b", weights(rng, 16)), ("sq", np.array(2 ** 0.5, np.float32)),
+             ("one", np.array(1.0, np.float32)), ("half", np.array(0.5, np.float32))]
+    head = [node("MatMul", ["x", "w"], ["m"]), node("Add", ["m", "b"], ["h"]), node("Div", ["h", "sq"], ["d"]),
+            node("Erf", ["d"], ["e"]), node("Add", ["e", "one"], ["a"])]
+    if form == "torchscript":
+        tail = [node("Mul", ["h", "a"], ["g"]), node("Mul", ["g", "half"], ["y"])]
+    else:
+        tail = [node("Mul", ["h", "half"], ["g"]), node("Mul", ["g", "a"], ["y"])]
+    m = model(head + tail, [("x", [2, 3, 8])], [("y", [2, 3, 16])], inits)
+    layers = build_and_check(m, rng)
+    assert len(layers) == 1 and layers[0][0] == "Gemm" and len(layers[0][1]) == 7

@@ -112,4 +112,4 @@ def reference_for(kind: str) -> Tactic:
 
 
 def _load() -> None:
-    from kiln.builder.tactics import conv, gemm, node, norm, pointwise  # noqa: F401  (registers)
+    from kiln.builder.tactics import attention, conv, gemm, node, norm, pointwise  # noqa: F401  (registers)
