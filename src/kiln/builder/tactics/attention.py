@@ -21,7 +21,8 @@ def _nan_to_zero(y: torch.Tensor) -> torch.Tensor:
 
 @tactic
 class AttentionTorch(Tactic):
-    """The reference: the decomposition as the model states it, one op at a time."""
+    """The reference: the decomposition as the model states it, one op at a time, in fp32 whatever the
+    layer's precision (scores, softmax and the weighted sum all accumulate in fp32, as SDPA's do)."""
 
     name = "attention.torch"
     kind = "Attention"
@@ -31,16 +32,16 @@ class AttentionTorch(Tactic):
         scale, has_mask, clean = layer.attrs["scale"], layer.attrs["mask"], layer.attrs["nan_to_zero"]
 
         def run(inputs):
-            q, k, v = inputs[:3]
+            q, k, v = (t.float() for t in inputs[:3])
             scores = torch.matmul(q, k)
             if scale != 1.0:
                 scores = scores * scale
             if has_mask:
-                scores = scores + inputs[3]
+                scores = scores + inputs[3].float()
             p = torch.softmax(scores, -1)
             if clean:
                 p = _nan_to_zero(p)
-            return [torch.matmul(p, v)]
+            return [torch.matmul(p, v).to(inputs[0].dtype)]
 
         return run
 
@@ -63,7 +64,9 @@ class AttentionSDPA(Tactic):
         def run(inputs):
             q, k, v = inputs[:3]
             mask = inputs[3].to(q.dtype) if has_mask else None
-            y = F.scaled_dot_product_attention(q, k.transpose(-2, -1), v, attn_mask=mask, scale=scale)
+            # the fused kernels need unit stride on the last axis: k arrives as [..., D, S]
+            k = k.transpose(-2, -1).contiguous()
+            y = F.scaled_dot_product_attention(q.contiguous(), k, v.contiguous(), attn_mask=mask, scale=scale)
             if clean:
                 return [_nan_to_zero(y)]
             if has_mask:  # a row whose every key is masked with -inf is NaN in the model; SDPA may give 0
