@@ -299,3 +299,15 @@ def export(model: nn.Module, inputs: dict, path, exporter: str, opset: int) -> N
         shapes = tuple({0: batch, 1: seq} if text else {0: batch} for _ in names)
         torch.onnx.export(model, args, str(path), input_names=names, opset_version=opset, dynamo=True,
                           dynamic_shapes=shapes, verbose=False)
+
+
+def export_family(folder, family: str, exporter: str):
+    """The family's model exported into ``folder`` at the exporter's usual opset (TorchScript 17,
+    dynamo 18), exporter warnings silenced; returns the path."""
+    import warnings
+
+    path = folder / f"{family}_{exporter}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export(build(family), example_inputs(family), path, exporter, 17 if exporter == "torchscript" else 18)
+    return path

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from families import TEXT, VISION, build, example_inputs, export
+from families import TEXT, VISION, example_inputs, export_family
 
 import kiln
 from kiln.builder import BuildConfig, Profile
@@ -18,14 +18,6 @@ from kiln.builder.tactics import Tactic
 from kiln.compare import run_onnxruntime
 from kiln.errors import InputError, KilnError
 from tests.builder.graphs import model, node, weights
-
-
-def _export(tmp_path, family, exporter):
-    path = tmp_path / f"{family}_{exporter}.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        export(build(family), example_inputs(family), path, exporter, 17 if exporter == "torchscript" else 18)
-    return path
 
 
 def _feeds(family, batch=3, seq=6):
@@ -44,7 +36,7 @@ CASES = [(f, e) for f in sorted(VISION) + sorted(TEXT) for e in ("torchscript", 
 @pytest.mark.slow
 @pytest.mark.parametrize("family,exporter", CASES, ids=[f"{f}-{e}" for f, e in CASES])
 def test_fp32_engine_matches_onnxruntime(tmp_path, family, exporter):
-    path = _export(tmp_path, family, exporter)
+    path = export_family(tmp_path, family, exporter)
     feeds = _feeds(family)
     engine = kiln.build(path, BuildConfig(device="cpu", opt_level=1, profiles=[_profile(feeds)]))
     got = engine.run(feeds)
@@ -60,7 +52,7 @@ LOW = [("resnet", "torchscript", "fp16"), ("mobilenet_v3", "dynamo", "fp16"), ("
 @pytest.mark.slow
 @pytest.mark.parametrize("family,exporter,precision", LOW, ids=["-".join(c) for c in LOW])
 def test_reduced_precision_engine_within_1e_2(tmp_path, family, exporter, precision):
-    path = _export(tmp_path, family, exporter)
+    path = export_family(tmp_path, family, exporter)
     feeds = _feeds(family)
     engine = kiln.build(path, BuildConfig(device="cpu", opt_level=1, profiles=[_profile(feeds)], **{precision: True}))
     assert any(layer["precision"] == precision for layer in engine.plan["layers"])
@@ -70,7 +62,7 @@ def test_reduced_precision_engine_within_1e_2(tmp_path, family, exporter, precis
 
 
 def test_dynamic_profiles_pick_tactics_per_profile_and_run_any_shape_inside(tmp_path):
-    path = _export(tmp_path, "bert", "torchscript")
+    path = export_family(tmp_path, "bert", "torchscript")
     small, large = _feeds("bert", 1, 4), _feeds("bert", 4, 8)
     profiles = [_profile(small), _profile(large, _feeds("bert", 2, 5), _feeds("bert", 6, 8))]
     engine = kiln.build(path, BuildConfig(device="cpu", opt_level=1, profiles=profiles))
@@ -85,7 +77,7 @@ def test_dynamic_profiles_pick_tactics_per_profile_and_run_any_shape_inside(tmp_
 
 
 def test_dynamic_input_without_a_profile_is_refused(tmp_path):
-    path = _export(tmp_path, "resnet", "torchscript")
+    path = export_family(tmp_path, "resnet", "torchscript")
     with pytest.raises(InputError, match="--opt-shapes"):
         kiln.build(path, BuildConfig(device="cpu"))
 

@@ -37,13 +37,6 @@ def one_line_error(capsys) -> str:
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "tiny.onnx"
-    onnx.save(tiny_model(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def dynamic_model_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("dynamic") / "dyn.onnx"
     onnx.save(tiny_model("batch"), path)

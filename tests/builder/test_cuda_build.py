@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
-from families import build, example_inputs, export
+from families import example_inputs, export_family
 
 import kiln
 from kiln.builder import BuildConfig, Profile
@@ -21,19 +19,13 @@ pytestmark = pytest.mark.cuda
 CASES = [("resnet", "torchscript"), ("bert", "torchscript"), ("gpt2", "dynamo"), ("vit", "dynamo"), ("convnext", "torchscript")]
 
 
-def _export(tmp_path, family, exporter):
-    path = tmp_path / f"{family}_{exporter}.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        export(build(family), example_inputs(family), path, exporter, 17 if exporter == "torchscript" else 18)
-    return path
 
 
 @pytest.mark.parametrize("precision,tol", [("fp32", 1e-4), ("fp16", 1e-2)])
 @pytest.mark.parametrize("family,exporter", CASES, ids=[f"{f}-{e}" for f, e in CASES])
 def test_engine_matches_onnxruntime_on_every_run(tmp_path, family, exporter, precision, tol):
     """Run 1 runs every layer, run 2 captures a CUDA graph, run 3 replays it: all three match."""
-    path = _export(tmp_path, family, exporter)
+    path = export_family(tmp_path, family, exporter)
     feeds = {k: v.numpy() for k, v in example_inputs(family, batch=3, seq=6, generator=torch.Generator().manual_seed(5)).items()}
     profile = Profile.from_lists(opt_shapes={k: v.shape for k, v in feeds.items()})
     flags = {} if precision == "fp32" else {precision: True}

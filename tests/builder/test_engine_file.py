@@ -69,13 +69,6 @@ def header_span(data: bytes) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "tiny.onnx"
-    onnx.save(tiny_model(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def engine_path(model_path, tmp_path_factory):
     path = tmp_path_factory.mktemp("engine") / "tiny.kiln"
     kiln.build(model_path, cpu_config()).save(path)
