@@ -311,3 +311,87 @@ def test_sparse_attribute_is_refused_with_a_kiln_error():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(kiln.KilnError, match="sparse"):
         kiln.Executor(kiln.load_model_proto(model, name="sparse"))
+
+
+# -- the skeleton: large weights skip the checker and shape inference -------------------------------
+
+
+def _weighted_model(ir_version: int = 8) -> onnx.ModelProto:
+    """x [2, 64] @ W [64, 64] (a large float weight) -> Reshape by a small int64 shape -> Relu."""
+    rng = np.random.default_rng(3)
+    w = onnx.numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "W")
+    shape = onnx.numpy_helper.from_array(np.array([4, 32], dtype=np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+         helper.make_node("Reshape", ["h", "shape"], ["r"], name="reshape"),
+         helper.make_node("Relu", ["r"], ["y"], name="relu")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 32])], [w, shape],
+    )
+    if ir_version < 4:  # old models list their initializers among the inputs
+        graph.input.extend([helper.make_tensor_value_info("W", TensorProto.FLOAT, [64, 64]),
+                            helper.make_tensor_value_info("shape", TensorProto.INT64, [2])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=ir_version)
+
+
+@pytest.mark.parametrize("ir_version", [3, 8])
+def test_skeleton_infers_what_the_full_model_infers(tmp_path, ir_version):
+    """Shapes inferred without the weight (its value) equal those onnx infers with it; the weight is
+    back as an initializer, not an input, and the model computes x @ W reshaped."""
+    proto = _weighted_model(ir_version)
+    path = tmp_path / "w.onnx"
+    onnx.save(proto, path)
+    model = load_model(path)
+    full = onnx.shape_inference.infer_shapes(proto)
+    expected = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in full.graph.value_info}
+    got = {v.name: list(v.shape) for n in model.graph for v in n.outputs if v.name in expected}
+    assert got == expected == {"h": [2, 64], "r": [4, 32]}
+    assert list(model.graph.outputs[0].shape) == [4, 32]
+    assert "W" in model.graph.initializers and [v.name for v in model.graph.inputs] == (
+        ["x", "W", "shape"] if ir_version < 4 else ["x"]
+    )
+    x = np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)
+    w = onnx.numpy_helper.to_array(proto.graph.initializer[0])
+    y = kiln.Executor(model).run({"x": x})["y"].numpy()
+    np.testing.assert_allclose(y, np.maximum(x @ w, 0).reshape(4, 32), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["short", "long", "two-fields", "float-data-count"])
+def test_weight_with_wrong_amount_of_data_is_refused(tmp_path, damage):
+    """A weight that leaves the skeleton is still checked: its stored values must match its dims."""
+    proto = _weighted_model()
+    w = proto.graph.initializer[0]
+    if damage == "short":
+        w.raw_data = w.raw_data[:-4]
+    elif damage == "long":
+        w.raw_data = w.raw_data + b"\0" * 8
+    elif damage == "two-fields":
+        w.float_data.extend([1.0] * 4096)
+    else:
+        values = np.frombuffer(w.raw_data, dtype=np.float32)
+        w.ClearField("raw_data")
+        w.float_data.extend(values[:-1].tolist())
+    path = tmp_path / "w.onnx"
+    path.write_bytes(proto.SerializeToString())
+    with pytest.raises(ModelLoadError, match=r"w\.onnx: initializer 'W'"):
+        load_model(path)
+
+
+def test_weight_in_float_data_loads(tmp_path):
+    proto = _weighted_model()
+    w = proto.graph.initializer[0]
+    values = np.frombuffer(w.raw_data, dtype=np.float32).copy()
+    w.ClearField("raw_data")
+    w.float_data.extend(values.tolist())
+    path = tmp_path / "w.onnx"
+    path.write_bytes(proto.SerializeToString())
+    x = np.ones((2, 64), dtype=np.float32)
+    y = kiln.Executor(load_model(path)).run({"x": x})["y"].numpy()
+    np.testing.assert_allclose(y, np.maximum(x @ values.reshape(64, 64), 0).reshape(4, 32), rtol=1e-5)
+
+
+def test_external_weight_whose_length_disagrees_with_its_dims(tmp_path):
+    path = _save_external(tmp_path)
+    _set_location(path, "weights.bin", length="8")
+    with pytest.raises(ModelLoadError, match="external data of 8 bytes"):
+        load_model(path)

@@ -9,6 +9,8 @@ stay numpy object arrays: torch has no string dtype. ONNX types torch cannot hol
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import onnx_ir as ir
 import torch
@@ -75,14 +77,20 @@ def tensor_from_numpy(array: np.ndarray, device: torch.device | str = "cpu") -> 
     torch_dtype = TORCH_DTYPES.get(onnx_type)
     if torch_dtype is None:
         raise KeyError(onnx_type)
-    # C order and writable (torch refuses to share read-only memory, e.g. onnx-ir's initializers);
-    # np.ascontiguousarray would also make a 0-d array 1-d.
-    array = np.require(array, requirements=["C", "W"])
+    # C order (np.ascontiguousarray would also make a 0-d array 1-d), and writable for a CPU result:
+    # a tensor must not share read-only memory such as onnx-ir's initializers. Bound for a GPU, the
+    # read-only view lives only until the copy to the device, which saves copying the weights twice.
+    staying = torch.device(device).type == "cpu"
+    array = np.require(array, requirements=["C", "W"] if staying else ["C"])
     if array.dtype.type.__module__.startswith("ml_dtypes") or array.dtype.names is not None:
         bits_np, bits_torch = _BITS_VIEW[array.dtype.itemsize]
-        tensor = torch.from_numpy(array.view(bits_np)).view(torch_dtype)
+        array, view_as = array.view(bits_np), torch_dtype
     else:
+        view_as = None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         tensor = torch.from_numpy(array)
+    tensor = tensor.view(view_as) if view_as is not None else tensor
     return tensor.to(device)
 
 

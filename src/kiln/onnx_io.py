@@ -15,6 +15,13 @@ Model-local functions are inlined and onnx's shape inference runs, so the IR car
 shapes the builder needs. For a file, onnx's native checks run first in a child process, so a file
 that crashes onnx's C++ code yields a ``ModelLoadError`` instead of killing the caller; a
 ``ModelProto`` given in memory is the caller's own object and skips that step.
+
+onnx's checker and shape inference run on a *skeleton* of the model: the graph with its large
+floating-point initializers turned into typed graph inputs. Shape inference reads initializer values
+only for shape-like inputs (integers, and small float ``scales``), so it infers the same types; the
+weights themselves (hundreds of MB for BERT) are then not copied, serialized and parsed again by
+each check. Their storage is checked by ``_check_tensor_storage`` instead (one value field, as many
+bytes as the dims say).
 """
 
 from __future__ import annotations
@@ -58,8 +65,12 @@ def load_model(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYT
             f"{label}: the file is {size:,} bytes, over the {max_bytes:,}-byte limit "
             "(raise it with --max-model-bytes or KILN_MAX_MODEL_BYTES)"
         )
-    proto = _parse(path.read_bytes(), label)
-    return load_model_proto(proto, name=label, base_dir=path.parent, max_bytes=max_bytes - size, _path=path)
+    native = _NativeChecks()  # the child starts its interpreter while this one parses the file
+    try:
+        proto = _parse(path.read_bytes(), label)
+        return load_model_proto(proto, name=label, base_dir=path.parent, max_bytes=max_bytes - size, _native=native)
+    finally:
+        native.close()
 
 
 def load_model_proto(
@@ -68,7 +79,7 @@ def load_model_proto(
     name: str = "model",
     base_dir: str | os.PathLike[str] | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
-    _path: Path | None = None,
+    _native: _NativeChecks | None = None,
 ) -> ir.Model:
     """Check and convert a ModelProto already in memory. External data is read from ``base_dir``."""
     _check_structure(proto, name)
@@ -77,26 +88,26 @@ def load_model_proto(
         if base_dir is None:
             raise ModelLoadError(f"{name}: the model references external data but no folder to read it from was given")
         _check_external_data(external, Path(base_dir), name, max_bytes)
-    if _path is None:
-        # In memory, onnx's checker needs the external data itself; given the file, it reads it there.
-        if external:
-            external_data_helper.load_external_data_for_model(proto, str(base_dir))
-    else:
-        _survives_native_checks(_path, name)
-    proto = _check_and_infer(proto, _path, name)
-    if external and _path is not None:
-        external_data_helper.load_external_data_for_model(proto, str(base_dir))
+    skeleton, weights, added_inputs = _skeleton(proto, name)
+    if external:
+        # what stays in the skeleton is small: the checker and shape inference see its values
+        external_data_helper.load_external_data_for_model(skeleton, str(base_dir))
+    if _native is not None:
+        _native.check(skeleton, name)
+    inferred = _check_and_infer(skeleton, name)
+    full = _with_weights(inferred, weights, added_inputs)
+    if external:
+        external_data_helper.load_external_data_for_model(full, str(base_dir))
     try:
-        return ir.serde.deserialize_model(proto)
+        return ir.serde.deserialize_model(full)
     except Exception as error:  # noqa: BLE001 - onnx-ir wraps what it cannot read in several types
         raise ModelLoadError(f"{name}: cannot convert the model to kiln's IR: {_first_line(error)}") from error
 
 
-def _check_and_infer(proto: onnx.ModelProto, path: Path | None, name: str) -> onnx.ModelProto:
-    """onnx's checker, kiln's own checks, function inlining and shape inference."""
+def _check_and_infer(proto: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """onnx's checker, kiln's own checks, function inlining and shape inference (on the skeleton)."""
     try:
-        # Given the file, the checker finds external data beside it and handles models over 2 GB.
-        onnx.checker.check_model(str(path) if path is not None else proto)
+        onnx.checker.check_model(proto)
     except (onnx.checker.ValidationError, ValueError) as error:
         raise ModelLoadError(f"{name}: not a valid ONNX model: {_first_line(error)}") from error
     _check_opsets(proto, name)
@@ -113,14 +124,14 @@ def _check_and_infer(proto: onnx.ModelProto, path: Path | None, name: str) -> on
         raise ModelLoadError(f"{name}: shape inference failed: {_first_line(error)}") from error
 
 
-# Run in a fresh interpreter on the model file: the same native checks load_model makes.
+# Run in a fresh interpreter on the skeleton (read from stdin): the native checks load_model makes.
 _NATIVE_CHECKS = """
 import sys
 import onnx, onnx.inliner
-path = sys.argv[1]
+data = sys.stdin.buffer.read()
 try:
-    proto = onnx.load_model_from_string(open(path, "rb").read())
-    onnx.checker.check_model(path)
+    proto = onnx.load_model_from_string(data)
+    onnx.checker.check_model(proto)
     if proto.functions:
         proto = onnx.inliner.inline_local_functions(proto)
     onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=False)
@@ -129,18 +140,136 @@ except Exception:
 """
 
 
-def _survives_native_checks(path: Path, name: str) -> None:
-    """Run onnx's C++ checker, inliner and shape inference on the file in a child process first.
+class _NativeChecks:
+    """onnx's C++ checker, inliner and shape inference on the skeleton, in a child process first.
 
     A malformed file can crash native code outright; in a child that costs a ModelLoadError, not
     the caller's process. A fresh interpreter rather than fork(): forking a process whose other
-    threads hold locks can deadlock the child.
+    threads hold locks can deadlock the child. It is started before the file is parsed, so its
+    start-up overlaps the parse.
     """
-    result = subprocess.run([sys.executable, "-c", _NATIVE_CHECKS, str(path)], capture_output=True)
-    if result.returncode < 0:
+
+    def __init__(self) -> None:
+        self.child = subprocess.Popen(
+            [sys.executable, "-c", _NATIVE_CHECKS], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+
+    def check(self, skeleton: onnx.ModelProto, name: str) -> None:
+        try:
+            self.child.communicate(skeleton.SerializeToString())
+        except BrokenPipeError:  # it died before reading: wait() below reports how
+            self.child.wait()
+        if self.child.returncode < 0:
+            raise ModelLoadError(
+                f"{name}: onnx's checker or shape inference crashed on this model (signal {-self.child.returncode}); "
+                "the file is malformed or hostile"
+            )
+
+    def close(self) -> None:
+        if self.child.poll() is None:
+            self.child.kill()
+            self.child.wait()
+        for stream in (self.child.stdin, self.child.stdout, self.child.stderr):
+            if stream is not None and not stream.closed:
+                stream.close()
+
+
+# Floating-point initializers larger than this leave the skeleton (see the module docstring).
+_SKELETON_LIMIT = 1024
+_FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ, onnx.TensorProto.FLOAT8E5M2,
+    onnx.TensorProto.FLOAT8E5M2FNUZ,
+}
+# the typed field each float element type stores its values in, when not in raw_data
+_VALUE_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def _skeleton(proto: onnx.ModelProto, name: str) -> tuple[onnx.ModelProto, list[onnx.TensorProto], list[str]]:
+    """The model with its large float initializers (top graph) as typed graph inputs, the weights
+    taken out (their storage checked), and the names of the inputs that were added for them."""
+    skeleton = onnx.ModelProto()
+    for field, value in proto.ListFields():
+        if field.name != "graph":
+            _copy_field(skeleton, field, value)
+    graph = proto.graph
+    for field, value in graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(skeleton.graph, field, value)
+    declared = {value.name for value in graph.input}
+    weights, added = [], []
+    for tensor in graph.initializer:
+        if tensor.data_type in _FLOAT_TYPES and _stored_bytes(tensor) > _SKELETON_LIMIT:
+            _check_tensor_storage(tensor, name)
+            weights.append(tensor)
+            if tensor.name not in declared:
+                skeleton.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+                added.append(tensor.name)
+        else:
+            skeleton.graph.initializer.append(tensor)
+    return skeleton, weights, added
+
+
+def _copy_field(target, field, value) -> None:
+    if field.is_repeated:
+        getattr(target, field.name).extend(value)
+    elif field.type == field.TYPE_MESSAGE:
+        getattr(target, field.name).CopyFrom(value)
+    else:
+        setattr(target, field.name, value)
+
+
+def _with_weights(inferred: onnx.ModelProto, weights: list[onnx.TensorProto], added: list[str]) -> onnx.ModelProto:
+    """The inferred skeleton with the weights back as initializers and their stand-in inputs gone."""
+    if added:
+        gone = set(added)
+        kept = [value for value in inferred.graph.input if value.name not in gone]
+        del inferred.graph.input[:]
+        inferred.graph.input.extend(kept)
+    inferred.graph.initializer.extend(weights)
+    return inferred
+
+
+def _stored_bytes(tensor: onnx.TensorProto) -> int:
+    """The bytes its dims declare (external data counts as large: exporters store only large tensors there)."""
+    if external_data_helper.uses_external_data(tensor):
+        return _SKELETON_LIMIT + 1
+    count = 1
+    for d in tensor.dims:
+        count *= max(d, 0)
+    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def _check_tensor_storage(tensor: onnx.TensorProto, name: str) -> None:
+    """What onnx's checker would say of a weight that left the skeleton, and that its data is whole."""
+    where = f"{name}: initializer {tensor.name!r}"
+    if any(d < 0 for d in tensor.dims):
+        raise ModelLoadError(f"{where} has a negative dimension {list(tensor.dims)}")
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    fields = [f for f in _VALUE_FIELDS if len(getattr(tensor, f))]
+    if tensor.HasField("raw_data"):
+        fields.append("raw_data")
+    if external_data_helper.uses_external_data(tensor):
+        info = external_data_helper.ExternalDataInfo(tensor)
+        if fields:
+            raise ModelLoadError(f"{where} has both external data and values in the file")
+        if info.length is not None and info.length != count * itemsize:
+            raise ModelLoadError(
+                f"{where} has dims {list(tensor.dims)} ({count * itemsize:,} bytes) but external data of {info.length:,} bytes"
+            )
+        return
+    if len(fields) != 1:
+        raise ModelLoadError(f"{where} must hold its values in exactly one field, found {fields or 'none'}")
+    stored = len(tensor.raw_data) if fields[0] == "raw_data" else len(getattr(tensor, fields[0]))
+    expected = count * itemsize if fields[0] == "raw_data" else count
+    if stored != expected:
+        unit = "bytes" if fields[0] == "raw_data" else "values"
         raise ModelLoadError(
-            f"{name}: onnx's checker or shape inference crashed on this model (signal {-result.returncode}); "
-            "the file is malformed or hostile"
+            f"{where} has dims {list(tensor.dims)} ({expected:,} {unit}) but holds {stored:,} {unit}; the file is truncated or corrupt"
         )
 
 

@@ -695,21 +695,32 @@ def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 def measure(fn: Callable[[], Any], device: torch.device, reps: int = 5) -> float:
     """Median milliseconds per call: warm-up, then ``reps`` batches of back-to-back calls, timed with
-    CUDA events on a side stream (never the default stream), or with perf_counter on CPU."""
+    CUDA events on a side stream (never the default stream), or with perf_counter on CPU.
+
+    On CUDA each batch is queued behind a GPU sleep longer than the host takes to launch it, so the
+    events measure GPU time alone. An engine replays its layers from a CUDA graph, where host launch
+    cost is gone; timing it here would favour kernels with cheap launches (cuBLAS over Triton) for
+    small layers whose kernels finish before the next launch arrives.
+    """
     if device.type == "cuda":
         stream = torch.cuda.Stream(device)
         with torch.cuda.stream(stream):
             for _ in range(2):
                 fn()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            stream.synchronize()
+            t0 = time.perf_counter()
             start.record()
             fn()
             end.record()
+            launch_s = time.perf_counter() - t0
             end.synchronize()
             estimate = max(start.elapsed_time(end), 1e-3)
             iters = max(1, min(100, int(0.5 / estimate)))
             times = []
             for _ in range(reps):
+                # twice the host's launch time for the batch, in GPU clock cycles (at most ~50 ms)
+                _gpu_sleep(min(2.0 * launch_s * iters + 1e-4, 0.05), device)
                 start.record()
                 for _ in range(iters):
                     fn()
@@ -730,6 +741,25 @@ def measure(fn: Callable[[], Any], device: torch.device, reps: int = 5) -> float
             fn()
         times.append((time.perf_counter() - t0) * 1e3 / iters)
     return statistics.median(times)
+
+
+_CYCLES_PER_S: dict[int, float] = {}
+
+
+def _gpu_sleep(seconds: float, device: torch.device) -> None:
+    """Keep the current stream busy for about ``seconds`` (``torch.cuda._sleep`` spins for a number of
+    clock cycles; the rate is measured once per device)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CYCLES_PER_S:
+        cycles = 1_000_000
+        torch.cuda._sleep(cycles)  # warm-up
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        _CYCLES_PER_S[index] = cycles / max(start.elapsed_time(end) / 1e3, 1e-6)
+    torch.cuda._sleep(int(seconds * _CYCLES_PER_S[index]))
 
 
 def _workspace(run, inputs, device: torch.device) -> int | None:

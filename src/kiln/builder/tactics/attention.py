@@ -4,7 +4,8 @@
 additive and broadcasts). SDPA runs it as one fused kernel (FlashAttention or memory-efficient
 attention on the GPU) without writing the ``L x S`` score matrix. Where the exporter cleaned up fully
 masked rows (``Where(IsNaN(p), 0, p)``), both tactics return zeros for them; where it did not, both
-return NaN there, as the model does.
+return NaN there, as the model does. SDPA cleans the output rather than the probabilities, which
+is the same except where ``v`` itself holds NaN (the model keeps that NaN, SDPA gives 0).
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ from kiln.builder.tactics import Tactic, tactic
 
 def _nan_to_zero(y: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(y), torch.zeros((), dtype=y.dtype, device=y.device), y)
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last axis has unit stride (a transposed view of a projection usually
+    has: the fused kernels read such views in place), else a contiguous copy."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
 @tactic
@@ -64,11 +71,16 @@ class AttentionSDPA(Tactic):
         def run(inputs):
             q, k, v = inputs[:3]
             mask = inputs[3].to(q.dtype) if has_mask else None
-            # the fused kernels need unit stride on the last axis: k arrives as [..., D, S]
-            k = k.transpose(-2, -1).contiguous()
-            y = F.scaled_dot_product_attention(q.contiguous(), k, v.contiguous(), attn_mask=mask, scale=scale)
+            # The fused kernels need unit stride on the last axis. k arrives as [..., D, S]: when it
+            # is the exporter's Transpose of [..., S, D] (a view), transposing back costs no copy.
+            k = _unit_stride(k.transpose(-2, -1))
+            y = F.scaled_dot_product_attention(_unit_stride(q), k, _unit_stride(v), attn_mask=mask, scale=scale)
             if clean:
-                return [_nan_to_zero(y)]
+                # A softmax row is NaN all through or not at all (one NaN or +inf score poisons its
+                # sum), so zeroing NaN outputs equals zeroing NaN probabilities; in place, one
+                # kernel, and the output keeps SDPA's layout so the exporter's Transpose + Reshape
+                # after it stay views.
+                return [y.nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf"))]
             if has_mask:  # a row whose every key is masked with -inf is NaN in the model; SDPA may give 0
                 y = y.masked_fill(torch.isneginf(mask).all(-1, keepdim=True), float("nan"))
             return [y]
