@@ -44,7 +44,7 @@ from kiln.ops import lookup
 from kiln.ops.registry import canonical_domain
 
 # Highest opset of each domain kiln implements (onnx 1.23's: its node tests are kiln's conformance suite).
-MAX_OPSETS = {"": 28, "ai.onnx.ml": 5, "ai.onnx.preview.training": 1, "ai.onnx.preview": 1}
+MAX_OPSETS = {"": 28, "ai.onnx.ml": 5, "ai.onnx.preview.training": 1, "ai.onnx.preview": 1, "ai.kiln": 1}
 
 DEFAULT_MAX_BYTES = int(os.environ.get("KILN_MAX_MODEL_BYTES", 8 << 30))
 

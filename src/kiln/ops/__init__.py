@@ -8,6 +8,7 @@ from kiln.ops import (  # noqa: F401 - importing registers the ops
     cast,
     control_flow,
     image,
+    kiln_domain,
     math,
     misc,
     nn,

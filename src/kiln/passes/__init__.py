@@ -1,0 +1,299 @@
+"""Graph passes: each performance rule of the playbook as a checked rewrite of the ONNX IR.
+
+A pass is one module of this package and one ``Pass`` subclass registered with ``@register_pass``.
+It has two halves that share one matcher, so the advisor and the rewrite never disagree:
+
+- ``find(model, ctx)`` lists every place the rule applies as ``Finding`` objects and changes nothing
+  (``kiln doctor`` reports them);
+- ``apply(model, ctx)`` rewrites those places in the IR and returns how many it rewrote.
+
+A pass that cannot prove its precondition (a shape it does not know, a weight that is not constant,
+a value with another consumer or that is a graph output) leaves that place alone. New nodes get
+unique names, new values get their dtype and shape where known. Passes emit standard ONNX ops; the
+fused ops ONNX lacks at the model's opset live in the ``ai.kiln`` domain (``kiln.ops.kiln_domain``)
+and are emitted only when ``ctx.kiln_ops`` is true (the builder; ``kiln optimize --kiln-ops``).
+
+``run_passes`` runs the registered passes in ``ORDER`` (or a chosen subset) and returns a report.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import onnx_ir as ir
+
+from kiln.errors import KilnError
+
+KILN_DOMAIN = "ai.kiln"
+KILN_DOMAIN_VERSION = 1
+
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "int8", "fp8")
+# Tensor-core alignment (elements) per precision: TF32 x4, FP16/BF16 x8, INT8/FP8 x16; fp32 needs none.
+ALIGNMENT = {"fp32": 1, "tf32": 4, "fp16": 8, "bf16": 8, "int8": 16, "fp8": 16}
+LOW_PRECISIONS = ("fp16", "bf16", "int8", "fp8")
+
+
+@dataclass
+class Finding:
+    """One place a performance rule applies."""
+
+    rule: str  # short id, e.g. "reduce-not-last-axis"
+    title: str  # one line for humans
+    nodes: list[str]  # node names involved (first one is where it is)
+    why: str  # why it costs time
+    fix: str  # "fixed automatically by pass X" or what the user should change
+    pass_name: str | None = None  # the pass that fixes it, if one does
+    shapes: dict[str, list[int | str]] = field(default_factory=dict)  # value name -> shape
+    flops: float = 0.0  # estimated FLOPs of the nodes involved (for the impact share)
+    bytes: float = 0.0  # estimated bytes moved by the nodes involved
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rule": self.rule, "title": self.title, "nodes": list(self.nodes), "why": self.why, "fix": self.fix,
+            "pass": self.pass_name, "shapes": {k: list(v) for k, v in self.shapes.items()},
+            "flops": self.flops, "bytes": self.bytes, "details": self.details,
+        }
+
+
+@dataclass
+class PassContext:
+    """What a pass may assume about the build it serves."""
+
+    precision: str = "fp32"  # the precision layers will mostly run at: alignment and layout follow it
+    kiln_ops: bool = False  # may emit ai.kiln ops (fused ops standard ONNX lacks at this opset)
+    device: str = "cpu"  # where measuring passes time their alternatives ("cpu" or "cuda")
+    # symbolic dimension name -> value, for passes that need concrete sizes (from the opt shapes)
+    dims: dict[str, int] = field(default_factory=dict)
+    # measuring passes call this with two zero-argument callables and get (ms_a, ms_b), or None to
+    # decide by rule; the builder sets it on CUDA (kiln.builder.build.measure)
+    measure: Callable[[Callable[[], Any], Callable[[], Any]], tuple[float, float]] | None = None
+    log: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise KilnError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+    @property
+    def low_precision(self) -> bool:
+        return self.precision in LOW_PRECISIONS
+
+    @property
+    def alignment(self) -> int:
+        return ALIGNMENT[self.precision]
+
+    def dim(self, d: int | ir.SymbolicDim | None) -> int | None:
+        """A dimension's value: its int, a symbolic name's value from ``dims``, or None."""
+        if isinstance(d, int):
+            return d
+        if d is None:
+            return None
+        value = getattr(d, "value", None)
+        if isinstance(value, int):
+            return value
+        return self.dims.get(str(value)) if value is not None else None
+
+    def concrete(self, shape: ir.Shape | None) -> list[int] | None:
+        """A value's shape with every dimension known, or None."""
+        if shape is None:
+            return None
+        dims = [self.dim(d) for d in shape]
+        return None if any(d is None for d in dims) else dims  # type: ignore[return-value]
+
+
+class Pass:
+    """One rewrite. Subclasses set ``name`` (the module's name), ``rule`` (the playbook rule it
+    applies, one line) and implement ``find`` and ``apply``."""
+
+    name: ClassVar[str] = ""
+    rule: ClassVar[str] = ""
+    # True: may only run when ctx.kiln_ops (every rewrite it makes needs an ai.kiln op)
+    needs_kiln_ops: ClassVar[bool] = False
+
+    def find(self, model: ir.Model, ctx: PassContext) -> list[Finding]:
+        raise NotImplementedError
+
+    def apply(self, model: ir.Model, ctx: PassContext) -> int:
+        raise NotImplementedError
+
+
+_PASSES: dict[str, Pass] = {}
+
+# The order run_passes uses: clean up first, fuse next, then shape the remaining math for the GPU.
+ORDER = (
+    "fold_constants",
+    "fold_batchnorm",
+    "drop_noop_shuffles",
+    "fuse_layernorm",
+    "fuse_gelu",
+    "fuse_attention",
+    "fuse_conv_activation",
+    "flatten_matmul",
+    "reduce_to_last_axis",
+    "pad_input_channels",
+    "pad_for_tensor_cores",
+    "choose_layout",
+)
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    if not cls.name or cls.name in _PASSES:
+        raise ValueError(f"pass {cls.__name__} needs a unique name, got {cls.name!r}")
+    _PASSES[cls.name] = cls()
+    return cls
+
+
+def _load_all() -> None:
+    for name in ORDER:
+        try:
+            importlib.import_module(f"kiln.passes.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"kiln.passes.{name}":
+                raise
+
+
+def registered_passes() -> dict[str, Pass]:
+    """Every pass by name, in ``ORDER``."""
+    _load_all()
+    return {name: _PASSES[name] for name in ORDER if name in _PASSES}
+
+
+def get_pass(name: str) -> Pass:
+    passes = registered_passes()
+    if name not in passes:
+        raise KilnError(f"no pass named {name!r}; the passes are: {', '.join(passes)}")
+    return passes[name]
+
+
+def select_passes(only: Sequence[str] | None = None, skip: Iterable[str] = ()) -> list[Pass]:
+    """The passes to run: ``only`` (in ORDER) or all, less ``skip``. Unknown names raise KilnError."""
+    passes = registered_passes()
+    skip = list(skip)
+    for name in [*(only or []), *skip]:
+        get_pass(name)
+    chosen = [p for name, p in passes.items() if (only is None or name in only) and name not in skip]
+    return chosen
+
+
+@dataclass
+class PassReport:
+    """What ``run_passes`` did: rewrites per pass, node counts per op before and after."""
+
+    rewrites: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # pass -> why it did not run
+    ops_before: dict[str, int] = field(default_factory=dict)
+    ops_after: dict[str, int] = field(default_factory=dict)
+    log: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rewrites": dict(self.rewrites), "skipped": dict(self.skipped), "ops_before": dict(self.ops_before),
+                "ops_after": dict(self.ops_after), "log": list(self.log)}
+
+
+def op_counts(model: ir.Model) -> dict[str, int]:
+    """Nodes per op type in the main graph (``domain::Op`` outside the default domain)."""
+    counts: dict[str, int] = {}
+    for node in model.graph:
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def run_passes(
+    model: ir.Model, ctx: PassContext, only: Sequence[str] | None = None, skip: Iterable[str] = ()
+) -> PassReport:
+    """Run the chosen passes on ``model`` in place. Node names are made unique first."""
+    ctx.validate()
+    report = PassReport(ops_before=op_counts(model))
+    unique_node_names(model.graph)
+    for p in select_passes(only, skip):
+        if p.needs_kiln_ops and not ctx.kiln_ops:
+            report.skipped[p.name] = "emits ai.kiln ops, which this output may not hold (use --kiln-ops)"
+            continue
+        start = len(ctx.log)
+        report.rewrites[p.name] = p.apply(model, ctx)
+        report.log.extend(f"{p.name}: {line}" for line in ctx.log[start:])
+    if any(n.domain == KILN_DOMAIN for n in model.graph):
+        model.opset_imports.setdefault(KILN_DOMAIN, KILN_DOMAIN_VERSION)
+    report.ops_after = op_counts(model)
+    return report
+
+
+def find_all(model: ir.Model, ctx: PassContext, only: Sequence[str] | None = None) -> list[Finding]:
+    """Every finding of every chosen pass (nothing is changed)."""
+    ctx.validate()
+    unique_node_names(model.graph)
+    findings: list[Finding] = []
+    for p in select_passes(only):
+        findings.extend(p.find(model, ctx))
+    return findings
+
+
+def unique_node_names(graph: ir.Graph) -> None:
+    """Give every node of ``graph`` a unique, non-empty name (passes and findings refer to nodes by name)."""
+    seen: set[str] = set()
+    for index, node in enumerate(graph):
+        name = node.name or f"{node.op_type}_{index}"
+        base, k = name, 1
+        while name in seen:
+            name = f"{base}__{k}"
+            k += 1
+        node.name = name
+        seen.add(name)
+
+
+def opset(model: ir.Model, domain: str = "") -> int:
+    return model.opset_imports.get(domain, model.opset_imports.get("ai.onnx", 0)) if domain == "" else model.opset_imports.get(domain, 0)
+
+
+def fused_op(model: ir.Model, ctx: PassContext, standard_op: str, since: int) -> tuple[str, str] | None:
+    """(domain, op_type) to emit for a fused op that standard ONNX has from opset ``since``: the
+    standard op when the model's opset has it, the ai.kiln op of the same name and semantics when
+    ``ctx.kiln_ops``, else None (the pass must not fire)."""
+    if opset(model) >= since:
+        return "", standard_op
+    if ctx.kiln_ops:
+        return KILN_DOMAIN, standard_op
+    return None
+
+
+def shape_of(value: ir.Value | None) -> list[int | str] | None:
+    """A value's shape for findings: ints, and names for symbolic dims."""
+    if value is None or value.shape is None:
+        return None
+    return [d if isinstance(d, int) else str(getattr(d, "value", d)) for d in value.shape]
+
+
+def shapes_of(values: Iterable[ir.Value | None]) -> dict[str, list[int | str]]:
+    out = {}
+    for v in values:
+        s = shape_of(v)
+        if v is not None and v.name and s is not None:
+            out[v.name] = s
+    return out
+
+
+def constant_array(value: ir.Value | None):
+    """The numpy value of an initializer or Constant output, or None."""
+    if value is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy()
+
+
+def single_consumer(value: ir.Value) -> ir.Node | None:
+    """The one node reading ``value``, when it has exactly one use and is not a graph output."""
+    if value.is_graph_output():
+        return None
+    users = {id(node): node for node, _ in value.uses()}
+    if len(users) != 1 or len(list(value.uses())) != 1:
+        return None
+    return next(iter(users.values()))
+
+
+def attrs_of(node: ir.Node) -> Mapping[str, Any]:
+    """A node's attributes as plain Python values."""
+    return {name: attr.value for name, attr in node.attributes.items()}
