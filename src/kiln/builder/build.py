@@ -40,6 +40,7 @@ from kiln.builder.tactics.node import castable
 from kiln.builder.timing_cache import TimingCache
 from kiln.errors import InputError, KilnError
 from kiln.executor import Executor
+from kiln.passes import unique_node_names
 
 TOLERANCES = {"fp32": 1e-4, "tf32": 1e-3, "fp16": 1e-2, "bf16": 1e-2, "native": 1e-2}
 # Layer-vs-fp32 drift above which a reduced-precision layer falls back (bf16 keeps 3 fewer bits).
@@ -120,6 +121,7 @@ def build(
         model = load_model(model)
     else:
         name = model.graph.name or "model"
+        model = model.clone()  # the passes rewrite the graph; the caller's model stays as it was
     builder = _Builder(model, config, name, calibration, progress)
     # cuDNN picks each convolution's algorithm by timing it (cached per shape), as the engine does.
     with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False,
@@ -154,7 +156,8 @@ class _Builder:
     def run(self):
         start = time.perf_counter()
         graph = self.model.graph
-        _name_nodes(graph)
+        unique_node_names(graph)  # layers, constraints and the engine refer to nodes by name
+        self._run_passes()
         self.executor = Executor(self.model, self.device, self.name)
         self._steps = self.executor.node_steps()
         self.profiles = self._profiles()
@@ -193,6 +196,39 @@ class _Builder:
         )
         self.planned = planned
         return plan, tensors, graph_bytes
+
+    # -- passes -------------------------------------------------------------------------------
+    def _run_passes(self) -> None:
+        """The graph passes, before lowering: fusions into ai.kiln ops the layers lower one to one,
+        and rewrites for the GPU. Measuring passes time their alternatives at the first profile's
+        opt shapes on CUDA from level 1 on; level 0 times nothing and they decide by rule."""
+        from kiln.passes import PassContext, run_passes
+
+        measure_both = None
+        if self.device.type == "cuda" and self.level >= 1:
+            def measure_both(a, b):
+                return measure(a, self.device, self.reps), measure(b, self.device, self.reps)
+        ctx = PassContext(precision=self.config.default_precision(), kiln_ops=True, device=self.device.type,
+                          dims=self._opt_dims(), measure=measure_both)
+        report = run_passes(self.model, ctx, self.config.passes, self.config.skip_passes)
+        self.pass_report = report
+        done = {name: n for name, n in report.rewrites.items() if n}
+        self.report.log("passes: " + (", ".join(f"{name} {n}" for name, n in done.items()) or "no rewrites"))
+        self.report.lines.extend(f"  {line}" for line in report.log)
+
+    def _opt_dims(self) -> dict[str, int]:
+        """Symbolic input dimension name -> its size in the first profile that gives it (opt shape)."""
+        dims: dict[str, int] = {}
+        for profile in self.config.profiles:
+            for value in self.model.graph.inputs:
+                if value.name not in profile.shapes or value.shape is None:
+                    continue
+                opt = profile.shapes[value.name][1]
+                for axis, dim in enumerate(value.shape):
+                    name = getattr(dim, "value", None)
+                    if not isinstance(dim, int) and isinstance(name, str) and axis < len(opt):
+                        dims.setdefault(name, int(opt[axis]))
+        return dims
 
     # -- shapes -------------------------------------------------------------------------------
     def _profiles(self) -> list[Profile]:
@@ -442,7 +478,7 @@ class _Builder:
             kind = facts.dtypes.get(name)
             if kind in FLOAT_TYPES:
                 value = torch.randn(shape, generator=generator).to(self.device, dtype)
-                if layer.kind == "Conv" and value.dim() == 4 and nhwc_region(precision, self.device.type):
+                if layer.kind == "Conv" and value.dim() == 4 and nhwc_region(precision, self.device.type, layer):
                     value = value.contiguous(memory_format=torch.channels_last)
                 inputs.append(value)
             else:
@@ -662,6 +698,7 @@ class _Builder:
             "opsets": {d or "": v for d, v in sorted(self.model.opset_imports.items())},
             "profiles": [p.to_json() for p in self.profiles],
             "config": self.config.to_json(),
+            "passes": {name: n for name, n in self.pass_report.rewrites.items()},
             "layers": layers,
         }
 
@@ -799,20 +836,6 @@ def _node_signature(node: ir.Node) -> str:
         else:
             attrs.append(f"{name}={attr.value!r}")
     return f"{node.domain}::{node.op_type}({','.join(attrs)})"
-
-
-def _name_nodes(graph: ir.Graph) -> None:
-    """Give every node a unique name (layers, constraints and the engine refer to nodes by name)."""
-    seen: set[str] = set()
-    for index, node in enumerate(graph):
-        name = node.name
-        if not name or name in seen:
-            base = name or f"{node.op_type}_{index}"
-            name, k = base, 1
-            while name in seen:
-                name, k = f"{base}_{k}", k + 1
-            node.name = name
-        seen.add(name)
 
 
 def _stripped_graph(model: ir.Model) -> bytes:

@@ -7,6 +7,8 @@ Precision flags say what layers *may* use; the builder picks per layer. fp32 is 
 With ``fp16`` and ``bf16`` both set, layers run fp16 and fall back to bf16 (same range as fp32)
 before fp32 when fp16 overflows. ``strongly_typed`` lets the model's own tensor types decide
 (an fp16 ONNX model runs in fp16) and forbids the flags, as TensorRT's strongly typed networks do.
+``passes`` / ``skip_passes`` choose the graph passes (``kiln.passes``) run before lowering; by
+default all of them run.
 """
 
 from __future__ import annotations
@@ -85,6 +87,9 @@ class BuildConfig:
     # fp16/bf16 builds: check each layer against fp32 and fall back where it overflows or drifts
     precision_check: bool = True
     seed: int = 0
+    # graph passes (kiln.passes) by name: None = all of them; skip_passes removes some
+    passes: list[str] | None = None
+    skip_passes: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.opt_level not in OPT_LEVELS:
@@ -102,6 +107,9 @@ class BuildConfig:
             raise KilnError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         for index, profile in enumerate(self.profiles):
             profile.validate(index)
+        from kiln.passes import select_passes
+
+        select_passes(self.passes, self.skip_passes)  # unknown pass names fail here, before any work
 
     @property
     def low_precisions(self) -> list[str]:
@@ -128,4 +136,6 @@ class BuildConfig:
             "deny_tactics": list(self.deny_tactics),
             "memory_limit": self.memory_limit,
             "precision_check": self.precision_check,
+            "passes": list(self.passes) if self.passes is not None else None,
+            "skip_passes": list(self.skip_passes),
         }

@@ -17,6 +17,10 @@ This is where the builder fuses, as TensorRT's builder does before it picks kern
    one pointwise layer (one Triton kernel instead of one launch and one round trip per op).
 6. Every other node is a layer of its own that runs kiln's reference op ("Node" layers).
 
+The graph passes (``kiln.passes``) run first and leave fused ``ai.kiln`` ops: ``FusedConv`` becomes
+a Conv layer and ``FusedAttention`` an attention layer, one to one; the domain's ``Gelu`` and
+``LayerNormalization`` (for opsets before the standard ones) are treated as the standard ops.
+
 A fusion fires only when it can prove the result is the same: inner values must have a single
 consumer and must not be graph outputs, weights must be constants, shapes must be as required.
 Layers keep the graph's topological order: a fused layer runs where its last node stood.
@@ -32,6 +36,10 @@ import onnx_ir as ir
 import torch
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+KILN_DOMAIN = "ai.kiln"
+_STANDARD = ("", "ai.onnx")
+# ai.kiln ops with the semantics of the standard op of the same name (for opsets before it)
+_KILN_STANDARD_OPS = ("Gelu", "LayerNormalization")
 
 # Elementwise ops a pointwise layer may hold (kiln.kernels.pointwise implements each of them).
 POINTWISE_OPS = frozenset({
@@ -129,7 +137,15 @@ class _Lowering:
     # -- the driver ---------------------------------------------------------------------------
     def run(self) -> list[Layer]:
         for node in self.nodes:
-            if id(node) in self.claimed or node.domain not in ("", "ai.onnx"):
+            if id(node) in self.claimed:
+                continue
+            if node.domain == KILN_DOMAIN and node.op_type == "FusedConv":
+                self._fused_conv(node)
+                continue
+            if node.domain == KILN_DOMAIN and node.op_type == "FusedAttention":
+                self._fused_attention(node)
+                continue
+            if not _standard(node):
                 continue
             if node.op_type == "Conv":
                 self._try_conv(node)
@@ -189,7 +205,7 @@ class _Lowering:
                 return {"op": "gelu_erf"}, gelu, gelu[-1].outputs[0]
             return None, [], value
         user = self.only_consumer(value)
-        if user is None or user.domain not in ("", "ai.onnx"):
+        if user is None or not _standard(user):
             return None, [], value
         op = user.op_type
         attrs = {k: a.value for k, a in user.attributes.items()}
@@ -274,16 +290,10 @@ class _Lowering:
         weight = self.const(w)
         if weight is None or weight.ndim != 4 or not self.is_float(x) or (b is not None and b.name and self.const(b) is None):
             return
-        attrs = {k: a.value for k, a in node.attributes.items()}
-        auto_pad = attrs.get("auto_pad", "NOTSET")
-        if isinstance(auto_pad, bytes):
-            auto_pad = auto_pad.decode()
-        if auto_pad not in ("NOTSET", "VALID"):
+        geometry = self._conv_geometry(node, weight)
+        if geometry is None:
             return
-        kernel = list(weight.shape[2:])
-        if "kernel_shape" in attrs and list(attrs["kernel_shape"]) != kernel:
-            return
-        pads = [0, 0, 0, 0] if auto_pad == "VALID" else list(attrs.get("pads", [0, 0, 0, 0]))
+        attrs, pads = geometry
         nodes = [node]
         out = node.outputs[0]
         inputs = [x.name]
@@ -297,15 +307,56 @@ class _Lowering:
                 inputs.append(other.name)
                 out = user.outputs[0]
         activation, act_nodes, out = self._activation(out)
-        nodes += act_nodes
+        self._add_conv(nodes + act_nodes, inputs, out, w, b, attrs, pads, activation)
+
+    def _add_conv(self, nodes, inputs, out, w, b, attrs, pads, activation) -> None:
         weights = {"w": w.name}
         if b is not None and b.name:
             weights["b"] = b.name
+        layout = nodes[0].metadata_props.get("kiln.layout")
         self.add("Conv", nodes, inputs, [out.name], attrs={
             "strides": list(attrs.get("strides", [1, 1])), "pads": pads,
             "dilations": list(attrs.get("dilations", [1, 1])), "group": int(attrs.get("group", 1)),
-            "residual": len(inputs) == 2, "activation": activation,
+            "residual": len(inputs) == 2, "activation": activation, **({"layout": layout} if layout else {}),
         }, weights=weights)
+
+    def _conv_geometry(self, node: ir.Node, weight: torch.Tensor) -> tuple[dict, list[int]] | None:
+        """A 2-D conv node's attributes and explicit pads, or None where the conv layer cannot hold it."""
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        auto_pad = attrs.get("auto_pad", "NOTSET")
+        if isinstance(auto_pad, bytes):
+            auto_pad = auto_pad.decode()
+        if auto_pad not in ("NOTSET", "VALID"):
+            return None
+        if "kernel_shape" in attrs and list(attrs["kernel_shape"]) != list(weight.shape[2:]):
+            return None
+        return attrs, [0, 0, 0, 0] if auto_pad == "VALID" else list(attrs.get("pads", [0, 0, 0, 0]))
+
+    def _fused_conv(self, node: ir.Node) -> None:
+        """ai.kiln::FusedConv(X, W, [B], [Z]) as the fuse_conv_activation pass wrote it: one Conv layer
+        (a reference Node layer where the conv layer cannot hold it: 1-D/3-D, SAME padding, ...)."""
+        x, w = node.inputs[0], node.inputs[1]
+        b = node.inputs[2] if len(node.inputs) > 2 else None
+        z = node.inputs[3] if len(node.inputs) > 3 else None
+        weight = self.const(w)
+        geometry = self._conv_geometry(node, weight) if weight is not None and weight.ndim == 4 else None
+        activation = _fused_activation(node)
+        if geometry is None or activation is False or not self.is_float(x) or (b is not None and b.name and self.const(b) is None):
+            return
+        inputs = [x.name] + ([z.name] if z is not None and z.name else [])
+        self._add_conv([node], inputs, node.outputs[0], w, b, geometry[0], geometry[1], activation)
+
+    def _fused_attention(self, node: ir.Node) -> None:
+        """ai.kiln::FusedAttention(Q, K_T, V, [mask]) as the fuse_attention pass wrote it: one attention layer."""
+        q, k, v = node.inputs[:3]
+        mask = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3] is not None and node.inputs[3].name else None
+        shapes = [self.shape(t) for t in (q, k, v)]
+        if any(s is None or len(s) != 4 for s in shapes) or not all(self.is_float(t) for t in (q, k, v)):
+            return
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        self.add("Attention", [node], [q.name, k.name, v.name] + ([mask.name] if mask is not None else []),
+                 [node.outputs[0].name], attrs={"scale": float(attrs.get("scale", 1.0)), "mask": mask is not None,
+                                                "nan_to_zero": bool(attrs.get("nan_to_zero", 0))})
 
     # -- Gemm / MatMul ------------------------------------------------------------------------
     def _try_gemm(self, node: ir.Node) -> None:
@@ -369,7 +420,7 @@ class _Lowering:
         inputs = [x.name]
         producer = x.producer()
         if producer is not None and producer.op_type == "Add" and id(producer) not in self.claimed \
-                and producer.domain in ("", "ai.onnx") and self.only_consumer(x) is node:
+                and _standard(producer) and self.only_consumer(x) is node:
             p, q = producer.inputs
             if p.name not in self.facts.constants and q.name not in self.facts.constants \
                     and self.shape(p) == shape and self.shape(q) == shape \
@@ -496,7 +547,7 @@ class _Lowering:
                 self._add_pointwise(members)
 
     def _pointwise_ok(self, node: ir.Node) -> bool:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in POINTWISE_OPS or len(node.outputs) != 1:
+        if not _standard(node) or node.op_type not in POINTWISE_OPS or len(node.outputs) != 1:
             return False
         if node.op_type in _BINARY_MINMAX and len(node.inputs) != 2:
             return False
@@ -553,6 +604,39 @@ class _Lowering:
                 step["index"] = len(inputs) + step["index"]
         self.add("Pointwise", members, inputs, [output], attrs={"program": program},
                  weights={f"c{i}": name for i, name in enumerate(weight_names)})
+
+
+def _standard(node: ir.Node) -> bool:
+    """A default-domain node, or an ai.kiln op with the semantics of the standard op of its name."""
+    return node.domain in _STANDARD or (node.domain == KILN_DOMAIN and node.op_type in _KILN_STANDARD_OPS)
+
+
+# FusedConv's activation attribute -> the layers' activation spec (see kiln.ops.kiln_domain)
+def _fused_activation(node: ir.Node) -> dict | None | bool:
+    """The activation spec of a FusedConv node, None for none, False for one the layer cannot hold."""
+    name = node.attributes["activation"].value if "activation" in node.attributes else ""
+    name = name.decode() if isinstance(name, bytes) else name
+    params = [float(p) for p in node.attributes["activation_params"].value] if "activation_params" in node.attributes else []
+
+    def param(i: int, default: float) -> float:
+        return params[i] if len(params) > i else default
+
+    if name == "":
+        return None
+    if name in ("Relu", "Sigmoid", "Tanh", "HardSwish"):
+        return {"op": name.lower()}
+    if name == "SiLU":
+        return {"op": "silu"}
+    if name == "LeakyRelu":
+        return {"op": "leaky_relu", "alpha": param(0, 0.01)}
+    if name == "HardSigmoid":
+        return {"op": "hardsigmoid", "alpha": param(0, 0.2), "beta": param(1, 0.5)}
+    if name == "Clip":
+        lo, hi = param(0, float("-inf")), param(1, float("inf"))
+        return {"op": "clip", "min": None if lo == float("-inf") else lo, "max": None if hi == float("inf") else hi}
+    if name == "Gelu":
+        return {"op": "gelu_tanh" if param(0, 0.0) == 1 else "gelu_erf"}
+    return False
 
 
 def _drop_dead(layers: list[Layer], graph_outputs: set[str]) -> list[Layer]:

@@ -239,7 +239,7 @@ def unique_node_names(graph: ir.Graph) -> None:
         name = node.name or f"{node.op_type}_{index}"
         base, k = name, 1
         while name in seen:
-            name = f"{base}__{k}"
+            name = f"{base}_{k}"
             k += 1
         node.name = name
         seen.add(name)

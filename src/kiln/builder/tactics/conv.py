@@ -62,11 +62,13 @@ class _ConvTorch(Tactic):
         return run
 
 
-def nhwc_region(precision: str, device: str) -> bool:
+def nhwc_region(precision: str, device: str, layer=None) -> bool:
     """Reduced-precision convolutions on the GPU run as an NHWC region: the builder times them with
     channels_last inputs, so an NCHW tactic pays its reformat, and tries NCHW only as a level 4-5
-    layout alternative."""
-    return device == "cuda" and precision in ("fp16", "bf16", "tf32")
+    layout alternative. A conv the choose_layout pass marked ``nhwc`` is in such a region too."""
+    if device != "cuda":
+        return False
+    return precision in ("fp16", "bf16", "tf32") or (layer is not None and layer.attrs.get("layout") == "nhwc")
 
 
 @tactic
@@ -77,7 +79,7 @@ class ConvNCHW(_ConvTorch):
     reference = True
 
     def configs(self, layer, level, precision, device):
-        return [{}] if level >= 4 or not nhwc_region(precision, device) else []
+        return [{}] if level >= 4 or not nhwc_region(precision, device, layer) else []
 
     def heuristic(self, layer, precision, device):
         return 1 if precision in ("fp32", "tf32") or device == "cpu" else 0
@@ -92,7 +94,7 @@ class ConvNHWC(_ConvTorch):
     level = 1
 
     def configs(self, layer, level, precision, device):
-        return [{}] if level >= (1 if nhwc_region(precision, device) else 4) else []
+        return [{}] if level >= (1 if nhwc_region(precision, device, layer) else 4) else []
 
     def prep_id(self, config):
         return "conv.nhwc"
@@ -118,7 +120,7 @@ class ConvCudnnFused(Tactic):
         return act is not None and act["op"] == "relu" and _symmetric(layer) and hasattr(torch, "cudnn_convolution_relu")
 
     def configs(self, layer, level, precision, device):
-        preferred = "nhwc" if nhwc_region(precision, device) else "nchw"
+        preferred = "nhwc" if nhwc_region(precision, device, layer) else "nchw"
         layouts = ["nhwc", "nchw"] if level >= 4 else [preferred]
         return [{"layout": layout} for layout in layouts]
 
