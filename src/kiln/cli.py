@@ -161,7 +161,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         fp16=args.fp16, bf16=args.bf16, tf32=args.tf32, strongly_typed=args.strongly_typed, opt_level=args.opt_level,
         timing_cache=args.timing_cache, profiles=_parse_profiles(args), layer_precisions=_parse_layer_precisions(args.layer_precision),
         allow_tactics=allow, deny_tactics=deny, memory_limit=args.memory_limit, device=args.device,
-        precision_check=not args.no_precision_check,
+        precision_check=not args.no_precision_check, passes=_names(args.passes), skip_passes=_names(args.skip_passes) or [],
     )
     calibration = read_npz(args.inputs) if args.inputs else None
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} layers"),
@@ -190,6 +190,42 @@ def _cmd_build(args: argparse.Namespace) -> int:
     table.add_row("timing cache", f"{engine.report.cache_hits} hits, {engine.report.cache_misses} misses")
     table.add_row("weights", f"{summary['weights_bytes'] / 1e6:.1f} MB")
     out.print(table)
+    return 0
+
+
+def _names(text: str | None) -> list[str] | None:
+    """``a,b`` -> ["a", "b"]; None stays None."""
+    return None if text is None else [n.strip() for n in text.split(",") if n.strip()]
+
+
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from kiln.inputs import parse_shapes
+    from kiln.onnx_io import load_model
+    from kiln.optimize import optimize_model, save_onnx
+
+    model = load_model(args.model)
+    dims = {name: int(size) for name, size in parse_shapes(args.dims).items()} if args.dims else {}
+    report = optimize_model(model, passes=_names(args.passes), skip=_names(args.skip) or [], precision=args.precision,
+                            kiln_ops=args.kiln_ops, dims={k: v[0] for k, v in dims.items()})
+    save_onnx(model, args.output, name=str(args.model))
+    console = Console()
+    table = Table(title=f"{args.model} -> {args.output}: nodes per op")
+    for column in ("op", "before", "after"):
+        table.add_column(column, justify="left" if column == "op" else "right")
+    for op in sorted(set(report.ops_before) | set(report.ops_after)):
+        before, after = report.ops_before.get(op, 0), report.ops_after.get(op, 0)
+        table.add_row(op, str(before), str(after), style=None if before == after else "bold")
+    table.add_row("total", str(sum(report.ops_before.values())), str(sum(report.ops_after.values())), style="bold")
+    console.print(table)
+    for name, count in report.rewrites.items():
+        console.print(f"{name}: {count} rewrite(s)", markup=False, highlight=False)
+    for name, why in report.skipped.items():
+        console.print(f"{name}: not run: {why}", markup=False, highlight=False)
+    for line in report.log:
+        console.print(f"  {line}", markup=False, highlight=False)
     return 0
 
 
@@ -253,8 +289,23 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--inputs", type=Path, help=".npz of representative inputs for the precision check (else random)")
     build.add_argument("--no-precision-check", action="store_true", help="skip the fp16/bf16 per-layer check against fp32")
     build.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    build.add_argument("--passes", help="run only these graph passes, a,b,... (default: all)")
+    build.add_argument("--skip-passes", help="graph passes not to run, a,b,...")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(func=_cmd_build)
+
+    optimize = sub.add_parser("optimize", help="apply kiln's graph passes and write the result as ONNX", description=(
+        "Apply the graph passes and write a valid ONNX file (standard ops only unless --kiln-ops); prints node "
+        "counts per op before and after."))
+    optimize.add_argument("model", type=Path, help="the .onnx file")
+    optimize.add_argument("-o", "--output", type=Path, required=True, help="the optimized .onnx file to write")
+    optimize.add_argument("--passes", help="run only these passes, a,b,... (default: all)")
+    optimize.add_argument("--skip", help="passes not to run, a,b,...")
+    optimize.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "fp16", "bf16", "int8", "fp8"],
+                          help="the precision the model will run at (alignment and layout passes follow it)")
+    optimize.add_argument("--kiln-ops", action="store_true", help="allow ai.kiln fused ops (a kiln-only file)")
+    optimize.add_argument("--dims", help="sizes of symbolic dimensions for passes that need them, NAME:SIZE,...")
+    optimize.set_defaults(func=_cmd_optimize)
 
     inspect = sub.add_parser("inspect", help="print an engine's layers", description="Print every layer of an engine.")
     inspect.add_argument("engine", type=Path, help="the .kiln file")
