@@ -229,6 +229,23 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    import json
+
+    from kiln.doctor import diagnose, render_text
+    from kiln.inputs import parse_shapes
+    from kiln.onnx_io import load_model
+
+    model = load_model(args.model)
+    report = diagnose(model, precision=args.precision, profiles=_parse_profiles(args), shapes=parse_shapes(args.shapes),
+                      name=str(args.model))
+    if args.json:
+        print(json.dumps(report.to_json(), indent=1))
+    else:
+        sys.stdout.write(render_text(report))
+    return 0
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
@@ -306,6 +323,19 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--kiln-ops", action="store_true", help="allow ai.kiln fused ops (a kiln-only file)")
     optimize.add_argument("--dims", help="sizes of symbolic dimensions for passes that need them, NAME:SIZE,...")
     optimize.set_defaults(func=_cmd_optimize)
+
+    doctor = sub.add_parser("doctor", help="list every place a performance rule applies, ranked by impact", description=(
+        "Report, node by node, where the performance rules apply (with the pass that fixes each, or what to change), "
+        "sorted by the estimated share of the model's FLOPs or bytes."))
+    doctor.add_argument("model", type=Path, help="the .onnx file")
+    doctor.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "fp16", "bf16", "int8", "fp8"],
+                        help="the precision the model will run at (alignment and layout rules follow it)")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.add_argument("--shapes", help="input shapes that size symbolic dims in the estimates, NAME:1x3x224x224,...")
+    for which in ("min", "opt", "max"):
+        doctor.add_argument(f"--{which}-shapes", f"--{which}Shapes", dest=f"{which}_shapes", action="append",
+                            help=f"{which} shapes of the profile you will build with, as for kiln build")
+    doctor.set_defaults(func=_cmd_doctor)
 
     inspect = sub.add_parser("inspect", help="print an engine's layers", description="Print every layer of an engine.")
     inspect.add_argument("engine", type=Path, help="the .kiln file")
