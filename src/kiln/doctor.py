@@ -1,0 +1,468 @@
+"""``kiln doctor``: every place a performance rule applies to a model, ranked by the work it touches.
+
+``diagnose(model)`` reads the IR and changes nothing but node names (made unique, so findings can
+name nodes). It collects:
+
+1. the findings of every registered graph pass (``Pass.find`` with ``PassContext(precision=...,
+   kiln_ops=True)``): each says "fixed automatically by pass X" because ``kiln build`` and
+   ``kiln optimize --kiln-ops`` run that pass;
+2. two rules no pass can fix, which need a change in the model or in how it is built:
+
+   - ``dynamic-input-without-profile``: a graph input with a symbolic or unknown dimension that no
+     optimization profile covers. ``kiln build`` chooses and times tactics at a profile's opt
+     shape and refuses such an input; the fix is ``--min-shapes/--opt-shapes/--max-shapes``.
+   - ``slow-path-op``: a node the builder can only run through kiln's reference op (it becomes a
+     "Node" layer: ``kiln.builder.layers`` fuses only convolutions, GEMMs, LayerNorm, Softmax,
+     attention and elementwise chains into layers with fast tactics) *and* whose reference op is
+     slow on a GPU. The kinds, and why each is slow:
+
+     * control flow (``If``, ``Loop``, ``Scan``, ``SequenceMap``): the body runs node by node in the
+       reference executor, nothing in it is fused or timed, and the engine never treats it as
+       shape arithmetic (``kiln.engine._NOT_STATIC``), so a condition or trip count is read back from
+       the GPU on every run;
+     * data-dependent output shapes (``NonZero``, ``Unique``, ``Compress``, ``NonMaxSuppression``):
+       the output's size is known only after the GPU has computed it, so the host waits for the
+       GPU, and the engine's CUDA graph cannot be captured (it runs layer by layer);
+     * host reads: an input the reference op reads as a list of Python ints (``HOST_READS``:
+       the builder's ``HOST_INPUTS`` - Reshape's shape, Slice's starts/ends/axes/steps, Expand, Tile,
+       Split, Squeeze/Unsqueeze axes, ConstantOfShape - plus TopK's k, OneHot's depth, Range's
+       bounds, Pad's pads, Resize/Upsample scales and sizes, CumSum's axis, Reduce* axes,
+       CenterCropPad's shape) that is computed from data at run time. Constants and values derived
+       from input shapes alone are fine (the engine computes them once per input shape, as
+       TensorRT's shape tensors); a data-dependent one costs a GPU->host copy and a wait per run
+       and prevents CUDA-graph capture;
+     * strings (any node reading or writing a string tensor: StringConcat, StringSplit,
+       StringNormalizer, RegexFullMatch, TfIdfVectorizer, LabelEncoder, Cast to/from string): numpy
+       object arrays computed element by element in Python on the host;
+     * sequences and optionals (SequenceConstruct/At/Insert/Erase/Length/Empty, SplitToSequence,
+       ConcatFromSequence, Optional*): Python lists of tensors, one op at a time, never fused;
+     * heavy ops without a fast tactic: RNN/GRU/LSTM (a Python loop over time steps, a few small
+       kernels per step and direction); MatMulInteger/ConvInteger/QLinearMatMul/QLinearConv (the
+       reference computes exact integer products in float64: no int8 tensor cores, and float64
+       throughput); NonMaxSuppression (Python loops over batches, classes and boxes);
+       ``ai.onnx.ml`` TreeEnsemble (one host-synchronised step per tree level).
+
+     A node whose inputs are all constants or input-shape arithmetic is not reported (the builder
+     folds it, or the engine computes it once per shape); control flow always is.
+
+3. each finding's share of the model's estimated FLOPs and bytes (``kiln.cost``; the larger of the
+   two is its impact), and sorts by it. A dynamic-input finding's share is that of every node
+   downstream of the input.
+
+``render_text`` prints a one-screen summary (model, precision, nodes, GFLOPs, MB, findings per rule
+and the pass that fixes them, the top five) and then one block per finding; ``Report.to_json`` is
+the machine-readable form (``kiln doctor --json``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx_ir as ir
+
+from kiln.builder.tactics.node import HOST_INPUTS
+from kiln.cost import ModelCost, model_cost
+from kiln.errors import InputError
+from kiln.passes import Finding, PassContext, registered_passes, shape_of, unique_node_names
+
+DYNAMIC_INPUT = "dynamic-input-without-profile"
+SLOW_PATH = "slow-path-op"
+
+CONTROL_FLOW = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+DATA_DEPENDENT = frozenset({"NonZero", "Unique", "Compress", "NonMaxSuppression"})
+SEQUENCE_OPS = frozenset({
+    "SequenceConstruct", "SequenceAt", "SequenceInsert", "SequenceErase", "SequenceLength", "SequenceEmpty",
+    "SplitToSequence", "ConcatFromSequence", "Optional", "OptionalGetElement", "OptionalHasElement",
+})
+STRING_OPS = frozenset({"StringConcat", "StringSplit", "StringNormalizer", "RegexFullMatch", "TfIdfVectorizer",
+                        "LabelEncoder"})
+HEAVY_OPS = {
+    "RNN": "runs as a Python loop over time steps (a few small kernels per step and direction)",
+    "GRU": "runs as a Python loop over time steps (a few small kernels per step and direction)",
+    "LSTM": "runs as a Python loop over time steps (a few small kernels per step and direction)",
+    "MatMulInteger": "is computed exactly in float64 by the reference op: no int8 tensor cores",
+    "ConvInteger": "is computed exactly in float64 by the reference op: no int8 tensor cores",
+    "QLinearMatMul": "is computed exactly in float64 by the reference op: no int8 tensor cores",
+    "QLinearConv": "is computed exactly in float64 by the reference op: no int8 tensor cores",
+    "NonMaxSuppression": "runs Python loops over batches, classes and boxes, reading each score on the host",
+    "TreeEnsemble": "walks the trees one host-synchronised step per tree level",
+}
+_REDUCE_AXES = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+                "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
+# (op, input index) the reference ops read on the host as Python numbers.
+HOST_READS = HOST_INPUTS | frozenset({
+    ("TopK", 1), ("OneHot", 1), ("Range", 0), ("Range", 1), ("Range", 2), ("Pad", 1), ("Pad", 3), ("Resize", 1),
+    ("Resize", 2), ("Resize", 3), ("Upsample", 1), ("CumSum", 1), ("CenterCropPad", 1),
+    *((op, 1) for op in _REDUCE_AXES),
+})
+# ops the engine never computes once per input shape (kiln.engine._NOT_STATIC)
+_NOT_STATIC = CONTROL_FLOW | {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli",
+                              "Multinomial", "Dropout"}
+_SHAPE_SOURCES = frozenset({"Shape", "Size"})
+_ML_DOMAIN = "ai.onnx.ml"
+TOP = 5
+NODES_SHOWN = 4
+
+
+@dataclass
+class Entry:
+    """One finding with its share of the model's estimated FLOPs and bytes."""
+
+    finding: Finding
+    flops_share: float = 0.0
+    bytes_share: float = 0.0
+
+    @property
+    def share(self) -> float:
+        """The estimated impact: the larger of the two shares."""
+        return max(self.flops_share, self.bytes_share)
+
+    @property
+    def measure(self) -> str:
+        return "FLOPs" if self.flops_share >= self.bytes_share else "bytes"
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.finding.to_json(), "share": self.share, "flops_share": self.flops_share,
+                "bytes_share": self.bytes_share}
+
+
+@dataclass
+class Report:
+    """What ``diagnose`` found, sorted by impact (largest share first)."""
+
+    model: str
+    precision: str
+    nodes: int
+    cost: ModelCost
+    entries: list[Entry] = field(default_factory=list)
+    dims: dict[str, int] = field(default_factory=dict)  # symbolic dims sized by the given shapes
+    profiles: int = 0
+    errors: list[str] = field(default_factory=list)  # passes whose find() failed, with the error
+
+    @property
+    def findings(self) -> list[Finding]:
+        return [e.finding for e in self.entries]
+
+    def rule_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for entry in self.entries:
+            counts[entry.finding.rule] = counts.get(entry.finding.rule, 0) + 1
+        return counts
+
+    def fixed_by(self) -> dict[str, int]:
+        """Findings per pass that fixes them automatically."""
+        counts: dict[str, int] = {}
+        for entry in self.entries:
+            if entry.finding.pass_name:
+                counts[entry.finding.pass_name] = counts.get(entry.finding.pass_name, 0) + 1
+        return counts
+
+    def summary(self) -> dict[str, Any]:
+        fixed = self.fixed_by()
+        return {
+            "model": self.model, "precision": self.precision, "nodes": self.nodes, "gflops": self.cost.flops / 1e9,
+            "mbytes": self.cost.bytes / 1e6, "dims": dict(self.dims), "profiles": self.profiles,
+            "assumed_dims": list(self.cost.assumed), "unmodelled_ops": dict(self.cost.unmodelled),
+            "findings": len(self.entries), "by_rule": self.rule_counts(), "fixed_automatically": sum(fixed.values()),
+            "fixed_by": fixed, "need_model_change": sum(1 for e in self.entries if not e.finding.pass_name),
+            "errors": list(self.errors),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {"summary": self.summary(), "findings": [e.to_json() for e in self.entries]}
+
+
+def dims_from_shapes(model: ir.Model, shapes: Mapping[str, Sequence[int]], label: str = "model") -> dict[str, int]:
+    """Symbolic dimension name -> size, read off concrete input shapes (``--shapes``, a profile's opt)."""
+    inputs = {v.name: v for v in _graph_inputs(model)}
+    dims: dict[str, int] = {}
+    for name, given in shapes.items():
+        if name not in inputs:
+            raise InputError(f"{label}: unknown input {name!r} in the shapes; inputs are {sorted(inputs)}")
+        declared = inputs[name].shape
+        if declared is None:
+            continue
+        if len(declared) != len(given):
+            raise InputError(f"{label}: shapes give input {name!r} rank {len(given)}, the model declares rank {len(declared)}")
+        for axis, (dim, size) in enumerate(zip(declared, given)):
+            if isinstance(dim, int):
+                if dim != size:
+                    raise InputError(f"{label}: shapes give input {name!r} size {size} on axis {axis}, the model fixes it at {dim}")
+            elif getattr(dim, "value", None) is not None:
+                dims.setdefault(str(dim.value), int(size))
+    return dims
+
+
+def diagnose(
+    model: ir.Model,
+    precision: str = "fp32",
+    profiles: Sequence[Any] = (),
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    name: str | None = None,
+) -> Report:
+    """Every finding for ``model`` at ``precision``, with shares, sorted by impact.
+
+    ``profiles`` are ``kiln.Profile`` objects (or anything with ``.shapes``: name -> (min, opt, max)):
+    the inputs they all cover need no dynamic-input finding, and the first one's opt shapes size
+    symbolic dims. ``shapes`` (name -> concrete shape) sizes symbolic dims only. Unsized dims count
+    as 1 in the estimates, and the report says so.
+    """
+    label = name or model.graph.name or "model"
+    unique_node_names(model.graph)
+    dims: dict[str, int] = {}
+    if shapes:
+        dims.update(dims_from_shapes(model, shapes, label))
+    for profile in profiles[:1]:
+        opt = {n: s[1] for n, s in profile.shapes.items()}
+        for key, value in dims_from_shapes(model, opt, label).items():
+            dims.setdefault(key, value)
+    ctx = PassContext(precision=precision, kiln_ops=True, dims=dict(dims))
+    ctx.validate()
+    cost = model_cost(model, dims)
+    report = Report(label, precision, len(model.graph), cost, dims=dims, profiles=len(profiles))
+
+    findings: list[Finding] = []
+    for pass_ in registered_passes().values():
+        try:
+            findings.extend(pass_.find(model, ctx))
+        except Exception as error:  # noqa: BLE001 - one broken pass must not hide the other findings
+            report.errors.append(f"{pass_.name}: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}")
+    findings.extend(_dynamic_input_findings(model, profiles, shapes or {}, label))
+    findings.extend(_slow_path_findings(model))
+
+    downstream = {f.details["input"]: f.details.pop("_downstream") for f in findings
+                  if f.rule == DYNAMIC_INPUT and "_downstream" in f.details}
+    for finding in findings:
+        names = downstream.get(finding.details.get("input"), finding.nodes) if finding.rule == DYNAMIC_INPUT else finding.nodes
+        estimate = cost.of(names)
+        if estimate.flops or estimate.bytes:
+            finding.flops, finding.bytes = estimate.flops, estimate.bytes
+        report.entries.append(Entry(
+            finding,
+            flops_share=finding.flops / cost.flops if cost.flops else 0.0,
+            bytes_share=finding.bytes / cost.bytes if cost.bytes else 0.0,
+        ))
+    report.entries.sort(key=lambda e: (-e.share, -e.finding.flops, -e.finding.bytes, e.finding.rule,
+                                       e.finding.nodes[0] if e.finding.nodes else ""))
+    return report
+
+
+# -- doctor-only rules --------------------------------------------------------------------------------
+
+
+def _graph_inputs(model: ir.Model) -> list[ir.Value]:
+    return [v for v in model.graph.inputs if v.name not in model.graph.initializers]
+
+
+def _show_dim(dim) -> str:
+    return str(dim) if isinstance(dim, int) else str(getattr(dim, "value", None) or "?")
+
+
+def _dynamic_input_findings(model: ir.Model, profiles: Sequence[Any], shapes: Mapping[str, Sequence[int]],
+                            label: str) -> list[Finding]:
+    findings = []
+    for value in _graph_inputs(model):
+        declared = value.shape
+        dynamic = list(range(len(declared))) if declared is None else \
+            [axis for axis, d in enumerate(declared) if not isinstance(d, int)]
+        if declared is not None and not dynamic:
+            continue
+        if profiles and all(value.name in p.shapes for p in profiles):
+            continue
+        shown = "?" if declared is None else "x".join(_show_dim(d) for d in declared)
+        if value.name in shapes:
+            example = "x".join(str(int(s)) for s in shapes[value.name])
+            flags = f"--min-shapes {value.name}:{example} --opt-shapes {value.name}:{example} --max-shapes {value.name}:{example}"
+            hint = " (your --shapes as min = opt = max; widen min and max to the range you will run)"
+        else:
+            flags = f"--min-shapes {value.name}:{shown} --opt-shapes {value.name}:{shown} --max-shapes {value.name}:{shown}"
+            hint = f" with sizes for the dynamic dims ({', '.join(_show_dim(declared[a]) for a in dynamic) if declared is not None else 'the whole shape'})"
+        consumers = list(dict.fromkeys(node.name for node, _ in value.uses() if node.graph is model.graph))
+        findings.append(Finding(
+            rule=DYNAMIC_INPUT,
+            title=f"input {value.name!r} has dynamic dims ({shown}) and no optimization profile",
+            nodes=consumers,
+            why=("kiln build chooses and times every tactic at a profile's opt shape and sizes the engine's buffers "
+                 "for its max shape; an input with dynamic dims and no profile cannot be built (kiln build refuses it), "
+                 "and a profile far from the real shapes picks tactics for the wrong sizes."),
+            fix=f"give kiln build an optimization profile: {flags}{hint}; several profiles for distinct ranges "
+                f"(repeat the flags).",
+            shapes={value.name: shape_of(value) or []},
+            details={"input": value.name, "dynamic_axes": dynamic, "model": label,
+                     "_downstream": _downstream(model, value)},
+        ))
+    return findings
+
+
+def _downstream(model: ir.Model, value: ir.Value) -> list[str]:
+    """Names of the main-graph nodes that depend on ``value``."""
+    seen: dict[str, None] = {}
+    stack = [value]
+    visited: set[int] = set()
+    while stack:
+        current = stack.pop()
+        for node, _ in current.uses():
+            if node.graph is not model.graph or id(node) in visited:
+                continue
+            visited.add(id(node))
+            seen[node.name] = None
+            stack.extend(node.outputs)
+    return list(seen)
+
+
+def _derived_values(model: ir.Model) -> set[int]:
+    """ids of values computed from constants and input shapes alone (what the builder folds or the
+    engine computes once per input shape)."""
+    derived = {id(v) for v in model.graph.initializers.values()}
+    for node in model.graph:
+        if node.op_type in _NOT_STATIC or any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+                                              for a in node.attributes.values()):
+            continue
+        if node.op_type in _SHAPE_SOURCES or all(v is None or not v.name or id(v) in derived for v in node.inputs):
+            derived.update(id(v) for v in node.outputs)
+    return derived
+
+
+def _is_string(value: ir.Value | None) -> bool:
+    return value is not None and value.dtype == ir.DataType.STRING
+
+
+def _slow_reason(node: ir.Node, derived: set[int]) -> tuple[str, str] | None:
+    """(kind, why) when ``node`` runs on a slow path, else None."""
+    op = node.op_type
+    standard = node.domain in ("", "ai.onnx")
+    if standard and op in CONTROL_FLOW:
+        return "control-flow", (f"{op} runs its body node by node in kiln's reference executor: nothing inside is fused "
+                                "or timed, and its condition or trip count is read back from the GPU on every run")
+    if all(v is None or not v.name or id(v) in derived for v in node.inputs):
+        return None  # folded at build time, or computed once per input shape
+    if any(_is_string(v) for v in [*node.inputs, *node.outputs]) or (standard and op in STRING_OPS) \
+            or (node.domain == _ML_DOMAIN and op == "LabelEncoder"):
+        return "strings", (f"{op} works on string tensors: numpy object arrays computed element by element in Python "
+                           "on the host, with a copy from and to the GPU")
+    if standard and op in SEQUENCE_OPS:
+        return "sequences", (f"{op} handles an ONNX sequence or optional: a Python list of tensors, one op at a time, "
+                             "never fused")
+    if (standard or node.domain == _ML_DOMAIN) and op in HEAVY_OPS:
+        return "no-fast-tactic", f"{op} has no fast tactic: kiln's reference op {HEAVY_OPS[op]}"
+    if standard and op in DATA_DEPENDENT:
+        return "data-dependent-shape", (f"{op}'s output size depends on the values it reads: the host waits for the GPU "
+                                        "on every run and the engine cannot capture a CUDA graph")
+    if standard:
+        for index, value in enumerate(node.inputs):
+            if (op, index) in HOST_READS and value is not None and value.name and id(value) not in derived:
+                return "host-read", (f"{op} reads input {index} ({value.name!r}) on the host as numbers, and that value "
+                                     "is computed from data at run time: a GPU->host copy and a wait on every run, "
+                                     "and the engine cannot capture a CUDA graph")
+    return None
+
+
+_SLOW_FIXES = {
+    "control-flow": ("export without data-dependent control flow where you can (trace it: a fixed loop count "
+                     "unrolled, an If on a static condition resolved at export); keep what must stay small"),
+    "data-dependent-shape": ("move the op to the end of the model or out of it (post-processing on the host), or "
+                             "replace it by a fixed-size equivalent (a mask with Where instead of NonZero/Compress, "
+                             "TopK with a constant k instead of a dynamic filter)"),
+    "host-read": ("make the value a constant or derive it from input shapes only (Shape -> Gather -> ...), not "
+                  "from tensor values; for dynamic sizes export with dynamic axes instead of computing sizes from data"),
+    "strings": "do the string processing (tokenizing, label mapping) outside the model, before or after kiln runs it",
+    "sequences": "export with fixed tensors (Concat/Split) instead of sequence ops",
+    "no-fast-tactic": ("replace the op: RNNs by an unrolled or attention-based layer where you can; quantized "
+                       "integer ops by float (fp16/bf16) weights; NMS and tree ensembles as post-processing outside "
+                       "the model"),
+}
+
+
+def _slow_path_findings(model: ir.Model) -> list[Finding]:
+    derived = _derived_values(model)
+    findings = []
+    for node in model.graph:
+        reason = _slow_reason(node, derived)
+        if reason is None:
+            continue
+        kind, why = reason
+        values = [v for v in [*node.inputs, *node.outputs] if v is not None and v.name]
+        findings.append(Finding(
+            rule=SLOW_PATH,
+            title=f"{node.op_type} {node.name!r} runs on a slow path ({kind})",
+            nodes=[node.name],
+            why=why,
+            fix=_SLOW_FIXES[kind],
+            shapes={v.name: shape_of(v) for v in values if shape_of(v) is not None},
+            details={"kind": kind, "op_type": node.op_type, "domain": node.domain},
+        ))
+    return findings
+
+
+# -- rendering ----------------------------------------------------------------------------------------
+
+
+def _amount(value: float, unit: str) -> str:
+    """``1.23 GFLOPs``, ``45.6 MB``: three significant digits with an SI prefix."""
+    for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
+
+
+def _percent(share: float) -> str:
+    return f"{100 * share:.1f}%" if share >= 0.001 or share == 0 else "<0.1%"
+
+
+def _shape_text(shape: Sequence[int | str]) -> str:
+    return "x".join(str(d) for d in shape) if shape else "scalar"
+
+
+def _nodes_text(nodes: Sequence[str]) -> str:
+    if not nodes:
+        return "-"
+    shown = ", ".join(nodes[:NODES_SHOWN])
+    return shown + (f" (+{len(nodes) - NODES_SHOWN} more, {len(nodes)} in all)" if len(nodes) > NODES_SHOWN else "")
+
+
+def render_text(report: Report) -> str:
+    """A one-screen summary, then one block per finding (most impact first)."""
+    s = report.summary()
+    lines = [f"kiln doctor: {report.model}",
+             f"  precision {report.precision}, {report.nodes} nodes, {_amount(report.cost.flops, 'FLOPs')}, "
+             f"{_amount(report.cost.bytes, 'B')} moved (estimated per run)"]
+    if report.dims:
+        lines.append("  sized with " + ", ".join(f"{k}={v}" for k, v in report.dims.items()))
+    if report.cost.assumed:
+        lines.append(f"  symbolic dims taken as 1: {', '.join(report.cost.assumed)} (give --shapes or --opt-shapes to size them)")
+    if report.cost.unmodelled:
+        lines.append("  counted as bytes only (no FLOP model): "
+                     + ", ".join(f"{op} x{n}" for op, n in report.cost.unmodelled.items()))
+    for error in report.errors:
+        lines.append(f"  ! pass failed, its findings are missing: {error}")
+    if not report.entries:
+        lines.append("  no findings: no performance rule applies to this model at this precision")
+        return "\n".join(lines) + "\n"
+    fixed = report.fixed_by()
+    lines.append(f"  {len(report.entries)} findings: {sum(fixed.values())} fixed automatically by kiln's passes, "
+                 f"{s['need_model_change']} need a change in the model or the build")
+    passes = {e.finding.rule: e.finding.pass_name for e in report.entries}
+    width = max(len(rule) for rule in passes)
+    for rule, count in report.rule_counts().items():
+        by = f"fixed by {passes[rule]}" if passes[rule] else "not fixed automatically"
+        lines.append(f"    {rule:<{width}}  x{count:<4} {by}")
+    lines.append(f"  top {min(TOP, len(report.entries))} by estimated impact:")
+    for rank, entry in enumerate(report.entries[:TOP], 1):
+        f = entry.finding
+        lines.append(f"    {rank}. {_percent(entry.share):>6} of {entry.measure:<5}  {f.rule}: {f.title}")
+    lines.append("")
+    for rank, entry in enumerate(report.entries, 1):
+        f = entry.finding
+        lines.append(f"[{rank}] {f.rule}: {f.title}")
+        lines.append(f"    nodes:  {_nodes_text(f.nodes)}")
+        if f.shapes:
+            shapes = list(f.shapes.items())
+            text = ", ".join(f"{k} {_shape_text(v)}" for k, v in shapes[:6]) + (f" (+{len(shapes) - 6} more)" if len(shapes) > 6 else "")
+            lines.append(f"    shapes: {text}")
+        lines.append(f"    impact: {_percent(entry.flops_share)} of FLOPs, {_percent(entry.bytes_share)} of bytes "
+                     f"({_amount(f.flops, 'FLOPs')}, {_amount(f.bytes, 'B')})")
+        lines.append(f"    why:    {f.why}")
+        lines.append(f"    fix:    {f.fix}")
+    return "\n".join(lines) + "\n"
