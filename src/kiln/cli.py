@@ -238,7 +238,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
     model = load_model(args.model)
     report = diagnose(model, precision=args.precision, profiles=_parse_profiles(args), shapes=parse_shapes(args.shapes),
-                      name=str(args.model))
+                      name=str(args.model), run_reference=not args.no_run)
     if args.json:
         print(json.dumps(report.to_json(), indent=1))
     else:
@@ -335,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     for which in ("min", "opt", "max"):
         doctor.add_argument(f"--{which}-shapes", f"--{which}Shapes", dest=f"{which}_shapes", action="append",
                             help=f"{which} shapes of the profile you will build with, as for kiln build")
+    doctor.add_argument("--no-run", action="store_true",
+                        help="estimate from inferred shapes only (no reference run on the CPU to record the shapes "
+                             "inference leaves unknown)")
     doctor.set_defaults(func=_cmd_doctor)
 
     inspect = sub.add_parser("inspect", help="print an engine's layers", description="Print every layer of an engine.")
