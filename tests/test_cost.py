@@ -158,3 +158,9 @@ def test_of_sums_named_nodes():
                [_vi("x", [5])], [_vi("y", [5])])
     cost = model_cost(m)
     assert cost.of(["a", "b", "a", "missing"]) == Cost(10, 80)
+
+
+def test_recorded_shapes_take_precedence():
+    m = _model([helper.make_node("Relu", ["x"], ["y"], name="relu")], [_vi("x", ["n", 4])], [_vi("y", ["n", 4])])
+    cost = model_cost(m, shapes={"x": (3, 4), "y": (3, 4)})
+    assert cost.flops == 12 and cost.bytes == 4 * 24 and cost.assumed == []

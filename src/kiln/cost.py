@@ -24,10 +24,12 @@ estimate behind that share. It is a static count, not a measurement:
   is not known statically). Other ops count bytes only and are listed in ``ModelCost.unmodelled``.
 
 Bytes moved by a node = the sizes of its distinct input and output tensors (weights included).
-A symbolic dimension takes its value from ``dims`` (symbol name -> size; expressions such as
-``2*s0`` are evaluated when their symbols are known) and is otherwise taken as 1; every dimension
-assumed that way is listed in ``ModelCost.assumed``, so a report can say its numbers are per unit
-of that dimension. Values with no inferred shape or dtype count 0 bytes and are listed too.
+A value's shape is the one recorded for it in ``shapes`` (value name -> shape, e.g. from a reference
+run at concrete input shapes), else its inferred shape. A symbolic dimension takes its value from
+``dims`` (symbol name -> size; expressions such as ``2*s0`` are evaluated when their symbols are
+known) and is otherwise taken as 1; every dimension assumed that way is listed in
+``ModelCost.assumed``, so a report can say its numbers are per unit of that dimension. Values with
+no shape or dtype count 0 bytes and are listed too.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from __future__ import annotations
 import ast
 import math
 import operator
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
@@ -113,7 +115,8 @@ class ModelCost:
 class _Notes:
     """What one estimate assumed (shared by the nodes of a model)."""
 
-    def __init__(self) -> None:
+    def __init__(self, shapes: Mapping[str, Sequence[int]] | None = None) -> None:
+        self.shapes = shapes or {}
         self.assumed: dict[str, None] = {}
         self.unshaped: dict[str, None] = {}
         self.unmodelled: dict[str, int] = {}
@@ -174,6 +177,8 @@ def resolve_dim(dim: int | ir.SymbolicDim | None, dims: Mapping[str, int], notes
 def _shape(value: ir.Value | None, dims: Mapping[str, int], notes: _Notes) -> list[int] | None:
     if value is None:
         return None
+    if value.name and value.name in notes.shapes:
+        return [int(d) for d in notes.shapes[value.name]]
     shape = value.shape
     if shape is None and value.const_value is not None:
         shape = value.const_value.shape
@@ -342,16 +347,18 @@ def _node_cost(node: ir.Node, dims: Mapping[str, int], notes: _Notes) -> Cost:
     return cost
 
 
-def node_cost(node: ir.Node, dims: Mapping[str, int] | None = None) -> Cost:
+def node_cost(node: ir.Node, dims: Mapping[str, int] | None = None,
+              shapes: Mapping[str, Sequence[int]] | None = None) -> Cost:
     """The estimated FLOPs and bytes moved of one node (see the module docstring for the formulas)."""
-    return _node_cost(node, dims or {}, _Notes())
+    return _node_cost(node, dims or {}, _Notes(shapes))
 
 
-def model_cost(model: ir.Model, dims: Mapping[str, int] | None = None) -> ModelCost:
+def model_cost(model: ir.Model, dims: Mapping[str, int] | None = None,
+               shapes: Mapping[str, Sequence[int]] | None = None) -> ModelCost:
     """Every main-graph node's cost by name, the totals, and the dims and values the estimate assumed.
     Node names should be unique (``kiln.passes.unique_node_names``); a repeated name keeps the sum."""
     dims = dims or {}
-    notes = _Notes()
+    notes = _Notes(shapes)
     result = ModelCost()
     for node in model.graph:
         cost = _node_cost(node, dims, notes)

@@ -47,7 +47,10 @@ name nodes). It collects:
 
 3. each finding's share of the model's estimated FLOPs and bytes (``kiln.cost``; the larger of the
    two is its impact), and sorts by it. A dynamic-input finding's share is that of every node
-   downstream of the input.
+   downstream of the input. Where shape inference left dimensions it cannot name (the exporters'
+   computed reshapes give ``unk__N``), the model is run once by the reference executor on the CPU,
+   on random inputs at the given shapes (dynamic input dims not given: 1), and the recorded shapes
+   are used; ``run_reference=False`` (``--no-run``) keeps to the inferred shapes.
 
 ``render_text`` prints a one-screen summary (model, precision, nodes, GFLOPs, MB, findings per rule
 and the pass that fixes them, the top five) and then one block per finding; ``Report.to_json`` is
@@ -140,6 +143,7 @@ class Report:
     dims: dict[str, int] = field(default_factory=dict)  # symbolic dims sized by the given shapes
     profiles: int = 0
     errors: list[str] = field(default_factory=list)  # passes whose find() failed, with the error
+    notes: list[str] = field(default_factory=list)  # how the estimate got its shapes
 
     @property
     def findings(self) -> list[Finding]:
@@ -167,7 +171,7 @@ class Report:
             "assumed_dims": list(self.cost.assumed), "unmodelled_ops": dict(self.cost.unmodelled),
             "findings": len(self.entries), "by_rule": self.rule_counts(), "fixed_automatically": sum(fixed.values()),
             "fixed_by": fixed, "need_model_change": sum(1 for e in self.entries if not e.finding.pass_name),
-            "errors": list(self.errors),
+            "errors": list(self.errors), "notes": list(self.notes),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -201,13 +205,14 @@ def diagnose(
     profiles: Sequence[Any] = (),
     shapes: Mapping[str, Sequence[int]] | None = None,
     name: str | None = None,
+    run_reference: bool = True,
 ) -> Report:
     """Every finding for ``model`` at ``precision``, with shares, sorted by impact.
 
     ``profiles`` are ``kiln.Profile`` objects (or anything with ``.shapes``: name -> (min, opt, max)):
     the inputs they all cover need no dynamic-input finding, and the first one's opt shapes size
     symbolic dims. ``shapes`` (name -> concrete shape) sizes symbolic dims only. Unsized dims count
-    as 1 in the estimates, and the report says so.
+    as 1 in the estimates, and the report says so. ``run_reference``: see the module docstring.
     """
     label = name or model.graph.name or "model"
     unique_node_names(model.graph)
@@ -221,7 +226,15 @@ def diagnose(
     ctx = PassContext(precision=precision, kiln_ops=True, dims=dict(dims))
     ctx.validate()
     cost = model_cost(model, dims)
-    report = Report(label, precision, len(model.graph), cost, dims=dims, profiles=len(profiles))
+    notes = []
+    inputs_at_one = _unsized_input_dims(model, dims)
+    if run_reference and set(cost.assumed) - set(inputs_at_one):
+        recorded, note = _recorded_shapes(model, dims, label)
+        notes.append(note)
+        if recorded is not None:
+            cost = model_cost(model, dims, recorded)
+            cost.assumed = sorted(set(cost.assumed) | set(inputs_at_one))
+    report = Report(label, precision, len(model.graph), cost, dims=dims, profiles=len(profiles), notes=notes)
 
     findings: list[Finding] = []
     for pass_ in registered_passes().values():
@@ -254,6 +267,50 @@ def diagnose(
 
 def _graph_inputs(model: ir.Model) -> list[ir.Value]:
     return [v for v in model.graph.inputs if v.name not in model.graph.initializers]
+
+
+def _unsized_input_dims(model: ir.Model, dims: Mapping[str, int]) -> list[str]:
+    names = []
+    for value in _graph_inputs(model):
+        for dim in value.shape or ():
+            if not isinstance(dim, int):
+                name = str(getattr(dim, "value", None) or "?")
+                if name not in dims:
+                    names.append(name)
+    return names
+
+
+def _recorded_shapes(model: ir.Model, dims: Mapping[str, int], label: str) -> tuple[dict[str, tuple[int, ...]] | None, str]:
+    """Every main-graph value's shape from one reference run on the CPU at concrete input shapes
+    (given dims, else 1), and a note saying what was done; (None, why) when the run is impossible."""
+    from kiln.errors import KilnError
+    from kiln.executor import Executor
+    from kiln.inputs import random_inputs
+
+    sizes = {}
+    for value in _graph_inputs(model):
+        if value.shape is None:
+            return None, f"no reference run: input {value.name!r} has no declared rank; dims unknown to shape inference taken as 1"
+        sizes[value.name] = tuple(d if isinstance(d, int) else dims.get(str(getattr(d, "value", None)), 1) for d in value.shape)
+    recorded: dict[str, tuple[int, ...]] = {}
+
+    def observe(step, outputs) -> None:
+        for out_name, result in zip(step.outputs, outputs):
+            if out_name and hasattr(result, "shape"):
+                recorded[out_name] = tuple(int(d) for d in result.shape)
+
+    shown = ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in sizes.items())
+    try:
+        executor = Executor(model, device="cpu", name=label)
+        feeds = random_inputs(executor.inputs, sizes, model=label)
+        for name, array in feeds.items():
+            recorded[name] = tuple(array.shape)
+        executor.observer = observe
+        executor.run(feeds)
+    except (KilnError, RuntimeError, ValueError, MemoryError) as error:
+        return None, (f"no reference run ({type(error).__name__}: {' '.join(str(error).split())[:200]}); "
+                      "dims unknown to shape inference taken as 1")
+    return recorded, f"shapes recorded by a reference run on the CPU at {shown}"
 
 
 def _show_dim(dim) -> str:
@@ -435,6 +492,8 @@ def render_text(report: Report) -> str:
     if report.cost.unmodelled:
         lines.append("  counted as bytes only (no FLOP model): "
                      + ", ".join(f"{op} x{n}" for op, n in report.cost.unmodelled.items()))
+    for note in report.notes:
+        lines.append(f"  {note}")
     for error in report.errors:
         lines.append(f"  ! pass failed, its findings are missing: {error}")
     if not report.entries:
