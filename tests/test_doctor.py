@@ -209,6 +209,15 @@ def test_dynamic_input_without_profile():
     assert not _entries(covered, DYNAMIC_INPUT) and covered.dims == {"batch": 4}
 
 
+def test_input_without_a_declared_shape():
+    # onnx's checker wants a shape field on graph inputs; an IR built in memory may still lack one
+    model = kiln.load_model_proto(_proto([helper.make_node("Relu", ["x"], ["y"], name="relu")], [_vi("x", [2])], [_vi("y", [2])]))
+    model.graph.inputs[0].shape = None
+    [entry] = _entries(diagnose(model), DYNAMIC_INPUT)
+    assert entry.finding.nodes == ["relu"] and entry.finding.details["dynamic_axes"] is None
+    assert "x:?" in entry.finding.fix and "the whole shape" in entry.finding.fix
+
+
 def test_shapes_that_contradict_the_model_are_refused():
     with pytest.raises(kiln.KilnError, match="fixes it at 64"):
         _diagnose(dynamic_model(), shapes={"x": (8, 32)})

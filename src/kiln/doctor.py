@@ -175,7 +175,25 @@ class Report:
         }
 
     def to_json(self) -> dict[str, Any]:
-        return {"summary": self.summary(), "findings": [e.to_json() for e in self.entries]}
+        """Plain JSON types only (a pass's details may hold numpy scalars or tuples)."""
+        return _plain({"summary": self.summary(), "findings": [e.to_json() for e in self.entries]})
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, set | frozenset):
+        return sorted((_plain(v) for v in value), key=str)
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        try:
+            return value.item()
+        except (TypeError, ValueError):
+            pass
+    return str(value)
 
 
 def dims_from_shapes(model: ir.Model, shapes: Mapping[str, Sequence[int]], label: str = "model") -> dict[str, int]:
@@ -322,8 +340,8 @@ def _dynamic_input_findings(model: ir.Model, profiles: Sequence[Any], shapes: Ma
     findings = []
     for value in _graph_inputs(model):
         declared = value.shape
-        dynamic = list(range(len(declared))) if declared is None else \
-            [axis for axis, d in enumerate(declared) if not isinstance(d, int)]
+        # None: not even the rank is declared
+        dynamic = None if declared is None else [axis for axis, d in enumerate(declared) if not isinstance(d, int)]
         if declared is not None and not dynamic:
             continue
         if profiles and all(value.name in p.shapes for p in profiles):
