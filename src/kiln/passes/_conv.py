@@ -1,0 +1,128 @@
+"""What the convolution and GEMM passes share: sizes and FLOPs for findings, fresh names, new
+initializers, and the standard ONNX ``Pad`` (in the form the model's opset defines) that pads a value
+with zeros on one axis."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from kiln.passes import KILN_DOMAIN, PassContext, opset
+
+
+def is_conv(node: ir.Node) -> bool:
+    """A standard Conv or kiln's FusedConv (same X, W, B inputs and attributes)."""
+    return (node.op_type == "Conv" and node.domain in ("", "ai.onnx")) or (
+        node.op_type == "FusedConv" and node.domain == KILN_DOMAIN
+    )
+
+
+def elements(shape: ir.Shape | None, ctx: PassContext) -> tuple[int, bool]:
+    """(number of elements, whether every dim was known). Dims neither static nor in ``ctx.dims``
+    count as 1, so a finding for a dynamic batch reports the cost per unit of that dim."""
+    if shape is None:
+        return 0, False
+    total, known = 1, True
+    for d in shape:
+        v = ctx.dim(d)
+        if v is None:
+            known = False
+            v = 1
+        total *= v
+    return total, known
+
+
+def itemsize(value: ir.Value) -> float:
+    dtype = value.dtype
+    return float(dtype.itemsize) if dtype is not None else 4.0
+
+
+def conv_flops(node: ir.Node, ctx: PassContext) -> float:
+    """2 x output elements x (input channels per group x kernel size): the multiply-adds of a Conv."""
+    w = node.inputs[1].shape if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if w is None or not all(isinstance(d, int) for d in w):
+        return 0.0
+    out, _ = elements(node.outputs[0].shape, ctx)
+    return 2.0 * out * math.prod(w[1:])
+
+
+class Names:
+    """Fresh node and value names for a graph (derived from a base, never clashing)."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.taken: set[str] = {n.name for n in graph if n.name}
+        self.taken.update(v.name for v in graph.inputs if v.name)
+        self.taken.update(v.name for v in graph.initializers.values() if v.name)
+        for node in graph:
+            self.taken.update(v.name for v in node.outputs if v.name)
+
+    def fresh(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.taken:
+            name = f"{base}_{k}"
+            k += 1
+        self.taken.add(name)
+        return name
+
+
+def add_initializer(graph: ir.Graph, names: Names, base: str, array: np.ndarray) -> ir.Value:
+    """A new initializer holding ``array`` (its name derived from ``base``)."""
+    name = names.fresh(base)
+    value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def pad_array(array: np.ndarray, axis: int, size: int, fill: float = 0.0) -> np.ndarray:
+    """``array`` extended with ``fill`` on ``axis`` to ``size``."""
+    widths = [(0, 0)] * array.ndim
+    widths[axis] = (0, size - array.shape[axis])
+    return np.pad(array, widths, constant_values=np.asarray(fill, dtype=array.dtype))
+
+
+def with_dim(shape: ir.Shape | None, axis: int, size: int) -> ir.Shape | None:
+    if shape is None:
+        return None
+    dims = list(shape)
+    dims[axis] = size
+    return ir.Shape(dims)
+
+
+def can_pad(model: ir.Model) -> bool:
+    """Pad with zeros exists in the form kiln writes from opset 2 (Pad-1 spelled it ``paddings``)."""
+    return opset(model) >= 2
+
+
+def make_pad(model: ir.Model, names: Names, x: ir.Value, axis: int, size: int, base: str) -> ir.Node:
+    """A standard ``Pad`` node appending zeros to ``x`` on ``axis`` up to ``size``; ``x`` must have a
+    known rank and a static size on ``axis``. The node is not inserted."""
+    rank = len(x.shape)
+    axis = axis % rank
+    pads = [0] * (2 * rank)
+    pads[rank + axis] = size - x.shape[axis]
+    out = ir.Value(name=names.fresh(f"{base}_padded"), type=x.type, shape=with_dim(x.shape, axis, size))
+    if opset(model) >= 11:
+        pads_value = add_initializer(model.graph, names, f"{base}_pads", np.asarray(pads, dtype=np.int64))
+        node = ir.Node("", "Pad", [x, pads_value], outputs=[out], name=names.fresh(f"{base}/pad"))
+    else:
+        node = ir.Node("", "Pad", [x], attributes=[ir.AttrInt64s("pads", pads), ir.AttrFloat32("value", 0.0)],
+                       outputs=[out], name=names.fresh(f"{base}/pad"))
+    return node
+
+
+def remove_dead_constants(graph: ir.Graph, values: list[ir.Value | None]) -> None:
+    """Drop those of ``values`` that nothing reads any more: Constant nodes and initializers that
+    are not graph inputs (a rewrite that consumed a constant leaves no dead weight behind)."""
+    inputs = {id(v) for v in graph.inputs}
+    for value in values:
+        if value is None or value.uses() or value.is_graph_output():
+            continue
+        node = value.producer()
+        if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            graph.remove(node, safe=True)
+        elif node is None and value.name in graph.initializers and id(value) not in inputs:
+            if graph.initializers[value.name] is value:
+                del graph.initializers[value.name]
