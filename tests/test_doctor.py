@@ -58,9 +58,9 @@ def _assert_reported(report, pass_name, node, rule=None):
 # -- models, one per finding type -------------------------------------------------------------------
 
 
-def reduce_model():
+def reduce_model(inner=2):
     return _proto([helper.make_node("ReduceMean", ["x"], ["y"], name="reduce", axes=[1], keepdims=1)],
-                  [_vi("x", [2, 64, 8])], [_vi("y", [2, 1, 8])])
+                  [_vi("x", [2, 64, inner])], [_vi("y", [2, 1, inner])])
 
 
 def matmul_model(k=30, n=50, m=4, name="mm"):
@@ -141,18 +141,29 @@ def dynamic_model():
 
 
 def test_reduce_not_last_axis():
+    # kept axis of 2 fp32 after the reduced one: 8-byte runs, rewritten by rule
     _assert_reported(_diagnose(reduce_model()), "reduce_to_last_axis", "reduce", "reduce-not-last-axis")
+    # 8 fp32 (32-byte runs): reported, left as is by the pass (its decision is in the fix text)
+    report = _diagnose(reduce_model(inner=8))
+    [entry] = _entries(report, "reduce-not-last-axis")
+    assert entry.finding.pass_name is None and "left as is by pass reduce_to_last_axis" in entry.finding.fix
+    assert entry.share > 0 and "not fixed automatically" in render_text(report)
 
 
 def test_misaligned_dims_for_fp16():
     entry = _assert_reported(_diagnose(matmul_model(), "fp16"), "pad_for_tensor_cores", "mm", "misaligned-dims")
     assert entry.finding.shapes
+    # a batch given with --shapes sizes the finding's shapes
+    dynamic = _proto([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [_vi("x", ["batch", 30])],
+                     [_vi("y", ["batch", 50])], [_w("w", (30, 50))])
+    [entry] = _entries(_diagnose(dynamic, "fp16", shapes={"x": (8, 30)}), "misaligned-dims")
+    assert entry.finding.shapes["x"] == [8, 30]
     # aligned for fp16 (K, N multiples of 8): nothing to pad
     assert not _entries(_diagnose(matmul_model(k=32, n=64), "fp16"), "misaligned-dims")
 
 
 def test_nd_matmul():
-    _assert_reported(_diagnose(nd_matmul_model()), "flatten_matmul", "mm4d")
+    _assert_reported(_diagnose(nd_matmul_model()), "flatten_matmul", "mm4d", "matmul-nd")
 
 
 def test_first_conv_with_three_channels():
@@ -168,11 +179,11 @@ def test_conv_without_fused_epilogue():
 
 
 def test_decomposed_layernorm():
-    _assert_reported(_diagnose(layernorm_model(), "fp16"), "fuse_layernorm", "ln_mean")
+    _assert_reported(_diagnose(layernorm_model(), "fp16"), "fuse_layernorm", "ln_mean", "unfused-layernorm")
 
 
 def test_decomposed_gelu():
-    _assert_reported(_diagnose(gelu_model(), "fp16"), "fuse_gelu", "gelu_erf")
+    _assert_reported(_diagnose(gelu_model(), "fp16"), "fuse_gelu", "gelu_erf", "unfused-gelu")
 
 
 def test_unfused_attention():
@@ -182,8 +193,17 @@ def test_unfused_attention():
 
 def test_noop_shuffles():
     report = _diagnose(shuffle_model())
-    _assert_reported(report, "drop_noop_shuffles", "noop_transpose")
-    _assert_reported(report, "drop_noop_shuffles", "noop_reshape")
+    _assert_reported(report, "drop_noop_shuffles", "noop_transpose", "noop-shuffle")
+    _assert_reported(report, "drop_noop_shuffles", "noop_reshape", "noop-shuffle")
+
+
+def test_unfolded_batchnorm():
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"], name="bn")]
+    proto = _proto(nodes, [_vi("x", [1, 16, 8, 8])], [_vi("y", [1, 16, 8, 8])],
+                   [_w("w", (16, 16, 3, 3)), _w("g", (16,), 1), _w("b", (16,), 2), _w("m", (16,), 3),
+                    _c("v", np.full(16, 0.5))])
+    _assert_reported(_diagnose(proto), "fold_batchnorm", "bn", "unfolded-batchnorm")
 
 
 # -- doctor-only rules -------------------------------------------------------------------------------
@@ -283,6 +303,10 @@ def test_reference_run_sizes_what_inference_cannot():
     exact = 2 * 8 * (4 * 8 * 16)  # MatMul: 2*K*numel(Y) at batch 4
     report = _diagnose(computed_reshape_model(), shapes={"x": (4, 64)})
     assert report.cost.nodes["mm"].flops == exact and report.cost.assumed == []
+    # findings show the recorded sizes, not unk__N (the dynamic input itself keeps its symbolic dims)
+    [nd] = _entries(report, "matmul-nd")
+    assert nd.finding.shapes["r"] == [4, 8, 8] and nd.finding.shapes["y"] == [4, 8, 16]
+    assert _entries(report, DYNAMIC_INPUT)[0].finding.shapes == {"x": ["batch", 64]}
     assert any("reference run" in note for note in report.notes)
     assert "reference run" in render_text(report)
     # not given a batch: run at batch 1, and say the batch was taken as 1
@@ -393,7 +417,7 @@ def test_bert_torchscript(tmp_path):
     dynamic = {e.finding.details["input"] for e in _entries(report, DYNAMIC_INPUT)}
     assert dynamic == {"input_ids", "attention_mask", "token_type_ids"}
     assert _entries(report, "unfused-attention", "fuse_attention")
-    assert _entries(report, pass_name="fuse_gelu")
+    assert _entries(report, "unfused-gelu", "fuse_gelu")
     assert {"batch", "sequence"} <= set(report.cost.assumed)
     sized = diagnose(kiln.load_model(path), precision="fp16", shapes={n: (2, 8) for n in dynamic})
     assert sized.cost.flops > report.cost.flops

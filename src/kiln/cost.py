@@ -154,6 +154,13 @@ def _evaluate(expression: str, dims: Mapping[str, int]) -> int | None:
     return int(value) if float(value).is_integer() and value >= 0 else None
 
 
+def symbol_value(name: str, dims: Mapping[str, int]) -> int | None:
+    """A symbolic dimension's size: its value in ``dims``, or its expression's (``2*s0``), or None."""
+    if name in dims:
+        return int(dims[name])
+    return _evaluate(name, dims)
+
+
 def resolve_dim(dim: int | ir.SymbolicDim | None, dims: Mapping[str, int], notes: _Notes | None = None) -> int:
     """A dimension's size: its int, its symbol's value in ``dims`` (or the expression's), else 1."""
     if isinstance(dim, int):
@@ -163,12 +170,10 @@ def resolve_dim(dim: int | ir.SymbolicDim | None, dims: Mapping[str, int], notes
         if notes is not None:
             notes.assumed["?"] = None
         return 1
-    name = str(name)
-    if name in dims:
-        return int(dims[name])
-    value = _evaluate(name, dims)
+    value = symbol_value(str(name), dims)
     if value is not None:
         return value
+    name = str(name)
     if notes is not None:
         notes.assumed[name] = None
     return 1

@@ -43,7 +43,10 @@ name nodes). It collects:
        ``ai.onnx.ml`` TreeEnsemble (one host-synchronised step per tree level).
 
      A node whose inputs are all constants or input-shape arithmetic is not reported (the builder
-     folds it, or the engine computes it once per shape); control flow always is.
+     folds it, or the engine computes it once per shape); control flow always is. Not reported
+     either: Node layers whose reference op is one torch library call on the GPU (a 1-D/3-D or
+     SAME-padded Conv, ConvTranspose, a MatMul of two activations, Einsum, pooling, Resize, ...):
+     they miss the fused tactics but do not leave the GPU or wait for it.
 
 3. each finding's share of the model's estimated FLOPs and bytes (``kiln.cost``; the larger of the
    two is its impact), and sorts by it. A dynamic-input finding's share is that of every node
@@ -66,7 +69,7 @@ from typing import Any
 import onnx_ir as ir
 
 from kiln.builder.tactics.node import HOST_INPUTS
-from kiln.cost import ModelCost, model_cost
+from kiln.cost import ModelCost, model_cost, symbol_value
 from kiln.errors import InputError
 from kiln.passes import Finding, PassContext, registered_passes, shape_of, unique_node_names
 
@@ -245,6 +248,7 @@ def diagnose(
     ctx.validate()
     cost = model_cost(model, dims)
     notes = []
+    recorded = None
     inputs_at_one = _unsized_input_dims(model, dims)
     if run_reference and set(cost.assumed) - set(inputs_at_one):
         recorded, note = _recorded_shapes(model, dims, label)
@@ -266,6 +270,8 @@ def diagnose(
     downstream = {f.details["input"]: f.details.pop("_downstream") for f in findings
                   if f.rule == DYNAMIC_INPUT and "_downstream" in f.details}
     for finding in findings:
+        if finding.rule != DYNAMIC_INPUT:
+            finding.shapes = _sized(finding.shapes, None if inputs_at_one else recorded, dims)
         names = downstream.get(finding.details.get("input"), finding.nodes) if finding.rule == DYNAMIC_INPUT else finding.nodes
         estimate = cost.of(names)
         if estimate.flops or estimate.bytes:
@@ -281,6 +287,21 @@ def diagnose(
 
 
 # -- doctor-only rules --------------------------------------------------------------------------------
+
+
+def _sized(shapes: Mapping[str, Sequence[int | str]], recorded: Mapping[str, Sequence[int]] | None,
+           dims: Mapping[str, int]) -> dict[str, list[int | str]]:
+    """A finding's shapes with the symbolic dims the given shapes size (and, when every input dim was
+    given, the shapes the reference run recorded); dims nothing sizes keep their names."""
+    out = {}
+    for name, shape in shapes.items():
+        got = recorded.get(name) if recorded is not None else None
+        if got is not None and len(got) == len(shape):
+            out[name] = [int(d) for d in got]
+        else:
+            sized = [symbol_value(d, dims) if isinstance(d, str) else None for d in shape]
+            out[name] = [d if v is None else v for d, v in zip(shape, sized)]
+    return out
 
 
 def _graph_inputs(model: ir.Model) -> list[ir.Value]:
@@ -520,10 +541,15 @@ def render_text(report: Report) -> str:
     fixed = report.fixed_by()
     lines.append(f"  {len(report.entries)} findings: {sum(fixed.values())} fixed automatically by kiln's passes, "
                  f"{s['need_model_change']} need a change in the model or the build")
-    passes = {e.finding.rule: e.finding.pass_name for e in report.entries}
-    width = max(len(rule) for rule in passes)
-    for rule, count in report.rule_counts().items():
-        by = f"fixed by {passes[rule]}" if passes[rule] else "not fixed automatically"
+    counts = report.rule_counts()
+    width = max(len(rule) for rule in counts)
+    for rule, count in counts.items():
+        fixers: dict[str | None, int] = {}
+        for entry in report.entries:
+            if entry.finding.rule == rule:
+                fixers[entry.finding.pass_name] = fixers.get(entry.finding.pass_name, 0) + 1
+        by = ", ".join((f"fixed by {name}" if name else "not fixed automatically") + (f" ({n})" if len(fixers) > 1 else "")
+                       for name, n in fixers.items())
         lines.append(f"    {rule:<{width}}  x{count:<4} {by}")
     lines.append(f"  top {min(TOP, len(report.entries))} by estimated impact:")
     for rank, entry in enumerate(report.entries[:TOP], 1):
