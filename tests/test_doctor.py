@@ -243,6 +243,10 @@ def test_shapes_that_contradict_the_model_are_refused():
         _diagnose(dynamic_model(), shapes={"x": (8, 32)})
     with pytest.raises(kiln.KilnError, match="unknown input"):
         _diagnose(dynamic_model(), shapes={"nope": (8, 64)})
+    with pytest.raises(kiln.KilnError, match="min <= opt <= max"):
+        _diagnose(dynamic_model(), profiles=[Profile.from_lists({"x": (8, 64)}, {"x": (4, 64)}, {"x": (16, 64)})])
+    with pytest.raises(kiln.KilnError, match="fixes it at 64"):
+        _diagnose(dynamic_model(), profiles=[Profile.from_lists({"x": (1, 64)}, {"x": (4, 64)}, {"x": (16, 65)})])
 
 
 def _slow(report):

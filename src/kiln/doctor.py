@@ -240,10 +240,14 @@ def diagnose(
     dims: dict[str, int] = {}
     if shapes:
         dims.update(dims_from_shapes(model, shapes, label))
-    for profile in profiles[:1]:
-        opt = {n: s[1] for n, s in profile.shapes.items()}
-        for key, value in dims_from_shapes(model, opt, label).items():
-            dims.setdefault(key, value)
+    for index, profile in enumerate(profiles):
+        profile.validate(index)
+        for which in (0, 2):  # min and max must fit the model as the opt shapes do
+            dims_from_shapes(model, {n: s[which] for n, s in profile.shapes.items()}, label)
+        opt = dims_from_shapes(model, {n: s[1] for n, s in profile.shapes.items()}, label)
+        if index == 0:
+            for key, value in opt.items():
+                dims.setdefault(key, value)
     ctx = PassContext(precision=precision, kiln_ops=True, dims=dict(dims))
     ctx.validate()
     cost = model_cost(model, dims)
