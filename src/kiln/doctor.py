@@ -68,6 +68,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from kiln.builder.config import Profile
 from kiln.builder.tactics.node import HOST_INPUTS
 from kiln.cost import ModelCost, model_cost, symbol_value
 from kiln.errors import InputError
@@ -223,19 +224,19 @@ def dims_from_shapes(model: ir.Model, shapes: Mapping[str, Sequence[int]], label
 def diagnose(
     model: ir.Model,
     precision: str = "fp32",
-    profiles: Sequence[Any] = (),
+    profiles: Sequence[Profile] = (),
     shapes: Mapping[str, Sequence[int]] | None = None,
     name: str | None = None,
     run_reference: bool = True,
 ) -> Report:
     """Every finding for ``model`` at ``precision``, with shares, sorted by impact.
 
-    ``profiles`` are ``kiln.Profile`` objects (or anything with ``.shapes``: name -> (min, opt, max)):
-    the inputs they all cover need no dynamic-input finding, and the first one's opt shapes size
-    symbolic dims. ``shapes`` (name -> concrete shape) sizes symbolic dims only. Unsized dims count
+    ``profiles`` (``kiln.Profile``, as ``kiln build`` takes them): the inputs they all cover need no
+    dynamic-input finding, and the first one's opt shapes size symbolic dims. ``shapes`` (name -> concrete shape) sizes symbolic dims only. Unsized dims count
     as 1 in the estimates, and the report says so. ``run_reference``: see the module docstring.
     """
     label = name or model.graph.name or "model"
+    PassContext(precision=precision).validate()
     unique_node_names(model.graph)
     dims: dict[str, int] = {}
     if shapes:
@@ -249,7 +250,6 @@ def diagnose(
             for key, value in opt.items():
                 dims.setdefault(key, value)
     ctx = PassContext(precision=precision, kiln_ops=True, dims=dict(dims))
-    ctx.validate()
     cost = model_cost(model, dims)
     notes = []
     recorded = None
@@ -360,7 +360,7 @@ def _show_dim(dim) -> str:
     return str(dim) if isinstance(dim, int) else str(getattr(dim, "value", None) or "?")
 
 
-def _dynamic_input_findings(model: ir.Model, profiles: Sequence[Any], shapes: Mapping[str, Sequence[int]],
+def _dynamic_input_findings(model: ir.Model, profiles: Sequence[Profile], shapes: Mapping[str, Sequence[int]],
                             label: str) -> list[Finding]:
     findings = []
     for value in _graph_inputs(model):
