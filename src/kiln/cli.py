@@ -177,7 +177,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     engine.save(args.output)
     out = Console()
     for line in engine.report.lines:
-        out.print(line, markup=False, highlight=False)
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
     summary = engine.summary()
     table = Table(title=f"{args.model} -> {args.output}")
     table.add_column("")

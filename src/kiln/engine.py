@@ -123,7 +123,7 @@ class Engine:
         for index, record in enumerate(layers):
             layer = Layer(name=record["name"], kind=record["kind"], nodes=list(record["nodes"]), inputs=list(record["inputs"]),
                           outputs=list(record["outputs"]), attrs=record["attrs"], weights=dict(record["weights"]),
-                          op_types=list(record["op_types"]))
+                          op_types=list(record["op_types"]), origins=[list(o) for o in record.get("origins", [])])
             in_slots = []
             for name in layer.inputs:
                 if name not in slots:
@@ -370,9 +370,11 @@ class Engine:
         for index, layer in enumerate(layers):
             choice = layer["choices"][0]
             ms = choice["time_ms"]
+            origins = layer.get("origins") or [[n, t] for n, t in zip(layer["nodes"], layer["op_types"])]
             rows.append({
-                "index": index, "name": layer["name"], "kind": layer["kind"], "nodes": layer["nodes"],
-                "op_types": layer["op_types"], "tactic": choice["tactic"], "config": choice["config"],
+                "index": index, "name": layer["name"], "kind": layer["kind"], "nodes": [n for n, _ in origins],
+                "op_types": [t for _, t in origins], "graph_nodes": layer["nodes"], "tactic": choice["tactic"],
+                "config": choice["config"],
                 "tactics_per_profile": [c["tactic"] for c in layer["choices"]],
                 "precision": layer["precision"], "layout": _layout(choice),
                 "inputs": {n: layer["shapes"].get(n) for n in layer["inputs"]},
@@ -390,9 +392,10 @@ class Engine:
         precisions: dict[str, int] = {}
         for layer in layers:
             precisions[layer["precision"]] = precisions.get(layer["precision"], 0) + 1
+        sizes = [len(layer.get("origins") or layer["nodes"]) for layer in layers]
         return {
-            "layers": len(layers), "fused_layers": sum(1 for layer in layers if len(layer["nodes"]) > 1),
-            "nodes": sum(len(layer["nodes"]) for layer in layers), "tactics": dict(sorted(tactics.items())),
+            "layers": len(layers), "fused_layers": sum(1 for n in sizes if n > 1),
+            "nodes": sum(sizes), "tactics": dict(sorted(tactics.items())),
             "precisions": dict(sorted(precisions.items())), "profiles": len(self.profiles),
             "weights_bytes": sum(t.numel() * t.element_size() for t in self.tensors.values()),
         }

@@ -7,6 +7,8 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
+import kiln
+
 
 def model(nodes, inputs, outputs, initializers=(), opset: int = 17, elem=TensorProto.FLOAT) -> ir.Model:
     """An ir.Model from nodes; inputs/outputs are (name, shape) pairs, or (name, shape, element type)."""
@@ -18,7 +20,7 @@ def model(nodes, inputs, outputs, initializers=(), opset: int = 17, elem=TensorP
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
     onnx.checker.check_model(proto, full_check=True)
-    return ir.serde.deserialize_model(proto)
+    return kiln.load_model_proto(proto, name="g")  # checked, shapes inferred: what kiln.load_model gives
 
 
 def weights(rng: np.random.Generator, *shape: int, dtype=np.float32) -> np.ndarray:

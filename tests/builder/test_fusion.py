@@ -14,7 +14,8 @@ from tests.builder.graphs import model, node, weights
 
 
 def build_and_check(m, rng, **config):
-    """Build on CPU, run engine and reference executor on the same random inputs; return layers."""
+    """Build on CPU, run engine and reference executor on the same random inputs; return the layers,
+    each as (kind, the model's op types it covers, before the passes fused some into one node)."""
     engine = kiln.build(m, BuildConfig(device="cpu", opt_level=1, **config))
     feeds = {v.name: rng.standard_normal([d for d in v.shape]).astype(np.float32) for v in m.graph.inputs
              if v.name not in m.graph.initializers}
@@ -22,7 +23,7 @@ def build_and_check(m, rng, **config):
     ref = kiln.Executor(m).run(feeds)
     for name in ref:
         assert relative_error(got[name].float(), ref[name].float()) <= 1e-4, name
-    return [(layer["kind"], layer["op_types"]) for layer in engine.plan["layers"]]
+    return [(layer["kind"], [op for _, op in layer["origins"]]) for layer in engine.plan["layers"]]
 
 
 def conv_inits(rng, cin=4, cout=8):
@@ -121,7 +122,9 @@ def test_decomposed_gelu_is_one_pointwise_layer(rng):
     m = model([node("Add", ["x", "bias"], ["xb"]), node("Div", ["xb", "sq"], ["d"]), node("Erf", ["d"], ["e"]),
                node("Add", ["e", "one"], ["a"]), node("Mul", ["xb", "a"], ["m"]), node("Mul", ["m", "half"], ["y"])],
               [("x", [3, 16])], [("y", [3, 16])], inits)
-    assert build_and_check(m, rng) == [("Node", ["Add"]), ("Pointwise", ["Div", "Erf", "Add", "Mul", "Mul"])]
+    # fuse_gelu makes the five GELU nodes one Gelu, and lowering chains it with the bias Add
+    [(kind, ops)] = build_and_check(m, rng)
+    assert kind == "Pointwise" and sorted(ops) == sorted(["Add", "Div", "Erf", "Add", "Mul", "Mul"])
 
 
 def test_pointwise_chain_splits_at_a_graph_output(rng):
@@ -141,7 +144,8 @@ def test_every_pointwise_op_matches_its_reference(rng, op):
     """Each op the pointwise layer holds, in a chain with a broadcast input, equals the reference ops."""
     first = node(op, ["x", "r"] if op in BINARY else ["x"], ["a"], name="op")
     m = model([first, node("Add", ["a", "r"], ["y"])], [("x", [3, 4, 5]), ("r", [4, 5])], [("y", [3, 4, 5])], opset=18)
-    assert build_and_check(m, rng) == [("Pointwise", [op, "Add"])]
+    # fold_constants drops an Identity before lowering sees it
+    assert build_and_check(m, rng) == ([("Node", ["Add"])] if op == "Identity" else [("Pointwise", [op, "Add"])])
 
 
 def test_constant_subgraphs_fold_into_weights(rng):

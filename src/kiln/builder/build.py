@@ -172,7 +172,8 @@ class _Builder:
                           for n, v in facts.constants.items()}
         layers = lower(graph, facts, self.opset)
         fused = sum(1 for layer in layers if layer.fused)
-        self.report.log(f"{self.name}: {len(list(graph))} nodes -> {len(layers)} layers ({fused} fused)")
+        before = sum(self.pass_report.ops_before.values())
+        self.report.log(f"{self.name}: {before} nodes -> {len(list(graph))} after passes -> {len(layers)} layers ({fused} fused)")
         planned = [self._assign_precision(layer) for layer in layers]
         self._check_constraints_used(layers)
         self.canonical: dict[int, dict[str, torch.Tensor]] = {}
@@ -210,7 +211,7 @@ class _Builder:
                 return measure(a, self.device, self.reps), measure(b, self.device, self.reps)
         ctx = PassContext(precision=self.config.default_precision(), kiln_ops=True, device=self.device.type,
                           dims=self._opt_dims(), measure=measure_both)
-        report = run_passes(self.model, ctx, self.config.passes, self.config.skip_passes)
+        report = run_passes(self.model, ctx, self.config.passes, self.config.skip_passes, build=True)
         self.pass_report = report
         done = {name: n for name, n in report.rewrites.items() if n}
         self.report.log("passes: " + (", ".join(f"{name} {n}" for name, n in done.items()) or "no rewrites"))
@@ -345,7 +346,7 @@ class _Builder:
         config = self.config
         facts = self.facts[0]
         constraint = None
-        for key in layer.nodes + layer.op_types:
+        for key in layer.nodes + layer.op_types + [key for origin in layer.origins for key in origin]:
             if key in config.layer_precisions:
                 constraint = config.layer_precisions[key]
                 break
@@ -380,6 +381,7 @@ class _Builder:
 
     def _check_constraints_used(self, layers: list[Layer]) -> None:
         known = {n for layer in layers for n in layer.nodes} | {o for layer in layers for o in layer.op_types}
+        known |= {key for layer in layers for origin in layer.origins for key in origin}
         known |= {n.name for n in self.model.graph} | {n.op_type for n in self.model.graph}
         unknown = sorted(set(self.config.layer_precisions) - known)
         if unknown:
@@ -685,6 +687,7 @@ class _Builder:
             layer = item.layer
             layers.append({
                 "name": layer.name, "kind": layer.kind, "nodes": layer.nodes, "op_types": layer.op_types,
+                "origins": layer.origins,
                 "inputs": layer.inputs, "outputs": layer.outputs, "attrs": layer.attrs, "weights": layer.weights,
                 "precision": item.precision, "cast_inputs": item.cast_inputs, "shapes": item.shapes,
                 "choices": [{"tactic": c.tactic, "config": c.config, "time_ms": c.time_ms, "weights": p, "roles": r}

@@ -1,25 +1,22 @@
 """Lowering: an ONNX graph becomes a list of layers, each the unit one tactic implements.
 
-This is where the builder fuses, as TensorRT's builder does before it picks kernels:
+The graph passes (``kiln.passes``) run first and do the fusions the playbook names: conv + bias +
+residual + activation become ``ai.kiln::FusedConv``, attention becomes ``ai.kiln::FusedAttention``,
+decomposed GELU and LayerNorm become ``Gelu`` and ``LayerNormalization`` (standard, or the ai.kiln
+op of the same semantics on older opsets). Lowering maps those one to one and adds the fusions that
+exist only as kernels, as TensorRT's builder does before it picks them:
 
-1. ``Conv`` (2-D, constant weights) absorbs a following residual ``Add`` and an activation
-   (Relu, Clip, LeakyRelu, Sigmoid, Tanh, HardSigmoid, HardSwish, Gelu, SiLU as ``x * Sigmoid(x)``):
-   the fused-conv tactics run conv + bias + add + relu as one cuDNN call.
-2. ``Gemm``, and ``MatMul`` by a constant 2-D weight (any number of leading dims, flattened to 2-D),
-   absorb a constant bias ``Add`` and an activation: a cuBLASLt or Triton epilogue.
+1. ``FusedConv`` (2-D, constant weights) and a plain ``Conv`` become Conv layers (the fused-conv
+   tactics run conv + bias + add + relu as one cuDNN call).
+2. ``Gemm``, and ``MatMul`` by a constant 2-D weight (any number of leading dims, viewed as 2-D),
+   absorb a constant bias ``Add`` and an activation (Relu, Clip, LeakyRelu, Sigmoid, Tanh,
+   HardSigmoid, HardSwish, Gelu, SiLU as ``x * Sigmoid(x)``): a cuBLASLt or Triton epilogue.
 3. ``LayerNormalization`` over trailing dims absorbs the residual ``Add`` that feeds it.
-4. ``MatMul(q, k) -> scale -> + mask -> Softmax -> [NaN clean-up] -> MatMul(., v)`` (what both torch
-   exporters write for scaled_dot_product_attention) becomes one attention layer, which runs on
-   ``scaled_dot_product_attention`` (fused attention kernels on the GPU); other ``Softmax`` /
-   ``LogSoftmax`` over the last axis become softmax layers. GELU decomposed with Erf is recognised as
-   a GEMM activation.
+4. ``FusedAttention`` becomes an attention layer, run on ``scaled_dot_product_attention`` (fused
+   attention kernels on the GPU); ``Softmax`` / ``LogSoftmax`` over the last axis become softmax layers.
 5. Chains of two or more elementwise float ops, where each inner value has one consumer, become
    one pointwise layer (one Triton kernel instead of one launch and one round trip per op).
 6. Every other node is a layer of its own that runs kiln's reference op ("Node" layers).
-
-The graph passes (``kiln.passes``) run first and leave fused ``ai.kiln`` ops: ``FusedConv`` becomes
-a Conv layer and ``FusedAttention`` an attention layer, one to one; the domain's ``Gelu`` and
-``LayerNormalization`` (for opsets before the standard ones) are treated as the standard ops.
 
 A fusion fires only when it can prove the result is the same: inner values must have a single
 consumer and must not be graph outputs, weights must be constants, shapes must be as required.
@@ -34,6 +31,8 @@ from typing import Any
 
 import onnx_ir as ir
 import torch
+
+from kiln.passes import fused_from
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 KILN_DOMAIN = "ai.kiln"
@@ -68,10 +67,13 @@ class Layer:
     weights: dict[str, str] = field(default_factory=dict)
     op_types: list[str] = field(default_factory=list)
     position: int = 0
+    # the model's own nodes, [name, op type], before the passes fused some into one (kiln inspect
+    # shows these; per-layer precision constraints match them); ``nodes`` are the graph's after
+    origins: list[list[str]] = field(default_factory=list)
 
     @property
     def fused(self) -> bool:
-        return len(self.nodes) > 1
+        return len(self.origins or self.nodes) > 1
 
 
 @dataclass
@@ -132,6 +134,7 @@ class _Lowering:
             name=nodes[0].name, kind=kind, nodes=[n.name for n in nodes], inputs=inputs, outputs=outputs,
             attrs=attrs or {}, weights=weights or {}, op_types=[n.op_type for n in nodes],
             position=max(self.index[id(n)] for n in nodes),
+            origins=[[name, op] for n in nodes for name, op in fused_from(n)],
         ))
 
     # -- the driver ---------------------------------------------------------------------------
@@ -153,8 +156,6 @@ class _Lowering:
                 self._try_gemm(node)
             elif node.op_type == "LayerNormalization":
                 self._try_layernorm(node)
-            elif node.op_type == "Softmax" and self._try_attention(node):
-                continue
             elif node.op_type in ("Softmax", "LogSoftmax"):
                 self._try_softmax(node)
         self._pointwise_groups()
@@ -200,9 +201,6 @@ class _Lowering:
             if sig is not None and mul is not None and self.only_consumer(sig.outputs[0]) is mul \
                     and {v.name for v in mul.inputs} == {value.name, sig.outputs[0].name}:
                 return {"op": "silu"}, [sig, mul], mul.outputs[0]
-            gelu = self._erf_gelu(value, users)
-            if gelu is not None:
-                return {"op": "gelu_erf"}, gelu, gelu[-1].outputs[0]
             return None, [], value
         user = self.only_consumer(value)
         if user is None or not _standard(user):
@@ -227,46 +225,6 @@ class _Lowering:
         if spec is None or user.inputs[0] is not value:
             return None, [], value
         return spec, [user], user.outputs[0]
-
-    def _scalar(self, value: ir.Value | None) -> float | None:
-        array = self.const(value)
-        return float(array.reshape(())) if array is not None and array.numel() == 1 else None
-
-    def _other(self, node: ir.Node, value: ir.Value) -> ir.Value | None:
-        """The other input of a binary node that reads ``value`` once."""
-        if len(node.inputs) != 2 or node.inputs[0] is node.inputs[1]:
-            return None
-        return node.inputs[1] if node.inputs[0] is value else node.inputs[0] if node.inputs[1] is value else None
-
-    def _near(self, value: ir.Value | None, target: float) -> bool:
-        got = self._scalar(value)
-        return got is not None and abs(got - target) <= 1e-4 * abs(target)
-
-    def _erf_gelu(self, x: ir.Value, users: list[ir.Node]) -> list[ir.Node] | None:
-        """GELU as the exporters decompose it, ``0.5 * x * (1 + erf(x / sqrt(2)))``, in either order
-        of the two products: the nodes in order, or None."""
-        scale = next((u for u in users if (u.op_type == "Div" and u.inputs[0] is x and self._near(u.inputs[1], 2 ** 0.5))
-                      or (u.op_type == "Mul" and self._near(self._other(u, x), 2 ** -0.5))), None)
-        other = next((u for u in users if u is not scale), None)
-        if scale is None or other is None or other.op_type != "Mul":
-            return None
-        erf = self.only_consumer(scale.outputs[0])
-        add = self.only_consumer(erf.outputs[0]) if erf is not None and erf.op_type == "Erf" else None
-        if add is None or add.op_type != "Add" or not self._near(self._other(add, erf.outputs[0]), 1.0):
-            return None
-        last = self.only_consumer(add.outputs[0])
-        if last is None or last.op_type != "Mul":
-            return None
-        if self._near(self._other(other, x), 0.5) and self._other(last, add.outputs[0]) is other.outputs[0] \
-                and self.only_consumer(other.outputs[0]) is last:  # (0.5 * x) * (1 + erf)
-            return [scale, erf, add, other, last]
-        if self._other(other, x) is add.outputs[0] and last is not other:
-            return None
-        if other is last and self._other(last, x) is add.outputs[0]:  # x * (1 + erf), then * 0.5
-            final = self.only_consumer(last.outputs[0])
-            if final is not None and final.op_type == "Mul" and self._near(self._other(final, last.outputs[0]), 0.5):
-                return [scale, erf, add, last, final]
-        return None
 
     def _clip_bounds(self, node: ir.Node) -> tuple[float | None, float | None] | None:
         if "min" in node.attributes or "max" in node.attributes:  # opset < 11
@@ -294,20 +252,7 @@ class _Lowering:
         if geometry is None:
             return
         attrs, pads = geometry
-        nodes = [node]
-        out = node.outputs[0]
-        inputs = [x.name]
-        # residual: Add(conv, z) with z an activation of the same shape
-        user = self.only_consumer(out)
-        if user is not None and user.op_type == "Add" and len(user.inputs) == 2:
-            other = user.inputs[1] if user.inputs[0] is out else user.inputs[0]
-            if other is not out and other.name not in self.facts.constants and self.shape(other) == self.shape(out) \
-                    and self.facts.dtypes.get(other.name) == self.facts.dtypes.get(out.name):
-                nodes.append(user)
-                inputs.append(other.name)
-                out = user.outputs[0]
-        activation, act_nodes, out = self._activation(out)
-        self._add_conv(nodes + act_nodes, inputs, out, w, b, attrs, pads, activation)
+        self._add_conv([node], [x.name], node.outputs[0], w, b, attrs, pads, None)
 
     def _add_conv(self, nodes, inputs, out, w, b, attrs, pads, activation) -> None:
         weights = {"w": w.name}
@@ -433,82 +378,6 @@ class _Lowering:
         self.add("LayerNorm", nodes, inputs, [node.outputs[0].name], attrs={
             "axis": axis, "epsilon": float(g.get("epsilon", 1e-5)), "residual": len(inputs) == 2,
         }, weights=weights)
-
-    # -- attention ----------------------------------------------------------------------------
-    def _scaled(self, value: ir.Value) -> tuple[ir.Value, float, list[ir.Node]]:
-        """``value`` = ``source * s`` (or ``/ s``) by a scalar constant: (source, s, [node]); else (value, 1, [])."""
-        node = value.producer()
-        if node is None or id(node) in self.claimed or node.op_type not in ("Mul", "Div") or self.only_consumer(value) is None:
-            return value, 1.0, []
-        for i, j in ((0, 1), (1, 0)):
-            if node.op_type == "Div" and i == 1:
-                break
-            factor = self._scalar(node.inputs[j])
-            if factor is not None and node.inputs[i].name not in self.facts.constants:
-                if node.op_type == "Div":
-                    return (node.inputs[0], 1.0 / factor, [node]) if factor != 0 else (value, 1.0, [])
-                return node.inputs[i], factor, [node]
-        return value, 1.0, []
-
-    def _try_attention(self, softmax: ir.Node) -> bool:
-        """MatMul(q*s1, k*s2) [* s3] [+ mask] -> Softmax(last axis) [-> Where(IsNaN(p), 0, p)] -> MatMul(p, v),
-        as both torch exporters write scaled_dot_product_attention, becomes one attention layer."""
-        x = softmax.inputs[0]
-        shape = self.shape(x)
-        axis = int(softmax.attributes["axis"].value) if "axis" in softmax.attributes else (-1 if self.opset >= 13 else 1)
-        if shape is None or len(shape) != 4 or axis % 4 != 3 or not self.is_float(x) or self.only_consumer(x) is not softmax:
-            return False
-        nodes: list[ir.Node] = []
-        mask = None
-        scores = x
-        add = x.producer()
-        if add is not None and add.op_type == "Add" and id(add) not in self.claimed:
-            for i, j in ((0, 1), (1, 0)):
-                producer = self._scaled(add.inputs[i])[0].producer()
-                if producer is not None and producer.op_type == "MatMul":
-                    scores, mask = add.inputs[i], add.inputs[j]
-                    break
-            if mask is None or mask is scores or not self.is_float(mask) or self.only_consumer(scores) is not add:
-                return False
-            nodes.append(add)
-        source, post, post_nodes = self._scaled(scores)
-        matmul = source.producer()
-        if matmul is None or matmul.op_type != "MatMul" or id(matmul) in self.claimed or self.only_consumer(source) is not (
-                post_nodes[0] if post_nodes else (add if nodes else softmax)):
-            return False
-        q, qs, q_nodes = self._scaled(matmul.inputs[0])
-        k, ks, k_nodes = self._scaled(matmul.inputs[1])
-        p = softmax.outputs[0]
-        cleanup: list[ir.Node] = []
-        user = self.only_consumer(p)
-        if user is None:  # Where(IsNaN(p), 0, p) reads p twice
-            users = self.consumers.get(p.name, [])
-            isnan = next((u for u in users if u.op_type == "IsNaN"), None)
-            where = next((u for u in users if u.op_type == "Where"), None)
-            if len(users) != 2 or isnan is None or where is None or self.only_consumer(isnan.outputs[0]) is not where \
-                    or where.inputs[0] is not isnan.outputs[0] or where.inputs[2] is not p or self._scalar(where.inputs[1]) != 0.0:
-                return False
-            cleanup = [isnan, where]
-            p = where.outputs[0]
-            user = self.only_consumer(p)
-        if user is None or user.op_type != "MatMul" or user.inputs[0] is not p:
-            return False
-        v = user.inputs[1]
-        qshape, kshape, vshape = self.shape(q), self.shape(k), self.shape(v)
-        if qshape is None or kshape is None or vshape is None or not (len(qshape) == len(kshape) == len(vshape) == 4) \
-                or not (qshape[:2] == kshape[:2] == vshape[:2]) or qshape[3] != kshape[2] or kshape[3] != vshape[2] \
-                or any(n.name in self.facts.constants for n in (q, k, v)) or not all(self.is_float(t) for t in (q, k, v)):
-            return False
-        if mask is not None:
-            mshape = self.shape(mask)
-            if mshape is None or len(mshape) > 4 or any(m not in (1, s) for m, s in zip(mshape[::-1], shape[::-1])):
-                return False
-        ordered = q_nodes + k_nodes + [matmul] + post_nodes + nodes + [softmax] + cleanup + [user]
-        inputs = [q.name, k.name, v.name] + ([mask.name] if mask is not None else [])
-        self.add("Attention", ordered, inputs, [user.outputs[0].name], attrs={
-            "scale": qs * ks * post, "mask": mask is not None, "nan_to_zero": bool(cleanup),
-        })
-        return True
 
     # -- Softmax ------------------------------------------------------------------------------
     def _try_softmax(self, node: ir.Node) -> None:

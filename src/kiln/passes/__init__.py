@@ -19,6 +19,7 @@ and are emitted only when ``ctx.kiln_ops`` is true (the builder; ``kiln optimize
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -112,6 +113,8 @@ class Pass:
     rule: ClassVar[str] = ""
     # True: may only run when ctx.kiln_ops (every rewrite it makes needs an ai.kiln op)
     needs_kiln_ops: ClassVar[bool] = False
+    # False: builds skip it unless BuildConfig.passes names it (the builder's layers already do it)
+    in_builds: ClassVar[bool] = True
 
     def find(self, model: ir.Model, ctx: PassContext) -> list[Finding]:
         raise NotImplementedError
@@ -168,14 +171,15 @@ def get_pass(name: str) -> Pass:
     return passes[name]
 
 
-def select_passes(only: Sequence[str] | None = None, skip: Iterable[str] = ()) -> list[Pass]:
-    """The passes to run: ``only`` (in ORDER) or all, less ``skip``. Unknown names raise KilnError."""
+def select_passes(only: Sequence[str] | None = None, skip: Iterable[str] = (), build: bool = False) -> list[Pass]:
+    """The passes to run: ``only`` (in ORDER) or all (for a build: all with ``in_builds``), less
+    ``skip``. Unknown names raise KilnError."""
     passes = registered_passes()
     skip = list(skip)
     for name in [*(only or []), *skip]:
         get_pass(name)
-    chosen = [p for name, p in passes.items() if (only is None or name in only) and name not in skip]
-    return chosen
+    return [p for name, p in passes.items()
+            if (name in only if only is not None else (p.in_builds or not build)) and name not in skip]
 
 
 @dataclass
@@ -203,13 +207,14 @@ def op_counts(model: ir.Model) -> dict[str, int]:
 
 
 def run_passes(
-    model: ir.Model, ctx: PassContext, only: Sequence[str] | None = None, skip: Iterable[str] = ()
+    model: ir.Model, ctx: PassContext, only: Sequence[str] | None = None, skip: Iterable[str] = (), build: bool = False
 ) -> PassReport:
-    """Run the chosen passes on ``model`` in place. Node names are made unique first."""
+    """Run the chosen passes on ``model`` in place (``build``: as the builder does, see
+    ``select_passes``). Node names are made unique first."""
     ctx.validate()
     report = PassReport(ops_before=op_counts(model))
     unique_node_names(model.graph)
-    for p in select_passes(only, skip):
+    for p in select_passes(only, skip, build):
         if p.needs_kiln_ops and not ctx.kiln_ops:
             report.skipped[p.name] = "emits ai.kiln ops, which this output may not hold (use --kiln-ops)"
             continue
@@ -297,3 +302,31 @@ def single_consumer(value: ir.Value) -> ir.Node | None:
 def attrs_of(node: ir.Node) -> Mapping[str, Any]:
     """A node's attributes as plain Python values."""
     return {name: attr.value for name, attr in node.attributes.items()}
+
+
+FUSED_FROM = "kiln.fused_from"  # node metadata: JSON list of [name, op_type] of the nodes it replaced
+
+
+def fused_from(node: ir.Node) -> list[tuple[str, str]]:
+    """The original (name, op type) pairs a node stands for: what a pass fused into it, else itself."""
+    text = node.metadata_props.get(FUSED_FROM)
+    if text:
+        try:
+            return [(str(n), str(t)) for n, t in json.loads(text)]
+        except (ValueError, TypeError):
+            pass
+    return [(node.name or "", node.op_type)]
+
+
+def record_fusion(new_nodes: Sequence[ir.Node], old_nodes: Sequence[ir.Node]) -> None:
+    """Note on each new node which original nodes it replaces (kiln inspect lists them per layer,
+    and per-layer precision constraints still find them by name)."""
+    if len(old_nodes) < 2 and all(FUSED_FROM not in n.metadata_props for n in old_nodes):
+        return
+    originals: list[tuple[str, str]] = []
+    for node in old_nodes:
+        for item in fused_from(node):
+            if item not in originals:
+                originals.append(item)
+    for node in new_nodes:
+        node.metadata_props[FUSED_FROM] = json.dumps(originals)

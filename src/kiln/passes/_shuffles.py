@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRule
 
-from kiln.passes import PassContext
+from kiln.passes import PassContext, record_fusion
 
 Dim = int | ir.SymbolicDim | None
 
@@ -227,6 +227,7 @@ def apply_rules(
                 if out not in delta.new_outputs:
                     out.name = names.fresh(f"{new.name}_out{i}" if len(new.outputs) > 1 else f"{new.name}_out")
         old_inputs = [v for n in delta.match.nodes for v in n.inputs]
+        record_fusion(delta.new_nodes, delta.match.nodes)
         ir.convenience.replace_nodes_and_values(
             graph, node, delta.match.nodes, delta.new_nodes, delta.match.outputs, delta.new_outputs
         )

@@ -33,7 +33,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import _matcher, _pattern_ir
 from onnxscript.rewriter._rewrite_rule import RewriteRule, RewriteRuleClassBase
 
-from kiln.passes import PassContext
+from kiln.passes import PassContext, record_fusion
 
 # Relative tolerance for constants a pattern names (0.5, sqrt(2), 0.044715, ...): float32
 # rounding moves them by at most 6e-8, so 1e-6 accepts every exporter's spelling and rejects
@@ -218,6 +218,7 @@ def rewrite_sites(model: ir.Model, sites: Iterable[Site], ctx: PassContext) -> i
                 if not value.name:
                     value.name = _fresh(f"{node.name}_output_{i}", value_names)
         inputs = [v for n in delta.match.nodes for v in n.inputs if v is not None]
+        record_fusion(delta.new_nodes, delta.match.nodes)
         ir.convenience.replace_nodes_and_values(
             graph, site.root, delta.match.nodes, delta.new_nodes, delta.match.outputs, delta.new_outputs
         )

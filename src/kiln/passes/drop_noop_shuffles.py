@@ -53,7 +53,7 @@ from typing import ClassVar
 
 import onnx_ir as ir
 
-from kiln.passes import Finding, Pass, PassContext, opset, register_pass, shapes_of, unique_node_names
+from kiln.passes import Finding, Pass, PassContext, opset, record_fusion, register_pass, shapes_of, unique_node_names
 from kiln.passes._shuffles import (
     Names,
     compose,
@@ -274,6 +274,7 @@ class DropNoopShuffles(Pass):
                 new = ir.Node("", "Reshape", [source, shape])
             same = [n.name for n in unit.nodes if n.op_type == new.op_type]
             new.name = same[-1] if same else names.fresh(f"{last.name}/{new.op_type}")
+            record_fusion([new], unit.nodes)
             ir.convenience.replace_nodes_and_values(graph, last, unit.nodes, [new], [out], [new.outputs[0]])
         drop_dead_producers(graph, side_inputs)
 

@@ -27,6 +27,11 @@ Rewrites (onnxscript rewrite rules, ``check()`` holding the conditions; one swee
 MatMuls reading the same ``A`` (q, k and v projections) share the one view of ``A`` and, when it
 is computed at run time, the target shape.
 
+Builds skip this pass unless ``BuildConfig.passes`` names it (``in_builds = False``): the builder's
+GEMM layers already view an N-D ``A`` as 2-D with no copy, and in a build the explicit Reshape
+back would stand between the GEMM and the activation it fuses. It serves ``kiln optimize``, whose
+output other runtimes read.
+
 Does not fire when:
 - ``A`` has rank 2 or less, or its rank is unknown;
 - ``B`` is not rank 2 (a batched ``B`` of rank >= 3, or a vector);
@@ -185,6 +190,7 @@ def _rules(model: ir.Model) -> list:
 class FlattenMatMul(Pass):
     name: ClassVar[str] = "flatten_matmul"
     rule: ClassVar[str] = "N-D MatMul by a 2-D matrix -> one 2-D MatMul between views (4-D MatMul -> 2-D)"
+    in_builds: ClassVar[bool] = False
 
     def find(self, model: ir.Model, ctx: PassContext) -> list[Finding]:
         unique_node_names(model.graph)

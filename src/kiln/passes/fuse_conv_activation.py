@@ -50,6 +50,7 @@ from kiln.passes import (
     PassContext,
     constant_array,
     opset,
+    record_fusion,
     register_pass,
     shapes_of,
     unique_node_names,
@@ -372,6 +373,7 @@ class FuseConvActivation(Pass):
                     attributes.append(ir.AttrFloat32s("activation_params", [float(p) for p in f.params]))
                 node = ir.Node(KILN_DOMAIN, "FusedConv", inputs, attributes=attributes, name=f.conv.name)
             new_out = node.outputs[0]
+            record_fusion([node], f.nodes)
             ir.convenience.replace_nodes_and_values(graph, f.nodes[-1], f.nodes, [node], [f.output], [new_out])
             replaced[id(f.output)] = new_out
             remove_dead_constants(graph, [*f.extra_inputs, f.bias_source])

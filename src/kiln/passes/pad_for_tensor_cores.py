@@ -598,7 +598,7 @@ class PadForTensorCores(Pass):
         out = ir.Value(name=names.fresh(f"{y.name}_aligned") if sliced else None, type=y.type,
                        shape=with_dim(y.shape, site.out_axis, site.n_padded) if sliced else y.shape)
         new = ir.Node(node.domain, node.op_type, inputs, attributes=list(node.attributes.values()),
-                      outputs=[out], name=node.name)
+                      outputs=[out], name=node.name, metadata_props=dict(node.metadata_props))
         new_nodes = [new]
         final = out
         if sliced:
