@@ -10,7 +10,9 @@ checked against onnxruntime fp32 at batch 1 (max|kiln - ort| / max|ort| <= 1e-2)
     PYTHONPATH=src python3 tools/bench_passes.py --out OUT [--models resnet50,bert] [--budget-s 480]
 
 It writes OUT/bench_passes.json (everything, including each build's pass log) and OUT/bench_passes.md
-(the table). ``--smoke`` runs the tiny stand-in models on CPU at level 1 (a test of this script).
+(the table). "all passes" is what a build runs by default; passes builds skip by default (the
+builder's layers do their work already) get a "with" row. ``--smoke`` runs the tiny stand-in
+models on CPU at level 1 (a test of this script).
 """
 
 from __future__ import annotations
@@ -32,9 +34,12 @@ import bench_builder as bb  # noqa: E402 - the sibling script holds the models a
 TOLERANCE = 1e-2
 
 
-def variants(pass_names: list[str]) -> list[tuple[str, list[str] | None, list[str]]]:
-    """(label, passes, skip_passes): all, none, and all but one for each pass."""
-    return [("all passes", None, []), ("no passes", [], [])] + [(f"without {p}", None, [p]) for p in pass_names]
+def variants(passes: dict) -> list[tuple[str, list[str] | None, list[str]]]:
+    """(label, passes, skip_passes): the build's default passes, none, each default one left out,
+    and each pass builds skip by default (``in_builds = False``) added."""
+    default = [name for name, p in passes.items() if p.in_builds]
+    return ([("all passes", None, []), ("no passes", [], [])] + [(f"without {name}", None, [name]) for name in default]
+            + [(f"with {name}", default + [name], []) for name, p in passes.items() if not p.in_builds])
 
 
 def bench_model(spec, args, out: Path, state: dict[str, Any], save) -> None:
@@ -55,7 +60,7 @@ def bench_model(spec, args, out: Path, state: dict[str, Any], save) -> None:
     batches = [1, spec.large]
     torch_feeds = {b: bb.to_torch(bb.make_feeds(spec, b, seed=100 + b), device) for b in batches}
     rows = state.setdefault("variants", {})
-    for label, passes, skip in variants(list(registered_passes())):
+    for label, passes, skip in variants(registered_passes()):
         if args.budget_s - bb.elapsed() < 45:
             rows[label] = {"skipped": "time budget"}
             bb.log(f"{spec.name} / {label}: skipped (time budget)")
