@@ -25,8 +25,13 @@ PARAMETER_INPUTS = frozenset({("Resize", 1), ("Resize", 2), ("Upsample", 1), ("R
 
 # (op, input) positions the reference ops read with ``tolist()``: constants there stay on the CPU,
 # so reading them neither waits for the GPU nor breaks CUDA-graph capture.
+_REDUCE_OPS = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+               "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
 HOST_INPUTS = frozenset({("Reshape", 1), ("Expand", 1), ("Slice", 1), ("Slice", 2), ("Slice", 3), ("Slice", 4),
-                         ("Squeeze", 1), ("Unsqueeze", 1), ("ConstantOfShape", 0), ("Tile", 1), ("Split", 1)})
+                         ("Squeeze", 1), ("Unsqueeze", 1), ("ConstantOfShape", 0), ("Tile", 1), ("Split", 1),
+                         ("Pad", 1), ("Pad", 3), ("Resize", 2), ("Resize", 3), ("Upsample", 1), ("TopK", 1),
+                         ("OneHot", 1), ("CenterCropPad", 1), ("Trilu", 1), ("CumSum", 1),
+                         *((op, 1) for op in _REDUCE_OPS)})
 
 
 def castable(op_type: str, index: int) -> bool:
