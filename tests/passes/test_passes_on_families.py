@@ -60,3 +60,34 @@ def test_all_passes_keep_the_family_correct(tmp_path, family, exporter, opset):
     got = kiln.Executor(kiln.load_model_proto(copy.deepcopy(to_proto(fused)), name="fused")).run(feeds)
     for d in compare_outputs({k: np.asarray(v) for k, v in got.items()}, reference, tolerance=1e-4):
         assert d.max_rel <= 1e-4, f"kiln-op passes {report.rewrites}: {d.name} max rel {d.max_rel:.2e}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,exporter,opset", [("bert", "torchscript", 17), ("resnet", "dynamo", 18), ("gpt2", "torchscript", 17)])
+def test_find_changes_nothing(tmp_path, family, exporter, opset):
+    """Every pass's find() (what kiln doctor runs) leaves the model byte for byte as it was."""
+    import onnx_ir as ir
+
+    from kiln.passes import find_all
+
+    model = kiln.load_model(_exported(tmp_path, family, exporter, opset))
+    before = ir.serde.serialize_model(model).SerializeToString()
+    findings = find_all(model, PassContext(precision="fp16", kiln_ops=True, dims={"batch": 3, "sequence": 6}))
+    assert findings
+    assert ir.serde.serialize_model(model).SerializeToString() == before
+
+
+def test_optimize_cli_on_a_family_passes_the_checker_and_matches_onnxruntime(tmp_path, capsys):
+    from kiln.cli import main
+
+    path = _exported(tmp_path, "resnet", "torchscript", 17)
+    out = tmp_path / "opt.onnx"
+    assert main(["optimize", str(path), "-o", str(out), "--precision", "fp16"]) == 0
+    assert "nodes per op" in capsys.readouterr().out
+    onnx.checker.check_model(str(out), full_check=True)
+    feeds = _feeds("resnet", kiln.load_model(path))
+    for d in compare_outputs(run_onnxruntime(out, feeds), run_onnxruntime(path, feeds), tolerance=1e-4):
+        assert d.max_rel <= 1e-4, d.name
+    assert main(["optimize", str(path), "-o", str(tmp_path / "kiln.onnx"), "--kiln-ops"]) == 0
+    assert any(n.domain == "ai.kiln" for n in onnx.load(str(tmp_path / "kiln.onnx")).graph.node)
+    assert not any(n.domain == "ai.kiln" for n in onnx.load(str(out)).graph.node)

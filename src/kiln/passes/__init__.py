@@ -18,6 +18,7 @@ and are emitted only when ``ctx.kiln_ops`` is true (the builder; ``kiln optimize
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -121,6 +122,32 @@ class Pass:
 
     def apply(self, model: ir.Model, ctx: PassContext) -> int:
         raise NotImplementedError
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "find" in cls.__dict__:
+            cls.find = _keeping_tensor_names(cls.__dict__["find"])
+
+
+def _keeping_tensor_names(find: Callable) -> Callable:
+    """``find`` that puts back the names of the model's tensors afterwards: onnx-ir and onnxscript
+    name a constant's tensor after its value when a matcher reads it (clones share tensors too), and
+    find() must leave the model exactly as it was."""
+
+    @functools.wraps(find)
+    def wrapper(self: Pass, model: ir.Model, ctx: PassContext) -> list[Finding]:
+        tensors = [attr.value for node in model.graph.all_nodes() for attr in node.attributes.values()
+                   if attr.type == ir.AttributeType.TENSOR]
+        tensors += [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
+        names = [(t, t.name) for t in tensors]
+        try:
+            return find(self, model, ctx)
+        finally:
+            for tensor, name in names:
+                if tensor.name != name:
+                    tensor.name = name or None
+
+    return wrapper
 
 
 _PASSES: dict[str, Pass] = {}
