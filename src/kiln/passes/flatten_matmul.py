@@ -219,7 +219,7 @@ class FlattenMatMul(Pass):
             nodes=[node.name] + [n.name for n in nodes if n is not node],
             why="an N-D MatMul reaches the GEMM libraries as a broadcast batched product; one 2-D GEMM "
                 "over all rows gives larger tiles and the tensor-core paths (playbook: 4-D MatMul -> 2-D)",
-            fix=f"fixed automatically by pass {self.name}",
+            fix=f"fixed automatically by pass {self.name} (kiln optimize); kiln build views the input as 2-D without a copy",
             pass_name=self.name,
             shapes=shapes_of([a, b, y]),
             flops=2.0 * rows * k * (ctx.dim(b.shape[1]) or 1),
