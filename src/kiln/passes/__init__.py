@@ -357,3 +357,35 @@ def record_fusion(new_nodes: Sequence[ir.Node], old_nodes: Sequence[ir.Node]) ->
                 originals.append(item)
     for node in new_nodes:
         node.metadata_props[FUSED_FROM] = json.dumps(originals)
+
+
+class Names:
+    """Fresh node and value names for one graph: every name already used by an input, initializer,
+    graph output, node or node output (subgraphs included) is taken."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.taken: set[str] = set()
+        for value in [*graph.inputs, *graph.initializers.values(), *graph.outputs]:
+            if value.name:
+                self.taken.add(value.name)
+        for node in graph.all_nodes():
+            self.taken.update(v.name for v in node.outputs if v.name)
+            if node.name:
+                self.taken.add(node.name)
+
+    def fresh(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.taken:
+            name = f"{base}_{k}"
+            k += 1
+        self.taken.add(name)
+        return name
+
+
+def add_initializer(graph: ir.Graph, names: Names, base: str, array) -> ir.Value:
+    """A new initializer of ``graph`` holding the numpy ``array`` under a fresh name derived from ``base``."""
+    name = names.fresh(base)
+    value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value

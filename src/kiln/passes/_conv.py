@@ -9,7 +9,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from kiln.passes import KILN_DOMAIN, PassContext, opset
+from kiln.passes import KILN_DOMAIN, Names, PassContext, add_initializer, opset
 
 
 def is_conv(node: ir.Node) -> bool:
@@ -46,34 +46,6 @@ def conv_flops(node: ir.Node, ctx: PassContext) -> float:
         return 0.0
     out, _ = elements(node.outputs[0].shape, ctx)
     return 2.0 * out * math.prod(w[1:])
-
-
-class Names:
-    """Fresh node and value names for a graph (derived from a base, never clashing)."""
-
-    def __init__(self, graph: ir.Graph) -> None:
-        self.taken: set[str] = {n.name for n in graph if n.name}
-        self.taken.update(v.name for v in graph.inputs if v.name)
-        self.taken.update(v.name for v in graph.initializers.values() if v.name)
-        for node in graph:
-            self.taken.update(v.name for v in node.outputs if v.name)
-
-    def fresh(self, base: str) -> str:
-        name, k = base, 1
-        while name in self.taken:
-            name = f"{base}_{k}"
-            k += 1
-        self.taken.add(name)
-        return name
-
-
-def add_initializer(graph: ir.Graph, names: Names, base: str, array: np.ndarray) -> ir.Value:
-    """A new initializer holding ``array`` (its name derived from ``base``)."""
-    name = names.fresh(base)
-    value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
 
 
 def pad_array(array: np.ndarray, axis: int, size: int, fill: float = 0.0) -> np.ndarray:

@@ -13,40 +13,9 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRule
 
-from kiln.passes import PassContext, record_fusion
+from kiln.passes import Names, PassContext, record_fusion
 
 Dim = int | ir.SymbolicDim | None
-
-
-class Names:
-    """Fresh value names for one graph: every name already used by an input, initializer or node
-    output (subgraphs included) is taken."""
-
-    def __init__(self, graph: ir.Graph) -> None:
-        self.taken: set[str] = set()
-        for value in [*graph.inputs, *graph.initializers.values(), *graph.outputs]:
-            if value.name:
-                self.taken.add(value.name)
-        for node in graph.all_nodes():
-            self.taken.update(v.name for v in node.outputs if v.name)
-            if node.name:
-                self.taken.add(node.name)
-
-    def fresh(self, base: str) -> str:
-        name, k = base, 1
-        while name in self.taken:
-            name = f"{base}_{k}"
-            k += 1
-        self.taken.add(name)
-        return name
-
-
-def initializer(graph: ir.Graph, names: Names, base: str, array: np.ndarray) -> ir.Value:
-    """A new initializer of ``graph`` holding ``array`` under a fresh name."""
-    value = ir.Value(name=names.fresh(base), shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array))
-    graph.register_initializer(value)
-    return value
 
 
 def int64s(values: Sequence[int]) -> np.ndarray:

@@ -53,12 +53,21 @@ from typing import ClassVar
 
 import onnx_ir as ir
 
-from kiln.passes import Finding, Pass, PassContext, opset, record_fusion, register_pass, shapes_of, unique_node_names
-from kiln.passes._shuffles import (
+from kiln.passes import (
+    Finding,
     Names,
+    Pass,
+    PassContext,
+    add_initializer,
+    opset,
+    record_fusion,
+    register_pass,
+    shapes_of,
+    unique_node_names,
+)
+from kiln.passes._shuffles import (
     compose,
     drop_dead_producers,
-    initializer,
     int64s,
     keeps_layout,
     nbytes,
@@ -270,7 +279,7 @@ class DropNoopShuffles(Pass):
                 new = ir.Node("", "Transpose", [source], attributes=[ir.AttrInt64s("perm", unit.perm)])
             else:
                 target = reshape_target(source.shape, out.shape)
-                shape = initializer(graph, names, f"{last.name}/shape", int64s(target))
+                shape = add_initializer(graph, names, f"{last.name}/shape", int64s(target))
                 new = ir.Node("", "Reshape", [source, shape])
             same = [n.name for n in unit.nodes if n.op_type == new.op_type]
             new.name = same[-1] if same else names.fresh(f"{last.name}/{new.op_type}")

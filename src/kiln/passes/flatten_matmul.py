@@ -48,8 +48,18 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
 
-from kiln.passes import Finding, Pass, PassContext, opset, register_pass, shapes_of, single_consumer, unique_node_names
-from kiln.passes._shuffles import Names, apply_rules, int64s, nbytes, numel, rule_matches
+from kiln.passes import (
+    Finding,
+    Names,
+    Pass,
+    PassContext,
+    opset,
+    register_pass,
+    shapes_of,
+    single_consumer,
+    unique_node_names,
+)
+from kiln.passes._shuffles import apply_rules, int64s, nbytes, numel, rule_matches
 
 
 def _plan(model_opset: int, a: ir.Value, b: ir.Value) -> dict | str:

@@ -46,8 +46,10 @@ from kiln.passes import (
     KILN_DOMAIN,
     KILN_DOMAIN_VERSION,
     Finding,
+    Names,
     Pass,
     PassContext,
+    add_initializer,
     constant_array,
     opset,
     record_fusion,
@@ -56,8 +58,6 @@ from kiln.passes import (
     unique_node_names,
 )
 from kiln.passes._conv import (
-    Names,
-    add_initializer,
     conv_flops,
     elements,
     itemsize,

@@ -54,8 +54,10 @@ from kiln.ops import OpContext, lookup
 from kiln.passes import (
     KILN_DOMAIN,
     Finding,
+    Names,
     Pass,
     PassContext,
+    add_initializer,
     attrs_of,
     constant_array,
     opset,
@@ -64,8 +66,6 @@ from kiln.passes import (
     unique_node_names,
 )
 from kiln.passes._conv import (
-    Names,
-    add_initializer,
     can_pad,
     conv_flops,
     elements,

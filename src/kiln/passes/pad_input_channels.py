@@ -29,8 +29,10 @@ import onnx_ir as ir
 
 from kiln.passes import (
     Finding,
+    Names,
     Pass,
     PassContext,
+    add_initializer,
     attrs_of,
     constant_array,
     register_pass,
@@ -38,8 +40,6 @@ from kiln.passes import (
     unique_node_names,
 )
 from kiln.passes._conv import (
-    Names,
-    add_initializer,
     can_pad,
     conv_flops,
     elements,

@@ -53,8 +53,8 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
 
-from kiln.passes import Finding, Pass, PassContext, opset, register_pass, shapes_of, unique_node_names
-from kiln.passes._shuffles import Names, apply_rules, int64s, nbytes, numel
+from kiln.passes import Finding, Names, Pass, PassContext, opset, register_pass, shapes_of, unique_node_names
+from kiln.passes._shuffles import apply_rules, int64s, nbytes, numel
 
 REDUCE_OPS = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
               "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
