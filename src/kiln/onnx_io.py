@@ -95,13 +95,12 @@ def load_model_proto(
     if _native is not None:
         _native.check(skeleton, name)
     inferred = _check_and_infer(skeleton, name)
-    full = _with_weights(inferred, weights, added_inputs)
-    if external:
-        external_data_helper.load_external_data_for_model(full, str(base_dir))
     try:
-        return ir.serde.deserialize_model(full)
+        model = ir.serde.deserialize_model(inferred)
+        _with_weights(model, weights, added_inputs, base_dir)
     except Exception as error:  # noqa: BLE001 - onnx-ir wraps what it cannot read in several types
         raise ModelLoadError(f"{name}: cannot convert the model to kiln's IR: {_first_line(error)}") from error
+    return model
 
 
 def _check_and_infer(proto: onnx.ModelProto, name: str) -> onnx.ModelProto:
@@ -220,15 +219,19 @@ def _copy_field(target, field, value) -> None:
         setattr(target, field.name, value)
 
 
-def _with_weights(inferred: onnx.ModelProto, weights: list[onnx.TensorProto], added: list[str]) -> onnx.ModelProto:
-    """The inferred skeleton with the weights back as initializers and their stand-in inputs gone."""
-    if added:
-        gone = set(added)
-        kept = [value for value in inferred.graph.input if value.name not in gone]
-        del inferred.graph.input[:]
-        inferred.graph.input.extend(kept)
-    inferred.graph.initializer.extend(weights)
-    return inferred
+def _with_weights(model: ir.Model, weights: list[onnx.TensorProto], added: list[str], base_dir) -> None:
+    """The weights back into the IR as initializers of the values that stood in for them (their
+    stand-in graph inputs removed). onnx-ir wraps each TensorProto without copying its bytes, and
+    reads external data from ``base_dir`` only when a tensor is used."""
+    graph = model.graph
+    values = {value.name: value for value in graph.inputs}
+    gone = set(added)
+    for tensor in weights:
+        value = values[tensor.name]
+        value.const_value = ir.serde.deserialize_tensor(tensor, str(base_dir) if base_dir is not None else "")
+        if tensor.name in gone:
+            graph.inputs.remove(value)
+        graph.register_initializer(value)
 
 
 def _stored_bytes(tensor: onnx.TensorProto) -> int:
