@@ -224,3 +224,27 @@ def test_erf_gelu_after_a_gemm_is_its_activation(rng, form):
     m = model(head + tail, [("x", [2, 3, 8])], [("y", [2, 3, 16])], inits)
     layers = build_and_check(m, rng)
     assert len(layers) == 1 and layers[0][0] == "Gemm" and len(layers[0][1]) == 7
+
+
+def test_layout_pass_marks_reach_the_conv_layers(rng):
+    """choose_layout's NHWC marks (fp16 build) arrive in the conv layers' attributes, where the conv
+    tactics read them (nhwc_region); an fp32 build has none."""
+    from kiln.builder.tactics.conv import nhwc_region
+
+    m = model([node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), node("Relu", ["c"], ["r"]),
+               node("Conv", ["r", "w2", "b2"], ["y"], pads=[1, 1, 1, 1])],
+              [("x", [1, 8, 6, 6])], [("y", [1, 8, 6, 6])],
+              [("w", weights(rng, 8, 8, 3, 3)), ("b", weights(rng, 8)), ("w2", weights(rng, 8, 8, 3, 3)), ("b2", weights(rng, 8))])
+    fp16 = kiln.build(m, BuildConfig(device="cpu", opt_level=1, fp16=True))
+    convs = [layer for layer in fp16.plan["layers"] if layer["kind"] == "Conv"]
+    assert len(convs) == 2 and all(layer["attrs"].get("layout") == "nhwc" for layer in convs)
+    assert nhwc_region("fp32", "cuda", _Layer(convs[0])) and not nhwc_region("fp32", "cuda", _Layer({"attrs": {}}))
+    fp32 = kiln.build(m, BuildConfig(device="cpu", opt_level=1))
+    assert not any("layout" in layer["attrs"] for layer in fp32.plan["layers"])
+
+
+class _Layer:
+    """What nhwc_region reads of a layer: its attributes."""
+
+    def __init__(self, record):
+        self.attrs = record["attrs"]
