@@ -156,3 +156,21 @@ def test_torch_export_without_optimization_is_cleaned_up(tmp_path):
 def test_exported_families_stay_correct(tmp_path, family, exporter):
     proto = onnx.load(export_family(tmp_path, family, exporter))
     _run(proto, dims={"batch": 2, "sequence": 8})
+
+
+def test_sequence_ops_are_left_to_the_executor():
+    """onnxscript's folder raises on SplitToSequence; the pass leaves sequence ops alone (they gain
+    nothing from folding) and the model still computes the same."""
+    split = numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "split")
+    graph = helper.make_graph(
+        [helper.make_node("SplitToSequence", ["x", "split"], ["seq"], axis=0, name="to_seq"),
+         helper.make_node("SequenceAt", ["seq", "one"], ["y"], name="at")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [split, numpy_helper.from_array(np.array(1, dtype=np.int64), "one")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model, _, _ = run_pass(proto, "fold_constants")
+    assert [n.op_type for n in model.graph] == ["SplitToSequence", "SequenceAt"]
+    assert all(n.domain == "" for n in model.graph)
+    assert_same(proto, model)

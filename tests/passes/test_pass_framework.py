@@ -96,3 +96,14 @@ def test_build_records_the_passes_it_ran(tmp_path):
     assert engine.plan["config"]["skip_passes"] == []
     skipped = kiln.build(load(_model()), kiln.BuildConfig(device="cpu", opt_level=1, passes=[]))
     assert skipped.plan["passes"] == {}
+
+
+def test_a_failing_pass_is_a_kiln_error_naming_it(monkeypatch):
+    from kiln.passes import get_pass, run_passes
+
+    def broken(model, ctx):
+        raise ValueError("boom")
+
+    monkeypatch.setattr(get_pass("fuse_gelu"), "apply", broken)
+    with pytest.raises(KilnError, match=r"graph pass fuse_gelu failed \(ValueError: boom\).*--skip-passes fuse_gelu"):
+        run_passes(load(_model()), PassContext())

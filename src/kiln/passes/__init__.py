@@ -246,7 +246,16 @@ def run_passes(
             report.skipped[p.name] = "emits ai.kiln ops, which this output may not hold (use --kiln-ops)"
             continue
         start = len(ctx.log)
-        report.rewrites[p.name] = p.apply(model, ctx)
+        try:
+            report.rewrites[p.name] = p.apply(model, ctx)
+        except KilnError:
+            raise
+        except Exception as error:  # a pass bug must not surface as a bare traceback
+            name = model.graph.name or "model"
+            raise KilnError(
+                f"{name}: graph pass {p.name} failed ({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); "
+                f"build or optimize without it (--skip-passes {p.name} / --skip {p.name}) and please report the model"
+            ) from error
         report.log.extend(f"{p.name}: {line}" for line in ctx.log[start:])
     if any(n.domain == KILN_DOMAIN for n in model.graph):
         model.opset_imports.setdefault(KILN_DOMAIN, KILN_DOMAIN_VERSION)

@@ -45,6 +45,7 @@ on nodes past the size limits, or when nothing is constant and nothing is dead.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -125,11 +126,35 @@ def _lift_new_constants(graph: ir.Graph, existing: set[int]) -> None:
         graph.register_initializer(value)
 
 
+# Ops whose results are sequences: nothing to gain from folding them, and onnxscript's folder
+# cannot evaluate some of them (SplitToSequence raises); kiln's executor runs them as they are.
+_SEQUENCE_OPS = frozenset({"SequenceEmpty", "SequenceConstruct", "SequenceInsert", "SequenceErase", "SequenceAt",
+                           "SequenceLength", "SplitToSequence", "ConcatFromSequence", "SequenceMap"})
+
+
+_HIDDEN_DOMAIN = "kiln.not_folded"
+
+
 def _fold(model: ir.Model) -> list[_Group]:
     """Run the rewrite on ``model`` in place; return what it removed, grouped for findings."""
     before = _snapshot(model)
     existing = {id(b.node) for b in before}
-    onnxscript.optimizer.fold_constants(model, input_size_limit=INPUT_SIZE_LIMIT, output_size_limit=OUTPUT_SIZE_LIMIT)
+    folder = logging.getLogger("onnxscript.optimizer._constant_folding")
+    level = folder.level
+    folder.setLevel(logging.ERROR)  # its "skipping op X" notes are not the user's business
+    # The folder's partial evaluators run on sequence ops whatever should_fold says, and some raise
+    # (SplitToSequence): those nodes sit in a domain the model does not import while it runs, which
+    # the folder skips, and get their own domain back afterwards.
+    hidden = [n for n in model.graph.all_nodes() if n.op_type in _SEQUENCE_OPS and n.domain in ("", "ai.onnx")]
+    domains = [n.domain for n in hidden]
+    for node in hidden:
+        node.domain = _HIDDEN_DOMAIN
+    try:
+        onnxscript.optimizer.fold_constants(model, input_size_limit=INPUT_SIZE_LIMIT, output_size_limit=OUTPUT_SIZE_LIMIT)
+    finally:
+        folder.setLevel(level)
+        for node, domain in zip(hidden, domains):
+            node.domain = domain
     _lift_new_constants(model.graph, existing)
     ir_passes.RemoveUnusedNodesPass()(model)
 
