@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from model_builders import add_relu_model
 from onnx import TensorProto, helper
@@ -101,6 +102,19 @@ def test_external_data_inside_folder_loads_and_runs(tmp_path):
     w = onnx.numpy_helper.to_array(add_relu_model((32, 32)).graph.initializer[0])
     np.testing.assert_allclose(y, np.maximum(x + w, 0), rtol=1e-6)
 
+
+
+def test_loaded_external_weights_live_in_the_model(tmp_path, monkeypatch):
+    """The IR holds external weights itself: serialized after its folder is gone, it is a complete model."""
+    path = _save_external(tmp_path)
+    model = load_model(path)
+    (path.parent / "weights.bin").unlink()
+    monkeypatch.chdir(tmp_path)
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto)
+    assert not any(onnx.external_data_helper.uses_external_data(t) for t in proto.graph.initializer)
+    w = onnx.numpy_helper.to_array(add_relu_model((32, 32)).graph.initializer[0])
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(proto.graph.initializer[0]), w)
 
 class _OpenRecorder:
     """Records every file Python opens while active (an audit hook cannot be removed, so it is gated)."""

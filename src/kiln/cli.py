@@ -212,7 +212,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
                             kiln_ops=args.kiln_ops, dims={k: v[0] for k, v in dims.items()})
     save_onnx(model, args.output, name=str(args.model))
     console = Console()
-    table = Table(title=f"{args.model} -> {args.output}: nodes per op")
+    console.print(f"{args.model} -> {args.output}", markup=False, highlight=False, soft_wrap=True)
+    table = Table(title="nodes per op")
     for column in ("op", "before", "after"):
         table.add_column(column, justify="left" if column == "op" else "right")
     for op in sorted(set(report.ops_before) | set(report.ops_after)):

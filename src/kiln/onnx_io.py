@@ -221,14 +221,19 @@ def _copy_field(target, field, value) -> None:
 
 def _with_weights(model: ir.Model, weights: list[onnx.TensorProto], added: list[str], base_dir) -> None:
     """The weights back into the IR as initializers of the values that stood in for them (their
-    stand-in graph inputs removed). onnx-ir wraps each TensorProto without copying its bytes, and
-    reads external data from ``base_dir`` only when a tensor is used."""
+    stand-in graph inputs removed). onnx-ir wraps each TensorProto without copying its bytes. External
+    data (its paths checked already) is read into the tensor here, so the IR holds every weight
+    itself: a model serialized or saved elsewhere later never points back at the source folder."""
     graph = model.graph
     values = {value.name: value for value in graph.inputs}
     gone = set(added)
     for tensor in weights:
+        if external_data_helper.uses_external_data(tensor):
+            external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
         value = values[tensor.name]
-        value.const_value = ir.serde.deserialize_tensor(tensor, str(base_dir) if base_dir is not None else "")
+        value.const_value = ir.serde.deserialize_tensor(tensor)
         if tensor.name in gone:
             graph.inputs.remove(value)
         graph.register_initializer(value)
