@@ -107,3 +107,13 @@ def test_a_failing_pass_is_a_kiln_error_naming_it(monkeypatch):
     monkeypatch.setattr(get_pass("fuse_gelu"), "apply", broken)
     with pytest.raises(KilnError, match=r"graph pass fuse_gelu failed \(ValueError: boom\).*--skip-passes fuse_gelu"):
         run_passes(load(_model()), PassContext())
+
+
+def test_connected_components_group_by_links_in_item_order():
+    from kiln.passes import connected_components
+
+    items = [[i] for i in range(6)]  # unhashable and equal-looking items are told apart by identity
+    a, b, c, d, e, f = items
+    assert connected_components(items, [(d, a), (e, c), (f, e)]) == [[a, d], [b], [c, e, f]]
+    assert connected_components(items, []) == [[x] for x in items]
+    assert connected_components([], []) == []

@@ -32,7 +32,7 @@ from typing import Any
 import onnx_ir as ir
 import torch
 
-from kiln.passes import fused_from
+from kiln.passes import connected_components, fused_from
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 KILN_DOMAIN = "ai.kiln"
@@ -395,23 +395,10 @@ class _Lowering:
     def _pointwise_groups(self) -> None:
         eligible = [n for n in self.nodes if id(n) not in self.claimed and self._pointwise_ok(n)]
         ids = {id(n) for n in eligible}
-        parent = {id(n): id(n) for n in eligible}
-
-        def find(i: int) -> int:
-            while parent[i] != i:
-                parent[i] = parent[parent[i]]
-                i = parent[i]
-            return i
-
-        for node in eligible:
-            for value in node.inputs:
-                producer = value.producer() if value is not None else None
-                if producer is not None and id(producer) in ids and self.only_consumer(value) is node:
-                    parent[find(id(producer))] = find(id(node))
-        groups: dict[int, list[ir.Node]] = {}
-        for node in eligible:
-            groups.setdefault(find(id(node)), []).append(node)
-        for members in groups.values():
+        links = [(producer, node) for node in eligible for value in node.inputs
+                 if (producer := value.producer() if value is not None else None) is not None
+                 and id(producer) in ids and self.only_consumer(value) is node]
+        for members in connected_components(eligible, links):
             if len(members) >= 2:
                 self._add_pointwise(members)
 

@@ -23,7 +23,7 @@ import importlib
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import onnx_ir as ir
 
@@ -333,6 +333,29 @@ def single_consumer(value: ir.Value) -> ir.Node | None:
     if len(users) != 1 or len(list(value.uses())) != 1:
         return None
     return next(iter(users.values()))
+
+
+_T = TypeVar("_T")
+
+
+def connected_components(items: Sequence[_T], links: Iterable[tuple[_T, _T]]) -> list[list[_T]]:
+    """``items`` split into the groups that ``links`` (pairs of items) join, by identity; each group
+    keeps the order of ``items``, and groups come in the order of their first item."""
+    index = {id(item): i for i, item in enumerate(items)}
+    parent = list(range(len(items)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in links:
+        parent[root(index[id(a)])] = root(index[id(b)])
+    groups: dict[int, list[_T]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(root(i), []).append(item)
+    return list(groups.values())
 
 
 def attrs_of(node: ir.Node) -> Mapping[str, Any]:

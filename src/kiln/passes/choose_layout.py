@@ -37,7 +37,17 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from kiln.passes import KILN_DOMAIN, Finding, Pass, PassContext, attrs_of, register_pass, shapes_of, unique_node_names
+from kiln.passes import (
+    KILN_DOMAIN,
+    Finding,
+    Pass,
+    PassContext,
+    attrs_of,
+    connected_components,
+    register_pass,
+    shapes_of,
+    unique_node_names,
+)
 from kiln.passes._conv import conv_flops, elements, is_conv, itemsize
 
 LAYOUT = "kiln.layout"
@@ -118,25 +128,12 @@ def _regions(model: ir.Model, ctx: PassContext) -> list[_Region]:
         return []
     graph = model.graph
     members = [n for n in graph if _friendly(n)]
-    index = {id(n): i for i, n in enumerate(members)}
-    parent = list(range(len(members)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for node in members:
-        for value in _data_inputs(node):
-            producer = value.producer() if value is not None else None
-            if producer is not None and id(producer) in index:
-                parent[root(index[id(node)])] = root(index[id(producer)])
-    groups: dict[int, list[ir.Node]] = {}
-    for node in members:
-        groups.setdefault(root(index[id(node)]), []).append(node)
+    inside_members = {id(n) for n in members}
+    links = [(node, producer) for node in members for value in _data_inputs(node)
+             if (producer := value.producer() if value is not None else None) is not None
+             and id(producer) in inside_members]
     regions = []
-    for nodes in groups.values():
+    for nodes in connected_components(members, links):
         if not any(_is_conv(n) for n in nodes):
             continue
         inside = {id(n) for n in nodes}

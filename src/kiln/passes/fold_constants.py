@@ -53,7 +53,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 import onnxscript.optimizer
 
-from kiln.passes import Finding, Pass, PassContext, register_pass, unique_node_names
+from kiln.passes import Finding, Pass, PassContext, connected_components, register_pass, unique_node_names
 from kiln.passes._shuffles import shape_bytes
 
 INPUT_SIZE_LIMIT = 1 << 24  # elements of a constant input above which folding is not tried
@@ -162,22 +162,10 @@ def _fold(model: ir.Model) -> list[_Group]:
     groups: list[_Group] = [_Group("dead-node", [b]) for b in removed if b.dead]
     live = [b for b in removed if not b.dead]
     producer_of = {id(out): b for b in live for out in b.outputs}
-    parent = {id(b.node): id(b.node) for b in live}
-
-    def root(key: int) -> int:
-        while parent[key] != key:
-            parent[key] = parent[parent[key]]
-            key = parent[key]
-        return key
-
-    for b in live:
-        for value in b.inputs:
-            if value is not None and id(value) in producer_of:
-                parent[root(id(producer_of[id(value)].node))] = root(id(b.node))
-    components: dict[int, _Group] = {}
-    for b in live:
-        components.setdefault(root(id(b.node)), _Group("")).nodes.append(b)
-    for group in components.values():
+    links = [(producer_of[id(value)], b) for b in live for value in b.inputs
+             if value is not None and id(value) in producer_of]
+    for nodes in connected_components(live, links):
+        group = _Group("", nodes)
         inside = {id(out) for b in group.nodes for out in b.outputs}
         outside = [(b, i) for b in group.nodes for i, v in enumerate(b.inputs) if v is not None and id(v) not in inside]
         if all(b.const_inputs[i] for b, i in outside):
