@@ -18,7 +18,7 @@ name nodes). It collects:
 
      * control flow (``If``, ``Loop``, ``Scan``, ``SequenceMap``): the body runs node by node in the
        reference executor, nothing in it is fused or timed, and the engine never treats it as
-       shape arithmetic (``kiln.engine._NOT_STATIC``), so a condition or trip count is read back from
+       shape arithmetic (``kiln.builder.schedule.NOT_STATIC``), so a condition or trip count is read back from
        the GPU on every run;
      * data-dependent output shapes (``NonZero``, ``Unique``, ``Compress``, ``NonMaxSuppression``):
        the output's size is known only after the GPU has computed it, so the host waits for the
@@ -69,6 +69,7 @@ from typing import Any
 import onnx_ir as ir
 
 from kiln.builder.config import Profile
+from kiln.builder.schedule import NOT_STATIC, SHAPE_SOURCES
 from kiln.builder.tactics.node import HOST_INPUTS
 from kiln.cost import ModelCost, model_cost, symbol_value
 from kiln.errors import InputError
@@ -104,10 +105,6 @@ HOST_READS = HOST_INPUTS | frozenset({
     ("Resize", 2), ("Resize", 3), ("Upsample", 1), ("CumSum", 1), ("CenterCropPad", 1),
     *((op, 1) for op in _REDUCE_AXES),
 })
-# ops the engine never computes once per input shape (kiln.engine._NOT_STATIC)
-_NOT_STATIC = CONTROL_FLOW | {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli",
-                              "Multinomial", "Dropout"}
-_SHAPE_SOURCES = frozenset({"Shape", "Size"})
 _ML_DOMAIN = "ai.onnx.ml"
 TOP = 5
 NODES_SHOWN = 4
@@ -417,10 +414,10 @@ def _derived_values(model: ir.Model) -> set[int]:
     engine computes once per input shape)."""
     derived = {id(v) for v in model.graph.initializers.values()}
     for node in model.graph:
-        if node.op_type in _NOT_STATIC or any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+        if node.op_type in NOT_STATIC or any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
                                               for a in node.attributes.values()):
             continue
-        if node.op_type in _SHAPE_SOURCES or all(v is None or not v.name or id(v) in derived for v in node.inputs):
+        if node.op_type in SHAPE_SOURCES or all(v is None or not v.name or id(v) in derived for v in node.inputs):
             derived.update(id(v) for v in node.outputs)
     return derived
 

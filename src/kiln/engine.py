@@ -22,19 +22,24 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from kiln import dtypes
 from kiln.atomic_file import write_atomically
-from kiln.errors import InputError, KilnError, OpError
+from kiln.builder.schedule import cross_stream_waits, static_layers
+from kiln.errors import InputError, KilnError
 
 FORMAT = "kiln-engine"
 VERSION = 1
 _GRAPH_TENSOR = "__graph__"
 MAX_ENGINE_BYTES = 64 * 1024**3
+
+
+if TYPE_CHECKING:
+    from kiln.runtime import ExecutionContext
 
 
 class EngineLoadError(KilnError):
@@ -52,21 +57,19 @@ class _Step:
     tf32: bool
     free: list[int]
     static: bool = False
-
-
-# Ops whose result depends on the input's shape only, and ops that never produce data-dependent
-# results from shape-only inputs: a chain of them (Shape -> Gather -> Unsqueeze -> Concat ->
-# Reshape's shape) is computed once per input shape and then reused (TensorRT's shape tensors).
-_SHAPE_SOURCES = {"Shape", "Size"}
-_NOT_STATIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial",
-               "Dropout", "If", "Loop", "Scan", "SequenceMap"}
-_SHAPE_CACHE_SIZE = 32
-_MISSING = object()
+    # several streams (lean runs only): the layer's stream, the events it waits for, the event it
+    # records (None: no other stream reads it), and what it frees when values cross streams
+    stream: int = 0
+    waits: tuple[int, ...] = ()
+    record: int | None = None
+    free_lean: list[int] | None = None
 
 
 class Engine:
-    """A built model. ``run`` takes inputs by name (numpy arrays or tensors) and returns outputs by
-    name as tensors on the engine's device. One engine serves one thread at a time."""
+    """A built model: the plan, its prepared weights and the compiled steps, shared by every
+    execution context. ``run`` takes inputs by name (numpy arrays or tensors) and returns outputs
+    by name as tensors on the engine's device, in one default context; ``create_context`` gives
+    more (one per thread or stream)."""
 
     def __init__(self, plan: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], graph: bytes, device: str = "cuda") -> None:
         self.plan = dict(plan)
@@ -74,9 +77,6 @@ class Engine:
         self.graph = graph
         self.device = torch.device(device)
         self.report = None
-        # CUDA graphs: one per input shape, captured on the second run at that shape.
-        self.cuda_graphs = self.device.type == "cuda"
-        self.graph_errors: list[str] = []
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise EngineLoadError("this engine runs on CUDA, but torch sees no CUDA GPU here")
         self.name = self.plan["name"]
@@ -85,6 +85,7 @@ class Engine:
         from kiln.builder.config import Profile
 
         self.profiles = [Profile.from_json(p) for p in self.plan["profiles"]]
+        self._context: ExecutionContext | None = None
         self._build_runtime()
 
     # -- runtime -----------------------------------------------------------------------------
@@ -160,15 +161,8 @@ class Engine:
     def _plan_static(self, layers: list[Mapping[str, Any]], slots: dict[str, int]) -> None:
         """Mark the layers that compute from input shapes alone, and which of their values the other
         layers read (those are cached per input shape; on the CPU where only shape inputs read them)."""
-        derived: set[str] = set()
-        static = []
-        for layer in layers:
-            op = layer["op_types"][0]
-            is_static = layer["kind"] == "Node" and op not in _NOT_STATIC and not layer["attrs"].get("captured") and (
-                op in _SHAPE_SOURCES or all(name in derived for name in layer["inputs"]))
-            static.append(is_static)
-            if is_static:
-                derived.update(n for n in layer["outputs"] if n)
+        static = static_layers(layers)
+        derived = {n for layer, is_static in zip(layers, static) if is_static for n in layer["outputs"] if n}
         readers: dict[str, list[tuple[list[int], int, bool]]] = {}
         steps0 = self._steps[0] if self._steps else []
         for index, (layer, is_static) in enumerate(zip(layers, static)):
@@ -200,8 +194,61 @@ class Engine:
             for step, is_static in zip(steps, static):
                 step.static = is_static
             self._lean.append([step for step in steps if not step.static])
-        self._shape_cache: dict[tuple, dict[int, Any]] = {}
-        self._graphs: dict[tuple, Any] = {}
+        self._plan_streams(layers, slots, static)
+
+    def _plan_streams(self, layers: list[Mapping[str, Any]], slots: dict[str, int], static: list[bool]) -> None:
+        """Streams, events and frees of the lean runs (see ``kiln.builder.schedule``). A value that
+        crosses streams is freed only when the run ends, after every stream has joined the
+        context's own: freeing it at its last use could hand its memory to one stream while
+        another still reads it."""
+        streams = [int(layer.get("stream", 0)) for layer in layers]
+        if any(s < 0 or s > self.aux_streams for s in streams) or any(s and st for s, st in zip(streams, static)):
+            raise EngineLoadError(f"{self.name}: the plan puts layers on streams outside 0..{self.aux_streams}")
+        waits = cross_stream_waits(layers, streams)
+        recorded = sorted({d for w in waits for d in w})
+        event_of = {layer: event for event, layer in enumerate(recorded)}
+        self.event_count = len(recorded)
+        crossing: set[str] = set()
+        made_on: dict[str, int] = {spec["name"]: 0 for spec in self.inputs}
+        for layer, stream, is_static in zip(layers, streams, static):
+            if is_static:
+                continue
+            for name in layer["inputs"]:
+                if made_on.get(name, stream) != stream:
+                    crossing.add(name)
+            for name in layer["outputs"]:
+                if name:
+                    made_on[name] = stream
+        read_on: dict[str, set[int]] = {}
+        for layer, stream, is_static in zip(layers, streams, static):
+            if not is_static:
+                for name in layer["inputs"]:
+                    read_on.setdefault(name, set()).add(stream)
+        crossing.update(name for name, seen in read_on.items() if len(seen) > 1)
+        held = {slots[name] for name in crossing if name in slots}
+        for steps in self._steps:
+            for index, step in enumerate(steps):
+                step.stream = streams[index]
+                step.waits = tuple(event_of[d] for d in waits[index])
+                step.record = event_of.get(index)
+                step.free_lean = [slot for slot in step.free if slot not in held]
+
+    @property
+    def aux_streams(self) -> int:
+        """The auxiliary streams the plan uses (BuildConfig.max_aux_streams at most)."""
+        return int(self.plan.get("aux_streams", 0))
+
+    @property
+    def weights_bytes(self) -> int:
+        """Bytes of prepared weights, held once however many execution contexts run the engine."""
+        seen: set[tuple[int, int]] = set()
+        total = 0
+        for tensor in self.tensors.values():
+            key = (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
+            if key not in seen:
+                seen.add(key)
+                total += key[1]
+        return total
 
     def node_step(self, name: str):
         """The reference op bound to a node (Node layers run it)."""
@@ -219,114 +266,44 @@ class Engine:
         given = ", ".join(f"{n} {list(s)}" for n, s in shapes.items())
         raise InputError(f"{self.name}: input shapes {given} fit no optimization profile ({ranges}); rebuild with a profile that covers them")
 
+    def check_profile(self, index: int, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Refuse shapes outside profile ``index``, naming the input, its shape and the allowed range."""
+        profile = self.profiles[index]
+        for name, shape in shapes.items():
+            if name in profile.shapes and not _within(profile.shapes[name], shape):
+                lo, _, hi = profile.shapes[name]
+                raise InputError(f"{self.name}: input {name!r} has shape {list(shape)}, outside optimization profile "
+                                 f"{index}, which allows {list(lo)} to {list(hi)}; choose another profile or rebuild")
+
+    def create_context(self, **options) -> ExecutionContext:
+        """A new execution context (its own stream, shape and CUDA-graph caches) sharing this
+        engine's weights; see ``kiln.runtime.ExecutionContext`` for the options."""
+        from kiln.runtime import ExecutionContext
+
+        return ExecutionContext(self, **options)
+
+    def _default_context(self) -> ExecutionContext:
+        if self._context is None:
+            self._context = self.create_context(cuda_graph=self.device.type == "cuda")
+        return self._context
+
+    @property
+    def graph_errors(self) -> list[str]:
+        """Why ``run``'s context could not capture a CUDA graph (empty when every shape was captured)."""
+        return self._default_context().graph_errors
+
     def run(self, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """Run the engine on ``feeds`` (name -> numpy array or torch tensor).
+        """Run the engine on ``feeds`` (name -> numpy array or torch tensor) in one default execution
+        context: the first run at an input shape runs every layer, keeps the shape arithmetic's
+        results, and on CUDA captures a CUDA graph of the other layers that later runs at that shape
+        replay. For several threads or streams, give each its own ``create_context()``."""
+        return self._default_context().run(feeds)
 
-        The first run at an input shape runs every layer and keeps the shape arithmetic's results;
-        later runs at that shape skip it, and on CUDA replay a CUDA graph of the remaining layers
-        captured on the second run (one graph per input shape; engines whose layers cannot be
-        captured, because an op waits for the GPU, keep running layer by layer)."""
-        values = self._check_feeds(feeds)
-        profile = self.profile_for({spec["name"]: tuple(v.shape) for spec, v in zip(self.inputs, values)})
-        key = (profile,) + tuple(tuple(v.shape) for v in values)
-        cached = self._shape_cache.get(key)
-        if cached is None:
-            results, captured = self._execute(self._steps[profile], values, None, capture=True)
-            if len(self._shape_cache) >= _SHAPE_CACHE_SIZE:
-                evicted = next(iter(self._shape_cache))
-                self._shape_cache.pop(evicted)
-                self._graphs.pop(evicted, None)
-            self._shape_cache[key] = captured
-            return results
-        if self.cuda_graphs:
-            entry = self._graphs.get(key, _MISSING)
-            if entry is _MISSING:
-                entry = self._graphs[key] = self._capture(profile, values, cached)
-            if entry is not None:
-                static_inputs, graph, outputs = entry
-                for buffer, value in zip(static_inputs, values):
-                    buffer.copy_(value)
-                graph.replay()
-                return {name: value.clone() if isinstance(value, torch.Tensor) else value for name, value in outputs.items()}
-        return self._execute(self._lean[profile], values, cached)[0]
-
-    def _capture(self, profile: int, values: list[torch.Tensor], cached: dict[int, Any]):
-        """A CUDA graph of the layers at this shape, or None when some layer cannot be captured."""
-        static_inputs = [v.clone() for v in values]
-        graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize(self.device)
-        try:
-            with torch.cuda.graph(graph):
-                outputs = self._execute(self._lean[profile], static_inputs, cached)[0]
-        except Exception as error:  # noqa: BLE001 - an op that syncs or copies from the host: run uncaptured
-            notes = " ".join(getattr(error, "__notes__", []))
-            self.graph_errors.append(f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''} {notes}".strip())
-            torch.cuda.synchronize(self.device)
-            return None
-        return static_inputs, graph, outputs
-
-    def _execute(self, steps: list[_Step], values: list[torch.Tensor], cached: dict[int, Any] | None, capture: bool = False):
-        env: list[Any] = [None] * self._slot_count
-        for slot, value in zip(self._input_slots, values):
-            env[slot] = value
-        if cached is not None:
-            for slot, value in cached.items():
-                env[slot] = value
-        captured: dict[int, Any] = {}
-        wanted = self._cached_slots
-        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cudnn.benchmark = True
-        step = None
-        try:
-            with torch.inference_mode():
-                for step in steps:
-                    ins = [env[s] for s in step.in_slots]
-                    dtype = step.cast_dtype
-                    for i in step.cast:
-                        if ins[i].dtype != dtype:
-                            ins[i] = ins[i].to(dtype)
-                    if step.tf32:
-                        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-                        outs = step.run(ins)
-                        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-                    else:
-                        outs = step.run(ins)
-                    for s, value in zip(step.out_slots, outs):
-                        if s is not None:
-                            env[s] = value
-                    if capture and step.static:
-                        for s in step.out_slots:
-                            if s in wanted:
-                                value = env[s]
-                                device_slot, host_slot = wanted[s]
-                                if device_slot is not None:
-                                    captured[device_slot] = value
-                                if host_slot is not None:
-                                    captured[host_slot] = value.cpu() if isinstance(value, torch.Tensor) else value
-                                    if host_slot != s:
-                                        env[host_slot] = captured[host_slot]
-                    for s in step.free:
-                        env[s] = None
-                results = {}
-                for spec, slot, dtype in zip(self.outputs, self._output_slots, self._output_dtypes):
-                    value = env[slot]
-                    if isinstance(value, torch.Tensor):
-                        value = value.to(dtype).contiguous()
-                    results[spec["name"]] = value
-        except KilnError:
-            raise
-        except Exception as error:  # noqa: BLE001 - any layer failure is reported with its layer
-            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                error.add_note(f"while capturing layer {step.name!r}" if step is not None else "while capturing")
-                raise
-            where = f"layer {step.name!r}" if step is not None else "the engine"
-            raise OpError(f"{self.name}: {where} failed: {type(error).__name__}: {error}") from error
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
-        return results, captured
-
-    def _check_feeds(self, feeds: Mapping[str, Any]) -> list[torch.Tensor]:
+    def check_inputs(self, feeds: Mapping[str, Any], profile: int | None = None) -> tuple[list[torch.Tensor], int]:
+        """``feeds`` checked against the engine's inputs, before anything runs or moves: names,
+        dtypes, ranks, fixed dimensions, devices, and the optimization profile's range (the given
+        one, else the first that fits). Returns one tensor per input in the engine's order, still
+        where it was given (numpy arrays become CPU tensors), and the profile."""
         names = [spec["name"] for spec in self.inputs]
         unknown = sorted(set(feeds) - set(names))
         if unknown:
@@ -338,10 +315,14 @@ class Engine:
         for spec in self.inputs:
             given = feeds[spec["name"]]
             if isinstance(given, torch.Tensor):
-                value = given.to(self.device)
+                value = given
+                where = value.device
+                if where.type != "cpu" and not _same_device(where, self.device):
+                    raise InputError(f"{self.name}: input {spec['name']!r} is on {where}; this engine runs on "
+                                     f"{self.device}: pass it there, on the CPU, or as a numpy array")
             else:
                 try:
-                    value = dtypes.tensor_from_numpy(np.asarray(given), self.device)
+                    value = dtypes.tensor_from_numpy(np.asarray(given), "cpu")
                 except KeyError as error:
                     raise InputError(f"{self.name}: input {spec['name']!r} has dtype {np.asarray(given).dtype}, which kiln cannot hold") from error
                 if not isinstance(value, torch.Tensor):
@@ -359,7 +340,11 @@ class Engine:
                         raise InputError(f"{self.name}: input {spec['name']!r} has shape {list(value.shape)}, "
                                          f"the engine expects {shape} (axis {axis} must be {dim})")
             values.append(value)
-        return values
+        shapes = {spec["name"]: tuple(v.shape) for spec, v in zip(self.inputs, values)}
+        if profile is None:
+            return values, self.profile_for(shapes)
+        self.check_profile(profile, shapes)
+        return values, profile
 
     # -- description --------------------------------------------------------------------------
     def describe(self) -> list[dict[str, Any]]:
@@ -509,6 +494,16 @@ def _host_position(layer: Mapping[str, Any], index: int) -> bool:
 
             return (layer["op_types"][0], position) in HOST_INPUTS
     return False
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Same device, an unindexed CUDA device meaning the current one."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    current = torch.cuda.current_device()
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
 
 
 def _within(ranges, shape) -> bool:

@@ -34,6 +34,7 @@ from kiln import dtypes
 from kiln.builder import tactics as tactic_registry
 from kiln.builder.config import BuildConfig, Profile
 from kiln.builder.layers import FLOAT_TYPES, GraphFacts, Layer, lower
+from kiln.builder.schedule import assign_streams
 from kiln.builder.tactics import PRECISION_DTYPES, Tactic
 from kiln.builder.tactics.conv import nhwc_region
 from kiln.builder.tactics.node import castable
@@ -694,8 +695,16 @@ class _Builder:
                             for c, (p, r) in zip(item.choices, prep)],
                 "notes": item.notes,
             })
+        streams = assign_streams(layers, self.config.max_aux_streams)
+        for layer, stream in zip(layers, streams):
+            layer["stream"] = stream
+        used = max(streams, default=0)
+        if self.config.max_aux_streams:
+            busy = sum(1 for s in streams if s)
+            self.report.log(f"auxiliary streams: {used} of {self.config.max_aux_streams} used, {busy} of {len(layers)} layers on them")
         return {
             "name": os.path.basename(self.name),
+            "aux_streams": used,
             "inputs": declared,
             "outputs": outputs,
             "opsets": {d or "": v for d, v in sorted(self.model.opset_imports.items())},

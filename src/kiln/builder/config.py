@@ -8,7 +8,8 @@ With ``fp16`` and ``bf16`` both set, layers run fp16 and fall back to bf16 (same
 before fp32 when fp16 overflows. ``strongly_typed`` lets the model's own tensor types decide
 (an fp16 ONNX model runs in fp16) and forbids the flags, as TensorRT's strongly typed networks do.
 ``passes`` / ``skip_passes`` choose the graph passes (``kiln.passes``) run before lowering; by
-default all of them run.
+default all of them run. ``max_aux_streams`` lets independent branches run on up to that many
+streams beside each execution context's own (``kiln.builder.schedule``).
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ class BuildConfig:
     # graph passes (kiln.passes) by name: None = all of them; skip_passes removes some
     passes: list[str] | None = None
     skip_passes: list[str] = field(default_factory=list)
+    # auxiliary streams independent branches may run on, beside each context's own (0: none)
+    max_aux_streams: int = 0
 
     def validate(self) -> None:
         if self.opt_level not in OPT_LEVELS:
@@ -101,6 +104,8 @@ class BuildConfig:
                 raise KilnError(f"layer precision for {key!r} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
             if precision != "fp32" and not self.strongly_typed and not getattr(self, precision):
                 raise KilnError(f"layer precision {key}:{precision} needs the --{precision} flag as well")
+        if not isinstance(self.max_aux_streams, int) or isinstance(self.max_aux_streams, bool) or self.max_aux_streams < 0:
+            raise KilnError(f"max_aux_streams must be a number >= 0, got {self.max_aux_streams!r}")
         if self.memory_limit is not None and self.memory_limit < 0:
             raise KilnError(f"memory limit must be >= 0 bytes, got {self.memory_limit}")
         if self.device not in ("cpu", "cuda"):
@@ -138,4 +143,5 @@ class BuildConfig:
             "precision_check": self.precision_check,
             "passes": list(self.passes) if self.passes is not None else None,
             "skip_passes": list(self.skip_passes),
+            "max_aux_streams": self.max_aux_streams,
         }
