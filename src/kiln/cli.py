@@ -32,18 +32,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
     console = Console()
     shapes = inputs.parse_shapes(args.shapes)
     onnx_path = args.model
+    runtime = {"--cuda-graph": args.cuda_graph, "--contexts": args.contexts is not None,
+               "--aux-streams": args.aux_streams is not None, "--profile": args.profile is not None}
+    contexts = []
     if _is_engine(args.model):
         from kiln.engine import load_engine
 
         engine = load_engine(args.model)
         device = engine.device.type
         specs = _engine_input_values(engine)
-        run = engine.run
+        count = 1 if args.contexts is None else args.contexts
+        if count < 1:
+            raise KilnError(f"--contexts must be 1 or more, got {count}")
+        contexts = [engine.create_context(profile=args.profile, cuda_graph=args.cuda_graph, aux_streams=args.aux_streams)
+                    for _ in range(count)]
+        run = contexts[0].run
         onnx_path = args.onnx
         tolerance = _engine_tolerance(engine)
         if args.compare and onnx_path is None:
             raise KilnError(f"{args.model}: an engine does not carry its ONNX weights; give --onnx MODEL.onnx to compare it")
     else:
+        given = [flag for flag, on in runtime.items() if on]
+        if given:
+            raise KilnError(f"{args.model}: {', '.join(given)} run a built engine; build one with kiln build and run the .kiln file")
         from kiln.executor import Executor
         from kiln.onnx_io import load_model
 
@@ -60,6 +71,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     outputs = run(feeds)
     elapsed = time.perf_counter() - start
     arrays = {name: tensor_to_numpy(value) for name, value in outputs.items()}
+    disagree = _run_other_contexts(contexts[1:], feeds, outputs, console) if len(contexts) > 1 else []
 
     diffs = {}
     if args.compare:
@@ -79,10 +91,54 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.save_outputs:
         inputs.write_npz(args.save_outputs, arrays)
         console.print(f"outputs written to {args.save_outputs}")
+    if contexts and (args.cuda_graph or args.contexts):
+        first = contexts[0]
+        console.print(f"{len(contexts)} context(s) on their own streams; aux streams {first.aux_streams}; "
+                      f"CUDA graph: {'captured' if first.stats.captures else 'off' if not args.cuda_graph else 'not captured'}"
+                      + (f" ({'; '.join(first.graph_errors)})" if first.graph_errors else ""), markup=False, highlight=False)
     if diffs and not all(d.ok for d in diffs.values()):
         console.print("[bold red]kiln differs from onnxruntime beyond tolerance[/]")
         return EXIT_MISMATCH
+    if disagree:
+        console.print(f"[bold red]contexts {', '.join(map(str, disagree))} gave other outputs than context 0[/]")
+        return EXIT_MISMATCH
     return 0
+
+
+def _run_other_contexts(contexts, feeds, expected, console) -> list[int]:
+    """Run ``feeds`` in every context at once (a thread each, so each on its own stream), twice (the
+    second run replays a captured graph), and return the numbers of those whose outputs differ from
+    ``expected`` (context 0's)."""
+    import threading
+
+    import numpy as np
+    import torch
+
+    results: dict[int, list[dict]] = {}
+    errors: list[BaseException] = []
+
+    def work(index: int, context) -> None:
+        try:
+            results[index] = [context.run(feeds) for _ in range(2)]
+        except BaseException as error:  # noqa: BLE001 - re-raised on the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i, c)) for i, c in enumerate(contexts, start=1)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    console.print(f"contexts 1-{len(contexts)}: two runs each, concurrently, in {(time.perf_counter() - start) * 1e3:.1f} ms",
+                  markup=False, highlight=False)
+
+    def same(a, b) -> bool:
+        return torch.equal(a, b) if isinstance(a, torch.Tensor) else bool(np.array_equal(a, b))
+
+    return [i for i, runs in sorted(results.items())
+            if not all(same(run[name], value) for run in runs for name, value in expected.items())]
 
 
 def _engine_input_values(engine):
@@ -162,6 +218,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         timing_cache=args.timing_cache, profiles=_parse_profiles(args), layer_precisions=_parse_layer_precisions(args.layer_precision),
         allow_tactics=allow, deny_tactics=deny, memory_limit=args.memory_limit, device=args.device,
         precision_check=not args.no_precision_check, passes=_names(args.passes), skip_passes=_names(args.skip_passes) or [],
+        max_aux_streams=args.aux_streams,
     )
     calibration = read_npz(args.inputs) if args.inputs else None
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} layers"),
@@ -189,6 +246,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     table.add_row("build time", f"{engine.report.seconds:.1f} s at optimization level {args.opt_level}")
     table.add_row("timing cache", f"{engine.report.cache_hits} hits, {engine.report.cache_misses} misses")
     table.add_row("weights", f"{summary['weights_bytes'] / 1e6:.1f} MB")
+    table.add_row("aux streams", str(engine.aux_streams))
     out.print(table)
     return 0
 
@@ -260,8 +318,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"summary": engine.summary(), "profiles": engine.plan["profiles"], "layers": rows}, indent=1))
         return 0
+    streams = engine.aux_streams > 0
+    summary = engine.summary()
     table = Table(title=f"{args.engine}: {len(rows)} layers")
-    for column in ["#", "layer", "nodes", "tactic", "precision", "layout", "shapes", "ms", "share"]:
+    for column in ["#", "layer", "nodes", "tactic", "precision", "layout", "shapes", "ms", "share"] + (["stream"] if streams else []):
         table.add_column(column, overflow="fold")
     for row in rows:
         shapes = " ".join("x".join(map(str, s)) for s in row["inputs"].values() if s) + " -> " + \
@@ -270,8 +330,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         tactic = row["tactic"] + (" " + ",".join(f"{k}={v}" for k, v in config.items()) if config else "")
         table.add_row(str(row["index"]), row["name"], "+".join(row["op_types"]), tactic, row["precision"], row["layout"],
                       shapes, "-" if row["time_ms"] is None else f"{row['time_ms']:.4f}",
-                      "-" if row["share"] is None else f"{100 * row['share']:.1f}%")
-    Console().print(table)
+                      "-" if row["share"] is None else f"{100 * row['share']:.1f}%", *([str(row["stream"])] if streams else []))
+    console = Console()
+    console.print(table)
+    console.print(f"weights: {summary['weights_bytes'] / 1e6:.1f} MB, held once and shared by every execution context; "
+                  f"{engine.aux_streams} auxiliary stream(s)", markup=False, highlight=False, soft_wrap=True)
     return 0
 
 
@@ -309,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     build.add_argument("--passes", help="run only these graph passes, a,b,... (default: all)")
     build.add_argument("--skip-passes", help="graph passes not to run, a,b,...")
+    build.add_argument("--aux-streams", "--maxAuxStreams", dest="aux_streams", type=int, default=0,
+                       help="let independent branches run on up to N auxiliary streams per context (default 0)")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(func=_cmd_build)
 
@@ -356,6 +421,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     run.add_argument("--compare", choices=["onnxruntime"], help="also run onnxruntime and report the differences")
     run.add_argument("--max-model-bytes", type=int, help="refuse models (with external data) larger than this")
+    run.add_argument("--cuda-graph", "--useCudaGraph", dest="cuda_graph", action="store_true",
+                     help="engines: capture a CUDA graph per input shape and replay it")
+    run.add_argument("--contexts", "--infStreams", dest="contexts", type=int,
+                     help="engines: run in N execution contexts at once, each on its own stream, and check they agree")
+    run.add_argument("--aux-streams", "--maxAuxStreams", dest="aux_streams", type=int,
+                     help="engines: use at most N of the auxiliary streams the engine was built with (0: one stream)")
+    run.add_argument("--profile", "--useProfile", dest="profile", type=int, help="engines: run with optimization profile K")
     run.set_defaults(func=_cmd_run)
 
     demo = sub.add_parser("demo", help="generate a small model, run it, check it against onnxruntime")

@@ -365,7 +365,7 @@ class Engine:
                 "inputs": {n: layer["shapes"].get(n) for n in layer["inputs"]},
                 "outputs": {n: layer["shapes"].get(n) for n in layer["outputs"] if n},
                 "time_ms": ms, "share": (ms / total) if ms is not None and total > 0 else None,
-                "notes": layer.get("notes", []),
+                "notes": layer.get("notes", []), "stream": layer.get("stream", 0),
             })
         return rows
 
@@ -382,7 +382,7 @@ class Engine:
             "layers": len(layers), "fused_layers": sum(1 for n in sizes if n > 1),
             "nodes": sum(sizes), "tactics": dict(sorted(tactics.items())),
             "precisions": dict(sorted(precisions.items())), "profiles": len(self.profiles),
-            "weights_bytes": sum(t.numel() * t.element_size() for t in self.tensors.values()),
+            "weights_bytes": self.weights_bytes, "aux_streams": self.aux_streams,
         }
 
     # -- files --------------------------------------------------------------------------------

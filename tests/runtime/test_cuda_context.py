@@ -1,0 +1,153 @@
+"""Execution contexts on the GPU: own streams (never the default one), CUDA graphs per shape in an
+LRU cache, copy-free bound replay, run_async without host synchronization, auxiliary streams equal to
+one stream, and threads. Skipped without a GPU; run on the lent GPU."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from kiln.errors import InputError
+from tests.runtime.conftest import build_branches, feeds, reference
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.fixture(scope="module")
+def gpu_engine():
+    return build_branches("cuda", aux=2)
+
+
+def _close(got: torch.Tensor, x: np.ndarray) -> None:
+    assert got.device.type == "cuda"
+    np.testing.assert_allclose(got.cpu().numpy(), reference(x), rtol=1e-4, atol=1e-5)
+
+
+def test_graph_captured_on_the_first_run_and_replayed_after(gpu_engine):
+    context = gpu_engine.create_context(cuda_graph=True)
+    x = feeds(3, seed=1)
+    for _ in range(3):
+        _close(context.run(x)["y"], x["x"])
+    assert context.graph_errors == []
+    assert context.stats.first_runs == 1 and context.stats.captures == 1 and context.stats.replays == 2
+
+
+def test_graph_cache_is_an_lru_and_shapes_outside_it_are_captured_anew(gpu_engine):
+    context = gpu_engine.create_context(cuda_graph=True, graph_cache_size=2)
+    for batch in (1, 2, 3, 1, 2):
+        x = feeds(batch, seed=batch)
+        _close(context.run(x)["y"], x["x"])
+    assert len(context._graphs) == 2
+    assert context.stats.evictions >= 2
+    assert context.stats.captures == 5  # 1, 2, 3, then 1 and 2 again after eviction
+
+
+def test_every_kernel_runs_on_the_context_stream_not_the_default(gpu_engine):
+    context = gpu_engine.create_context(aux_streams=0)
+    seen: list[torch.cuda.Stream] = []
+    step = gpu_engine._lean[0][0]
+    original = step.run
+
+    def spy(inputs):
+        seen.append(torch.cuda.current_stream())
+        return original(inputs)
+
+    step.run = spy
+    try:
+        context.run(feeds(2))
+        context.run(feeds(2))
+    finally:
+        step.run = original
+    default = torch.cuda.default_stream()
+    assert seen and all(s != default for s in seen)
+    assert all(s == context.stream for s in seen)
+
+
+def test_bound_buffers_replay_without_copies(gpu_engine):
+    context = gpu_engine.create_context(cuda_graph=True)
+    x = torch.from_numpy(feeds(4, seed=3)["x"]).cuda()
+    y = torch.empty((4, 4, 4), device="cuda")
+    context.bind({"x": x}, {"y": y})
+    for seed in (3, 4, 5):
+        x.copy_(torch.from_numpy(feeds(4, seed=seed)["x"]))
+        out = context.execute()
+        assert out["y"] is y
+        _close(y, feeds(4, seed=seed)["x"])
+    assert context.stats.captures == 1 and context.stats.replays == 2
+    with pytest.raises(InputError, match="must be on the engine's device"):
+        context.bind({"x": x.cpu()})
+
+
+def test_run_async_queues_on_the_callers_stream(gpu_engine):
+    context = gpu_engine.create_context(cuda_graph=True)
+    caller = torch.cuda.Stream()
+    x = torch.from_numpy(feeds(2, seed=6)["x"]).cuda()
+    with torch.cuda.stream(caller):
+        outs = [context.run_async({"x": x}, stream=caller)["y"] for _ in range(3)]
+        host = context.run_async(feeds(2, seed=6), stream=caller)["y"]  # numpy input: pinned, async copy
+    caller.synchronize()
+    for y in outs + [host]:
+        _close(y, feeds(2, seed=6)["x"])
+
+
+def test_aux_streams_give_the_single_stream_results(gpu_engine):
+    single = gpu_engine.create_context(aux_streams=0)
+    several = gpu_engine.create_context()
+    graphed = gpu_engine.create_context(cuda_graph=True)
+    assert several.aux_streams == 2 and single.aux_streams == 0
+    for batch in (1, 4, 8, 16):
+        x = feeds(batch, seed=batch)
+        expected = single.run(x)["y"]
+        for _ in range(3):
+            assert torch.equal(several.run(x)["y"], expected)
+            assert torch.equal(graphed.run(x)["y"], expected)
+    assert graphed.graph_errors == []
+
+
+def test_inputs_on_another_gpu_are_refused(gpu_engine):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    with pytest.raises(InputError, match="is on cuda:1"):
+        gpu_engine.create_context().run({"x": torch.zeros((2, 16), device="cuda:1")})
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_eight_threads_with_a_context_each_on_the_gpu(gpu_engine, cuda_graph):
+    inputs = [feeds(1 + t % 4, seed=300 + t) for t in range(8)]
+    expected = [gpu_engine.create_context(aux_streams=0).run(x)["y"] for x in inputs]
+    failures: list[str] = []
+
+    def work(t: int) -> None:
+        context = gpu_engine.create_context(cuda_graph=cuda_graph)
+        for i in range(100):
+            if not torch.equal(context.run(inputs[t])["y"], expected[t]):
+                failures.append(f"thread {t} run {i}")
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+
+
+def test_threads_sharing_one_gpu_context_take_turns(gpu_engine):
+    context = gpu_engine.create_context(cuda_graph=True)
+    inputs = [feeds(1 + t % 4, seed=400 + t) for t in range(8)]
+    expected = [gpu_engine.create_context(aux_streams=0).run(x)["y"] for x in inputs]
+    failures: list[str] = []
+
+    def work(t: int) -> None:
+        for i in range(25):
+            if not torch.equal(context.run(inputs[t])["y"], expected[t]):
+                failures.append(f"thread {t} run {i}")
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
