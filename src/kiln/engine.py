@@ -296,8 +296,10 @@ class Engine:
         """Run the engine on ``feeds`` (name -> numpy array or torch tensor) in one default execution
         context: the first run at an input shape runs every layer, keeps the shape arithmetic's
         results, and on CUDA captures a CUDA graph of the other layers that later runs at that shape
-        replay. For several threads or streams, give each its own ``create_context()``."""
-        return self._default_context().run(feeds)
+        replay. As with a torch op, the outputs are ready in the current stream's order (the work
+        runs on the context's own stream; no host synchronization). For several threads or
+        streams, give each its own ``create_context()``."""
+        return self._default_context().run_async(feeds)
 
     def check_inputs(self, feeds: Mapping[str, Any], profile: int | None = None) -> tuple[list[torch.Tensor], int]:
         """``feeds`` checked against the engine's inputs, before anything runs or moves: names,
