@@ -196,3 +196,50 @@ def test_loaded_engine_contexts(engine, tmp_path):
     loaded = kiln.load_engine(tmp_path / "e.kiln")
     x = feeds(6, seed=5)
     assert torch.equal(loaded.create_context(profile=1).run(x)["y"], engine.create_context().run(x)["y"])
+
+
+def _if_model():
+    """y = If(c, then: x + 1, else: x * 3): both branches read x from the enclosing scope."""
+    from onnx import TensorProto, helper
+
+    one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
+    three = helper.make_tensor("three", TensorProto.FLOAT, [], [3.0])
+    out = [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["N", 4])]
+    then = helper.make_graph([helper.make_node("Constant", [], ["k"], value=one), helper.make_node("Add", ["x", "k"], ["t"])],
+                             "then", [], out)
+    out_else = [helper.make_tensor_value_info("e", TensorProto.FLOAT, ["N", 4])]
+    other = helper.make_graph([helper.make_node("Constant", [], ["k3"], value=three), helper.make_node("Mul", ["x", "k3"], ["e"])],
+                              "else", [], out_else)
+    graph = helper.make_graph([helper.make_node("Relu", ["x0"], ["x"]), helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)],
+                              "if", [helper.make_tensor_value_info("x0", TensorProto.FLOAT, ["N", 4]),
+                                     helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def test_threads_running_control_flow_keep_their_own_scopes():
+    """An If node's branches read x from the enclosing scope; contexts in 8 threads run it at once,
+    each with its own x and condition, and each sees its own."""
+    from kiln.builder import BuildConfig, Profile
+
+    model = kiln.load_model_proto(_if_model(), name="if")
+    profile = Profile.from_lists({"x0": (1, 4)}, {"x0": (2, 4)}, {"x0": (8, 4)})
+    engine = kiln.build(model, BuildConfig(device="cpu", opt_level=0, profiles=[profile]))
+    rng = np.random.default_rng(5)
+    inputs = [{"x0": rng.standard_normal((1 + t % 8, 4)).astype(np.float32), "c": np.array(t % 2 == 0)} for t in range(8)]
+    expected = [np.maximum(f["x0"], 0) + 1 if f["c"] else np.maximum(f["x0"], 0) * 3 for f in inputs]
+    failures: list[str] = []
+
+    def work(t: int) -> None:
+        context = engine.create_context()
+        for i in range(200):
+            got = context.run(inputs[t])["y"].numpy()
+            if got.shape != expected[t].shape or not np.allclose(got, expected[t], rtol=1e-6):
+                failures.append(f"thread {t} run {i}")
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []

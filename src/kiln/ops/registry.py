@@ -19,6 +19,7 @@ has one registration per version range.
 from __future__ import annotations
 
 import bisect
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -91,7 +92,7 @@ class OpContext:
     the enclosing scope visible, and returns its outputs as a list.
     """
 
-    __slots__ = ("node", "name", "op_type", "domain", "opset", "attrs", "device", "outputs", "_run_graph", "_outer")
+    __slots__ = ("node", "name", "op_type", "domain", "opset", "attrs", "device", "outputs", "_run_graph", "_scopes")
 
     def __init__(
         self,
@@ -110,7 +111,17 @@ class OpContext:
         # True for each output position the model actually uses (an empty name means "not wanted").
         self.outputs = [bool(v.name) for v in node.outputs]
         self._run_graph = run_graph
-        self._outer: Any = None
+        # The enclosing scope a subgraph sees, set around each call. Per thread: an engine's steps
+        # (and so this op) are shared by execution contexts running in several threads at once.
+        self._scopes = threading.local()
+
+    @property
+    def _outer(self) -> Any:
+        return getattr(self._scopes, "outer", None)
+
+    @_outer.setter
+    def _outer(self, scope: Any) -> None:
+        self._scopes.outer = scope
 
     @property
     def num_outputs(self) -> int:
