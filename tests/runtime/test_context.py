@@ -243,3 +243,18 @@ def test_threads_running_control_flow_keep_their_own_scopes():
     for thread in threads:
         thread.join()
     assert failures == []
+
+
+def test_profiler_reports_every_layer_that_runs(engine):
+    context = engine.create_context()
+    times: list[tuple[str, float]] = []
+    context.run(feeds(2))  # the first run at a shape also computes the shape arithmetic: not reported
+    context.profiler = lambda layer, ms: times.append((layer, ms))
+    x = feeds(2, seed=8)
+    _close(context.run(x)["y"], x["x"])
+    lean = [step.name for step in engine._lean[0]]
+    assert [name for name, _ in times] == lean
+    assert "shape" not in lean and all(ms >= 0 for _, ms in times)
+    context.profiler = None
+    context.run(x)
+    assert len(times) == len(lean)

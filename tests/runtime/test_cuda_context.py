@@ -151,3 +151,18 @@ def test_threads_sharing_one_gpu_context_take_turns(gpu_engine):
     for thread in threads:
         thread.join()
     assert failures == []
+
+
+def test_profiler_runs_layer_by_layer_and_times_each(gpu_engine):
+    context = gpu_engine.create_context(cuda_graph=True)
+    x = feeds(4, seed=9)
+    context.run(x)
+    times: list[tuple[str, float]] = []
+    context.profiler = lambda layer, ms: times.append((layer, ms))
+    _close(context.run(x)["y"], x["x"])
+    assert [name for name, _ in times] == [step.name for step in gpu_engine._lean[0]]
+    assert all(ms > 0 for _, ms in times)
+    assert context.stats.replays == 0
+    context.profiler = None
+    _close(context.run(x)["y"], x["x"])
+    assert context.stats.replays == 1

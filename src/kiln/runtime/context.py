@@ -20,6 +20,9 @@ and the compiled steps, and nothing in it changes while it runs. A context holds
 - **its bindings** (``bind``): device tensors the plan reads its inputs from and writes its outputs
   to, so that a CUDA-graph replay (``execute``) copies nothing in or out on the host side.
 
+- **its profiler** (``profiler = fn(layer, ms)``): while set, each run after the first at a shape
+  runs layer by layer (no CUDA graph) and reports every layer's time (TensorRT's ``IProfiler``).
+
 ``run(inputs)`` returns when the outputs are ready; ``run_async(inputs, stream)`` only queues the
 work behind what ``stream`` (default: the current stream) already holds and makes ``stream`` wait
 for it, with no host synchronization. Inputs are numpy arrays or torch tensors on the CPU or the
@@ -37,8 +40,9 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -105,6 +109,9 @@ class ExecutionContext:
         self.graph_cache_size = graph_cache_size
         self.graph_errors: list[str] = []
         self.stats = ContextStats()
+        # profiler(layer_name, ms) for every layer of every run after the first at a shape; while it
+        # is set, runs are eager (no CUDA graph) and wait for the GPU (TensorRT's IProfiler)
+        self.profiler: Callable[[str, float], None] | None = None
         self._lock = threading.Lock()
         self._owner: int | None = None
         self._shapes: OrderedDict[tuple, dict[int, Any]] = OrderedDict()
@@ -274,7 +281,7 @@ class ExecutionContext:
                 self._graph(shape_key, profile, values, cached, into, bound)
             return self._deliver(results, into)
         self._shapes.move_to_end(shape_key)
-        if self.cuda_graph:
+        if self.cuda_graph and self.profiler is None:
             entry = self._graph(shape_key, profile, values, cached, into, bound)
             if entry is not None:
                 if not bound:
@@ -284,9 +291,23 @@ class ExecutionContext:
                 self.stats.replays += 1
                 return {name: value if name in (into or {}) or not isinstance(value, torch.Tensor) else value.clone()
                         for name, value in entry.outputs.items()}
+        if self.profiler is not None:
+            return self._deliver(self._profiled(engine._lean[profile], values, cached), into)
         results, _ = self._execute(engine._lean[profile], values, cached)
         self.stats.eager_runs += 1
         return self._deliver(results, into)
+
+    def _profiled(self, steps: list[_Step], values: list[torch.Tensor], cached: dict[int, Any]) -> dict[str, Any]:
+        """One eager run that reports each layer's time to ``profiler`` (CUDA events on the layer's
+        stream, or the host clock on the CPU); waits for the GPU to read the events."""
+        timings: list[tuple] = []
+        results, _ = self._execute(steps, values, cached, timings=timings)
+        self.stats.eager_runs += 1
+        if self.stream is not None:
+            self.stream.synchronize()
+        for name, start, end in timings:
+            self.profiler(name, start.elapsed_time(end) if self.stream is not None else (end - start) * 1e3)
+        return results
 
     def _deliver(self, results: dict[str, Any], into: Mapping[str, torch.Tensor] | None) -> dict[str, Any]:
         for name, buffer in (into or {}).items():
@@ -336,22 +357,24 @@ class ExecutionContext:
         return _Graph(graph, inputs, outputs, cached)
 
     def _execute(self, steps: list[_Step], values: list[torch.Tensor], cached: dict[int, Any] | None,
-                 first: bool = False) -> tuple[dict[str, Any], dict[int, Any]]:
+                 first: bool = False, timings: list | None = None) -> tuple[dict[str, Any], dict[int, Any]]:
         """Run ``steps`` eagerly (or under capture). ``first``: the first run at a shape, which runs
-        the shape arithmetic too, on the context's stream alone, and returns its values to cache."""
+        the shape arithmetic too, on the context's stream alone, and returns its values to cache.
+        ``timings`` collects (layer, start, end) per step: CUDA events, or host clock readings."""
         if self.device.type != "cuda":
-            return self._run_steps(steps, values, cached, first, several=False)
+            return self._run_steps(steps, values, cached, first, several=False, timings=timings)
         with _TORCH_FLAGS:
             saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
             torch.backends.cudnn.benchmark = True
             try:
-                return self._run_steps(steps, values, cached, first, several=not first and len(self._streams) > 1)
+                return self._run_steps(steps, values, cached, first, several=not first and len(self._streams) > 1,
+                                       timings=timings)
             finally:
                 torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
 
     def _run_steps(self, steps: list[_Step], values: list[torch.Tensor], cached: dict[int, Any] | None, first: bool,
-               several: bool) -> tuple[dict[str, Any], dict[int, Any]]:
+                   several: bool, timings: list | None = None) -> tuple[dict[str, Any], dict[int, Any]]:
         engine = self.engine
         env: list[Any] = [None] * engine._slot_count
         for slot, value in zip(engine._input_slots, values):
@@ -376,12 +399,12 @@ class ExecutionContext:
                         for event in step.waits:
                             stream.wait_event(self._events[event])
                         with torch.cuda.stream(stream):
-                            self._step(step, env, on_cuda)
+                            self._timed_step(step, env, on_cuda, timings, stream)
                         if step.record is not None:
                             self._events[step.record].record(stream)
                         frees = step.free_lean
                     else:
-                        self._step(step, env, on_cuda)
+                        self._timed_step(step, env, on_cuda, timings, main)
                         frees = step.free
                     if first and step.static:
                         for s in step.out_slots:
@@ -415,6 +438,20 @@ class ExecutionContext:
             where = f"layer {step.name!r}" if step is not None else "the engine"
             raise OpError(f"{self.name}: {where} failed: {type(error).__name__}: {error}") from error
         return results, captured
+
+    def _timed_step(self, step: _Step, env: list[Any], on_cuda: bool, timings: list | None, stream) -> None:
+        if timings is None:
+            self._step(step, env, on_cuda)
+        elif on_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            self._step(step, env, on_cuda)
+            end.record(stream)
+            timings.append((step.name, start, end))
+        else:
+            start = time.perf_counter()
+            self._step(step, env, on_cuda)
+            timings.append((step.name, start, time.perf_counter()))
 
     @staticmethod
     def _step(step: _Step, env: list[Any], on_cuda: bool) -> None:
