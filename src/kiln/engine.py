@@ -151,6 +151,12 @@ class Engine:
                     PRECISION_DTYPES.get(precision), precision == "tf32", free,
                 ))
         self._plan_static(layers, slots)
+        # Layers whose kernels read torch's process-wide TF32 / cuDNN-benchmark switches: convolutions,
+        # and fp32/tf32 GEMMs, attention and reference ops. Runs of an engine without them never touch
+        # the switches, so contexts in several threads do not wait for one another over them.
+        self.reads_torch_flags = self.device.type == "cuda" and any(
+            layer["kind"] == "Conv" or (layer["kind"] in ("Gemm", "Attention", "Node") and layer["precision"] in ("fp32", "tf32"))
+            for layer in layers)
         missing = [o["name"] for o in self.outputs if o["name"] not in slots]
         if missing:
             raise EngineLoadError(f"{self.name}: nothing in the plan produces output(s) {missing}")

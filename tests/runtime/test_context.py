@@ -258,3 +258,18 @@ def test_profiler_reports_every_layer_that_runs(engine):
     context.profiler = None
     context.run(x)
     assert len(times) == len(lean)
+
+
+def test_warm_up_caches_a_shape_before_the_first_real_call(engine):
+    context = engine.create_context(profile=1)
+    context.warm_up({"x": (8, WIDTH)})
+    assert context.stats.first_runs == 1
+    x = feeds(8, seed=10)
+    _close(context.run(x)["y"], x["x"])
+    assert context.stats.first_runs == 1  # the real call found the shape warm
+    with pytest.raises(InputError, match="dynamic dimensions"):
+        context.warm_up()
+    with pytest.raises(InputError, match="unknown input"):
+        context.warm_up({"x": (8, WIDTH), "z": (1,)})
+    with pytest.raises(InputError, match="outside optimization profile 1"):
+        context.warm_up({"x": (2, WIDTH)})

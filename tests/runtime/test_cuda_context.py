@@ -166,3 +166,12 @@ def test_profiler_runs_layer_by_layer_and_times_each(gpu_engine):
     context.profiler = None
     _close(context.run(x)["y"], x["x"])
     assert context.stats.replays == 1
+
+
+def test_a_warmed_context_replays_on_its_first_real_call(gpu_engine):
+    context = gpu_engine.create_context(cuda_graph=True, profile=1)
+    context.warm_up({"x": (8, 16)})
+    assert context.stats.captures == 1
+    x = feeds(8, seed=11)
+    _close(context.run(x)["y"], x["x"])
+    assert context.stats.replays == 1 and context.stats.first_runs == 1

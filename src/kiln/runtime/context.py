@@ -57,11 +57,11 @@ if TYPE_CHECKING:
 SHAPE_CACHE_SIZE = 32  # input shapes whose shape-arithmetic values a context keeps
 DEFAULT_GRAPH_CACHE_SIZE = 8
 
-# torch's TF32 and cuDNN switches are process-wide: eager CUDA runs (and captures) set them under
-# this lock, so a context in one thread never runs its fp32 layers with another's TF32 setting.
+# torch's TF32 and cuDNN switches are process-wide: eager CUDA runs (and captures) of engines whose
+# layers read them (Engine.reads_torch_flags) set them under this lock, so a context in one thread
+# never runs its fp32 layers with another's TF32 setting.
 _TORCH_FLAGS = threading.RLock()
-# One CUDA-graph capture at a time in the process: entering a capture synchronizes the device and
-# empties torch's cache, which must not happen while another thread's capture is open.
+# One CUDA-graph capture at a time in the process (captures are rare: once per context and shape).
 _CAPTURE = threading.Lock()
 
 
@@ -118,6 +118,7 @@ class ExecutionContext:
         self._graphs: OrderedDict[tuple, _Graph | None] = OrderedDict()
         self._bound_inputs: list[torch.Tensor] | None = None
         self._bound_outputs: dict[str, torch.Tensor] = {}
+        self._bound_profile = 0
         planned = engine.aux_streams
         used = planned if aux_streams is None else min(aux_streams, planned)
         self.aux_streams = used if on_cuda else 0
@@ -148,14 +149,18 @@ class ExecutionContext:
         The first run at each (profile, shape) computes its shape arithmetic and, with CUDA graphs,
         captures its graph: that is the cost of a profile switch."""
         with self._entered():
-            self.profile = self._valid_profile(profile)
+            profile = self._valid_profile(profile)
+            if self._bound_inputs is not None:  # the bound inputs must fit the new profile
+                names = [spec["name"] for spec in self.engine.inputs]
+                _, self._bound_profile = self.engine.check_inputs(dict(zip(names, self._bound_inputs)), profile)
+            self.profile = profile
 
     def bind(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor] | None = None) -> None:
         """Tensors on the engine's device that ``execute`` reads every input from and writes the given
         outputs into. Fill the input tensors in place between calls; with CUDA graphs, a replay then
         reads and writes them directly. Outputs not given are returned as new tensors."""
         with self._entered():
-            values, _ = self.engine.check_inputs(inputs, self.profile)
+            values, profile = self.engine.check_inputs(inputs, self.profile)
             for spec, value in zip(self.engine.inputs, values):
                 if value.device.type != self.device.type:
                     raise InputError(f"{self.name}: bound input {spec['name']!r} is on {value.device}; bound tensors "
@@ -175,6 +180,31 @@ class ExecutionContext:
                 bound[name] = tensor
             self._bound_inputs = values
             self._bound_outputs = bound
+            self._bound_profile = profile
+
+    def warm_up(self, shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
+        """One run at these input shapes (inputs not named: their declared static shape) on
+        stand-in inputs (floats random, integers and booleans zero), so that the shape arithmetic
+        is cached and, with ``cuda_graph``, the graph captured before the first real call: a
+        context warmed for each shape or profile in advance hides the cost of switching."""
+        shapes = dict(shapes or {})
+        generator = torch.Generator().manual_seed(0)
+        inputs = {}
+        for spec in self.engine.inputs:
+            shape = shapes.pop(spec["name"], None)
+            if shape is None:
+                if spec["shape"] is None or any(d is None for d in spec["shape"]):
+                    raise InputError(f"{self.name}: input {spec['name']!r} has dynamic dimensions ({spec['shape']}); "
+                                     "give its shape to warm_up")
+                shape = spec["shape"]
+            dtype = dtypes.to_torch_dtype(getattr(dtypes.DT, spec["dtype"].upper()))
+            if dtype.is_floating_point:
+                inputs[spec["name"]] = torch.randn(tuple(shape), generator=generator).to(dtype)
+            else:
+                inputs[spec["name"]] = torch.zeros(tuple(shape), dtype=dtype)
+        if shapes:
+            raise InputError(f"{self.name}: unknown input(s) {sorted(shapes)} given to warm_up")
+        self.run(inputs)
 
     # -- running ---------------------------------------------------------------------------------
     def run(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
@@ -184,7 +214,8 @@ class ExecutionContext:
             values, profile = self.engine.check_inputs(inputs, self.profile)
             if self.stream is None:
                 return self._enqueue(values, profile)
-            return self._sync(lambda: self._enqueue([self._on_device(v, pinned=False) for v in values], profile))
+            return self._sync(lambda: self._enqueue([self._on_device(v, pinned=False) for v in values], profile),
+                              any(v.device.type == "cuda" for v in values))
 
     def run_async(self, inputs: Mapping[str, Any], stream: torch.cuda.Stream | None = None) -> dict[str, Any]:
         """Queue the plan on ``inputs`` behind the work already on ``stream`` (default: the current
@@ -205,7 +236,7 @@ class ExecutionContext:
             values, profile = self._bound()
             if self.stream is None:
                 return self._enqueue(values, profile, self._bound_outputs, bound=True)
-            return self._sync(lambda: self._enqueue(values, profile, self._bound_outputs, bound=True))
+            return self._sync(lambda: self._enqueue(values, profile, self._bound_outputs, bound=True), True)
 
     def execute_async(self, stream: torch.cuda.Stream | None = None) -> dict[str, Any]:
         """``execute`` queued behind ``stream``'s work (default: the current stream), without waiting."""
@@ -236,12 +267,22 @@ class ExecutionContext:
     def _bound(self) -> tuple[list[torch.Tensor], int]:
         if self._bound_inputs is None:
             raise KilnError(f"{self.name}: execute() runs on bound tensors; call bind(inputs, outputs) first")
-        names = [spec["name"] for spec in self.engine.inputs]
-        return self.engine.check_inputs(dict(zip(names, self._bound_inputs)), self.profile)
+        return self._bound_inputs, self._bound_profile
 
-    def _sync(self, enqueue) -> dict[str, Any]:
-        outputs = self._async(enqueue, None)
+    def _sync(self, enqueue, device_inputs: bool) -> dict[str, Any]:
+        """Run ``enqueue`` on the context's stream and wait for it on the host. The context's stream
+        waits for the caller's only where the inputs are GPU tensors the caller's stream may still
+        be writing, and the caller's stream is never made to wait: contexts driven by ``run`` from
+        several threads (whose current stream is the default one) stay independent."""
+        if device_inputs:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            outputs = enqueue()
         self.stream.synchronize()
+        caller = torch.cuda.current_stream(self.device)
+        for value in outputs.values():
+            if isinstance(value, torch.Tensor) and value.device.type == "cuda":
+                value.record_stream(caller)  # freed while the caller's stream still reads it: not reused early
         return outputs
 
     def _async(self, enqueue, stream: torch.cuda.Stream | None) -> dict[str, Any]:
@@ -341,9 +382,17 @@ class ExecutionContext:
         inputs = list(values) if bound else [v.clone() for v in values]
         graph = torch.cuda.CUDAGraph()
         try:
-            with _CAPTURE, torch.cuda.graph(graph, pool=self._pool, stream=self.stream, capture_error_mode="thread_local"):
-                results, _ = self._execute(self.engine._lean[profile], inputs, cached)
-                outputs = self._deliver(results, into)
+            # Captured on the context's own stream, which alone is synchronized first: unlike
+            # torch.cuda.graph(), nothing here waits for the whole device or empties torch's cache,
+            # so contexts in other threads go on running (their streams are not captured).
+            with _CAPTURE, torch.cuda.stream(self.stream):
+                self.stream.synchronize()
+                graph.capture_begin(*((self._pool,) if self._pool is not None else ()), capture_error_mode="thread_local")
+                try:
+                    results, _ = self._execute(self.engine._lean[profile], inputs, cached)
+                    outputs = self._deliver(results, into)
+                finally:
+                    graph.capture_end()
         except KilnError:
             raise
         except Exception as error:  # noqa: BLE001 - an op that syncs or reads the host: run uncaptured
@@ -363,13 +412,15 @@ class ExecutionContext:
         ``timings`` collects (layer, start, end) per step: CUDA events, or host clock readings."""
         if self.device.type != "cuda":
             return self._run_steps(steps, values, cached, first, several=False, timings=timings)
+        several = not first and len(self._streams) > 1
+        if not self.engine.reads_torch_flags:
+            return self._run_steps(steps, values, cached, first, several=several, timings=timings)
         with _TORCH_FLAGS:
             saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
             torch.backends.cudnn.benchmark = True
             try:
-                return self._run_steps(steps, values, cached, first, several=not first and len(self._streams) > 1,
-                                       timings=timings)
+                return self._run_steps(steps, values, cached, first, several=several, timings=timings)
             finally:
                 torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
 
@@ -460,7 +511,7 @@ class ExecutionContext:
         for i in step.cast:
             if ins[i].dtype != dtype:
                 ins[i] = ins[i].to(dtype)
-        if step.tf32 and on_cuda:
+        if step.tf32 and on_cuda:  # a tf32 step reads the switches: its engine runs under _TORCH_FLAGS
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
             try:
                 outs = step.run(ins)
