@@ -853,15 +853,27 @@ def _node_signature(node: ir.Node) -> str:
 def _stripped_graph(model: ir.Model) -> bytes:
     """The model without its weights (they live in the engine's tensors), as ONNX bytes: the engine
     rebuilds its Node layers' ops (attributes, subgraphs) from it. Initializers become typed graph
-    inputs so every name still resolves."""
+    inputs so every name still resolves. The weights are lifted off while the graph is serialized,
+    so their bytes are never copied (onnx-ir would copy every one into the proto)."""
+    import logging
+
     import onnx
 
-    proto = ir.serde.serialize_model(model)
-    graph = proto.graph
-    kept_inputs = {i.name for i in graph.input}
-    for init in list(graph.initializer):
-        if init.name not in kept_inputs:
-            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    del graph.initializer[:]
-    del graph.sparse_initializer[:]
+    graph = model.graph
+    weights = {name: value.const_value for name, value in graph.initializers.items()}
+    serde_log = logging.getLogger("onnx_ir.serde")  # it warns once per initializer without a value
+    level = serde_log.level
+    try:
+        serde_log.setLevel(logging.ERROR)
+        for value in graph.initializers.values():
+            value.const_value = None
+        proto = ir.serde.serialize_model(model)
+    finally:
+        serde_log.setLevel(level)
+        for name, tensor in weights.items():
+            graph.initializers[name].const_value = tensor
+    kept_inputs = {i.name for i in proto.graph.input}
+    for name, tensor in weights.items():
+        if name not in kept_inputs and tensor is not None:
+            proto.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.dtype.value, list(tensor.shape)))
     return proto.SerializeToString(deterministic=True)
