@@ -7,6 +7,7 @@ Exit codes: 0 success; 1 outputs differ from the reference beyond tolerance; 2 b
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -40,7 +41,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         engine = load_engine(args.model)
         device = engine.device.type
-        specs = _engine_input_values(engine)
+        specs = inputs.engine_input_values(engine)
         count = 1 if args.contexts is None else args.contexts
         if count < 1:
             raise KilnError(f"--contexts must be 1 or more, got {count}")
@@ -139,17 +140,6 @@ def _run_other_contexts(contexts, feeds, expected, console) -> list[int]:
 
     return [i for i, runs in sorted(results.items())
             if not all(same(run[name], value) for run in runs for name, value in expected.items())]
-
-
-def _engine_input_values(engine):
-    """The engine's inputs as onnx-ir values, so random inputs are made the same way as for a model."""
-    import onnx_ir as ir
-
-    values = []
-    for spec in engine.inputs:
-        shape = None if spec["shape"] is None else ir.Shape([d if d is not None else ir.SymbolicDim("N") for d in spec["shape"]])
-        values.append(ir.Value(name=spec["name"], type=ir.TensorType(getattr(ir.DataType, spec["dtype"].upper())), shape=shape))
-    return values
 
 
 def _engine_tolerance(engine) -> float:
@@ -338,6 +328,51 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from kiln.bench import BenchOptions, parse_batches, run_bench
+    from kiln.bench.report import plot, render, write_json
+    from kiln.builder import BuildConfig
+    from kiln.inputs import parse_shapes
+
+    engine_file = _is_engine(args.model)
+    build_flags = [f"--{flag.replace('_', '-')}" for flag in ("fp16", "bf16", "tf32", "strongly_typed") if getattr(args, flag)]
+    if engine_file and (build_flags or args.timing_cache or args.opt_level is not None):
+        raise KilnError(f"{args.model}: an engine is already built; {', '.join(build_flags) or 'build flags'} apply to .onnx models")
+    if args.onnx is not None and not engine_file:
+        raise KilnError("--onnx names the ONNX file a .kiln engine was built from; the model here is ONNX already")
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    build = None if engine_file else BuildConfig(
+        fp16=args.fp16, bf16=args.bf16, tf32=args.tf32, strongly_typed=args.strongly_typed,
+        opt_level=3 if args.opt_level is None else args.opt_level, timing_cache=args.timing_cache, device=device,
+        max_aux_streams=args.aux_streams or 0)
+    options = BenchOptions(
+        batches=parse_batches(args.batch), shapes=parse_shapes(args.shapes), build=build, warmup_ms=args.warmup_ms,
+        duration_s=None if args.iterations else args.duration_s, iterations=args.iterations, repeats=args.repeats,
+        peers=_names(args.peers) or [], profile_layers=args.profile_layers, cuda_graph=args.cuda_graph,
+        contexts=args.contexts, aux_streams=args.aux_streams, profile=args.profile, onnx=args.onnx)
+    console = Console()
+    status = Console(stderr=True)
+    with status.status("benchmarking", spinner="dots") as spinner:
+        result = run_bench(args.model, options, progress=lambda message: spinner.update(message), command=args.command_line)
+    render(result, console)
+    if args.json:
+        write_json(result, args.json)
+        console.print(f"JSON written to {args.json}", markup=False, highlight=False, soft_wrap=True)
+    if args.plot:
+        plot(result, args.plot)
+        console.print(f"plot written to {args.plot}", markup=False, highlight=False, soft_wrap=True)
+    tolerance = 1e-2 if build is None or build.low_precisions or build.strongly_typed else (1e-3 if build.tf32 else 1e-4)
+    wrong = [f"{r.target} at batch {r.batch}" for r in result.rows if r.max_rel_diff is not None and r.max_rel_diff > tolerance]
+    if wrong:
+        console.print(f"[bold red]outputs differ from kiln's beyond {tolerance:g}: {', '.join(wrong)}[/]")
+        return EXIT_MISMATCH
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from kiln.demo import run_demo
 
@@ -430,6 +465,41 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", "--useProfile", dest="profile", type=int, help="engines: run with optimization profile K")
     run.set_defaults(func=_cmd_run)
 
+    bench = sub.add_parser("bench", help="time a model or engine: latency percentiles, throughput, batch sweep, peers",
+                           description="Time a model (built here) or an engine the way trtexec does, beside its peers.")
+    bench.add_argument("model", type=Path, help="the .onnx file (built for each --batch size) or a .kiln engine")
+    bench.add_argument("--batch", help="batch sizes (axis 0 of every input), 1,8,32,256: a sweep with a saturation verdict")
+    bench.add_argument("--shapes", help="input shapes NAME:AxB,... (axis 0 is replaced by each --batch size)")
+    bench.add_argument("--fp16", action="store_true", help="build with fp16 tactics (.onnx models)")
+    bench.add_argument("--bf16", action="store_true", help="build with bf16 tactics")
+    bench.add_argument("--tf32", action="store_true", help="build with TF32 for fp32 layers")
+    bench.add_argument("--strongly-typed", action="store_true", help="precisions from the model's own types")
+    bench.add_argument("--opt-level", "--builderOptimizationLevel", dest="opt_level", type=int, choices=range(6),
+                       help="builder optimization level (default 3)")
+    bench.add_argument("--timing-cache", "--timingCacheFile", dest="timing_cache", type=Path, help="timing cache file")
+    bench.add_argument("--device", choices=["cpu", "cuda"], help="where to build and run (default: cuda if present)")
+    bench.add_argument("--warmup-ms", "--warmUp", dest="warmup_ms", type=float, default=200.0,
+                       help="warm-up before each measurement (default 200 ms)")
+    timed = bench.add_mutually_exclusive_group()
+    timed.add_argument("--duration-s", "--duration", dest="duration_s", type=float, default=3.0,
+                       help="time each measurement for this long (default 3 s)")
+    timed.add_argument("--iterations", type=int, help="time exactly this many iterations instead")
+    bench.add_argument("--repeats", type=int, default=2, help="measure each configuration this many times (default 2)")
+    bench.add_argument("--peers", help="also time eager,compile,compile-reduce-overhead,onnxruntime,onnxruntime-cuda")
+    bench.add_argument("--profile-layers", "--dumpProfile", dest="profile_layers", action="store_true",
+                       help="per-layer times at the largest batch, top 10 first")
+    bench.add_argument("--json", type=Path, help="write every number to this JSON file")
+    bench.add_argument("--plot", type=Path, help="write latency and throughput against batch to this PNG")
+    bench.add_argument("--onnx", type=Path, help="with a .kiln engine: the ONNX model it was built from (for the peers)")
+    bench.add_argument("--cuda-graph", "--useCudaGraph", dest="cuda_graph", action="store_true",
+                       help="replay a CUDA graph per input shape")
+    bench.add_argument("--contexts", "--infStreams", dest="contexts", type=int, default=1,
+                       help="N execution contexts at once, each on its own stream (throughput adds up)")
+    bench.add_argument("--aux-streams", "--maxAuxStreams", dest="aux_streams", type=int,
+                       help="auxiliary streams per context (built with them for .onnx models)")
+    bench.add_argument("--profile", "--useProfile", dest="profile", type=int, help="run with optimization profile K")
+    bench.set_defaults(func=_cmd_bench)
+
     demo = sub.add_parser("demo", help="generate a small model, run it, check it against onnxruntime")
     demo.add_argument("--out", default="out/demo", help="folder for the generated model (default: out/demo)")
     demo.set_defaults(func=_cmd_demo)
@@ -450,6 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv[i] in ("--tactics", "--tacticSources") and argv[i + 1][:1] in "+-" and argv[i + 1][1:2] != "-":
             argv[i:i + 2] = [f"{argv[i]}={argv[i + 1]}", ""]
     args = parser.parse_args([a for a in argv if a != ""])
+    args.command_line = "kiln " + shlex.join(a for a in argv if a != "")
     try:
         return args.func(args)
     except KilnError as error:

@@ -75,6 +75,16 @@ def concrete_shape(value: ir.Value, shapes: Mapping[str, Sequence[int]], model: 
     return tuple(int(d) for d in value.shape)
 
 
+def engine_input_values(engine) -> list[ir.Value]:
+    """An engine's inputs as onnx-ir values (dynamic dimensions symbolic), so that random inputs
+    are made for an engine the same way as for a model."""
+    values = []
+    for spec in engine.inputs:
+        shape = None if spec["shape"] is None else ir.Shape([d if d is not None else ir.SymbolicDim("N") for d in spec["shape"]])
+        values.append(ir.Value(name=spec["name"], type=ir.TensorType(getattr(ir.DataType, spec["dtype"].upper())), shape=shape))
+    return values
+
+
 def random_inputs(
     values: Sequence[ir.Value], shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0, model: str = "model"
 ) -> dict[str, np.ndarray]:

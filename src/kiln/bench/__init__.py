@@ -1,0 +1,297 @@
+"""``kiln bench``: trtexec-grade measurement of a kiln engine, with its peers side by side.
+
+Playbook rule: *batching* — larger batches raise throughput until the GPU is full, and linear growth
+means it is not full yet. ``bench`` times the engine at each batch size of ``--batch`` (an ONNX model
+is built with one optimization profile per batch size, so each is tuned for its own shape), prints
+latency percentiles, the H2D / compute / D2H split, throughput and peak memory, repeats every
+measurement (``repeats``, 2) and prints how far the repeats disagree, and reads the sweep for the
+batch where throughput stops growing with the batch (``kiln.bench.measure.saturation``).
+
+Peers (``kiln.bench.peers``): PyTorch eager and ``torch.compile`` (the model rebuilt from the ONNX
+file by kiln's reference executor, or a torch module given to ``run_bench``), and onnxruntime (CPU,
+and its CUDA provider where installed), on the same inputs in the same process; each peer's outputs
+are compared with kiln's, so a fast wrong result shows. ``profile_layers`` adds the per-layer
+profile of the engine (TensorRT's ``--dumpProfile``) at the largest batch.
+
+Everything that is not GPU-only works on the CPU; GPU-only options (CUDA graphs, auxiliary
+streams) are refused there with a clear message.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kiln.bench.measure import measure, measure_parallel, saturation, spread
+from kiln.bench.results import BenchResult, LayerTime, Row
+from kiln.bench.targets import KilnTarget, Target
+from kiln.errors import KilnError
+
+__all__ = ["BenchOptions", "run_bench"]
+
+LAYER_PROFILE_RUNS = 20
+LAYER_PROFILE_SECONDS = 2.0
+
+
+@dataclass
+class BenchOptions:
+    """What to measure. ``batches``: batch sizes (axis 0 of every input); None measures the shapes
+    as given (``shapes`` and the model's static dims). ``build``: the BuildConfig for an ONNX model
+    (its ``profiles`` are replaced by one per batch size). ``onnx``: for a ``.kiln`` engine, the
+    ONNX file it was built from (the peers need it)."""
+
+    batches: list[int] | None = None
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    build: Any = None
+    warmup_ms: float = 200.0
+    duration_s: float | None = 3.0
+    iterations: int | None = None
+    repeats: int = 2
+    peers: list[str] = field(default_factory=list)
+    profile_layers: bool = False
+    cuda_graph: bool = False
+    contexts: int = 1
+    aux_streams: int | None = None
+    profile: int | None = None
+    onnx: str | os.PathLike[str] | None = None
+    seed: int = 0
+
+
+def run_bench(model: str | os.PathLike[str], options: BenchOptions, *, module: torch.nn.Module | None = None,
+              progress: Callable[[str], None] | None = None, command: str = "") -> BenchResult:
+    """Measure ``model`` (an .onnx file, built here, or a .kiln engine) and its peers; see the module
+    docstring. ``module``: a torch module computing the same model, for the eager and compile peers.
+    ``progress(message)`` is called as work advances."""
+    say = progress or (lambda message: None)
+    _check_options(options)
+    path = Path(model)
+    engine, onnx_path = _engine(path, options, say)
+    device = engine.device
+    if device.type != "cuda":
+        for flag, on in (("--cuda-graph", options.cuda_graph), ("--aux-streams", bool(options.aux_streams))):
+            if on:
+                raise KilnError(f"{path}: {flag} needs a CUDA GPU; this engine runs on the CPU")
+    batches = options.batches or [None]
+    feeds = {b: _feeds(engine, options, b, str(path)) for b in batches}
+    batch_of = {b: b if b is not None else _leading_dim(feeds[b]) for b in batches}
+    result = BenchResult(model=str(path), device=device.type, gpu=_gpu_name(device), date=_now(), command=command,
+                         versions=_versions(), config=_config_json(options, engine))
+    context_options = {"cuda_graph": options.cuda_graph, "aux_streams": options.aux_streams, "profile": options.profile}
+    kiln_targets = [KilnTarget(engine, name="kiln", **context_options) for _ in range(options.contexts)]
+    peers, unavailable = _peers(options, onnx_path, module, engine)
+    what = f"{options.iterations} iterations" if options.iterations else f"{options.duration_s:g} s"
+    result.notes.append(f"each measurement: {options.warmup_ms:g} ms warm-up, then {what}; repeated {options.repeats}x")
+    for name, reason in unavailable:
+        result.notes.append(f"{name}: not run: {reason}")
+    timing = {"warmup_ms": options.warmup_ms, "duration_s": options.duration_s, "iterations": options.iterations}
+    for b in batches:
+        batch = batch_of[b]
+        say(f"kiln at batch {batch}: {options.contexts} context(s), {options.repeats} runs")
+        for target in kiln_targets:
+            target.setup(feeds[b])
+        row = Row("kiln", batch)
+        row.runs = [measure_parallel(kiln_targets, batch, **timing) for _ in range(options.repeats)]
+        reference = kiln_targets[0].outputs()
+        row.spread = spread(*row.runs[:2]) if len(row.runs) >= 2 else None
+        result.rows.append(row)
+        for peer in peers:
+            say(f"{peer.name} at batch {batch}")
+            result.rows.append(_measure_peer(peer, feeds[b], batch, reference, options, timing))
+    kiln_rows = [r for r in result.rows if r.target == "kiln" and r.best is not None]
+    if len(kiln_rows) > 1:
+        result.saturation = saturation([(r.batch, r.best.samples_per_s) for r in kiln_rows])
+    if options.profile_layers:
+        largest = max(batches, key=lambda b: batch_of[b])
+        say(f"per-layer profile at batch {batch_of[largest]}")
+        result.layers = layer_profile(engine, feeds[largest], context_options)
+        result.layer_batch = batch_of[largest]
+    for target in [*kiln_targets, *peers]:
+        target.close()
+    return result
+
+
+def _check_options(options: BenchOptions) -> None:
+    if options.batches is not None and (not options.batches or any(b < 1 for b in options.batches)):
+        raise KilnError(f"batch sizes must be 1 or more, got {options.batches}")
+    if options.contexts < 1:
+        raise KilnError(f"--contexts must be 1 or more, got {options.contexts}")
+    if options.repeats < 1:
+        raise KilnError(f"repeats must be 1 or more, got {options.repeats}")
+    if options.iterations is not None and options.iterations < 1:
+        raise KilnError(f"--iterations must be 1 or more, got {options.iterations}")
+    if options.duration_s is not None and options.duration_s <= 0:
+        raise KilnError(f"--duration-s must be above 0, got {options.duration_s}")
+    if options.warmup_ms < 0:
+        raise KilnError(f"--warmup-ms must be 0 or more, got {options.warmup_ms}")
+
+
+def _engine(path: Path, options: BenchOptions, say: Callable[[str], None]):
+    """The engine to measure and the ONNX file for the peers."""
+    from kiln.builder import BuildConfig, Profile, build
+    from kiln.engine import load_engine
+    from kiln.inputs import concrete_shape
+    from kiln.onnx_io import load_model
+
+    if path.suffix == ".kiln":
+        if options.build is not None:
+            raise KilnError(f"{path}: an engine is already built; precision and build flags apply to .onnx models")
+        return load_engine(path), options.onnx
+    model = load_model(path)
+    config = options.build or BuildConfig()
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise KilnError(f"{path}: torch sees no CUDA GPU here; benchmark on the CPU with --device cpu")
+    values = [v for v in model.graph.inputs if not v.is_initializer()]
+    profiles = []
+    for b in options.batches or [None]:
+        shapes = {v.name: tuple(concrete_shape(v, _batch_shapes(values, options.shapes, b, str(path)), str(path)))
+                  for v in values}
+        profiles.append(Profile.from_lists(shapes, shapes, shapes))
+    say(f"building {path.name} ({', '.join(p for p in ('fp16', 'bf16', 'tf32') if getattr(config, p)) or 'fp32'}, "
+        f"{len(profiles)} profile(s), optimization level {config.opt_level})")
+    return build(model, replace(config, profiles=profiles)), path
+
+
+def _batch_shapes(values, shapes: Mapping[str, tuple[int, ...]], batch: int | None, model: str) -> dict[str, tuple[int, ...]]:
+    """``--shapes`` with axis 0 of every input set to ``batch``; a fixed axis 0 must equal it."""
+    if batch is None:
+        return dict(shapes)
+    result = {}
+    for value in values:
+        given = shapes.get(value.name)
+        dims = list(given) if given is not None else ([d if isinstance(d, int) else None for d in value.shape]
+                                                       if value.shape is not None else None)
+        if not dims:
+            raise KilnError(f"{model}: input {value.name!r} has no batch axis (rank {0 if dims == [] else '?'}); "
+                            "drop --batch and give --shapes")
+        declared = value.shape[0] if value.shape is not None and len(value.shape) else None
+        if isinstance(declared, int) and declared != batch:
+            raise KilnError(f"{model}: input {value.name!r} has a fixed batch of {declared}; it cannot run at batch {batch}")
+        dims[0] = batch
+        if any(d is None for d in dims):
+            raise KilnError(f"{model}: input {value.name!r} has dynamic dimensions {list(value.shape)}; "
+                            f"give them with --shapes {value.name}:{'x'.join(str(d or 'N') for d in dims)}")
+        result[value.name] = tuple(dims)
+    return result
+
+
+def _feeds(engine, options: BenchOptions, batch: int | None, model: str) -> dict[str, np.ndarray]:
+    from kiln.inputs import engine_input_values, random_inputs
+
+    values = engine_input_values(engine)
+    return random_inputs(values, _batch_shapes(values, options.shapes, batch, model), seed=options.seed, model=model)
+
+
+def _leading_dim(feeds: Mapping[str, np.ndarray]) -> int:
+    first = next(iter(feeds.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim else 1
+
+
+def _peers(options: BenchOptions, onnx_path, module, engine) -> tuple[list[Target], list[tuple[str, str]]]:
+    if not options.peers:
+        return [], []
+    from kiln.bench.peers import make_peers
+
+    dtype = None
+    build = options.build
+    if module is not None and build is not None and (build.fp16 or build.bf16):
+        dtype = torch.float16 if build.fp16 else torch.bfloat16
+    return make_peers(options.peers, onnx_path=onnx_path, module=module, device=engine.device, dtype=dtype,
+                      output_names=[o["name"] for o in engine.outputs])
+
+
+def _measure_peer(peer: Target, feeds, batch: int, reference: Mapping[str, np.ndarray], options: BenchOptions,
+                  timing: Mapping[str, Any]) -> Row:
+    from kiln.compare import diff
+
+    row = Row(peer.name, batch)
+    try:
+        peer.setup(feeds)
+        row.runs = [measure(peer, batch, **timing) for _ in range(options.repeats)]
+        got = peer.outputs()
+    except KilnError as error:
+        row.error = str(error)
+        return row
+    except Exception as error:  # noqa: BLE001 - a peer failing is a finding, not a crash of the benchmark
+        row.error = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+        return row
+    row.spread = spread(*row.runs[:2]) if len(row.runs) >= 2 else None
+    diffs = [diff(name, np.asarray(got[name]), np.asarray(ref)).max_rel for name, ref in reference.items() if name in got]
+    row.max_rel_diff = max(diffs) if diffs else None
+    return row
+
+
+def layer_profile(engine, feeds: Mapping[str, np.ndarray], context_options: Mapping[str, Any]) -> list[LayerTime]:
+    """Mean time per engine layer over several eager runs (CUDA events per layer on a GPU), with
+    each layer's tactic and precision, slowest first."""
+    context = engine.create_context(**{k: v for k, v in context_options.items() if k != "cuda_graph"})
+    context.run(feeds)  # the first run at a shape also computes the shape arithmetic
+    totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
+
+    def record(layer: str, ms: float) -> None:
+        totals[layer] = totals.get(layer, 0.0) + ms
+        counts[layer] = counts.get(layer, 0) + 1
+
+    context.profiler = record
+    start = time.perf_counter()
+    runs = 0
+    while runs < 3 or (runs < LAYER_PROFILE_RUNS and time.perf_counter() - start < LAYER_PROFILE_SECONDS):
+        context.run(feeds)
+        runs += 1
+    context.profiler = None
+    rows = {row["name"]: row for row in engine.describe()}
+    mean = {name: totals[name] / counts[name] for name in totals}
+    total = sum(mean.values())
+    layers = [LayerTime(index=rows[name]["index"], name=name, kind=rows[name]["kind"], nodes=rows[name]["nodes"],
+                        tactic=rows[name]["tactic"], precision=rows[name]["precision"], ms=ms,
+                        share=ms / total if total > 0 else 0.0) for name, ms in mean.items()]
+    return sorted(layers, key=lambda layer: -layer.ms)
+
+
+def _gpu_name(device: torch.device) -> str | None:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _versions() -> dict[str, str]:
+    from kiln import __version__
+
+    versions = {"kiln": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    for name in ("triton", "onnx", "onnxruntime"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            continue
+    return versions
+
+
+def _config_json(options: BenchOptions, engine) -> dict[str, Any]:
+    build = options.build.to_json() if options.build is not None else None
+    return {"batches": options.batches, "shapes": {k: list(v) for k, v in options.shapes.items()},
+            "warmup_ms": options.warmup_ms, "duration_s": options.duration_s if options.iterations is None else None,
+            "iterations": options.iterations, "repeats": options.repeats, "peers": list(options.peers),
+            "cuda_graph": options.cuda_graph, "contexts": options.contexts, "aux_streams": options.aux_streams,
+            "profile": options.profile, "build": build, "engine_summary": engine.summary()}
+
+
+def parse_batches(text: str | None) -> list[int] | None:
+    """``"1,8,32"`` -> [1, 8, 32] (sorted, without repeats)."""
+    if not text:
+        return None
+    try:
+        sizes = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError as error:
+        raise KilnError(f"--batch takes sizes like 1,8,32, got {text!r}") from error
+    return sizes
