@@ -3,6 +3,9 @@ a dynamic batch and two optimization profiles, and its shape arithmetic (Shape -
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
 import numpy as np
 import onnx
 import pytest
@@ -10,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import kiln
 from kiln.builder import BuildConfig, Profile
+from kiln.runtime import ExecutionContext
 
 WIDTH = 16
 ACTIVATIONS = ("Relu", "Tanh", "Sigmoid")
@@ -68,3 +72,23 @@ def feeds(batch: int, seed: int = 0) -> dict[str, np.ndarray]:
 def engine() -> kiln.Engine:
     """The branches model built for the CPU with up to two auxiliary streams."""
     return build_branches("cpu", aux=2)
+
+
+def runs_that_differ(context_for: Callable[[int], ExecutionContext], inputs: list[dict], expected: list, runs: int,
+                     same: Callable[[object, object], bool]) -> list[str]:
+    """One thread per input set, each running ``context_for(thread)`` ``runs`` times on its inputs;
+    returns the runs whose output ``y`` is not ``same`` as that thread's expected one."""
+    failures: list[str] = []
+
+    def work(t: int) -> None:
+        context = context_for(t)
+        for i in range(runs):
+            if not same(context.run(inputs[t])["y"], expected[t]):
+                failures.append(f"thread {t} run {i}")
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return failures

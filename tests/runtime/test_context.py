@@ -3,8 +3,6 @@ shape caches, and threads (one context each, and one shared)."""
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import torch
@@ -13,7 +11,7 @@ import kiln
 from kiln.errors import InputError, KilnError
 from kiln.runtime import ExecutionContext
 from kiln.runtime.context import SHAPE_CACHE_SIZE
-from tests.runtime.conftest import WIDTH, feeds, reference
+from tests.runtime.conftest import WIDTH, feeds, reference, runs_that_differ
 
 
 def _close(got: torch.Tensor, x: np.ndarray) -> None:
@@ -140,40 +138,14 @@ def test_eight_threads_with_a_context_each(engine):
     single-thread result for those inputs."""
     inputs = [feeds(1 + t % 4, seed=100 + t) for t in range(8)]
     expected = [engine.create_context().run(x)["y"] for x in inputs]
-    failures: list[str] = []
-
-    def work(t: int) -> None:
-        context = engine.create_context()
-        for i in range(100):
-            got = context.run(inputs[t])["y"]
-            if not torch.equal(got, expected[t]):
-                failures.append(f"thread {t} run {i}")
-
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert failures == []
+    assert runs_that_differ(lambda t: engine.create_context(), inputs, expected, 100, torch.equal) == []
 
 
 def test_threads_sharing_one_context_take_turns(engine):
     context = engine.create_context()
     inputs = [feeds(1 + t % 4, seed=200 + t) for t in range(8)]
     expected = [engine.create_context().run(x)["y"] for x in inputs]
-    failures: list[str] = []
-
-    def work(t: int) -> None:
-        for i in range(25):
-            if not torch.equal(context.run(inputs[t])["y"], expected[t]):
-                failures.append(f"thread {t} run {i}")
-
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert failures == []
+    assert runs_that_differ(lambda t: context, inputs, expected, 25, torch.equal) == []
 
 
 def test_a_call_from_inside_a_running_context_is_refused(engine):
@@ -228,21 +200,11 @@ def test_threads_running_control_flow_keep_their_own_scopes():
     rng = np.random.default_rng(5)
     inputs = [{"x0": rng.standard_normal((1 + t % 8, 4)).astype(np.float32), "c": np.array(t % 2 == 0)} for t in range(8)]
     expected = [np.maximum(f["x0"], 0) + 1 if f["c"] else np.maximum(f["x0"], 0) * 3 for f in inputs]
-    failures: list[str] = []
 
-    def work(t: int) -> None:
-        context = engine.create_context()
-        for i in range(200):
-            got = context.run(inputs[t])["y"].numpy()
-            if got.shape != expected[t].shape or not np.allclose(got, expected[t], rtol=1e-6):
-                failures.append(f"thread {t} run {i}")
+    def same(got, want) -> bool:
+        return got.shape == want.shape and np.allclose(got.numpy(), want, rtol=1e-6)
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert failures == []
+    assert runs_that_differ(lambda t: engine.create_context(), inputs, expected, 200, same) == []
 
 
 def test_profiler_reports_every_layer_that_runs(engine):

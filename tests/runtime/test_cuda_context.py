@@ -4,14 +4,12 @@ one stream, and threads. Skipped without a GPU; run on the lent GPU."""
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import torch
 
 from kiln.errors import InputError
-from tests.runtime.conftest import build_branches, feeds, reference
+from tests.runtime.conftest import build_branches, feeds, reference, runs_that_differ
 
 pytestmark = pytest.mark.cuda
 
@@ -118,39 +116,15 @@ def test_inputs_on_another_gpu_are_refused(gpu_engine):
 def test_eight_threads_with_a_context_each_on_the_gpu(gpu_engine, cuda_graph):
     inputs = [feeds(1 + t % 4, seed=300 + t) for t in range(8)]
     expected = [gpu_engine.create_context(aux_streams=0).run(x)["y"] for x in inputs]
-    failures: list[str] = []
-
-    def work(t: int) -> None:
-        context = gpu_engine.create_context(cuda_graph=cuda_graph)
-        for i in range(100):
-            if not torch.equal(context.run(inputs[t])["y"], expected[t]):
-                failures.append(f"thread {t} run {i}")
-
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert failures == []
+    assert runs_that_differ(lambda t: gpu_engine.create_context(cuda_graph=cuda_graph), inputs, expected, 100,
+                            torch.equal) == []
 
 
 def test_threads_sharing_one_gpu_context_take_turns(gpu_engine):
     context = gpu_engine.create_context(cuda_graph=True)
     inputs = [feeds(1 + t % 4, seed=400 + t) for t in range(8)]
     expected = [gpu_engine.create_context(aux_streams=0).run(x)["y"] for x in inputs]
-    failures: list[str] = []
-
-    def work(t: int) -> None:
-        for i in range(25):
-            if not torch.equal(context.run(inputs[t])["y"], expected[t]):
-                failures.append(f"thread {t} run {i}")
-
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert failures == []
+    assert runs_that_differ(lambda t: context, inputs, expected, 25, torch.equal) == []
 
 
 def test_profiler_runs_layer_by_layer_and_times_each(gpu_engine):
