@@ -92,6 +92,9 @@ def run_bench(model: str | os.PathLike[str], options: BenchOptions, *, module: t
     result.notes.append(f"each measurement: {options.warmup_ms:g} ms warm-up, then {what}; repeated {options.repeats}x")
     for name, reason in unavailable:
         result.notes.append(f"{name}: not run: {reason}")
+    for peer in peers:
+        if getattr(peer, "note", None):
+            result.notes.append(f"{peer.name}: {peer.note}")
     timing = {"warmup_ms": options.warmup_ms, "duration_s": options.duration_s, "iterations": options.iterations}
     for b in batches:
         batch = batch_of[b]
@@ -105,7 +108,11 @@ def run_bench(model: str | os.PathLike[str], options: BenchOptions, *, module: t
         result.rows.append(row)
         for peer in peers:
             say(f"{peer.name} at batch {batch}")
-            result.rows.append(_measure_peer(peer, feeds[b], batch, reference, options, timing))
+            row = _measure_peer(peer, feeds[b], batch, reference, options, timing)
+            result.rows.append(row)
+            if row.error is None and getattr(peer, "compile_s", None) is not None:
+                result.notes.append(f"{peer.name} at batch {batch}: compiled in {peer.compile_s:.1f} s "
+                                    f"({peer.graphs} graph(s), {peer.graph_breaks} graph break(s))")
     kiln_rows = [r for r in result.rows if r.target == "kiln" and r.best is not None]
     if len(kiln_rows) > 1:
         result.saturation = saturation([(r.batch, r.best.samples_per_s) for r in kiln_rows])
