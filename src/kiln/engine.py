@@ -151,12 +151,14 @@ class Engine:
                     PRECISION_DTYPES.get(precision), precision == "tf32", free,
                 ))
         self._plan_static(layers, slots)
-        # Layers whose kernels read torch's process-wide TF32 / cuDNN-benchmark switches: convolutions,
-        # and fp32/tf32 GEMMs, attention and reference ops. Runs of an engine without them never touch
-        # the switches, so contexts in several threads do not wait for one another over them.
+        # Whether the layers of a run after the first at a shape (the static ones are cached then)
+        # read torch's process-wide TF32 / cuDNN-benchmark switches: convolutions, and fp32/tf32
+        # GEMMs, attention and reference ops that multiply matrices or hold subgraphs. Those runs
+        # of an engine without them never touch the switches, so contexts in several threads do
+        # not wait for one another over them (first runs always set them).
+        static = static_layers(layers)
         self.reads_torch_flags = self.device.type == "cuda" and any(
-            layer["kind"] == "Conv" or (layer["kind"] in ("Gemm", "Attention", "Node") and layer["precision"] in ("fp32", "tf32"))
-            for layer in layers)
+            _reads_torch_flags(layer) for layer, is_static in zip(layers, static) if not is_static)
         missing = [o["name"] for o in self.outputs if o["name"] not in slots]
         if missing:
             raise EngineLoadError(f"{self.name}: nothing in the plan produces output(s) {missing}")
@@ -502,6 +504,20 @@ def _host_position(layer: Mapping[str, Any], index: int) -> bool:
 
             return (layer["op_types"][0], position) in HOST_INPUTS
     return False
+
+
+# reference ops whose torch kernels read the TF32 / cuDNN switches (or whose subgraphs may)
+_FLAG_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "Attention", "RNN", "GRU", "LSTM",
+                       "MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "If", "Loop", "Scan",
+                       "SequenceMap", "DFT", "STFT", "FusedConv", "FusedAttention"})
+
+
+def _reads_torch_flags(layer: Mapping[str, Any]) -> bool:
+    if layer["kind"] == "Conv":
+        return True
+    if layer["precision"] not in ("fp32", "tf32"):
+        return False
+    return layer["kind"] in ("Gemm", "Attention") or (layer["kind"] == "Node" and layer["op_types"][0] in _FLAG_OPS)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

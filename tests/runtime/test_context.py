@@ -235,3 +235,16 @@ def test_warm_up_caches_a_shape_before_the_first_real_call(engine):
         context.warm_up({"x": (8, WIDTH), "z": (1,)})
     with pytest.raises(InputError, match="outside optimization profile 1"):
         context.warm_up({"x": (2, WIDTH)})
+
+
+def test_which_layers_read_torchs_process_wide_switches():
+    from kiln.engine import _reads_torch_flags
+
+    def layer(kind, precision, op="MatMul"):
+        return {"kind": kind, "precision": precision, "op_types": [op]}
+
+    assert _reads_torch_flags(layer("Conv", "fp16", "Conv"))  # cuDNN's benchmark switch picks its algorithm
+    assert _reads_torch_flags(layer("Gemm", "fp32")) and _reads_torch_flags(layer("Attention", "tf32", "Softmax"))
+    assert _reads_torch_flags(layer("Node", "fp32", "Einsum")) and _reads_torch_flags(layer("Node", "fp32", "Loop"))
+    assert not _reads_torch_flags(layer("Gemm", "fp16")) and not _reads_torch_flags(layer("Node", "fp32", "Gather"))
+    assert not _reads_torch_flags(layer("Pointwise", "fp32", "Add")) and not _reads_torch_flags(layer("LayerNorm", "fp32"))

@@ -413,7 +413,7 @@ class ExecutionContext:
         if self.device.type != "cuda":
             return self._run_steps(steps, values, cached, first, several=False, timings=timings)
         several = not first and len(self._streams) > 1
-        if not self.engine.reads_torch_flags:
+        if not first and not self.engine.reads_torch_flags:
             return self._run_steps(steps, values, cached, first, several=several, timings=timings)
         with _TORCH_FLAGS:
             saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
