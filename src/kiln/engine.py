@@ -513,7 +513,7 @@ _FLAG_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "Att
 
 
 def _reads_torch_flags(layer: Mapping[str, Any]) -> bool:
-    if layer["kind"] == "Conv":
+    if layer["kind"] == "Conv" or layer["precision"] == "tf32":  # a tf32 step switches TF32 on around itself
         return True
     if layer["precision"] not in ("fp32", "tf32"):
         return False

@@ -247,4 +247,5 @@ def test_which_layers_read_torchs_process_wide_switches():
     assert _reads_torch_flags(layer("Gemm", "fp32")) and _reads_torch_flags(layer("Attention", "tf32", "Softmax"))
     assert _reads_torch_flags(layer("Node", "fp32", "Einsum")) and _reads_torch_flags(layer("Node", "fp32", "Loop"))
     assert not _reads_torch_flags(layer("Gemm", "fp16")) and not _reads_torch_flags(layer("Node", "fp32", "Gather"))
+    assert _reads_torch_flags(layer("Node", "tf32", "Gather"))
     assert not _reads_torch_flags(layer("Pointwise", "fp32", "Add")) and not _reads_torch_flags(layer("LayerNorm", "fp32"))
