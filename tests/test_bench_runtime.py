@@ -3,22 +3,14 @@ with a tiny stand-in model and writes its JSON and markdown (no torchvision or t
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_runtime.py"
+from script_loader import load_script
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("bench_runtime", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/bench_runtime.py", "bench_runtime")
 
 
 @pytest.mark.slow

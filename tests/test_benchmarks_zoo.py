@@ -5,14 +5,11 @@ from zoo.json alone (no torchvision or transformers needed)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from script_loader import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "zoo.py"
 BENCHMARKS = """# kiln benchmarks
 
 Every table here comes from one run of one script.
@@ -25,16 +22,12 @@ Every table here comes from one run of one script.
 """
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("benchmarks_zoo", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+def load_zoo():
+    return load_script("benchmarks/zoo.py", "benchmarks_zoo")
 
 
 def test_splice_keeps_everything_outside_the_markers():
-    zoo = load_script()
+    zoo = load_zoo()
     text = f"head\n\n{zoo.BEGIN}\nold section\n{zoo.END}\n\ntail\n"
     assert zoo.splice(text, "new section\n") == f"head\n\n{zoo.BEGIN}\nnew section\n{zoo.END}\n\ntail\n"
     assert zoo.splice("head\n", "s") == f"head\n\n{zoo.BEGIN}\ns\n{zoo.END}\n"
@@ -46,7 +39,7 @@ def test_splice_keeps_everything_outside_the_markers():
 
 @pytest.mark.slow
 def test_zoo_smoke(tmp_path):
-    zoo = load_script()
+    zoo = load_zoo()
     bench = tmp_path / "BENCHMARKS.md"
     bench.write_text(BENCHMARKS)
     plots = tmp_path / "docs" / "bench"
