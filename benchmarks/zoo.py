@@ -107,7 +107,7 @@ except ImportError:
 import bench_builder as bb  # noqa: E402 - the sibling tool holds the models, the export and the versions
 
 from kiln.atomic_file import write_atomically  # noqa: E402
-from kiln.bench.results import BenchResult, LayerTime, Row, Run, Saturation, Stats  # noqa: E402
+from kiln.bench.results import BenchResult, Row, Run  # noqa: E402
 
 TITLE = "Model zoo: kiln bench (issue 6)"
 BEGIN, END = "<!-- zoo:begin -->", "<!-- zoo:end -->"
@@ -214,41 +214,6 @@ SMOKE_ZOO = {
 
 
 # -- results as JSON and back --------------------------------------------------------------------
-
-def _make(cls, data: dict[str, Any], **overrides):
-    """``cls(**data)`` with only the fields ``cls`` has (``to_json`` adds ``best_run`` to rows)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in data.items() if k in names}, **overrides)
-
-
-def _numbers(value: Any) -> Any:
-    """``BenchResult.to_json`` writes inf and nan as strings: make them floats again."""
-    if isinstance(value, str) and value in ("inf", "-inf", "nan"):
-        return float(value)
-    if isinstance(value, dict):
-        return {k: _numbers(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_numbers(v) for v in value]
-    return value
-
-
-def result_from_json(data: dict[str, Any]) -> BenchResult:
-    """The ``BenchResult`` that ``to_json`` gave ``data`` (the inverse of ``BenchResult.to_json``)."""
-    data = {k: v if k in ("notes", "command", "model") else _numbers(v) for k, v in data.items()}
-
-    def stats(d):
-        return None if d is None else _make(Stats, d)
-
-    def run(d):
-        return _make(Run, {k: stats(v) if k.endswith("_ms") else v for k, v in d.items()})
-
-    rows = [_make(Row, {k: v for k, v in r.items() if k != "runs"}, runs=[run(x) for x in r["runs"]])
-            for r in data.get("rows", [])]
-    saturation = _make(Saturation, data["saturation"]) if data.get("saturation") else None
-    layers = [_make(LayerTime, x) for x in data["layers"]] if data.get("layers") is not None else None
-    rest = {k: v for k, v in data.items() if k not in ("rows", "saturation", "layers")}
-    return _make(BenchResult, rest, rows=rows, saturation=saturation, layers=layers)
-
 
 def merge(base: BenchResult | None, new: BenchResult) -> tuple[BenchResult, list[Row]]:
     """Add ``new``'s rows that ``base`` lacks (by target and batch; a row that failed in ``base`` is
@@ -402,7 +367,7 @@ def _device_line(meta: dict[str, Any]) -> str:
 def markdown(zoo: dict[str, Any], link: Callable[[str], str]) -> str:
     """The section, from zoo.json's content alone; ``link(model)`` is the plot's path as the page links it."""
     meta = zoo["meta"]
-    results = {name: {p: result_from_json(r) for p, r in record.get("results", {}).items()}
+    results = {name: {p: BenchResult.from_json(r) for p, r in record.get("results", {}).items()}
                for name, record in zoo["models"].items()}
     timing = meta["timing"]
     gpu_run = not meta["smoke"]
@@ -509,7 +474,7 @@ class Outputs:
         _write_text(self.out / "zoo.json", json.dumps(zoo, indent=1, default=str) + "\n")
         _write_text(self.out / "zoo.md", markdown(zoo, lambda name: f"plots/{name}.png"))
         for name in zoo["models"] if plot_models is None else plot_models:
-            results = {p: result_from_json(r) for p, r in zoo["models"][name].get("results", {}).items()}
+            results = {p: BenchResult.from_json(r) for p, r in zoo["models"][name].get("results", {}).items()}
             if not any(row.best for result in results.values() for row in result.rows):
                 continue
             png = self.out / "plots" / f"{name}.png"
@@ -875,8 +840,8 @@ def render_only(args) -> int:
                 continue
             mine["stages"] += record.get("stages", [])
             for precision, result in record.get("results", {}).items():
-                base = result_from_json(mine["results"][precision]) if precision in mine.get("results", {}) else None
-                mine.setdefault("results", {})[precision] = merge(base, result_from_json(result))[0].to_json()
+                base = BenchResult.from_json(mine["results"][precision]) if precision in mine.get("results", {}) else None
+                mine.setdefault("results", {})[precision] = merge(base, BenchResult.from_json(result))[0].to_json()
     if args.plots_dir is None and not zoo["meta"]["smoke"]:
         args.plots_dir = str(REPO / "docs" / "bench")
     Outputs(args).write(zoo)

@@ -60,7 +60,7 @@ def test_zoo_smoke(tmp_path):
     compile_stage = next(s for s in record["stages"] if s["round"] == "compile-fp16")
     assert [c["batch"] for c in compile_stage["compile"]] == [1, 4] and compile_stage["dynamo"]["graph_breaks"] == 0
 
-    fp16, fp32 = (zoo.result_from_json(record["results"][p]) for p in ("fp16", "fp32"))
+    fp16, fp32 = (zoo.BenchResult.from_json(record["results"][p]) for p in ("fp16", "fp32"))
     assert {(r.target, r.batch) for r in fp16.rows} == {(t, b) for t in ("kiln", "eager", "compile") for b in (1, 4)}
     assert {(r.target, r.batch) for r in fp32.rows} == {(t, b) for t in ("kiln", "eager", "compile", "onnxruntime")
                                                         for b in (1, 4)}
@@ -91,7 +91,7 @@ def test_zoo_smoke(tmp_path):
     record = json.loads((out2 / "zoo.json").read_text())["models"]["tiny_cnn"]
     skipped = record["stages"][1]
     assert skipped["round"] == "compile-fp16" and skipped["status"] == "skipped" and "time budget" in skipped["reason"]
-    result = zoo.result_from_json(record["results"]["fp16"])
+    result = zoo.BenchResult.from_json(record["results"]["fp16"])
     assert result.batches == [1, 2, 4] and result.saturation is not None and result.layers
     markdown = (out2 / "zoo.md").read_text()
     for text in ("### tiny CNN", "Saturation (kiln fp16): ", "| batch | batch x | throughput x | efficiency |",

@@ -142,3 +142,10 @@ def test_plot_without_matplotlib_says_so(tmp_path, monkeypatch):
     with pytest.raises(KilnError, match="matplotlib"):
         plot(make_result(), tmp_path / "bench.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_json_round_trips_into_the_same_result():
+    result = make_result()
+    result.rows[0].max_rel_diff = float("inf")
+    back = BenchResult.from_json(json.loads(json.dumps(result.to_json())))
+    assert back == result

@@ -4,7 +4,7 @@ are all drawn from one ``BenchResult`` (``to_json`` gives every number)."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -147,6 +147,38 @@ class BenchResult:
             best = row.best
             out["best_run"] = row.runs.index(best) if best is not None else None
         return _finite(data)
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> BenchResult:
+        """The result ``to_json`` gave ``data`` (to merge or redraw results saved by earlier runs)."""
+        data = {k: v if k in ("notes", "command", "model") else _floats(v) for k, v in data.items()}
+
+        def run(d: dict[str, Any]) -> Run:
+            return _make(Run, {k: _make(Stats, v) if k.endswith("_ms") and v is not None else v for k, v in d.items()})
+
+        rows = [_make(Row, {k: v for k, v in r.items() if k != "runs"}, runs=[run(x) for x in r["runs"]])
+                for r in data.get("rows", [])]
+        saturation = _make(Saturation, data["saturation"]) if data.get("saturation") else None
+        layers = [_make(LayerTime, x) for x in data["layers"]] if data.get("layers") is not None else None
+        rest = {k: v for k, v in data.items() if k not in ("rows", "saturation", "layers")}
+        return _make(BenchResult, rest, rows=rows, saturation=saturation, layers=layers)
+
+
+def _make(cls, data: dict[str, Any], **overrides):
+    """``cls(**data)`` with only the fields ``cls`` has (``to_json`` adds ``best_run`` to rows)."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names}, **overrides)
+
+
+def _floats(value: Any) -> Any:
+    """The inverse of ``_finite``: "inf", "-inf" and "nan" are floats again."""
+    if isinstance(value, str) and value in ("inf", "-inf", "nan"):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_floats(v) for v in value]
+    return value
 
 
 def _finite(value: Any) -> Any:
