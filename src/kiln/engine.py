@@ -150,13 +150,12 @@ class Engine:
                     layer.name, runners[key], in_slots, out_slots, list(record["cast_inputs"]),
                     PRECISION_DTYPES.get(precision), precision == "tf32", free,
                 ))
-        self._plan_static(layers, slots)
+        static = self._plan_static(layers, slots)
         # Whether the layers of a run after the first at a shape (the static ones are cached then)
         # read torch's process-wide TF32 / cuDNN-benchmark switches: convolutions, and fp32/tf32
         # GEMMs, attention and reference ops that multiply matrices or hold subgraphs. Those runs
         # of an engine without them never touch the switches, so contexts in several threads do
         # not wait for one another over them (first runs always set them).
-        static = static_layers(layers)
         self.reads_torch_flags = self.device.type == "cuda" and any(
             _reads_torch_flags(layer) for layer, is_static in zip(layers, static) if not is_static)
         missing = [o["name"] for o in self.outputs if o["name"] not in slots]
@@ -166,9 +165,10 @@ class Engine:
         self._output_dtypes = [dtypes.to_torch_dtype(getattr(ir.DataType, o["dtype"].upper())) for o in self.outputs]
         self._slot_count = len(slots)
 
-    def _plan_static(self, layers: list[Mapping[str, Any]], slots: dict[str, int]) -> None:
-        """Mark the layers that compute from input shapes alone, and which of their values the other
-        layers read (those are cached per input shape; on the CPU where only shape inputs read them)."""
+    def _plan_static(self, layers: list[Mapping[str, Any]], slots: dict[str, int]) -> list[bool]:
+        """Mark the layers that compute from input shapes alone (returned, per layer), and which of
+        their values the other layers read (those are cached per input shape; on the CPU where
+        only shape inputs read them)."""
         static = static_layers(layers)
         derived = {n for layer, is_static in zip(layers, static) if is_static for n in layer["outputs"] if n}
         readers: dict[str, list[tuple[list[int], int, bool]]] = {}
@@ -203,6 +203,7 @@ class Engine:
                 step.static = is_static
             self._lean.append([step for step in steps if not step.static])
         self._plan_streams(layers, slots, static)
+        return static
 
     def _plan_streams(self, layers: list[Mapping[str, Any]], slots: dict[str, int], static: list[bool]) -> None:
         """Streams, events and frees of the lean runs (see ``kiln.builder.schedule``). A value that
@@ -212,27 +213,20 @@ class Engine:
         streams = [int(layer.get("stream", 0)) for layer in layers]
         if any(s < 0 or s > self.aux_streams for s in streams) or any(s and st for s, st in zip(streams, static)):
             raise EngineLoadError(f"{self.name}: the plan puts layers on streams outside 0..{self.aux_streams}")
-        waits = cross_stream_waits(layers, streams)
+        waits = cross_stream_waits(layers, streams, static)
         recorded = sorted({d for w in waits for d in w})
         event_of = {layer: event for event, layer in enumerate(recorded)}
         self.event_count = len(recorded)
-        crossing: set[str] = set()
+        # a value crosses when a stream other than its producer's reads it, or several streams do
         made_on: dict[str, int] = {spec["name"]: 0 for spec in self.inputs}
+        read_on: dict[str, set[int]] = {}
         for layer, stream, is_static in zip(layers, streams, static):
             if is_static:
                 continue
             for name in layer["inputs"]:
-                if made_on.get(name, stream) != stream:
-                    crossing.add(name)
-            for name in layer["outputs"]:
-                if name:
-                    made_on[name] = stream
-        read_on: dict[str, set[int]] = {}
-        for layer, stream, is_static in zip(layers, streams, static):
-            if not is_static:
-                for name in layer["inputs"]:
-                    read_on.setdefault(name, set()).add(stream)
-        crossing.update(name for name, seen in read_on.items() if len(seen) > 1)
+                read_on.setdefault(name, set()).add(stream)
+            made_on.update((name, stream) for name in layer["outputs"] if name)
+        crossing = {name for name, seen in read_on.items() if len(seen | {made_on.get(name, min(seen))}) > 1}
         held = {slots[name] for name in crossing if name in slots}
         for steps in self._steps:
             for index, step in enumerate(steps):

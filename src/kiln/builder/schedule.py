@@ -97,11 +97,12 @@ def assign_streams(layers: Sequence[Mapping[str, Any]], max_aux_streams: int) ->
     return streams
 
 
-def cross_stream_waits(layers: Sequence[Mapping[str, Any]], streams: Sequence[int]) -> list[list[int]]:
+def cross_stream_waits(layers: Sequence[Mapping[str, Any]], streams: Sequence[int],
+                       static: Sequence[bool] | None = None) -> list[list[int]]:
     """Per layer, the layers on other streams it must wait for (an event recorded after each): per
     producing stream only the latest producer, and none where this stream has already waited for
-    that layer or a later one of its stream."""
-    static = static_layers(layers)
+    that layer or a later one of its stream. ``static``: ``static_layers(layers)``, if known."""
+    static = static_layers(layers) if static is None else static
     deps = _producers(layers, static)
     seen: dict[tuple[int, int], int] = {}  # (waiting stream, producing stream) -> latest layer waited for
     waits = []
