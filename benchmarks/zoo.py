@@ -305,8 +305,8 @@ def stage_notes(record: dict[str, Any]) -> list[str]:
 
 
 def _model_table(results: dict[str, BenchResult]) -> list[str]:
-    lines = ["| target | precision | batch | median ms | p99 ms | e2e ms | samples/s | vs kiln | rel diff |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| target | precision | batch | median ms | p99 ms | e2e ms | samples/s | vs kiln | rel diff | vs fp32 ref |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for precision in PRECISIONS:
         result = results.get(precision)
         if result is None:
@@ -317,14 +317,15 @@ def _model_table(results: dict[str, BenchResult]) -> list[str]:
             for row in sorted((r for r in result.rows if r.batch == batch), key=lambda r: _order(r.target)):
                 run = row.best if row.error is None else None
                 if run is None:
-                    lines.append(f"| {row.target} | {precision} | {batch} | failed | - | - | - | - | - |")
+                    lines.append(f"| {row.target} | {precision} | {batch} | failed | - | - | - | - | - | - |")
                     continue
                 shown = run.compute_ms or run.latency_ms
                 versus = (f"{run.samples_per_s / kiln_run.samples_per_s:.2f}x"
                           if kiln_run is not None and kiln_run.samples_per_s and row.target != "kiln" else "-")
                 diff = "-" if row.max_rel_diff is None else f"{row.max_rel_diff:.1e}"
+                ref = "-" if row.ref_rel_diff is None else f"{row.ref_rel_diff:.1e}"
                 lines.append(f"| {row.target} | {precision} | {batch} | {_ms(shown.median)} | {_ms(shown.p99)} | "
-                             f"{_ms(run.latency_ms.median)} | {_rate(run.samples_per_s)} | {versus} | {diff} |")
+                             f"{_ms(run.latency_ms.median)} | {_rate(run.samples_per_s)} | {versus} | {diff} | {ref} |")
     return lines
 
 
@@ -391,7 +392,10 @@ def markdown(zoo: dict[str, Any], link: Callable[[str], str]) -> str:
            "host clock for onnxruntime; " if gpu_run else "host clock, end to end; ")
         + "e2e: the median with the input and output copies; samples/s: from the wall time of all iterations "
         "(copies included); vs kiln: samples/s over kiln's at the same batch and precision (below 1.00x: kiln is "
-        "faster); rel diff: max |out - kiln| / max |kiln|.", "",
+        "faster); rel diff: max |out - kiln| / max |kiln|; vs fp32 ref: max |out - ref| / max |ref|, ref being the "
+        "fp32 ONNX file on kiln's reference executor (unoptimized, TF32 off) on the same inputs, for every target, "
+        "kiln included: where kiln and a peer disagree, it says which of them lost the precision ('-': measured "
+        "before the script had this column).", "",
     ]
     if any(results.values()):
         lines += ["Median latency (ms) at batch 1 and the large batch; the sections below have every number.", ""]

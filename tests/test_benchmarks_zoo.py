@@ -68,11 +68,12 @@ def test_zoo_smoke(tmp_path):
         assert row.error is None and row.best.samples_per_s > 0
         if row.target != "kiln":
             assert row.max_rel_diff < (2e-2 if row in fp16.rows else 1e-4), (row.target, row.max_rel_diff)
+        assert row.ref_rel_diff < (2e-2 if row in fp16.rows else 1e-4), (row.target, row.ref_rel_diff)  # vs fp32 ONNX
     assert any(n.startswith("onnxruntime-cuda: not run") for n in fp32.notes)
 
     markdown = (out / "zoo.md").read_text()
     for text in ("## Model zoo: kiln bench (issue 6) — ", "Device: CPU", "Versions: torch ", "Command: `",
-                 "### tiny encoder", "| target | precision | batch | median ms | p99 ms | e2e ms | samples/s | vs kiln |",
+                 "### tiny encoder", "| target | precision | batch | median ms | p99 ms | e2e ms | samples/s | vs kiln | rel diff | vs fp32 ref |",
                  "| onnxruntime | fp32 | 4 |", "torch.compile fp16: batch 1: ", "](plots/tiny_encoder.png)",
                  "### How this run went"):
         assert text in markdown, text

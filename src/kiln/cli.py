@@ -353,7 +353,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         batches=parse_batches(args.batch), shapes=parse_shapes(args.shapes), build=build, warmup_ms=args.warmup_ms,
         duration_s=None if args.iterations else args.duration_s, iterations=args.iterations, repeats=args.repeats,
         peers=_names(args.peers) or [], profile_layers=args.profile_layers, cuda_graph=args.cuda_graph,
-        contexts=args.contexts, aux_streams=args.aux_streams, profile=args.profile, onnx=args.onnx)
+        contexts=args.contexts, aux_streams=args.aux_streams, profile=args.profile, onnx=args.onnx,
+        reference=not args.no_reference)
     console = Console()
     status = Console(stderr=True)
     with status.status("benchmarking", spinner="dots") as spinner:
@@ -367,8 +368,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         console.print(f"plot written to {args.plot}", markup=False, highlight=False, soft_wrap=True)
     tolerance = 1e-2 if build is None or build.low_precisions or build.strongly_typed else (1e-3 if build.tf32 else 1e-4)
     wrong = [f"{r.target} at batch {r.batch}" for r in result.rows if r.max_rel_diff is not None and r.max_rel_diff > tolerance]
+    off = [f"{r.target} at batch {r.batch}" for r in result.rows if r.ref_rel_diff is not None and r.ref_rel_diff > tolerance]
     if wrong:
         console.print(f"[bold red]outputs differ from kiln's beyond {tolerance:g}: {', '.join(wrong)}[/]")
+    if off:
+        console.print(f"[bold red]outputs differ from the reference beyond {tolerance:g}: {', '.join(off)}[/]")
+    if wrong or off:
         return EXIT_MISMATCH
     return 0
 
@@ -490,7 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="per-layer times at the largest batch, top 10 first")
     bench.add_argument("--json", type=Path, help="write every number to this JSON file")
     bench.add_argument("--plot", type=Path, help="write latency and throughput against batch to this PNG")
-    bench.add_argument("--onnx", type=Path, help="with a .kiln engine: the ONNX model it was built from (for the peers)")
+    bench.add_argument("--onnx", type=Path, help="with a .kiln engine: the ONNX model it was built from (for the peers "
+                       "and the reference)")
+    bench.add_argument("--no-reference", action="store_true",
+                       help="skip comparing every target with the ONNX model on kiln's reference executor")
     bench.add_argument("--cuda-graph", "--useCudaGraph", dest="cuda_graph", action="store_true",
                        help="replay a CUDA graph per input shape")
     bench.add_argument("--contexts", "--infStreams", dest="contexts", type=int, default=1,

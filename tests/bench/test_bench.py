@@ -5,6 +5,7 @@ and every option the CPU cannot honour refused with a clear message."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -13,7 +14,7 @@ import torch
 
 import kiln
 from kiln.bench import BenchOptions, parse_batches, run_bench
-from kiln.cli import main
+from kiln.cli import EXIT_MISMATCH, main
 from kiln.errors import KilnError
 from tests.runtime.conftest import ACTIVATIONS, WIDTH, branches_model
 
@@ -55,6 +56,8 @@ def test_batch_sweep_with_peers_saturation_and_layer_profile(model_path):
         assert run.samples_per_s == pytest.approx(row.batch * run.inferences_per_s)
         if row.target != "kiln":
             assert row.max_rel_diff is not None and row.max_rel_diff < 1e-4
+        assert row.ref_rel_diff is not None and row.ref_rel_diff < 1e-4  # everyone, kiln too, vs the ONNX reference
+    assert any(note.startswith("vs ref: max |out - ref| / max |ref|") for note in result.notes)
     assert any("compile-reduce-overhead: not run: CUDA graphs need a GPU" in note for note in result.notes)
     assert result.saturation is not None and len(result.saturation.steps) == 2
     assert result.layer_batch == 16 and result.layers
@@ -73,6 +76,27 @@ def test_a_wrong_module_peer_shows_its_difference(model_path):
     wrong = run_bench(model_path, options, module=Branches(proto, wrong=True))
     assert right.row("eager", 2).max_rel_diff < 1e-4
     assert wrong.row("eager", 2).max_rel_diff > 0.1
+    # the reference says which side is wrong: the module, not kiln
+    assert wrong.row("eager", 2).ref_rel_diff > 0.1 and wrong.row("kiln", 2).ref_rel_diff < 1e-4
+
+
+def test_the_reference_shows_when_kiln_itself_is_wrong(model_path, monkeypatch):
+    """kiln's own outputs are checked too: a kiln row off the reference shows (and the CLI fails)."""
+    from kiln.bench import targets
+
+    original = targets.KilnTarget.outputs
+    monkeypatch.setattr(targets.KilnTarget, "outputs", lambda self: {k: v * 1.5 for k, v in original(self).items()})
+    options = BenchOptions(batches=[2], build=kiln.BuildConfig(device="cpu", opt_level=0), peers=["onnxruntime"],
+                           shapes={"x": (2, WIDTH)}, **QUICK)
+    result = run_bench(model_path, options)
+    assert result.row("kiln", 2).ref_rel_diff == pytest.approx(0.5, rel=1e-3)
+    assert result.row("onnxruntime", 2).ref_rel_diff < 1e-4 and result.row("onnxruntime", 2).max_rel_diff > 0.3
+    off = run_bench(model_path, replace(options, reference=False, peers=[]))
+    assert off.row("kiln", 2).ref_rel_diff is None and not any(n.startswith("vs ref") for n in off.notes)
+    assert main(["bench", str(model_path), "--device", "cpu", "--shapes", f"x:2x{WIDTH}", "--iterations", "3",
+                 "--warmup-ms", "0", "--repeats", "1"]) == EXIT_MISMATCH
+    assert main(["bench", str(model_path), "--device", "cpu", "--shapes", f"x:2x{WIDTH}", "--iterations", "3",
+                 "--warmup-ms", "0", "--repeats", "1", "--no-reference"]) == 0
 
 
 def test_cli_writes_json_and_plot_and_prints_the_tables(model_path, tmp_path, capsys):

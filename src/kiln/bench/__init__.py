@@ -10,7 +10,11 @@ batch where throughput stops growing with the batch (``kiln.bench.measure.satura
 Peers (``kiln.bench.peers``): PyTorch eager and ``torch.compile`` (the model rebuilt from the ONNX
 file by kiln's reference executor, or a torch module given to ``run_bench``), and onnxruntime (CPU,
 and its CUDA provider where installed), on the same inputs in the same process; each peer's outputs
-are compared with kiln's, so a fast wrong result shows. ``profile_layers`` adds the per-layer
+are compared with kiln's, so a fast wrong result shows. Every target, kiln included, is also
+compared with the reference: the ONNX file itself on kiln's reference executor (every node as
+torch ops, the model's own precision, TF32 off, on the engine's device), once per batch size. When
+kiln fp16 and eager fp16 disagree, the reference says which one lost the precision (a model whose
+activations fall below fp16's range, say). ``profile_layers`` adds the per-layer
 profile of the engine (TensorRT's ``--dumpProfile``) at the largest batch.
 
 Everything that is not GPU-only works on the CPU; GPU-only options (CUDA graphs, auxiliary
@@ -34,6 +38,7 @@ import torch
 from kiln.bench.measure import measure, measure_parallel, saturation, spread
 from kiln.bench.results import BenchResult, LayerTime, Row
 from kiln.bench.targets import KilnTarget, Target
+from kiln.dtypes import tensor_to_numpy
 from kiln.errors import KilnError
 
 __all__ = ["BenchOptions", "run_bench"]
@@ -47,7 +52,8 @@ class BenchOptions:
     """What to measure. ``batches``: batch sizes (axis 0 of every input); None measures the shapes
     as given (``shapes`` and the model's static dims). ``build``: the BuildConfig for an ONNX model
     (its ``profiles`` are replaced by one per batch size). ``onnx``: for a ``.kiln`` engine, the
-    ONNX file it was built from (the peers need it)."""
+    ONNX file it was built from (the peers and the reference need it). ``reference``: compare every
+    target with the ONNX model on kiln's reference executor."""
 
     batches: list[int] | None = None
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -64,6 +70,7 @@ class BenchOptions:
     profile: int | None = None
     onnx: str | os.PathLike[str] | None = None
     seed: int = 0
+    reference: bool = True
 
 
 def run_bench(model: str | os.PathLike[str], options: BenchOptions, *, module: torch.nn.Module | None = None,
@@ -96,8 +103,10 @@ def run_bench(model: str | os.PathLike[str], options: BenchOptions, *, module: t
         if getattr(peer, "note", None):
             result.notes.append(f"{peer.name}: {peer.note}")
     timing = {"warmup_ms": options.warmup_ms, "duration_s": options.duration_s, "iterations": options.iterations}
+    oracle = _Reference(onnx_path, device, result.notes) if options.reference else None
     for b in batches:
         batch = batch_of[b]
+        truth = oracle.outputs(feeds[b], batch, say) if oracle is not None else None
         say(f"kiln at batch {batch}: {options.contexts} context(s), {options.repeats} runs")
         for target in kiln_targets:
             target.setup(feeds[b])
@@ -105,10 +114,11 @@ def run_bench(model: str | os.PathLike[str], options: BenchOptions, *, module: t
         row.runs = [measure_parallel(kiln_targets, batch, **timing) for _ in range(options.repeats)]
         reference = kiln_targets[0].outputs()
         row.spread = spread(*row.runs[:2]) if len(row.runs) >= 2 else None
+        row.ref_rel_diff = _max_rel(reference, truth)
         result.rows.append(row)
         for peer in peers:
             say(f"{peer.name} at batch {batch}")
-            row = _measure_peer(peer, feeds[b], batch, reference, options, timing)
+            row = _measure_peer(peer, feeds[b], batch, reference, truth, options, timing)
             result.rows.append(row)
             if row.error is None and getattr(peer, "compile_s", None) is not None:
                 result.notes.append(f"{peer.name} at batch {batch}: compiled in {peer.compile_s:.1f} s "
@@ -123,7 +133,55 @@ def run_bench(model: str | os.PathLike[str], options: BenchOptions, *, module: t
         result.layer_batch = batch_of[largest]
     for target in [*kiln_targets, *peers]:
         target.close()
+    if oracle is not None:
+        oracle.close()
     return result
+
+
+class _Reference:
+    """The ONNX model on kiln's reference executor (``kiln.Executor``: every node as torch ops, the
+    model's own precision, TF32 off) on the engine's device: what every target is compared with.
+    Built on first use and kept for every batch; a model it cannot run is a note, not a failure."""
+
+    def __init__(self, onnx_path, device: torch.device, notes: list[str]) -> None:
+        self.path, self.device, self.notes = onnx_path, device, notes
+        self.executor = None
+        self.failed = onnx_path is None
+        if onnx_path is None:
+            notes.append("vs ref: no reference (an engine without its ONNX file; give it with --onnx)")
+
+    def outputs(self, feeds: Mapping[str, np.ndarray], batch: int, say: Callable[[str], None]) -> dict[str, np.ndarray] | None:
+        if self.failed:
+            return None
+        from kiln.executor import Executor
+        from kiln.onnx_io import load_model
+
+        say(f"reference at batch {batch}")
+        try:
+            if self.executor is None:
+                self.executor = Executor(load_model(self.path), device=self.device)
+                self.notes.append(f"vs ref: max |out - ref| / max |ref|, ref = the ONNX file on kiln's reference "
+                                  f"executor (unoptimized, the model's own precision, TF32 off) on {self.device.type}")
+            values = self.executor.run(feeds)
+            return {name: tensor_to_numpy(value) for name, value in values.items()}
+        except Exception as error:  # noqa: BLE001 - no reference is a note: the timings stand without it
+            self.failed = True
+            self.notes.append(f"vs ref: the reference executor could not run this model: {type(error).__name__}: "
+                              f"{str(error).splitlines()[0][:200] if str(error) else ''}")
+            return None
+
+    def close(self) -> None:
+        self.executor = None
+
+
+def _max_rel(got: Mapping[str, Any], truth: Mapping[str, np.ndarray] | None) -> float | None:
+    """max over the outputs of max|got - truth| / max|truth| (``kiln.compare.diff``)."""
+    from kiln.compare import diff
+
+    if truth is None:
+        return None
+    diffs = [diff(name, np.asarray(got[name]), np.asarray(ref)).max_rel for name, ref in truth.items() if name in got]
+    return max(diffs) if diffs else None
 
 
 def _check_options(options: BenchOptions) -> None:
@@ -215,10 +273,8 @@ def _peers(options: BenchOptions, onnx_path, module, engine) -> tuple[list[Targe
                       output_names=[o["name"] for o in engine.outputs])
 
 
-def _measure_peer(peer: Target, feeds, batch: int, reference: Mapping[str, np.ndarray], options: BenchOptions,
-                  timing: Mapping[str, Any]) -> Row:
-    from kiln.compare import diff
-
+def _measure_peer(peer: Target, feeds, batch: int, reference: Mapping[str, np.ndarray],
+                  truth: Mapping[str, np.ndarray] | None, options: BenchOptions, timing: Mapping[str, Any]) -> Row:
     row = Row(peer.name, batch)
     try:
         peer.setup(feeds)
@@ -231,8 +287,8 @@ def _measure_peer(peer: Target, feeds, batch: int, reference: Mapping[str, np.nd
         row.error = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
         return row
     row.spread = spread(*row.runs[:2]) if len(row.runs) >= 2 else None
-    diffs = [diff(name, np.asarray(got[name]), np.asarray(ref)).max_rel for name, ref in reference.items() if name in got]
-    row.max_rel_diff = max(diffs) if diffs else None
+    row.max_rel_diff = _max_rel(got, reference)
+    row.ref_rel_diff = _max_rel(got, truth)
     return row
 
 

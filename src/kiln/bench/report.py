@@ -43,7 +43,7 @@ def render(result: BenchResult, console: Console) -> None:
     with_compute = [t for t in measured if all(r.best.compute_ms for r in ok if r.target == t)]
     latency = "e2e p50" if not with_compute else "compute p50" if with_compute == measured else "p50"
     columns = ["target", "batch", latency, "p90", "p99", "h2d", "d2h", "e2e", "inf/s", "samples/s", "peak MB",
-               "spread", "vs kiln", "rel diff"]
+               "spread", "vs kiln", "rel diff", "vs ref"]
     rows, errors = [], []
     for batch in result.batches:
         kiln_row = result.row(KILN, batch)
@@ -54,7 +54,7 @@ def render(result: BenchResult, console: Console) -> None:
                 continue
             if row.error is not None or row.best is None:
                 errors.append(row)
-                rows.append([target, str(batch), "error"] + ["-"] * 11)
+                rows.append([target, str(batch), "error"] + ["-"] * 12)
                 continue
             run, shown = row.best, _latency(row.best)
             rows.append([target, str(batch), _ms(shown.median), _ms(shown.p90), _ms(shown.p99),
@@ -63,7 +63,8 @@ def render(result: BenchResult, console: Console) -> None:
                          "-" if run.peak_memory_bytes is None else f"{run.peak_memory_bytes / 1e6:,.0f}",
                          "-" if row.spread is None else f"{100 * row.spread:.1f}%",
                          _x(run.samples_per_s / kiln_run.samples_per_s) if kiln_run and kiln_run.samples_per_s else "-",
-                         "-" if row.max_rel_diff is None else f"{row.max_rel_diff:.1e}"])
+                         "-" if row.max_rel_diff is None else f"{row.max_rel_diff:.1e}",
+                         "-" if row.ref_rel_diff is None else f"{row.ref_rel_diff:.1e}"])
     table = _table(columns, rows)
     narrow = Measurement.get(console, console.options.update_width(1 << 16), table).maximum > console.width
     if narrow:  # a terminal too narrow for every column: keep the ones that compare targets
@@ -75,7 +76,8 @@ def render(result: BenchResult, console: Console) -> None:
         line(f"p50, p90, p99: compute time (GPU events) for {', '.join(with_compute)}; "
              f"end to end for {', '.join(plain)}")
     line("times in ms (h2d, d2h, e2e: medians); inf/s and samples/s from the wall time of all iterations; "
-         "vs kiln: samples/s relative to kiln's at the same batch; rel diff: max |out - kiln| / max |kiln|")
+         "vs kiln: samples/s relative to kiln's at the same batch; rel diff: max |out - kiln| / max |kiln|; "
+         "vs ref: max |out - ref| / max |ref| (ref: see the notes)")
     if narrow:
         line(f"narrow terminal: {', '.join(SECONDARY)} left out here (the JSON has every number)")
     for row in errors:

@@ -63,8 +63,11 @@ class Row:
     """One target (kiln, or a peer) at one batch size: the measurement repeated (``runs``, two by
     default) and how far the repeats disagree (``spread``: |median a - median b| / mean of them, of
     the compute latency where there is one, else of the end-to-end latency). ``max_rel_diff``: the
-    largest max|out - kiln| / max|kiln| over the outputs (None for kiln itself). ``error``: why the
-    target could not run here (then ``runs`` is empty)."""
+    largest max|out - kiln| / max|kiln| over the outputs (None for kiln itself). ``ref_rel_diff``:
+    the largest max|out - ref| / max|ref|, ref being the ONNX model on kiln's reference executor in
+    the model's own precision (kiln included; None where there is no reference): with both, a
+    difference shows who is wrong, kiln or the peer. ``error``: why the target could not run here
+    (then ``runs`` is empty)."""
 
     target: str
     batch: int
@@ -72,6 +75,7 @@ class Row:
     spread: float | None = None
     max_rel_diff: float | None = None
     error: str | None = None
+    ref_rel_diff: float | None = None
 
     @property
     def best(self) -> Run | None:
