@@ -287,8 +287,13 @@ def stage_notes(record: dict[str, Any]) -> list[str]:
     notes = []
     if record.get("export", {}).get("error"):
         notes.append(f"export failed: {record['export']['error']}")
-    for stage in record.get("stages", []):
+    stages = record.get("stages", [])
+    done = {stage["round"] for stage in stages if stage["status"] == "ok"}
+    last = {stage["round"]: i for i, stage in enumerate(stages)}
+    for i, stage in enumerate(stages):
         what = _round_what(stage["round"], stage.get("batches"))
+        if stage["status"] != "ok" and (stage["round"] in done or last[stage["round"]] != i):
+            continue  # another run merged by --render did it, or tried it later
         if stage["status"] == "skipped":
             notes.append(f"{stage['round']} ({what}): not run: {stage['reason']}")
         elif stage["status"] == "error":
@@ -385,7 +390,7 @@ def markdown(zoo: dict[str, Any], link: Callable[[str], str]) -> str:
         "token ids are 0/1 and about half of each attention mask is padding).", "",
         f"Device: {_device_line(meta)}.", "",
         f"Versions: {_versions_line(meta)}.", "",
-        f"Command: `{meta['command']}`", "",
+        *_command_lines(meta),
         f"Each measurement: {timing['warmup_ms']:g} ms warm-up, then {timing['duration_s']:g} s, repeated "
         f"{timing['repeats']}x; the table shows the faster repeat. median and p99: "
         + ("compute time from CUDA events for kiln, eager and compile (inputs already on the GPU), end to end by the "
@@ -439,10 +444,39 @@ def markdown(zoo: dict[str, Any], link: Callable[[str], str]) -> str:
                       for row in result.rows if row.error is not None]
         if notes:
             lines += ["Notes:", ""] + [f"- {_cell(n)}" for n in dict.fromkeys(notes)] + [""]
-    lines += ["### How this run went", ""] + [f"- {n}" for n in zoo.get("notes", [])]
-    lines.append(f"- elapsed {meta.get('elapsed_s', 0):.0f} s of a {meta['budget_s']:.0f} s budget"
-                 + (f"; {meta['cut']}" if meta.get("cut") else "") + ".")
+    runs = _runs(meta)
+    lines += ["### How this run went" if len(runs) == 1 else f"### How the {len(runs)} runs went", ""]
+    lines += [f"- {n}" for n in zoo.get("notes", []) if not n.startswith(_PER_RUN_NOTES)]
+    for i, run in enumerate(runs, 1):
+        lines.append(f"- {'run ' + str(i) + ': ' if len(runs) > 1 else ''}stages in this order, each round over the "
+                     f"models: {', '.join(run['stages'])}; a stage starts only when its estimate fits in what is left "
+                     f"of the budget (skipped ones are named in each model's notes); elapsed {run['elapsed_s']:.0f} s "
+                     f"of a {run['budget_s']:.0f} s budget" + (f"; {run['cut']}" if run.get("cut") else "") + ".")
     return "\n".join(lines) + "\n"
+
+
+# notes older zoo.json files carry once per run; the runs list says them now
+_PER_RUN_NOTES = ("stages in this order, each round over the models", "merged with a later run")
+
+
+def _runs(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs of the script behind a zoo.json: several where --render merged files, else this one."""
+    if meta.get("runs"):
+        return meta["runs"]
+    return [{key: meta.get(key) for key in ("command", "date", "stages", "elapsed_s", "budget_s", "cut")}]
+
+
+def _command_lines(meta: dict[str, Any]) -> list[str]:
+    runs = _runs(meta)
+    if len(runs) == 1:
+        return [f"Command: `{runs[0]['command']}`", ""]
+    lines = [f"Commands: {len(runs)} runs of this script in one session on the same GPU machine (one run of every "
+             "stage takes about 15 minutes; a call to the lent GPU is limited to 10), merged by `--render` (a "
+             "row measured by two runs is taken from the first file given to it):", ""]
+    lines += [f"{i}. `{run['command']}` ({run['date']})" for i, run in enumerate(runs, 1)]
+    if meta.get("rendered"):
+        lines += ["", f"Rendered with `{meta['rendered']}`."]
+    return lines + [""]
 
 
 def splice(text: str, section: str) -> str:
@@ -831,13 +865,14 @@ def driver_version() -> str | None:
 def render_only(args) -> int:
     """--render: merge the given zoo.json files (later stages' rows added where missing) and write everything."""
     zoo: dict[str, Any] | None = None
+    runs: list[dict[str, Any]] = []
     for path in args.render:
         data = json.loads(Path(path).read_text())
+        runs += _runs(data["meta"])
         if zoo is None:
             zoo = data
             continue
         zoo["notes"] += [n for n in data.get("notes", []) if n not in zoo["notes"]]
-        zoo["notes"].append(f"merged with a later run: `{data['meta']['command']}` ({data['meta']['date']})")
         for name, record in data["models"].items():
             mine = zoo["models"].setdefault(name, record)
             if mine is record:
@@ -846,6 +881,11 @@ def render_only(args) -> int:
             for precision, result in record.get("results", {}).items():
                 base = BenchResult.from_json(mine["results"][precision]) if precision in mine.get("results", {}) else None
                 mine.setdefault("results", {})[precision] = merge(base, BenchResult.from_json(result))[0].to_json()
+    zoo["notes"] = [n for n in zoo["notes"] if not n.startswith(_PER_RUN_NOTES)]
+    if len(args.render) > 1:
+        zoo["meta"]["runs"] = sorted({(r["date"], r["command"]): r for r in runs}.values(), key=lambda r: r["date"])
+        zoo["meta"]["date"] = zoo["meta"]["runs"][0]["date"]
+        zoo["meta"]["rendered"] = args.command_line
     if args.plots_dir is None and not zoo["meta"]["smoke"]:
         args.plots_dir = str(REPO / "docs" / "bench")
     Outputs(args).write(zoo)
@@ -894,6 +934,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.render:
+        args.command_line = command_line(argv)
         return render_only(args)
     if not args.smoke and not torch.cuda.is_available():
         print("no CUDA GPU here: run on the GPU machine, or use --smoke", file=sys.stderr)
@@ -925,8 +966,6 @@ def main(argv: list[str] | None = None) -> int:
         "stages": args.rounds, "elapsed_s": 0.0, "cut": None,
     }
     notes = [
-        f"stages in this order, each round over the models: {', '.join(args.rounds)}; a stage starts only when its "
-        "estimate fits in what is left of the budget (skipped ones are named in each model's notes)",
         "TF32 off for every fp32 target (torch.backends.cuda.matmul.allow_tf32 and cudnn.allow_tf32 False); "
         f"cudnn.benchmark {flags['cudnn.benchmark']} (torch's default) for eager and compile"
         if not args.smoke else "smoke run on the CPU: tiny models, optimization level 1, millisecond timing",

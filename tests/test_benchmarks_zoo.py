@@ -114,4 +114,19 @@ def test_zoo_smoke(tmp_path):
     # 4. --render of both runs merges them: one section with both models
     assert zoo.main(["--render", str(out / "zoo.json"), str(out2 / "zoo.json"), "--out", str(out3)]) == 0
     merged = (out3 / "zoo.md").read_text()
-    assert "### tiny encoder" in merged and "### tiny CNN" in merged and "merged with a later run" in merged
+    assert "### tiny encoder" in merged and "### tiny CNN" in merged and "### How the 2 runs went" in merged
+    assert "Commands: 2 runs of this script" in merged and "Rendered with `" in merged
+    for i, meta in enumerate((data["meta"], json.loads((out2 / "zoo.json").read_text())["meta"]), 1):
+        assert f"{i}. `{meta['command']}` ({meta['date']})" in merged
+        assert f"- run {i}: stages in this order, each round over the models: {', '.join(meta['stages'])};" in merged
+
+
+def test_stage_notes_leave_out_what_a_later_run_did():
+    """Merged runs: a stage skipped in one run and done in another is no note; one skipped twice is one."""
+    zoo = load_zoo()
+    skip = {"round": "compile-fp16", "status": "skipped", "reason": "time budget: 3 s left", "batches": [4]}
+    done = {"round": "compile-fp16", "status": "ok", "batches": [4]}
+    later = dict(skip, reason="time budget: 9 s left")
+    assert zoo.stage_notes({"stages": [skip, done]}) == []
+    assert zoo.stage_notes({"stages": [skip, later]}) == ["compile-fp16 (torch.compile fp16 at batch 4): not run: "
+                                                          "time budget: 9 s left"]

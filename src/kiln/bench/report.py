@@ -24,6 +24,7 @@ from kiln.errors import KilnError
 KILN = "kiln"
 NOISY_SPREAD = 0.05  # repeats further apart than this make smaller differences meaningless
 TOP_LAYERS = 10
+LOG_SPAN = 30  # a plot whose values span more than this factor gets a log y axis
 SECONDARY = ("p90", "h2d", "d2h", "inf/s", "peak MB")  # left out of the main table where the terminal is too narrow
 
 
@@ -154,8 +155,13 @@ def plot(result: BenchResult, path: str | os.PathLike[str]) -> None:
             if len(batches) == 1:
                 ax.set_xlim(batches[0] / 2, batches[0] * 2)
         ax.set_xlabel("batch size")
+        values = [y for line in ax.get_lines() for y in line.get_ydata() if y > 0]
+        if values and max(values) > LOG_SPAN * min(values):  # a CPU peer beside GPU targets: orders of magnitude apart
+            ax.set_yscale("log")
+            ylabel += ", log scale"
+        else:
+            ax.set_ylim(bottom=0)
         ax.set_ylabel(ylabel)
-        ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
