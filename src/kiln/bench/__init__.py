@@ -103,10 +103,14 @@ def run_bench(model: str | os.PathLike[str], options: BenchOptions, *, module: t
         if getattr(peer, "note", None):
             result.notes.append(f"{peer.name}: {peer.note}")
     timing = {"warmup_ms": options.warmup_ms, "duration_s": options.duration_s, "iterations": options.iterations}
-    oracle = _Reference(onnx_path, device, result.notes) if options.reference else None
+    truths = {b: None for b in batches}
+    if options.reference:  # all batches first, then freed: its weights never count in kiln's peak memory
+        oracle = _Reference(onnx_path, device, result.notes)
+        truths = {b: oracle.outputs(feeds[b], batch_of[b], say) for b in batches}
+        oracle.close()
     for b in batches:
         batch = batch_of[b]
-        truth = oracle.outputs(feeds[b], batch, say) if oracle is not None else None
+        truth = truths[b]
         say(f"kiln at batch {batch}: {options.contexts} context(s), {options.repeats} runs")
         for target in kiln_targets:
             target.setup(feeds[b])
@@ -133,8 +137,6 @@ def run_bench(model: str | os.PathLike[str], options: BenchOptions, *, module: t
         result.layer_batch = batch_of[largest]
     for target in [*kiln_targets, *peers]:
         target.close()
-    if oracle is not None:
-        oracle.close()
     return result
 
 
@@ -172,6 +174,8 @@ class _Reference:
 
     def close(self) -> None:
         self.executor = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # its weights and activations go back before anything is measured
 
 
 def _max_rel(got: Mapping[str, Any], truth: Mapping[str, np.ndarray] | None) -> float | None:
