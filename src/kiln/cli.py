@@ -334,7 +334,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from kiln.bench import BenchOptions, parse_batches, run_bench
     from kiln.bench.report import plot, render, write_json
     from kiln.builder import BuildConfig
-    from kiln.inputs import parse_shapes
+    from kiln.inputs import parse_shapes, read_npz
 
     engine_file = _is_engine(args.model)
     build_flags = [f"--{flag.replace('_', '-')}" for flag in ("fp16", "bf16", "tf32", "strongly_typed") if getattr(args, flag)]
@@ -354,7 +354,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         duration_s=None if args.iterations else args.duration_s, iterations=args.iterations, repeats=args.repeats,
         peers=_names(args.peers) or [], profile_layers=args.profile_layers, cuda_graph=args.cuda_graph,
         contexts=args.contexts, aux_streams=args.aux_streams, profile=args.profile, onnx=args.onnx,
-        reference=not args.no_reference)
+        reference=not args.no_reference, inputs=read_npz(args.inputs) if args.inputs else {})
     console = Console()
     status = Console(stderr=True)
     with status.status("benchmarking", spinner="dots") as spinner:
@@ -497,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", type=Path, help="write latency and throughput against batch to this PNG")
     bench.add_argument("--onnx", type=Path, help="with a .kiln engine: the ONNX model it was built from (for the peers "
                        "and the reference)")
+    bench.add_argument("--inputs", type=Path,
+                       help=".npz of real data named after the inputs; rows are repeated or cut to each batch size "
+                       "(other inputs random)")
     bench.add_argument("--no-reference", action="store_true",
                        help="skip comparing every target with the ONNX model on kiln's reference executor")
     bench.add_argument("--cuda-graph", "--useCudaGraph", dest="cuda_graph", action="store_true",

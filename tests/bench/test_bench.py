@@ -167,3 +167,40 @@ def test_without_batches_the_given_shapes_are_measured(model_path):
                                                 repeats=1, **QUICK))
     assert result.batches == [3] and result.saturation is None and result.row("kiln", 3).spread is None
     assert np.isfinite(result.row("kiln", 3).best.latency_ms.p99)
+
+
+def test_an_engine_object_and_real_inputs(model_path, tmp_path, monkeypatch, capsys):
+    """run_bench takes an Engine already built; ``inputs`` (kiln bench --inputs) are the data every
+    target runs, their rows repeated or cut to each batch size; the other inputs stay random."""
+    from kiln.bench import targets
+    from kiln.builder import Profile
+    from kiln.inputs import write_npz
+
+    engine = kiln.build(model_path, kiln.BuildConfig(device="cpu", opt_level=0, profiles=[
+        Profile.from_lists(*({"x": (s, WIDTH)} for s in (1, 3, 8)))]))
+    data = np.random.default_rng(7).standard_normal((3, WIDTH)).astype(np.float32)
+    seen: list[np.ndarray] = []
+    original = targets.KilnTarget.setup
+    monkeypatch.setattr(targets.KilnTarget, "setup", lambda self, feeds: (seen.append(feeds["x"]), original(self, feeds))[1])
+    options = BenchOptions(batches=[2, 5], inputs={"x": data}, peers=["onnxruntime"], onnx=model_path, **QUICK)
+    result = run_bench(engine, options)
+    assert result.model == engine.name and result.batches == [2, 5]
+    np.testing.assert_array_equal(seen[0], data[:2])
+    np.testing.assert_array_equal(seen[1], data[[0, 1, 2, 0, 1]])
+    for row in result.rows:
+        assert row.error is None and row.ref_rel_diff < 1e-4
+    assert result.row("onnxruntime", 5).max_rel_diff < 1e-4
+    with pytest.raises(KilnError, match="precision and build flags apply to .onnx models"):
+        run_bench(engine, replace(options, build=kiln.BuildConfig(device="cpu")))
+    with pytest.raises(KilnError, match=r"array\(s\) \['y'\] that are not inputs"):
+        run_bench(engine, replace(options, inputs={"y": data}))
+    with pytest.raises(KilnError, match="give one of the two"):
+        run_bench(engine, replace(options, shapes={"x": (1, WIDTH + 1)}))
+
+    npz = tmp_path / "real.npz"
+    write_npz(npz, {"x": data})
+    capsys.readouterr()
+    seen.clear()
+    assert main(["bench", str(model_path), "--device", "cpu", "--inputs", str(npz), "--iterations", "5", "--warmup-ms", "0",
+                 "--repeats", "1", "--opt-level", "0"]) == 0
+    np.testing.assert_array_equal(seen[0], data)  # no --batch, no --shapes: the data's own shape

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ from kiln.bench.results import BenchResult, LayerTime, Row
 from kiln.bench.targets import KilnTarget, Target
 from kiln.dtypes import tensor_to_numpy
 from kiln.errors import KilnError
+
+if TYPE_CHECKING:
+    from kiln.engine import Engine
 
 __all__ = ["BenchOptions", "run_bench"]
 
@@ -53,7 +56,9 @@ class BenchOptions:
     as given (``shapes`` and the model's static dims). ``build``: the BuildConfig for an ONNX model
     (its ``profiles`` are replaced by one per batch size). ``onnx``: for a ``.kiln`` engine, the
     ONNX file it was built from (the peers and the reference need it). ``reference``: compare every
-    target with the ONNX model on kiln's reference executor."""
+    target with the ONNX model on kiln's reference executor. ``inputs``: real data for some inputs
+    (name -> array, trtexec's ``--loadInputs``); its shape sets the input's shape, and at each batch
+    size its rows (axis 0) are repeated in turn or cut to that size; the other inputs are random."""
 
     batches: list[int] | None = None
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -71,26 +76,33 @@ class BenchOptions:
     onnx: str | os.PathLike[str] | None = None
     seed: int = 0
     reference: bool = True
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def run_bench(model: str | os.PathLike[str], options: BenchOptions, *, module: torch.nn.Module | None = None,
+def run_bench(model: str | os.PathLike[str] | Engine, options: BenchOptions, *, module: torch.nn.Module | None = None,
               progress: Callable[[str], None] | None = None, command: str = "") -> BenchResult:
-    """Measure ``model`` (an .onnx file, built here, or a .kiln engine) and its peers; see the module
-    docstring. ``module``: a torch module computing the same model, for the eager and compile peers.
-    ``progress(message)`` is called as work advances."""
+    """Measure ``model`` (an .onnx file, built here; a .kiln engine file; or an ``Engine`` already
+    built or loaded, whose ONNX file ``options.onnx`` names for the peers) and its peers; see the
+    module docstring. ``module``: a torch module computing the same model, for the eager and compile
+    peers. ``progress(message)`` is called as work advances."""
+    from kiln.engine import Engine
+
     say = progress or (lambda message: None)
     _check_options(options)
-    path = Path(model)
-    engine, onnx_path = _engine(path, options, say)
+    label = model.name if isinstance(model, Engine) else str(model)
+    options = replace(options, shapes=_shapes_with_inputs(options, label))
+    engine, onnx_path = (model, options.onnx) if isinstance(model, Engine) else _engine(Path(model), options, say)
+    if isinstance(model, Engine) and options.build is not None:
+        raise KilnError(f"{label}: an engine is already built; precision and build flags apply to .onnx models")
     device = engine.device
     if device.type != "cuda":
         for flag, on in (("--cuda-graph", options.cuda_graph), ("--aux-streams", bool(options.aux_streams))):
             if on:
-                raise KilnError(f"{path}: {flag} needs a CUDA GPU; this engine runs on the CPU")
+                raise KilnError(f"{label}: {flag} needs a CUDA GPU; this engine runs on the CPU")
     batches = options.batches or [None]
-    feeds = {b: _feeds(engine, options, b, str(path)) for b in batches}
+    feeds = {b: _feeds(engine, options, b, label) for b in batches}
     batch_of = {b: b if b is not None else _leading_dim(feeds[b]) for b in batches}
-    result = BenchResult(model=str(path), device=device.type, gpu=_gpu_name(device), date=_now(), command=command,
+    result = BenchResult(model=label, device=device.type, gpu=_gpu_name(device), date=_now(), command=command,
                          versions=_versions(), config=_config_json(options, engine))
     context_options = {"cuda_graph": options.cuda_graph, "aux_streams": options.aux_streams, "profile": options.profile}
     kiln_targets = [KilnTarget(engine, name="kiln", **context_options) for _ in range(options.contexts)]
@@ -252,11 +264,40 @@ def _batch_shapes(values, shapes: Mapping[str, tuple[int, ...]], batch: int | No
     return result
 
 
+def _shapes_with_inputs(options: BenchOptions, model: str) -> dict[str, tuple[int, ...]]:
+    """``--shapes`` plus the shape of each array given in ``inputs`` (the two must agree)."""
+    shapes = {name: tuple(shape) for name, shape in options.shapes.items()}
+    for name, array in options.inputs.items():
+        given = tuple(np.shape(array))
+        if not given:
+            raise KilnError(f"{model}: input {name!r} from --inputs is a scalar; a benchmarked input needs a batch axis")
+        if name in shapes and tuple(shapes[name][1:]) != given[1:]:
+            raise KilnError(f"{model}: --shapes gives input {name!r} shape {list(shapes[name])}, but its array in "
+                            f"--inputs has shape {list(given)}; give one of the two")
+        shapes.setdefault(name, given)
+    return shapes
+
+
 def _feeds(engine, options: BenchOptions, batch: int | None, model: str) -> dict[str, np.ndarray]:
+    """The inputs at one batch size: ``options.inputs`` (rows repeated in turn or cut to the batch),
+    random arrays for the rest."""
     from kiln.inputs import engine_input_values, random_inputs
 
     values = engine_input_values(engine)
-    return random_inputs(values, _batch_shapes(values, options.shapes, batch, model), seed=options.seed, model=model)
+    unknown = sorted(set(options.inputs) - {v.name for v in values})
+    if unknown:
+        raise KilnError(f"{model}: --inputs has array(s) {unknown} that are not inputs of the model; its inputs are "
+                        f"{[v.name for v in values]}")
+    shapes = _batch_shapes(values, options.shapes, batch, model)
+    rest = [v for v in values if v.name not in options.inputs]
+    feeds = random_inputs(rest, {v.name: shapes[v.name] for v in rest if v.name in shapes}, seed=options.seed, model=model)
+    for value in values:
+        if value.name in options.inputs:
+            array = np.asarray(options.inputs[value.name])
+            if batch is not None and array.shape[0] != batch:
+                array = np.take(array, np.arange(batch) % array.shape[0], axis=0)
+            feeds[value.name] = np.ascontiguousarray(array)
+    return {v.name: feeds[v.name] for v in values}
 
 
 def _leading_dim(feeds: Mapping[str, np.ndarray]) -> int:
