@@ -26,3 +26,10 @@ class InputError(KilnError):
 
 class OpError(KilnError):
     """An op failed while running; the message names the node and op."""
+
+
+def first_line(error: BaseException) -> str:
+    """An error's first line (at most 300 characters), or its type where it has no message: what a
+    one-line KilnError quotes of the library error under it."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:300]

@@ -39,7 +39,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from kiln import dtypes
-from kiln.errors import ModelLoadError, UnsupportedModelError
+from kiln.errors import ModelLoadError, UnsupportedModelError, first_line
 from kiln.ops import lookup
 from kiln.ops.registry import canonical_domain
 
@@ -99,7 +99,7 @@ def load_model_proto(
         model = ir.serde.deserialize_model(inferred)
         _with_weights(model, weights, added_inputs, base_dir)
     except Exception as error:  # noqa: BLE001 - onnx-ir wraps what it cannot read in several types
-        raise ModelLoadError(f"{name}: cannot convert the model to kiln's IR: {_first_line(error)}") from error
+        raise ModelLoadError(f"{name}: cannot convert the model to kiln's IR: {first_line(error)}") from error
     return model
 
 
@@ -108,7 +108,7 @@ def _check_and_infer(proto: onnx.ModelProto, name: str) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(proto)
     except (onnx.checker.ValidationError, ValueError) as error:
-        raise ModelLoadError(f"{name}: not a valid ONNX model: {_first_line(error)}") from error
+        raise ModelLoadError(f"{name}: not a valid ONNX model: {first_line(error)}") from error
     _check_opsets(proto, name)
     if proto.functions:
         proto = onnx.inliner.inline_local_functions(proto)
@@ -120,7 +120,7 @@ def _check_and_infer(proto: onnx.ModelProto, name: str) -> onnx.ModelProto:
         # (a Slice with steps = INT64_MAX).
         return onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=False)
     except Exception as error:  # noqa: BLE001 - onnx raises several unrelated types here
-        raise ModelLoadError(f"{name}: shape inference failed: {_first_line(error)}") from error
+        raise ModelLoadError(f"{name}: shape inference failed: {first_line(error)}") from error
 
 
 # Run in a fresh interpreter on the skeleton (read from stdin): the native checks load_model makes.
@@ -286,7 +286,7 @@ def _parse(data: bytes, label: str) -> onnx.ModelProto:
     try:
         proto.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as error:
-        raise ModelLoadError(f"{label}: not an ONNX model (truncated or corrupt protobuf: {_first_line(error)})") from error
+        raise ModelLoadError(f"{label}: not an ONNX model (truncated or corrupt protobuf: {first_line(error)})") from error
     return proto
 
 
@@ -418,8 +418,3 @@ def _check_no_sparse(proto: onnx.ModelProto, name: str) -> None:
         raise UnsupportedModelError(
             f"{name}: sparse tensors are not supported ({'; '.join(where[:5])}); store them as dense tensors"
         )
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:300]

@@ -38,8 +38,7 @@ import torch
 from kiln.bench.measure import measure, measure_parallel, saturation, spread
 from kiln.bench.results import BenchResult, LayerTime, Row
 from kiln.bench.targets import KilnTarget, Target
-from kiln.dtypes import tensor_to_numpy
-from kiln.errors import KilnError
+from kiln.errors import KilnError, first_line
 
 if TYPE_CHECKING:
     from kiln.engine import Engine
@@ -115,11 +114,8 @@ def run_bench(model: str | os.PathLike[str] | Engine, options: BenchOptions, *, 
         if getattr(peer, "note", None):
             result.notes.append(f"{peer.name}: {peer.note}")
     timing = {"warmup_ms": options.warmup_ms, "duration_s": options.duration_s, "iterations": options.iterations}
-    truths = {b: None for b in batches}
-    if options.reference:  # all batches first, then freed: its weights never count in kiln's peak memory
-        oracle = _Reference(onnx_path, device, result.notes)
-        truths = {b: oracle.outputs(feeds[b], batch_of[b], say) for b in batches}
-        oracle.close()
+    truths = (_reference_outputs(onnx_path, device, feeds, batch_of, result.notes, say) if options.reference
+              else dict.fromkeys(batches))
     for b in batches:
         batch = batch_of[b]
         truth = truths[b]
@@ -152,42 +148,41 @@ def run_bench(model: str | os.PathLike[str] | Engine, options: BenchOptions, *, 
     return result
 
 
-class _Reference:
-    """The ONNX model on kiln's reference executor (``kiln.Executor``: every node as torch ops, the
-    model's own precision, TF32 off) on the engine's device: what every target is compared with.
-    Built on first use and kept for every batch; a model it cannot run is a note, not a failure."""
+def _reference_outputs(onnx_path, device: torch.device, feeds: Mapping[Any, Mapping[str, np.ndarray]],
+                       batch_of: Mapping[Any, int], notes: list[str], say: Callable[[str], None]) -> dict[Any, Any]:
+    """What every target is compared with, per batch: the ONNX file on kiln's reference executor (the
+    eager peer's executor path: every node as torch ops, the model's own precision, TF32 off) on the
+    engine's device. Every batch is run before anything is measured and the executor is then freed,
+    so its weights are not held while kiln and the peers run. A model it cannot run is a note, not a
+    failure: the batches after it have no reference (None)."""
+    from kiln.bench.peers import EagerTarget
 
-    def __init__(self, onnx_path, device: torch.device, notes: list[str]) -> None:
-        self.path, self.device, self.notes = onnx_path, device, notes
-        self.executor = None
-        self.failed = onnx_path is None
-        if onnx_path is None:
-            notes.append("vs ref: no reference (an engine without its ONNX file; give it with --onnx)")
-
-    def outputs(self, feeds: Mapping[str, np.ndarray], batch: int, say: Callable[[str], None]) -> dict[str, np.ndarray] | None:
-        if self.failed:
-            return None
-        from kiln.executor import Executor
-        from kiln.onnx_io import load_model
-
-        say(f"reference at batch {batch}")
-        try:
-            if self.executor is None:
-                self.executor = Executor(load_model(self.path), device=self.device)
-                self.notes.append(f"vs ref: max |out - ref| / max |ref|, ref = the ONNX file on kiln's reference "
-                                  f"executor (unoptimized, the model's own precision, TF32 off) on {self.device.type}")
-            values = self.executor.run(feeds)
-            return {name: tensor_to_numpy(value) for name, value in values.items()}
-        except Exception as error:  # noqa: BLE001 - no reference is a note: the timings stand without it
-            self.failed = True
-            self.notes.append(f"vs ref: the reference executor could not run this model: {type(error).__name__}: "
-                              f"{str(error).splitlines()[0][:200] if str(error) else ''}")
-            return None
-
-    def close(self) -> None:
-        self.executor = None
-        if self.device.type == "cuda":
+    truths: dict[Any, Any] = dict.fromkeys(feeds)
+    if onnx_path is None:
+        notes.append("vs ref: no reference (an engine without its ONNX file; give it with --onnx)")
+        return truths
+    notes.append(f"vs ref: max |out - ref| / max |ref|, ref = the ONNX file on kiln's reference executor "
+                 f"(unoptimized, the model's own precision, TF32 off) on {device.type}")
+    reference = None
+    try:
+        reference = EagerTarget(onnx_path=onnx_path, device=device, name="reference")
+        for b, batch_feeds in feeds.items():
+            say(f"reference at batch {batch_of[b]}")
+            reference.setup(batch_feeds)  # runs the model once
+            reference.d2h()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            truths[b] = reference.outputs()
+    except Exception as error:  # noqa: BLE001 - no reference is a note: the timings stand without it
+        notes.append(f"vs ref: the reference executor could not run this model: {type(error).__name__}: "
+                     f"{first_line(error)}")
+    finally:
+        if reference is not None:
+            reference.close()
+        reference = None
+        if device.type == "cuda":
             torch.cuda.empty_cache()  # its weights and activations go back before anything is measured
+    return truths
 
 
 def _max_rel(got: Mapping[str, Any], truth: Mapping[str, np.ndarray] | None) -> float | None:

@@ -33,7 +33,7 @@ import torch
 
 from kiln.bench.targets import Target, empty_like_on, host_buffers
 from kiln.dtypes import tensor_to_numpy
-from kiln.errors import KilnError
+from kiln.errors import KilnError, first_line
 from kiln.executor import Executor
 from kiln.onnx_io import load_model
 
@@ -303,7 +303,7 @@ class OrtTarget(Target):
         try:
             session = ort.InferenceSession(self.onnx_path, options, providers=providers)
         except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise KilnError(f"{self.name}: onnxruntime could not load {self.onnx_path}: {_first_line(error)}") from error
+            raise KilnError(f"{self.name}: onnxruntime could not load {self.onnx_path}: {first_line(error)}") from error
         if self.cuda and "CUDAExecutionProvider" not in session.get_providers():
             raise KilnError(f"{self.name}: onnxruntime did not start its CUDA provider (CUDA or cuDNN libraries "
                             f"missing?); the session has only {session.get_providers()}")
@@ -320,7 +320,7 @@ class OrtTarget(Target):
         try:
             self._outputs = self.session.run(self._names, self._feeds)
         except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise KilnError(f"{self.name}: onnxruntime could not run the model: {_first_line(error)}") from error
+            raise KilnError(f"{self.name}: onnxruntime could not run the model: {first_line(error)}") from error
 
     def outputs(self) -> dict[str, np.ndarray]:
         return {name: value for name, value in zip(self._names, self._outputs) if isinstance(value, np.ndarray)}
@@ -423,8 +423,3 @@ def _tensor_leaves(result: Any, name: str) -> list[torch.Tensor]:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:300]
