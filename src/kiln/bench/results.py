@@ -4,6 +4,7 @@ are all drawn from one ``BenchResult`` (``to_json`` gives every number)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -174,23 +175,20 @@ def _make(cls, data: dict[str, Any], **overrides):
     return cls(**{k: v for k, v in data.items() if k in names}, **overrides)
 
 
+def _leaves(value: Any, leaf: Callable[[Any], Any]) -> Any:
+    """``value`` with ``leaf`` applied to everything inside its dicts and lists."""
+    if isinstance(value, dict):
+        return {k: _leaves(v, leaf) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_leaves(v, leaf) for v in value]
+    return leaf(value)
+
+
 def _floats(value: Any) -> Any:
     """The inverse of ``_finite``: "inf", "-inf" and "nan" are floats again."""
-    if isinstance(value, str) and value in ("inf", "-inf", "nan"):
-        return float(value)
-    if isinstance(value, dict):
-        return {k: _floats(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_floats(v) for v in value]
-    return value
+    return _leaves(value, lambda v: float(v) if isinstance(v, str) and v in ("inf", "-inf", "nan") else v)
 
 
 def _finite(value: Any) -> Any:
     """JSON has no inf/nan: they become strings."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
+    return _leaves(value, lambda v: str(v) if isinstance(v, float) and not math.isfinite(v) else v)
