@@ -55,6 +55,20 @@ def build_branches(device: str = "cpu", aux: int = 0, **config) -> kiln.Engine:
     return kiln.build(model, BuildConfig(device=device, opt_level=1, profiles=list(PROFILES), max_aux_streams=aux, **config))
 
 
+def build_branches_file(folder, device: str) -> tuple:
+    """The branches model saved in ``folder`` and built by ``kiln build`` into an engine file with two
+    auxiliary streams and two profiles (batch 1-4, tuned at 2; batch 5-16, tuned at 8)."""
+    from kiln.cli import main
+
+    model = folder / "branches.onnx"
+    onnx.save(branches_model(), model)
+    engine = folder / "branches.kiln"
+    assert main(["build", str(model), "-o", str(engine), "--device", device, "--opt-level", "1", "--quiet", "--aux-streams", "2",
+                 "--min-shapes", f"x:1x{WIDTH}", "--opt-shapes", f"x:2x{WIDTH}", "--max-shapes", f"x:4x{WIDTH}",
+                 "--min-shapes", f"x:5x{WIDTH}", "--opt-shapes", f"x:8x{WIDTH}", "--max-shapes", f"x:16x{WIDTH}"]) == 0
+    return model, engine
+
+
 def reference(x: np.ndarray) -> np.ndarray:
     """What the model computes, in numpy (float64)."""
     proto = branches_model()

@@ -5,24 +5,16 @@ from __future__ import annotations
 
 import json
 
-import onnx
 import pytest
 
 import kiln
 from kiln.cli import main
-from tests.runtime.conftest import WIDTH, branches_model
+from tests.runtime.conftest import WIDTH, build_branches_file
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cli")
-    model = folder / "branches.onnx"
-    onnx.save(branches_model(), model)
-    engine = folder / "branches.kiln"
-    assert main(["build", str(model), "-o", str(engine), "--device", "cpu", "--opt-level", "1", "--quiet", "--aux-streams", "2",
-                 "--min-shapes", f"x:1x{WIDTH}", "--opt-shapes", f"x:2x{WIDTH}", "--max-shapes", f"x:4x{WIDTH}",
-                 "--min-shapes", f"x:5x{WIDTH}", "--opt-shapes", f"x:8x{WIDTH}", "--max-shapes", f"x:16x{WIDTH}"]) == 0
-    return model, engine
+    return build_branches_file(tmp_path_factory.mktemp("cli"), "cpu")
 
 
 def test_build_with_aux_streams_and_inspect_shows_them(files, capsys):

@@ -6,26 +6,18 @@ from __future__ import annotations
 
 import json
 
-import onnx
 import pytest
 
 import kiln
 from kiln.cli import main
-from tests.runtime.conftest import WIDTH, branches_model
+from tests.runtime.conftest import WIDTH, build_branches_file
 
 pytestmark = pytest.mark.cuda
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cuda_cli")
-    model = folder / "branches.onnx"
-    onnx.save(branches_model(), model)
-    engine = folder / "branches.kiln"
-    assert main(["build", str(model), "-o", str(engine), "--device", "cuda", "--opt-level", "1", "--quiet", "--aux-streams", "2",
-                 "--min-shapes", f"x:1x{WIDTH}", "--opt-shapes", f"x:2x{WIDTH}", "--max-shapes", f"x:4x{WIDTH}",
-                 "--min-shapes", f"x:5x{WIDTH}", "--opt-shapes", f"x:8x{WIDTH}", "--max-shapes", f"x:16x{WIDTH}"]) == 0
-    return model, engine
+    return build_branches_file(tmp_path_factory.mktemp("cuda_cli"), "cuda")
 
 
 def test_run_with_graphs_contexts_aux_streams_and_a_profile(files, capsys):
