@@ -1,0 +1,136 @@
+"""Precisions and the one tolerance table every check in kiln reads.
+
+An output is judged per element the way numpy's ``allclose`` and Polygraphy do:
+
+    |got - ref| <= atol + rtol * |ref|
+
+with ``(atol, rtol)`` set by the precision the output was computed in. ``kiln run``, ``kiln bench``
+and the builder's end-to-end check read :data:`TOLERANCES`; ``--atol``/``--rtol`` override it for
+one command. NaN must sit where the reference has NaN, and an infinity where it has the same
+infinity. Integer, bool and string outputs must match exactly.
+
+The builder's per-layer checks (a tactic against the reference tactic, a reduced-precision layer
+against fp32, on random inputs whose scale varies from layer to layer) use the same table's
+``rtol`` against the layer output's own scale: see :func:`scaled_error`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Precisions a layer can run at; ``native`` is a strongly typed layer running in the model's own types.
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Per-element bound ``atol + rtol * |ref|``."""
+
+    atol: float
+    rtol: float
+
+    def __str__(self) -> str:
+        return f"atol {self.atol:g}, rtol {self.rtol:g}"
+
+
+# The one table. fp32 allows a reordered sum's rounding; tf32 keeps 10 mantissa bits, fp16 10 with
+# less range, bf16 7.
+TOLERANCES: dict[str, Tolerance] = {
+    "fp64": Tolerance(1e-7, 1e-6),
+    "fp32": Tolerance(1e-5, 1e-4),
+    "tf32": Tolerance(1e-3, 1e-3),
+    "fp16": Tolerance(1e-2, 1e-2),
+    "bf16": Tolerance(2e-2, 2e-2),
+    "exact": Tolerance(0.0, 0.0),
+}
+# Looser to tighter: an engine mixing precisions is judged at its loosest.
+_ORDER = ("exact", "fp64", "fp32", "tf32", "fp16", "bf16")
+
+_DTYPE_PRECISIONS = {"float64": "fp64", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def precision_of_dtype(dtype: object) -> str:
+    """The precision an output of this dtype (numpy, torch or its name) is judged at: floats by
+    their width, everything else exactly."""
+    name = str(dtype).removeprefix("torch.")
+    return _DTYPE_PRECISIONS.get(name, "exact")
+
+
+def loosest(precisions) -> str:
+    """The loosest of several precisions (``native`` counts as fp16: strongly typed layers run in
+    the model's own reduced types). An empty set is fp32."""
+    found = {"fp16" if p == "native" else p for p in precisions} & set(_ORDER)
+    return max(found, key=_ORDER.index) if found else "fp32"
+
+
+def tolerance(precision: str, atol: float | None = None, rtol: float | None = None) -> Tolerance:
+    """The table's tolerance for ``precision``, with ``atol``/``rtol`` overriding it where given."""
+    base = TOLERANCES[precision]
+    return Tolerance(base.atol if atol is None else float(atol), base.rtol if rtol is None else float(rtol))
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """How far ``got`` is from ``ref``: max abs diff, max rel diff (max abs / max |ref|, printed for
+    the scale), the worst element's excess over the bound, and the verdict."""
+
+    max_abs: float
+    max_rel: float
+    ok: bool
+    bad: int  # elements over the bound (NaN/inf mismatches and shape mismatches count as all)
+
+
+def judge(got: np.ndarray, ref: np.ndarray, tol: Tolerance) -> Judgement:
+    """Compare one output per element with ``tol``; a shape mismatch fails outright."""
+    got, ref = np.asarray(got), np.asarray(ref)
+    if got.shape != ref.shape:
+        return Judgement(float("inf"), float("inf"), False, max(got.size, ref.size, 1))
+    if got.dtype == object or ref.dtype == object or got.dtype.kind in "USV" or ref.dtype.kind in "USV":
+        same = got.dtype.kind == ref.dtype.kind and bool(np.array_equal(got, ref))
+        return Judgement(0.0 if same else float("inf"), 0.0 if same else float("inf"), same, 0 if same else got.size)
+    if got.size == 0:
+        return Judgement(0.0, 0.0, True, 0)
+    a, b = got.astype(np.float64), ref.astype(np.float64)
+    nan_a, nan_b = np.isnan(a), np.isnan(b)
+    inf_b = np.isinf(b)
+    special_bad = (nan_a != nan_b) | (inf_b & (a != b)) | (np.isinf(a) & ~inf_b & ~nan_b)
+    both = np.isfinite(a) & np.isfinite(b)
+    err = np.where(both, np.abs(a - b), 0.0)
+    over = both & (err > tol.atol + tol.rtol * np.abs(np.where(both, b, 0.0)))
+    bad = int(np.count_nonzero(over | special_bad))
+    max_abs = float("inf") if special_bad.any() else float(err.max())
+    finite_ref = np.abs(b[np.isfinite(b)])
+    scale = float(finite_ref.max()) if finite_ref.size else 0.0
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    return Judgement(max_abs, max_rel, bad == 0, bad)
+
+
+def scaled_error(got, ref) -> float:
+    """``max|got - ref| / max|ref|`` over finite reference values (torch tensors or arrays): a layer's
+    error against its own output's scale, for checks on random inputs. NaN and infinities must sit
+    where the reference has them, else the error is infinite."""
+    import torch
+
+    if not isinstance(got, torch.Tensor):
+        got = torch.as_tensor(np.asarray(got))
+    if not isinstance(ref, torch.Tensor):
+        ref = torch.as_tensor(np.asarray(ref))
+    if got.shape != ref.shape:
+        return float("inf")
+    a, b = got.detach().double(), ref.detach().double().to(got.device)
+    if a.numel() == 0:
+        return 0.0
+    if bool((torch.isnan(a) != torch.isnan(b)).any()):
+        return float("inf")
+    both = torch.isfinite(a) & torch.isfinite(b)
+    if bool((~both & ~torch.isnan(b) & (a != b)).any()):
+        return float("inf")
+    diff = (a - b).abs()[both]
+    scale = b.abs()[torch.isfinite(b)]
+    max_abs = float(diff.max()) if diff.numel() else 0.0
+    max_ref = float(scale.max()) if scale.numel() else 0.0
+    if max_ref == 0:
+        return 0.0 if max_abs == 0 else float("inf")
+    return max_abs / max_ref
