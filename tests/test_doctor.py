@@ -322,6 +322,35 @@ def test_reference_run_sizes_what_inference_cannot():
     assert any(d.startswith("unk") for d in static.cost.assumed)
 
 
+def test_shapes_size_unnamed_input_dims():
+    """An input dim without a name (paddle2onnx writes them) is sized by --shapes for the reference run;
+    without it, the report says which dim of which input it took as 1 and the --shapes to give."""
+    proto = computed_reshape_model()
+    proto.graph.input[0].type.tensor_type.shape.dim[0].Clear()  # x [?, 64]
+    exact = 2 * 8 * (4 * 8 * 16)
+    sized = _diagnose(proto, shapes={"x": (4, 64)})
+    assert sized.cost.nodes["mm"].flops == exact and sized.cost.assumed == [] and sized.assumed == {}
+    assert any("reference run on the CPU at x:4x64" in note for note in sized.notes)
+    unsized = _diagnose(proto)
+    assert unsized.assumed == {"x": ["? (axis 0)"]} and unsized.cost.nodes["mm"].flops == exact / 4
+    text = render_text(unsized)
+    assert "taken as 1: x ? (axis 0) (size them with --shapes x:Nx64" in text
+    assert "unk__" not in text.split("findings")[0]  # dims shape inference could not name are not listed one by one
+
+
+def test_failed_reference_run_is_quoted_whole():
+    """A reference run that fails at the assumed sizes says where it ran, what it assumed and the whole
+    error (no cut), and how to size the input; the report still stands."""
+    long_name = "encoder/" * 30 + "pool"  # the error names the node: far past the 200 characters once kept
+    nodes = [helper.make_node("AveragePool", ["x"], ["p"], name=long_name, kernel_shape=[3, 3]),
+             helper.make_node("Shape", ["p"], ["ps"], name="shape"),
+             helper.make_node("Reshape", ["p", "ps"], ["y"], name="reshape")]
+    report = _diagnose(_proto(nodes, [_vi("x", ["batch", 3, "height", "width"])], [_vi("y", ["batch", 3, "oh", "ow"])]))
+    [note] = report.notes
+    assert note.startswith("no reference run at x:1x3x1x1 (x batch, height, width taken as 1): ")
+    assert f"node '{long_name}'" in note and "is larger than the padded input (1); give --shapes x:batchx3xheightxwidth" in note
+
+
 # -- the report --------------------------------------------------------------------------------------
 
 

@@ -1,8 +1,12 @@
 """Checking kiln's outputs against a reference (onnxruntime, or an unoptimized run).
 
-The relative difference of an output is ``max|kiln - ref| / max|ref|``: the worst error measured
-against the output's own scale. An element-wise ratio would blow up wherever the reference crosses
-zero, which every real activation does. Integer and bool outputs must match exactly.
+Each output is judged per element, as numpy's ``allclose`` and Polygraphy do, by
+``kiln.precision.judge``: ``|kiln - ref| <= atol + rtol * |ref|``, with ``(atol, rtol)`` from the one
+tolerance table (``kiln.precision.TOLERANCES``) for the output's dtype and the precision that
+computed it. A tiny output (a sigmoid map peaking at 1e-3) is then judged by ``atol`` rather than
+failing on a relative error of noise. The max absolute difference and the max relative difference
+(``max|kiln - ref| / max|ref|``: the worst error against the output's own scale) are reported beside
+the verdict. Integer, bool and string outputs must match exactly.
 """
 
 from __future__ import annotations
@@ -15,51 +19,44 @@ from typing import Any
 import numpy as np
 
 from kiln.errors import KilnError
-
-# Relative tolerance by element type, as the project's standards set them.
-TOLERANCES = {"float32": 1e-4, "float64": 1e-6, "float16": 1e-2, "bfloat16": 1e-2}
+from kiln.precision import Tolerance, judge, output_tolerance
 
 
-@dataclass
+@dataclass(frozen=True)
 class OutputDiff:
+    """One output against its reference: the tolerance it was judged at, the max abs and max rel
+    differences, and how many of its ``size`` elements are over ``atol + rtol * |ref|`` (``bad``)."""
+
     name: str
     shape: tuple[int, ...]
     dtype: str
+    tolerance: Tolerance
     max_abs: float
     max_rel: float
-    tolerance: float
+    bad: int
+    size: int
 
     @property
     def ok(self) -> bool:
-        return self.max_rel <= self.tolerance
+        return self.bad == 0
+
+    @property
+    def verdict(self) -> str:
+        return "ok" if self.ok else "OVER"
 
 
-def tolerance_for(dtype: str) -> float:
-    return TOLERANCES.get(dtype, 0.0)
-
-
-def diff(name: str, got: np.ndarray, ref: np.ndarray, tolerance: float | None = None) -> OutputDiff:
-    """Compare one output; a shape or dtype mismatch is reported as an infinite difference."""
-    dtype = str(got.dtype)
-    tol = tolerance_for(dtype) if tolerance is None else tolerance
+def diff(name: str, got: np.ndarray, ref: np.ndarray, tolerance: Tolerance | None = None, *,
+         computed_in: str | None = None, atol: float | None = None, rtol: float | None = None) -> OutputDiff:
+    """Compare one output. ``tolerance`` given is used as is; otherwise it comes from the table for
+    ``got``'s dtype and ``computed_in`` (see ``kiln.precision.output_tolerance``), with ``atol`` and
+    ``rtol`` overriding it. A shape mismatch, or a dtype of another kind, fails every element."""
+    got, ref = np.asarray(got), np.asarray(ref)
+    tol = tolerance or output_tolerance(got.dtype, computed_in, atol, rtol)
+    size = max(got.size, ref.size, 1)
     if got.shape != ref.shape or (got.dtype != ref.dtype and got.dtype.kind != ref.dtype.kind):
-        return OutputDiff(name, tuple(got.shape), dtype, float("inf"), float("inf"), tol)
-    if got.dtype == object:
-        same = bool(np.array_equal(got, ref))
-        return OutputDiff(name, tuple(got.shape), dtype, 0.0 if same else float("inf"), 0.0 if same else float("inf"), tol)
-    a = got.astype(np.float64)
-    b = ref.astype(np.float64)
-    if a.size == 0:
-        return OutputDiff(name, tuple(got.shape), dtype, 0.0, 0.0, tol)
-    nan_mismatch = np.isnan(a) != np.isnan(b)
-    both = ~(np.isnan(a) | np.isnan(b))
-    inf_equal = np.isinf(a) & (a == b)
-    err = np.where(both & ~inf_equal, np.abs(a - b), 0.0)
-    max_abs = float("inf") if nan_mismatch.any() else float(err.max())
-    finite_ref = np.abs(b[np.isfinite(b)])
-    scale = float(finite_ref.max()) if finite_ref.size else 0.0
-    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
-    return OutputDiff(name, tuple(got.shape), dtype, max_abs, max_rel, tol)
+        return OutputDiff(name, tuple(got.shape), str(got.dtype), tol, float("inf"), float("inf"), size, size)
+    j = judge(got, ref, tol)
+    return OutputDiff(name, tuple(got.shape), str(got.dtype), tol, j.max_abs, j.max_rel, j.bad, got.size)
 
 
 def run_onnxruntime(model_path: str | os.PathLike[str], feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -80,13 +77,11 @@ def run_onnxruntime(model_path: str | os.PathLike[str], feeds: Mapping[str, np.n
     return dict(zip(names, results))
 
 
-def compare_outputs(
-    outputs: Mapping[str, Any], reference: Mapping[str, np.ndarray], tolerance: float | None = None
-) -> list[OutputDiff]:
+def compare_outputs(outputs: Mapping[str, Any], reference: Mapping[str, np.ndarray], tolerance: Tolerance | None = None,
+                    *, computed_in: str | None = None, atol: float | None = None,
+                    rtol: float | None = None) -> list[OutputDiff]:
+    """``diff`` for every output of ``reference`` (``outputs`` may hold torch tensors)."""
     from kiln.dtypes import tensor_to_numpy
 
-    diffs = []
-    for name, ref in reference.items():
-        got = outputs[name]
-        diffs.append(diff(name, tensor_to_numpy(got), np.asarray(ref), tolerance))
-    return diffs
+    return [diff(name, tensor_to_numpy(outputs[name]), np.asarray(ref), tolerance, computed_in=computed_in,
+                 atol=atol, rtol=rtol) for name, ref in reference.items()]

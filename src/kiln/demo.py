@@ -3,8 +3,10 @@
 The model is a small image network written with ``onnx.helper`` (conv + BatchNorm + ReLU stem, a
 residual block, max pooling, then a LayerNorm + single-head self-attention block over the pixels,
 a pooled Gemm classifier): the layer kinds of ResNet and ViT in 26 nodes, with seeded random
-weights, so nothing is downloaded. The demo loads it, plans it, runs it, checks the outputs against
-onnxruntime and prints a short report.
+weights, so nothing is downloaded. The demo builds an engine of it (on the GPU where there is one,
+else the CPU), saves it, runs it, checks its outputs against onnxruntime at the tolerance table's
+precision, and prints what the build did (passes and fusions, layers, tactics, precisions) and the
+commands to try next.
 """
 
 from __future__ import annotations
@@ -85,52 +87,68 @@ def make_demo_model(batch: int = 2, seed: int = 0) -> onnx.ModelProto:
 
 
 def run_demo(out_dir: Path) -> bool:
-    """Generate, load, plan, run and check the demo model; print the report; True if it matches."""
+    """Generate the demo model, build and save its engine, run it, check it against onnxruntime and
+    print the report; True if every output is within tolerance."""
     from rich.console import Console
-    from rich.table import Table
 
     from kiln import compare
     from kiln.atomic_file import write_atomically
-    from kiln.dtypes import tensor_to_numpy
-    from kiln.executor import Executor
-    from kiln.inputs import random_inputs
-    from kiln.onnx_io import load_model
+    from kiln.builder import BuildConfig, build
+    from kiln.device import default_device
+    from kiln.inputs import engine_input_values, random_inputs
+    from kiln.precision import engine_precision
+    from kiln.tables import Column, build_summary, print_table
 
     console = Console()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "kiln-demo.onnx"
-    model_bytes = make_demo_model().SerializeToString()
-    write_atomically(path, lambda handle: handle.write(model_bytes))
 
-    t0 = time.perf_counter()
-    model = load_model(path)
-    t1 = time.perf_counter()
-    executor = Executor(model, device="cpu", name=str(path))
-    t2 = time.perf_counter()
-    feeds = random_inputs(executor.inputs, seed=1)
+    def say(text: str = "") -> None:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path, engine_path = out_dir / "demo.onnx", out_dir / "demo.kiln"
+    model = make_demo_model()
+    model_bytes = model.SerializeToString()
+    write_atomically(path, lambda handle: handle.write(model_bytes))
+    ops: dict[str, int] = {}
+    for node in model.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    console.print(f"[bold]kiln demo[/]: {path}", highlight=False)
+    say(f"  {len(model.graph.node)} nodes, opset {OPSET}: " + ", ".join(f"{op} x{n}" for op, n in sorted(ops.items())))
+
+    engine = build(path, BuildConfig(device=default_device()))
+    engine.save(engine_path)
+    say("")
+    say(f"built {engine_path} for {engine.device.type}:")
+    for line in engine.report.lines:
+        say(f"  {line}")
+    print_table(console, [Column(""), Column("")], build_summary(engine), header=False)
+
+    feeds = random_inputs(engine_input_values(engine), seed=1)
     times = []
     for _ in range(5):
         start = time.perf_counter()
-        outputs = executor.run(feeds)
+        outputs = engine.run(feeds)
         times.append(time.perf_counter() - start)
     reference = compare.run_onnxruntime(path, feeds)
-    diffs = compare.compare_outputs({k: tensor_to_numpy(v) for k, v in outputs.items()}, reference)
-
-    ops: dict[str, int] = {}
-    for node in model.graph:
-        ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    console.print(f"[bold]kiln demo[/] - {path}")
-    console.print(f"  model : {len(model.graph)} nodes, opset {OPSET}: " + ", ".join(f"{op} x{n}" for op, n in sorted(ops.items())))
-    console.print(f"  load  : {(t1 - t0) * 1e3:.1f} ms (checker, shape inference, op coverage)")
-    console.print(f"  build : {(t2 - t1) * 1e3:.1f} ms (reference plan: one torch op per node, CPU)")
-    console.print(f"  run   : median {statistics.median(times) * 1e3:.2f} ms over {len(times)} runs, batch {feeds['image'].shape[0]}")
-    table = Table(title="outputs against onnxruntime (CPU)")
-    for column in ["output", "shape", "max abs diff", "max rel diff", "tolerance", "verdict"]:
-        table.add_column(column)
-    for d in diffs:
-        table.add_row(d.name, "x".join(map(str, d.shape)), f"{d.max_abs:.2e}", f"{d.max_rel:.2e}", f"{d.tolerance:g}",
-                      "[green]ok[/]" if d.ok else "[red]MISMATCH[/]")
-    console.print(table)
+    diffs = compare.compare_outputs(outputs, reference, computed_in=engine_precision(engine))
+    say("")
+    say(f"ran the engine: median {statistics.median(times) * 1e3:.2f} ms over {len(times)} runs at batch "
+        f"{feeds['image'].shape[0]}")
+    print_table(console, [Column("output"), Column("shape"), Column("max abs diff", numeric=True),
+                          Column("max rel diff", numeric=True), Column("atol", numeric=True),
+                          Column("rtol", numeric=True), Column("verdict")],
+                [[d.name, "x".join(map(str, d.shape)), f"{d.max_abs:.2e}", f"{d.max_rel:.2e}", f"{d.tolerance.atol:g}",
+                  f"{d.tolerance.rtol:g}", d.verdict] for d in diffs],
+                title="outputs against onnxruntime (CPU), per element |kiln - ort| <= atol + rtol * |ort|")
     ok = all(d.ok for d in diffs)
     console.print("[bold green]demo passed[/]" if ok else "[bold red]demo failed: kiln differs from onnxruntime[/]")
+    say("")
+    say("next:")
+    for command, what in ((f"kiln inspect {engine_path}", "every layer: its nodes, tactic, precision and time"),
+                          (f"kiln run {engine_path} --compare onnxruntime --onnx {path}", "run the engine again"),
+                          (f"kiln bench {engine_path} --onnx {path} --peers eager,onnxruntime",
+                           "latency and throughput beside PyTorch and onnxruntime"),
+                          (f"kiln doctor {path}", "every performance rule that applies to the model")):
+        say(f"  {command}")
+        say(f"      {what}")
     return ok

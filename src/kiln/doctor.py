@@ -52,8 +52,12 @@ name nodes). It collects:
    two is its impact), and sorts by it. A dynamic-input finding's share is that of every node
    downstream of the input. Where shape inference left dimensions it cannot name (the exporters'
    computed reshapes give ``unk__N``), the model is run once by the reference executor on the CPU,
-   on random inputs at the given shapes (dynamic input dims not given: 1), and the recorded shapes
-   are used; ``run_reference=False`` (``--no-run``) keeps to the inferred shapes.
+   on random inputs, and the recorded shapes are used; ``run_reference=False`` (``--no-run``) keeps
+   to the inferred shapes. Each input's shape for that run is its ``shapes`` entry (which sizes
+   unnamed dims too), else the first profile's opt shape, else its declared dims: the model's own
+   static sizes, symbolic ones sized by a named dim given elsewhere, and only the rest taken as 1,
+   every one of those named in the report (``Report.assumed``) with the ``--shapes`` to give. A run
+   that fails is a note quoting the whole error, not a failure of the report.
 
 ``render_text`` prints a one-screen summary (model, precision, nodes, GFLOPs, MB, findings per rule
 and the pass that fixes them, the top five) and then one block per finding; ``Report.to_json`` is
@@ -108,6 +112,7 @@ HOST_READS = HOST_INPUTS | frozenset({
 _ML_DOMAIN = "ai.onnx.ml"
 TOP = 5
 NODES_SHOWN = 4
+DERIVED_SHOWN = 6  # more (or longer) dims shape inference could not size are counted, not listed
 
 
 @dataclass
@@ -145,6 +150,9 @@ class Report:
     profiles: int = 0
     errors: list[str] = field(default_factory=list)  # passes whose find() failed, with the error
     notes: list[str] = field(default_factory=list)  # how the estimate got its shapes
+    # input -> its dims nothing sized, taken as 1 ("batch", or "? (axis 2)" for an unnamed dim)
+    assumed: dict[str, list[str]] = field(default_factory=dict)
+    example: dict[str, str] = field(default_factory=dict)  # input -> its shape as --shapes takes it, to fill in
 
     @property
     def findings(self) -> list[Finding]:
@@ -169,7 +177,8 @@ class Report:
         return {
             "model": self.model, "precision": self.precision, "nodes": self.nodes, "gflops": self.cost.flops / 1e9,
             "mbytes": self.cost.bytes / 1e6, "dims": dict(self.dims), "profiles": self.profiles,
-            "assumed_dims": list(self.cost.assumed), "unmodelled_ops": dict(self.cost.unmodelled),
+            "assumed_dims": list(self.cost.assumed), "assumed_input_dims": {k: list(v) for k, v in self.assumed.items()},
+            "unmodelled_ops": dict(self.cost.unmodelled),
             "findings": len(self.entries), "by_rule": self.rule_counts(), "fixed_automatically": sum(fixed.values()),
             "fixed_by": fixed, "need_model_change": sum(1 for e in self.entries if not e.finding.pass_name),
             "errors": list(self.errors), "notes": list(self.notes),
@@ -229,8 +238,9 @@ def diagnose(
     """Every finding for ``model`` at ``precision``, with shares, sorted by impact.
 
     ``profiles`` (``kiln.Profile``, as ``kiln build`` takes them): the inputs they all cover need no
-    dynamic-input finding, and the first one's opt shapes size symbolic dims. ``shapes`` (name -> concrete shape) sizes symbolic dims only. Unsized dims count
-    as 1 in the estimates, and the report says so. ``run_reference``: see the module docstring.
+    dynamic-input finding, and the first one's opt shapes size symbolic dims. ``shapes`` (name ->
+    concrete shape) sizes symbolic dims, named or not. Unsized dims count as 1 in the estimates, and
+    the report says which. ``run_reference``: see the module docstring.
     """
     label = name or model.graph.name or "model"
     PassContext(precision=precision).validate()
@@ -250,14 +260,15 @@ def diagnose(
     cost = model_cost(model, dims)
     notes = []
     recorded = None
-    inputs_at_one = _unsized_input_dims(model, dims)
+    sizes, assumed, example, inputs_at_one = _input_sizes(model, dims, shapes or {}, profiles[0] if profiles else None)
     if run_reference and set(cost.assumed) - set(inputs_at_one):
-        recorded, note = _recorded_shapes(model, dims, label)
+        recorded, note = _recorded_shapes(model, sizes, assumed, example, label)
         notes.append(note)
         if recorded is not None:
             cost = model_cost(model, dims, recorded)
             cost.assumed = sorted(set(cost.assumed) | set(inputs_at_one))
-    report = Report(label, precision, len(model.graph), cost, dims=dims, profiles=len(profiles), notes=notes)
+    report = Report(label, precision, len(model.graph), cost, dims=dims, profiles=len(profiles), notes=notes,
+                    assumed=assumed, example=example)
 
     findings: list[Finding] = []
     for pass_ in registered_passes().values():
@@ -309,29 +320,58 @@ def _graph_inputs(model: ir.Model) -> list[ir.Value]:
     return [v for v in model.graph.inputs if v.name not in model.graph.initializers]
 
 
-def _unsized_input_dims(model: ir.Model, dims: Mapping[str, int]) -> list[str]:
-    names = []
+def _input_sizes(model: ir.Model, dims: Mapping[str, int], shapes: Mapping[str, Sequence[int]], profile: Profile | None
+                 ) -> tuple[dict[str, tuple[int, ...] | None], dict[str, list[str]], dict[str, str], list[str]]:
+    """Each graph input's shape for the reference run (see the module docstring; None: no declared
+    rank), the dims taken as 1 per input ("batch", or "? (axis 2)" for an unnamed one), each such
+    input's shape as --shapes takes it with those dims to fill in, and their names as ``kiln.cost``
+    lists assumed dims ("?" for unnamed ones)."""
+    given = {**({name: s[1] for name, s in profile.shapes.items()} if profile else {}), **shapes}
+    sizes: dict[str, tuple[int, ...] | None] = {}
+    assumed: dict[str, list[str]] = {}
+    example: dict[str, str] = {}
+    names: dict[str, None] = {}
     for value in _graph_inputs(model):
-        for dim in value.shape or ():
-            if not isinstance(dim, int):
-                name = str(getattr(dim, "value", None) or "?")
-                if name not in dims:
-                    names.append(name)
-    return names
+        if value.name in given:
+            sizes[value.name] = tuple(int(d) for d in given[value.name])
+            continue
+        if value.shape is None:
+            sizes[value.name] = None
+            continue
+        shape = []
+        for axis, dim in enumerate(value.shape):
+            name = None if isinstance(dim, int) else getattr(dim, "value", None)
+            if isinstance(dim, int) or (name is not None and str(name) in dims):
+                shape.append(int(dim) if isinstance(dim, int) else int(dims[str(name)]))
+                continue
+            shape.append(1)
+            assumed.setdefault(value.name, []).append(str(name) if name is not None else f"? (axis {axis})")
+            names[str(name) if name is not None else "?"] = None
+        sizes[value.name] = tuple(shape)
+        if value.name in assumed:
+            example[value.name] = "x".join(str(d) if isinstance(d, int) else _placeholder(d) for d in value.shape)
+    return sizes, assumed, example, list(names)
 
 
-def _recorded_shapes(model: ir.Model, dims: Mapping[str, int], label: str) -> tuple[dict[str, tuple[int, ...]] | None, str]:
-    """Every main-graph value's shape from one reference run on the CPU at concrete input shapes
-    (given dims, else 1), and a note saying what was done; (None, why) when the run is impossible."""
-    from kiln.errors import KilnError
+def _placeholder(dim) -> str:
+    """A symbolic dim as a --shapes placeholder: its name where that reads as one, else N."""
+    name = str(getattr(dim, "value", None) or "")
+    return name if name.isidentifier() else "N"
+
+
+def _recorded_shapes(model: ir.Model, sizes: Mapping[str, tuple[int, ...] | None], assumed: Mapping[str, list[str]],
+                     example: Mapping[str, str], label: str) -> tuple[dict[str, tuple[int, ...]] | None, str]:
+    """Every main-graph value's shape from one reference run on the CPU at ``sizes``, and a note
+    saying what was done; (None, why, quoting the whole error) when the run is impossible or fails."""
     from kiln.executor import Executor
     from kiln.inputs import random_inputs
 
-    sizes = {}
-    for value in _graph_inputs(model):
-        if value.shape is None:
-            return None, f"no reference run: input {value.name!r} has no declared rank; dims unknown to shape inference taken as 1"
-        sizes[value.name] = tuple(d if isinstance(d, int) else dims.get(str(getattr(d, "value", None)), 1) for d in value.shape)
+    hint = ("; give " + " ".join(f"--shapes {k}:{v}" for k, v in example.items()) + " with the sizes you run at"
+            if example else "")
+    unranked = [name for name, shape in sizes.items() if shape is None]
+    if unranked:
+        return None, (f"no reference run: input {unranked[0]!r} has no declared rank (give its shape with --shapes "
+                      f"{unranked[0]}:AxB...); dims unknown to shape inference taken as 1")
     recorded: dict[str, tuple[int, ...]] = {}
 
     def observe(step, outputs) -> None:
@@ -340,6 +380,8 @@ def _recorded_shapes(model: ir.Model, dims: Mapping[str, int], label: str) -> tu
                 recorded[out_name] = tuple(int(d) for d in result.shape)
 
     shown = ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in sizes.items())
+    taken = (" (" + "; ".join(f"{name} {', '.join(dims)} taken as 1" for name, dims in assumed.items()) + ")"
+             if assumed else "")
     try:
         executor = Executor(model, device="cpu", name=label)
         feeds = random_inputs(executor.inputs, sizes, model=label)
@@ -347,10 +389,10 @@ def _recorded_shapes(model: ir.Model, dims: Mapping[str, int], label: str) -> tu
             recorded[name] = tuple(array.shape)
         executor.observer = observe
         executor.run(feeds)
-    except (KilnError, RuntimeError, ValueError, MemoryError) as error:
-        return None, (f"no reference run ({type(error).__name__}: {' '.join(str(error).split())[:200]}); "
-                      "dims unknown to shape inference taken as 1")
-    return recorded, f"shapes recorded by a reference run on the CPU at {shown}"
+    except Exception as error:  # noqa: BLE001 - without the run the estimate stands on inferred shapes
+        return None, (f"no reference run at {shown}{taken}: {type(error).__name__}: {' '.join(str(error).split())}"
+                      f"{hint}; dims unknown to shape inference taken as 1")
+    return recorded, f"shapes recorded by a reference run on the CPU at {shown}{taken}"
 
 
 def _show_dim(dim) -> str:
@@ -527,8 +569,17 @@ def render_text(report: Report) -> str:
              f"{_amount(report.cost.bytes, 'B')} moved (estimated per run)"]
     if report.dims:
         lines.append("  sized with " + ", ".join(f"{k}={v}" for k, v in report.dims.items()))
-    if report.cost.assumed:
-        lines.append(f"  symbolic dims taken as 1: {', '.join(report.cost.assumed)} (give --shapes or --opt-shapes to size them)")
+    if report.assumed:
+        lines.append("  input dims nothing sizes, taken as 1: "
+                     + "; ".join(f"{name} {', '.join(dims)}" for name, dims in report.assumed.items())
+                     + " (size them with " + " ".join(f"--shapes {k}:{v}" for k, v in report.example.items())
+                     + " or --opt-shapes)")
+    inputs_at_one = {d.split(" (axis ")[0] for dims in report.assumed.values() for d in dims}
+    derived = [d for d in report.cost.assumed if d not in inputs_at_one]
+    if derived:
+        shown = ", ".join(derived) if len(derived) <= DERIVED_SHOWN and all(len(d) <= 24 for d in derived) else \
+            f"{len(derived)} (kiln doctor --json lists them)"
+        lines.append(f"  dims shape inference derived or could not size, taken as 1: {shown}")
     if report.cost.unmodelled:
         lines.append("  counted as bytes only (no FLOP model): "
                      + ", ".join(f"{op} x{n}" for op, n in report.cost.unmodelled.items()))

@@ -26,9 +26,12 @@ bytes as the dims say).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,6 +50,8 @@ from kiln.ops.registry import canonical_domain
 MAX_OPSETS = {"": 28, "ai.onnx.ml": 5, "ai.onnx.preview.training": 1, "ai.onnx.preview": 1, "ai.kiln": 1}
 
 DEFAULT_MAX_BYTES = int(os.environ.get("KILN_MAX_MODEL_BYTES", 8 << 30))
+
+log = logging.getLogger(__name__)
 
 
 def load_model(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES) -> ir.Model:
@@ -67,10 +72,24 @@ def load_model(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYT
         )
     native = _NativeChecks()  # the child starts its interpreter while this one parses the file
     try:
-        proto = _parse(path.read_bytes(), label)
+        with _onnx_notes(label):
+            proto = _parse(path.read_bytes(), label)
         return load_model_proto(proto, name=label, base_dir=path.parent, max_bytes=max_bytes - size, _native=native)
     finally:
         native.close()
+
+
+@contextlib.contextmanager
+def _onnx_notes(name: str) -> Iterator[None]:
+    """onnx's Python warnings (an unknown external-data key, met once per helper that reads it) as
+    one kiln note each, on logger ``kiln``, instead of Python's two-line warnings on the terminal."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for text in dict.fromkeys(first_line(w.message) for w in caught):
+                log.warning("%s: %s", name, text)
 
 
 def load_model_proto(
@@ -82,6 +101,12 @@ def load_model_proto(
     _native: _NativeChecks | None = None,
 ) -> ir.Model:
     """Check and convert a ModelProto already in memory. External data is read from ``base_dir``."""
+    with _onnx_notes(name):
+        return _load_proto(proto, name, base_dir, max_bytes, _native)
+
+
+def _load_proto(proto: onnx.ModelProto, name: str, base_dir: str | os.PathLike[str] | None, max_bytes: int,
+                _native: _NativeChecks | None) -> ir.Model:
     _check_structure(proto, name)
     external = list(_external_tensors(proto.graph))
     if external:

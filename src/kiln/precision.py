@@ -71,6 +71,22 @@ def tolerance(precision: str, atol: float | None = None, rtol: float | None = No
     return Tolerance(base.atol if atol is None else float(atol), base.rtol if rtol is None else float(rtol))
 
 
+def output_tolerance(dtype: object, computed_in: str | None = None, atol: float | None = None,
+                     rtol: float | None = None) -> Tolerance:
+    """The tolerance one output is judged at: a non-float output exactly; a float output at the looser
+    of its dtype's precision and ``computed_in`` (the precision that produced it: an fp32 output of
+    an engine with fp16 layers carries fp16 error). ``atol``/``rtol`` override the table."""
+    own = precision_of_dtype(dtype)
+    if own != "exact" and computed_in is not None:
+        own = loosest([own, computed_in])
+    return tolerance(own, atol, rtol)
+
+
+def engine_precision(engine) -> str:
+    """The loosest precision among an engine's layers: what its outputs are judged at."""
+    return loosest(layer["precision"] for layer in engine.plan["layers"])
+
+
 @dataclass(frozen=True)
 class Judgement:
     """How far ``got`` is from ``ref``: max abs diff, max rel diff (max abs / max |ref|, printed for

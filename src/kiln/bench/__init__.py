@@ -14,7 +14,10 @@ are compared with kiln's, so a fast wrong result shows. Every target, kiln inclu
 compared with the reference: the ONNX file itself on kiln's reference executor (every node as
 torch ops, the model's own precision, TF32 off, on the engine's device), once per batch size. When
 kiln fp16 and eager fp16 disagree, the reference says which one lost the precision (a model whose
-activations fall below fp16's range, say). ``profile_layers`` adds the per-layer
+activations fall below fp16's range, say). Each comparison is judged per element,
+``|out - other| <= atol + rtol * |other|``, at the tolerance ``kiln.precision`` gives each output's
+dtype and the engine's loosest layer precision (``atol``/``rtol`` override it); rows carry the
+verdicts (``diff_ok``, ``ref_ok``) beside the max relative differences. ``profile_layers`` adds the per-layer
 profile of the engine (TensorRT's ``--dumpProfile``) at the largest batch.
 
 Everything that is not GPU-only works on the CPU; GPU-only options (CUDA graphs, auxiliary
@@ -55,7 +58,8 @@ class BenchOptions:
     as given (``shapes`` and the model's static dims). ``build``: the BuildConfig for an ONNX model
     (its ``profiles`` are replaced by one per batch size). ``onnx``: for a ``.kiln`` engine, the
     ONNX file it was built from (the peers and the reference need it). ``reference``: compare every
-    target with the ONNX model on kiln's reference executor. ``inputs``: real data for some inputs
+    target with the ONNX model on kiln's reference executor. ``atol``/``rtol``: override the
+    tolerance table for those comparisons. ``inputs``: real data for some inputs
     (name -> array, trtexec's ``--loadInputs``); its shape sets the input's shape, and at each batch
     size its rows (axis 0) are repeated in turn or cut to that size; the other inputs are random."""
 
@@ -76,6 +80,8 @@ class BenchOptions:
     seed: int = 0
     reference: bool = True
     inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    atol: float | None = None
+    rtol: float | None = None
 
 
 def run_bench(model: str | os.PathLike[str] | Engine, options: BenchOptions, *, module: torch.nn.Module | None = None,
@@ -116,6 +122,8 @@ def run_bench(model: str | os.PathLike[str] | Engine, options: BenchOptions, *, 
     timing = {"warmup_ms": options.warmup_ms, "duration_s": options.duration_s, "iterations": options.iterations}
     truths = (_reference_outputs(onnx_path, device, feeds, batch_of, result.notes, say) if options.reference
               else dict.fromkeys(batches))
+    judge = _Judge(engine, options)
+    result.notes.append(judge.note)
     for b in batches:
         batch = batch_of[b]
         truth = truths[b]
@@ -126,11 +134,11 @@ def run_bench(model: str | os.PathLike[str] | Engine, options: BenchOptions, *, 
         row.runs = [measure_parallel(kiln_targets, batch, **timing) for _ in range(options.repeats)]
         reference = kiln_targets[0].outputs()
         row.spread = spread(*row.runs[:2]) if len(row.runs) >= 2 else None
-        row.ref_rel_diff = _max_rel(reference, truth)
+        row.ref_rel_diff, row.ref_ok = judge(reference, truth)
         result.rows.append(row)
         for peer in peers:
             say(f"{peer.name} at batch {batch}")
-            row = _measure_peer(peer, feeds[b], batch, reference, truth, options, timing)
+            row = _measure_peer(peer, feeds[b], batch, reference, truth, options, timing, judge)
             result.rows.append(row)
             if row.error is None and getattr(peer, "compile_s", None) is not None:
                 result.notes.append(f"{peer.name} at batch {batch}: compiled in {peer.compile_s:.1f} s "
@@ -185,14 +193,30 @@ def _reference_outputs(onnx_path, device: torch.device, feeds: Mapping[Any, Mapp
     return truths
 
 
-def _max_rel(got: Mapping[str, Any], truth: Mapping[str, np.ndarray] | None) -> float | None:
-    """max over the outputs of max|got - truth| / max|truth| (``kiln.compare.diff``)."""
-    from kiln.compare import diff
+class _Judge:
+    """Outputs against other outputs (``kiln.compare``), per element at the tolerance of each output's
+    dtype and the engine's loosest layer precision, ``atol``/``rtol`` overriding the table."""
 
-    if truth is None:
-        return None
-    diffs = [diff(name, np.asarray(got[name]), np.asarray(ref)).max_rel for name, ref in truth.items() if name in got]
-    return max(diffs) if diffs else None
+    def __init__(self, engine, options: BenchOptions) -> None:
+        from kiln.precision import engine_precision, output_tolerance
+
+        self.computed_in, self.atol, self.rtol = engine_precision(engine), options.atol, options.rtol
+        shown = output_tolerance("float32", self.computed_in, self.atol, self.rtol)
+        self.note = (f"verdicts per element, |out - other| <= atol + rtol * |other|: float outputs at {shown} "
+                     f"(the engine's {self.computed_in}; --atol/--rtol override), other dtypes exactly")
+
+    def __call__(self, got: Mapping[str, Any], truth: Mapping[str, np.ndarray] | None) -> tuple[float | None, bool | None]:
+        """(the largest max|got - truth| / max|truth| over the outputs, whether every element is within
+        tolerance); (None, None) without a truth."""
+        from kiln.compare import compare_outputs
+
+        if truth is None:
+            return None, None
+        shared = {name: ref for name, ref in truth.items() if name in got}
+        diffs = compare_outputs(got, shared, computed_in=self.computed_in, atol=self.atol, rtol=self.rtol)
+        if not diffs:
+            return None, None
+        return max(d.max_rel for d in diffs), all(d.ok for d in diffs)
 
 
 def _check_options(options: BenchOptions) -> None:
@@ -314,7 +338,8 @@ def _peers(options: BenchOptions, onnx_path, module, engine) -> tuple[list[Targe
 
 
 def _measure_peer(peer: Target, feeds, batch: int, reference: Mapping[str, np.ndarray],
-                  truth: Mapping[str, np.ndarray] | None, options: BenchOptions, timing: Mapping[str, Any]) -> Row:
+                  truth: Mapping[str, np.ndarray] | None, options: BenchOptions, timing: Mapping[str, Any],
+                  judge: _Judge) -> Row:
     row = Row(peer.name, batch)
     try:
         peer.setup(feeds)
@@ -327,8 +352,8 @@ def _measure_peer(peer: Target, feeds, batch: int, reference: Mapping[str, np.nd
         row.error = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
         return row
     row.spread = spread(*row.runs[:2]) if len(row.runs) >= 2 else None
-    row.max_rel_diff = _max_rel(got, reference)
-    row.ref_rel_diff = _max_rel(got, truth)
+    row.max_rel_diff, row.diff_ok = judge(got, reference)
+    row.ref_rel_diff, row.ref_ok = judge(got, truth)
     return row
 
 
@@ -386,7 +411,8 @@ def _config_json(options: BenchOptions, engine) -> dict[str, Any]:
             "warmup_ms": options.warmup_ms, "duration_s": options.duration_s if options.iterations is None else None,
             "iterations": options.iterations, "repeats": options.repeats, "peers": list(options.peers),
             "cuda_graph": options.cuda_graph, "contexts": options.contexts, "aux_streams": options.aux_streams,
-            "profile": options.profile, "build": build, "engine_summary": engine.summary()}
+            "profile": options.profile, "build": build, "engine_summary": engine.summary(),
+            "tolerance": {"atol": options.atol, "rtol": options.rtol}}
 
 
 def parse_batches(text: str | None) -> list[int] | None:

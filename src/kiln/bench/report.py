@@ -3,7 +3,8 @@
 
 All three read the same result and compute nothing new beyond ratios, so they never disagree. The
 terminal report puts anything a reader must not miss (errors, noisy repeats, the saturation verdict)
-on plain lines rather than in table cells or titles, which rich wraps or folds on narrow terminals.
+on plain lines rather than in table cells or titles, and draws its tables with ``kiln.tables``
+(plain lines in a pipe or a narrow terminal, so a number is never wrapped).
 """
 
 from __future__ import annotations
@@ -12,20 +13,19 @@ import io
 import json
 import os
 
-from rich import box
 from rich.console import Console
-from rich.measure import Measurement
-from rich.table import Table
 
 from kiln.atomic_file import write_atomically
 from kiln.bench.results import BenchResult, Run, Stats
 from kiln.errors import KilnError
+from kiln.tables import Column, print_table
 
 KILN = "kiln"
 NOISY_SPREAD = 0.05  # repeats further apart than this make smaller differences meaningless
 TOP_LAYERS = 10
 LOG_SPAN = 30  # a plot whose values span more than this factor gets a log y axis
 SECONDARY = ("p90", "h2d", "d2h", "inf/s", "peak MB")  # left out of the main table where the terminal is too narrow
+LEFT = frozenset({"target", "layer", "nodes", "tactic", "precision"})  # text columns; the others are numbers
 
 
 def render(result: BenchResult, console: Console) -> None:
@@ -64,23 +64,17 @@ def render(result: BenchResult, console: Console) -> None:
                          "-" if run.peak_memory_bytes is None else f"{run.peak_memory_bytes / 1e6:,.0f}",
                          "-" if row.spread is None else f"{100 * row.spread:.1f}%",
                          _x(run.samples_per_s / kiln_run.samples_per_s) if kiln_run and kiln_run.samples_per_s else "-",
-                         "-" if row.max_rel_diff is None else f"{row.max_rel_diff:.1e}",
-                         "-" if row.ref_rel_diff is None else f"{row.ref_rel_diff:.1e}"])
-    table = _table(columns, rows)
-    narrow = Measurement.get(console, console.options.update_width(1 << 16), table).maximum > console.width
-    if narrow:  # a terminal too narrow for every column: keep the ones that compare targets
-        keep = [i for i, column in enumerate(columns) if column not in SECONDARY]
-        table = _table([columns[i] for i in keep], [[cells[i] for i in keep] for cells in rows])
-    console.print(table)
+                         _diff(row.max_rel_diff, row.diff_ok), _diff(row.ref_rel_diff, row.ref_ok)])
+    left_out = _print(console, columns, rows, optional=SECONDARY)
     if latency == "p50":
         plain = [t for t in measured if t not in with_compute]
         line(f"p50, p90, p99: compute time (GPU events) for {', '.join(with_compute)}; "
              f"end to end for {', '.join(plain)}")
     line("times in ms (h2d, d2h, e2e: medians); inf/s and samples/s from the wall time of all iterations; "
          "vs kiln: samples/s relative to kiln's at the same batch; rel diff: max |out - kiln| / max |kiln|; "
-         "vs ref: max |out - ref| / max |ref| (ref: see the notes)")
-    if narrow:
-        line(f"narrow terminal: {', '.join(SECONDARY)} left out here (the JSON has every number)")
+         "vs ref: max |out - ref| / max |ref| (ref: see the notes); !: some element beyond the tolerance")
+    if left_out:
+        line(f"narrow terminal: {', '.join(left_out)} left out here (the JSON has every number)")
     for row in errors:
         line(f"{row.target} at batch {row.batch} failed: {row.error or 'no runs'}")
     for row in result.rows:
@@ -97,7 +91,7 @@ def render(result: BenchResult, console: Console) -> None:
             for step in sat.steps:
                 cells.append([f"{step['from']:g} -> {step['to']:g}", _x(step["batch_ratio"]), _x(step["throughput_ratio"]),
                               f"{step['efficiency']:.2f}"])
-            console.print(_table(["batch", "batch x", "throughput x", "efficiency"], cells))
+            _print(console, ["batch", "batch x", "throughput x", "efficiency"], cells)
         line(f"efficiency = log(throughput x) / log(batch x): 1 is linear growth; threshold {sat.threshold:.2f}; "
              + (f"saturated from batch {sat.saturated_at}" if sat.saturated_at is not None else "not saturated in this sweep")
              + f"; 90% of the best throughput from batch {_int(sat.knee_batch)}")
@@ -108,11 +102,9 @@ def render(result: BenchResult, console: Console) -> None:
         at = f" at batch {result.layer_batch}" if result.layer_batch is not None else ""
         line("")
         line(f"top {min(TOP_LAYERS, len(layers))} layers{at}, by time:")
-        table = _table(["#", "layer", "nodes", "tactic", "precision", "ms", "share"],
-                       [[str(layer.index), layer.name, _clip(", ".join(layer.nodes), 40), layer.tactic, layer.precision,
-                         f"{layer.ms:.4f}", f"{100 * layer.share:.1f}%"] for layer in layers[:TOP_LAYERS]],
-                       left={"layer", "nodes", "tactic", "precision"})
-        console.print(table)
+        _print(console, ["#", "layer", "nodes", "tactic", "precision", "ms", "share"],
+               [[str(layer.index), layer.name, _clip(", ".join(layer.nodes), 40), layer.tactic, layer.precision,
+                 f"{layer.ms:.4f}", f"{100 * layer.share:.1f}%"] for layer in layers[:TOP_LAYERS]], optional={"nodes"})
         line(f"total {total:.4f} ms over {len(layers)} layers{at} (layer by layer, no CUDA graph)")
 
 
@@ -174,15 +166,14 @@ def plot(result: BenchResult, path: str | os.PathLike[str]) -> None:
     write_atomically(path, lambda handle: handle.write(data))
 
 
-def _table(columns: list[str], rows: list[list[str]], left: frozenset[str] | set[str] = frozenset({"target"})) -> Table:
-    """Borderless but for the header rule, one space between columns (the main table has 14)."""
-    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False, show_edge=False)
-    for column in columns:
-        table.add_column(column, justify="left" if column in left else "right", overflow="fold",
-                         no_wrap=column == "target")
-    for cells in rows:
-        table.add_row(*cells)
-    return table
+def _print(console: Console, columns: list[str], rows: list[list[str]], optional=()) -> list[str]:
+    """``kiln.tables.print_table`` with text columns on the left and numbers on the right."""
+    return print_table(console, [Column(c, numeric=c not in LEFT, optional=c in optional) for c in columns], rows)
+
+
+def _diff(value: float | None, ok: bool | None) -> str:
+    """A max rel diff, ``!`` after it when some element is beyond the tolerance."""
+    return "-" if value is None else f"{value:.1e}" + ("!" if ok is False else "")
 
 
 def _ordered_targets(result: BenchResult) -> list[str]:

@@ -67,8 +67,9 @@ class Row:
     largest max|out - kiln| / max|kiln| over the outputs (None for kiln itself). ``ref_rel_diff``:
     the largest max|out - ref| / max|ref|, ref being the ONNX model on kiln's reference executor in
     the model's own precision (kiln included; None where there is no reference): with both, a
-    difference shows who is wrong, kiln or the peer. ``error``: why the target could not run here
-    (then ``runs`` is empty)."""
+    difference shows who is wrong, kiln or the peer. ``diff_ok`` / ``ref_ok``: the verdicts of those
+    two comparisons, per element within ``atol + rtol * |other|`` (``kiln.precision``; None where
+    there was no comparison). ``error``: why the target could not run here (then ``runs`` is empty)."""
 
     target: str
     batch: int
@@ -77,6 +78,8 @@ class Row:
     max_rel_diff: float | None = None
     error: str | None = None
     ref_rel_diff: float | None = None
+    diff_ok: bool | None = None
+    ref_ok: bool | None = None
 
     @property
     def best(self) -> Run | None:

@@ -18,6 +18,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from kiln.device import DEVICES, default_device
 from kiln.errors import KilnError
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
@@ -84,7 +85,8 @@ class BuildConfig:
     deny_tactics: list[str] = field(default_factory=list)
     # most scratch memory (bytes) one tactic may use beyond its inputs and outputs; None = no limit
     memory_limit: int | None = None
-    device: str = "cuda"
+    # "cuda" when torch sees a GPU, else "cpu" with a one-line note (kiln.device)
+    device: str = field(default_factory=default_device)
     # fp16/bf16 builds: check each layer against fp32 and fall back where it overflows or drifts
     precision_check: bool = True
     seed: int = 0
@@ -108,8 +110,8 @@ class BuildConfig:
             raise KilnError(f"max_aux_streams must be a number >= 0, got {self.max_aux_streams!r}")
         if self.memory_limit is not None and self.memory_limit < 0:
             raise KilnError(f"memory limit must be >= 0 bytes, got {self.memory_limit}")
-        if self.device not in ("cpu", "cuda"):
-            raise KilnError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.device not in DEVICES:
+            raise KilnError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         for index, profile in enumerate(self.profiles):
             profile.validate(index)
         from kiln.passes import select_passes
