@@ -52,7 +52,7 @@ def test_family_matches_onnxruntime_fp32(tmp_path, family, exporter, opset):
     feeds = _feeds(family, executor)
     outputs = executor.run(feeds)
     reference = run_onnxruntime(path, feeds)
-    for d in compare_outputs(outputs, reference, tolerance=1e-4):
+    for d in compare_outputs(outputs, reference):
         assert d.max_rel <= 1e-4, f"{path.name} output {d.name}: max rel diff {d.max_rel:.2e}"
 
 
@@ -83,5 +83,5 @@ def test_family_in_low_precision(tmp_path, family, dtype, exporter, opset):
     reference = run_onnxruntime(full, feeds)
     # The two exports name their outputs differently; they agree in order.
     renamed = {ref_name: value.float() for ref_name, value in zip(reference, outputs.values())}
-    for d in compare_outputs(renamed, reference, tolerance=1e-2):
+    for d in compare_outputs(renamed, reference):
         assert d.max_rel <= 1e-2, f"{low.name} output {d.name}: max rel diff {d.max_rel:.2e} against fp32"

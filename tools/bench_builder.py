@@ -61,8 +61,6 @@ import torch
 from torch import nn
 
 START = time.perf_counter()
-FP16_TOLERANCE = 1e-2
-FP32_TOLERANCE = 1e-4
 WARMUP_CALLS = 10
 ESTIMATE_CALLS = 5  # the last warm-up calls, timed to choose N
 REPETITIONS = 7
@@ -319,16 +317,20 @@ def to_numpy(outputs: dict[str, Any]) -> dict[str, np.ndarray]:
             for name, value in outputs.items()}
 
 
-def compare_with_ort(outputs: dict[str, Any], reference: dict[str, np.ndarray], tolerance: float) -> dict[str, Any]:
-    """kiln's relative difference, max|kiln - ort| / max|ort|, per output."""
+def compare_with_ort(outputs: dict[str, Any], reference: dict[str, np.ndarray], engine) -> dict[str, Any]:
+    """kiln against onnxruntime per output, judged per element at the tolerance of the engine's loosest
+    precision (kiln.precision), with the relative difference max|kiln - ort| / max|ort| beside it."""
     from kiln.compare import diff
+    from kiln.precision import engine_precision
 
+    precision = engine_precision(engine)
     got = to_numpy(outputs)
     per_output = {}
     for name, ref in reference.items():
-        d = diff(name, got[name], np.asarray(ref, dtype=np.float32) if ref.dtype.kind == "f" else ref, tolerance)
-        per_output[name] = {"shape": list(d.shape), "max_abs": d.max_abs, "rel": d.max_rel, "ok": d.ok}
-    return {"tolerance": tolerance, "max_rel": max(v["rel"] for v in per_output.values()),
+        d = diff(name, got[name], np.asarray(ref, dtype=np.float32) if ref.dtype.kind == "f" else ref, computed_in=precision)
+        per_output[name] = {"shape": list(d.shape), "max_abs": d.max_abs, "rel": d.max_rel, "over": d.bad, "ok": d.ok,
+                            "atol": d.tolerance.atol, "rtol": d.tolerance.rtol}
+    return {"precision": precision, "max_rel": max(v["rel"] for v in per_output.values()),
             "ok": all(v["ok"] for v in per_output.values()), "outputs": per_output}
 
 
@@ -547,10 +549,10 @@ def measure_model(spec: ModelSpec, args, out: Path, work: Path, state: dict[str,
         reference = run_onnxruntime(onnx_path, feeds)
         torch_feeds = to_torch(feeds, device)
         kiln_out = engine.run(torch_feeds)
-        correctness[f"fp16_vs_ort_batch{b}"] = compare_with_ort(kiln_out, reference, FP16_TOLERANCE)
+        correctness[f"fp16_vs_ort_batch{b}"] = compare_with_ort(kiln_out, reference, engine)
         # the second run captures a CUDA graph at this shape, the third replays it: both must match too
         for run_index in (2, 3):
-            correctness[f"fp16_vs_ort_batch{b}_run{run_index}"] = compare_with_ort(engine.run(torch_feeds), reference, FP16_TOLERANCE)
+            correctness[f"fp16_vs_ort_batch{b}_run{run_index}"] = compare_with_ort(engine.run(torch_feeds), reference, engine)
         correctness[f"cuda_graph_errors_batch{b}"] = list(getattr(engine, "graph_errors", []))
         correctness[f"load_then_run_batch{b}"] = same_outputs(kiln_out, loaded.run(to_torch(feeds, device)))
         log(f"{spec.name}: fp16 vs ort at batch {b}: rel {correctness[f'fp16_vs_ort_batch{b}']['max_rel']:.2e}, "
@@ -584,7 +586,7 @@ def measure_model(spec: ModelSpec, args, out: Path, work: Path, state: dict[str,
         cpu_engine, cpu_s = timed_build(onnx_path, cpu_config, f"{spec.name} cpu fp32 build")
         feeds = make_feeds(spec, 1, seed=1)
         result = compare_with_ort(cpu_engine.run(to_torch(feeds, torch.device("cpu"))), run_onnxruntime(onnx_path, feeds),
-                                  FP32_TOLERANCE)
+                                  cpu_engine)
         result["build_s"] = cpu_s
         result["summary"] = cpu_engine.summary()
         result["build_log"] = list(cpu_engine.report.lines)
@@ -666,6 +668,8 @@ def _ratio(value: float | None, spec: str = ".2f") -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
+    from kiln.precision import TOLERANCES
+
     meta = results["meta"]
     v = meta["versions"]
     eager = "fp32 (smoke, CPU)" if meta["smoke"] else "fp16"
@@ -708,8 +712,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {_fmt(build.get('cold_s'), '.1f')} | {_fmt(build.get('warm_s'), '.1f')} | "
                      f"{_ratio(build.get('speedup_cold_over_warm'), '.1f')} | {build.get('identical', '-')} | "
                      + " | ".join(_fmt(x, '.1e') for x in rel) + f" | {all(loaded) if loaded else '-'} | {status} |")
-    lines += ["", f"Tolerances: fp16 engine vs onnxruntime fp32 <= {FP16_TOLERANCE:g}; fp32 CPU engine <= {FP32_TOLERANCE:g} "
-              "(max|kiln - ort| / max|ort| over each output)."]
+    lines += ["", "Columns: max|kiln - ort| / max|ort| over each output. Verdicts per element, |kiln - ort| <= atol + rtol * "
+              f"|ort| at the engine's loosest precision (kiln.precision: fp16 {TOLERANCES['fp16']}; fp32 {TOLERANCES['fp32']})."]
     return "\n".join(lines) + "\n"
 
 
@@ -765,6 +769,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA GPU: run on the GPU machine, or use --smoke here", file=sys.stderr)
         return 2
     import kiln  # noqa: F401 - fail early when PYTHONPATH is wrong
+    from kiln.precision import TOLERANCES
 
     specs = SMOKE_MODELS if args.smoke else FULL_MODELS
     results: dict[str, Any] = {
@@ -774,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
             "cudnn_benchmark": torch.backends.cudnn.benchmark, "budget_s": args.budget_s,
             "timing": {"warmup_calls": WARMUP_CALLS, "repetitions": REPETITIONS, "target_repetition_ms": TARGET_REPETITION_MS,
                        "max_calls": MAX_CALLS, "clock": "perf_counter" if args.smoke else "cuda events, side stream"},
-            "tolerances": {"fp16_vs_ort": FP16_TOLERANCE, "fp32_cpu_vs_ort": FP32_TOLERANCE},
+            "tolerances": {p: {"atol": TOLERANCES[p].atol, "rtol": TOLERANCES[p].rtol} for p in ("fp16", "bf16", "fp32")},
         },
         "models": {},
     }

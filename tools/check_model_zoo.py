@@ -138,7 +138,7 @@ def check(name: str, exporter: str, opset: int, work: str, devices: list[str]) -
             outputs = executor.run(feeds)
             if device == "cuda":
                 torch.cuda.synchronize()
-            diffs = compare_outputs(outputs, reference, tolerance=1e-4)
+            diffs = compare_outputs(outputs, reference)
             row[f"max_rel_{device}"] = max(d.max_rel for d in diffs)
             row[f"outputs_{device}"] = {d.name: {"shape": list(d.shape), "max_abs": d.max_abs, "max_rel": d.max_rel} for d in diffs}
         row["ok"] = all(row[f"max_rel_{d}"] <= 1e-4 for d in devices)

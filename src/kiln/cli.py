@@ -36,16 +36,15 @@ def _is_engine(path: Path) -> bool:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.markup import escape
 
     from kiln import compare, inputs
     from kiln.device import resolve_device
     from kiln.dtypes import tensor_to_numpy
     from kiln.precision import engine_precision
-    from kiln.tables import Column, print_table
+    from kiln.tables import Column, make_console, print_table
 
-    console = Console()
+    console = make_console()
     shapes = inputs.parse_shapes(args.shapes)
     atol, rtol = _tolerance_flags(args)
     onnx_path = args.model
@@ -139,10 +138,10 @@ def _say(console, text: str) -> None:
 
 
 def _tolerance_flags(args: argparse.Namespace) -> tuple[float | None, float | None]:
-    """--atol/--rtol, checked (None: the table's value for each output's precision)."""
-    for flag, value in (("--atol", args.atol), ("--rtol", args.rtol)):
-        if value is not None and not value >= 0:
-            raise KilnError(f"{flag} must be a number >= 0, got {value}")
+    """--atol/--rtol, checked before anything runs (None: the table's value for each output)."""
+    from kiln.precision import tolerance
+
+    tolerance("fp32", args.atol, args.rtol)
     return args.atol, args.rtol
 
 
@@ -241,15 +240,14 @@ def _parse_tactics(text: str | None) -> tuple[list[str], list[str]]:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from kiln.builder import BuildConfig, build
     from kiln.device import resolve_device
     from kiln.inputs import read_npz
-    from kiln.tables import Column, build_summary, print_table
+    from kiln.tables import Column, build_summary, make_console, print_table
 
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     allow, deny = _parse_tactics(args.tactics)
     config = BuildConfig(
         fp16=args.fp16, bf16=args.bf16, tf32=args.tf32, strongly_typed=args.strongly_typed, opt_level=args.opt_level,
@@ -270,7 +268,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
         engine = build(args.model, config, calibration=calibration, progress=report)
     engine.save(args.output)
-    out = Console()
+    out = make_console()
     for line in engine.report.lines:
         out.print(line, markup=False, highlight=False, soft_wrap=True)
     print_table(out, [Column(""), Column("")], build_summary(engine), title=f"{args.model} -> {args.output}", header=False)
@@ -283,19 +281,18 @@ def _names(text: str | None) -> list[str] | None:
 
 
 def _cmd_optimize(args: argparse.Namespace) -> int:
-    from rich.console import Console
 
     from kiln.inputs import parse_shapes
     from kiln.onnx_io import load_model
     from kiln.optimize import optimize_model, save_onnx
-    from kiln.tables import Column, print_table
+    from kiln.tables import Column, make_console, print_table
 
     model = load_model(args.model)
     dims = {name: int(size) for name, size in parse_shapes(args.dims).items()} if args.dims else {}
     report = optimize_model(model, passes=_names(args.passes), skip=_names(args.skip) or [], precision=args.precision,
                             kiln_ops=args.kiln_ops, dims={k: v[0] for k, v in dims.items()})
     save_onnx(model, args.output, name=str(args.model))
-    console = Console()
+    console = make_console()
     _say(console, f"{args.model} -> {args.output}")
     ops = sorted(set(report.ops_before) | set(report.ops_after))
     rows = [[op, str(report.ops_before.get(op, 0)), str(report.ops_after.get(op, 0))] for op in ops]
@@ -332,10 +329,9 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
-    from rich.console import Console
 
     from kiln.engine import load_engine
-    from kiln.tables import Column, print_table
+    from kiln.tables import Column, make_console, print_table
 
     engine = load_engine(args.engine)
     rows = engine.describe()
@@ -356,7 +352,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         cells.append([str(row["index"]), row["name"], "+".join(row["op_types"]), tactic, row["precision"], row["layout"],
                       shapes, "-" if row["time_ms"] is None else f"{row['time_ms']:.4f}",
                       "-" if row["share"] is None else f"{100 * row['share']:.1f}%", *([str(row["stream"])] if streams else [])])
-    console = Console()
+    console = make_console()
     left_out = print_table(console, columns, cells, title=f"{args.engine}: {len(rows)} layers")
     if left_out:
         _say(console, f"narrow terminal: {', '.join(left_out)} left out (kiln inspect --json has every field)")
@@ -366,13 +362,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from kiln.bench import BenchOptions, parse_batches, run_bench
     from kiln.bench.report import plot, render, write_json
     from kiln.builder import BuildConfig
     from kiln.device import resolve_device
     from kiln.inputs import parse_shapes, read_npz
+    from kiln.tables import make_console
 
     engine_file = _is_engine(args.model)
     build_flags = [f"--{flag.replace('_', '-')}" for flag in ("fp16", "bf16", "tf32", "strongly_typed") if getattr(args, flag)]
@@ -396,8 +391,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         peers=_names(args.peers) or [], profile_layers=args.profile_layers, cuda_graph=args.cuda_graph,
         contexts=args.contexts, aux_streams=args.aux_streams, profile=args.profile, onnx=args.onnx,
         reference=not args.no_reference, inputs=read_npz(args.inputs) if args.inputs else {}, atol=atol, rtol=rtol)
-    console = Console()
-    status = Console(stderr=True)
+    console = make_console()
+    status = make_console(stderr=True)
     with status.status("benchmarking", spinner="dots") as spinner:
         result = run_bench(model, options, progress=lambda message: spinner.update(message), command=args.command_line)
     render(result, console)

@@ -89,17 +89,15 @@ def make_demo_model(batch: int = 2, seed: int = 0) -> onnx.ModelProto:
 def run_demo(out_dir: Path) -> bool:
     """Generate the demo model, build and save its engine, run it, check it against onnxruntime and
     print the report; True if every output is within tolerance."""
-    from rich.console import Console
-
     from kiln import compare
     from kiln.atomic_file import write_atomically
     from kiln.builder import BuildConfig, build
     from kiln.device import default_device
     from kiln.inputs import engine_input_values, random_inputs
     from kiln.precision import engine_precision
-    from kiln.tables import Column, build_summary, print_table
+    from kiln.tables import Column, build_summary, make_console, print_table
 
-    console = Console()
+    console = make_console()
 
     def say(text: str = "") -> None:
         console.print(text, markup=False, highlight=False, soft_wrap=True)

@@ -54,6 +54,8 @@ _DTYPE_PRECISIONS = {"float64": "fp64", "float32": "fp32", "float16": "fp16", "b
 def precision_of_dtype(dtype: object) -> str:
     """The precision an output of this dtype (numpy, torch or its name) is judged at: floats by
     their width, everything else exactly."""
+    if isinstance(dtype, type):  # a numpy scalar type (np.float16, ml_dtypes.bfloat16)
+        dtype = np.dtype(dtype)
     name = str(dtype).removeprefix("torch.")
     return _DTYPE_PRECISIONS.get(name, "exact")
 
@@ -66,7 +68,13 @@ def loosest(precisions) -> str:
 
 
 def tolerance(precision: str, atol: float | None = None, rtol: float | None = None) -> Tolerance:
-    """The table's tolerance for ``precision``, with ``atol``/``rtol`` overriding it where given."""
+    """The table's tolerance for ``precision``, with ``atol``/``rtol`` overriding it where given (a
+    negative or NaN override is a KilnError: ``--atol``/``--rtol`` come from the command line)."""
+    from kiln.errors import KilnError
+
+    for flag, value in (("atol", atol), ("rtol", rtol)):
+        if value is not None and not float(value) >= 0:
+            raise KilnError(f"--{flag} must be a number >= 0, got {value}")
     base = TOLERANCES[precision]
     return Tolerance(base.atol if atol is None else float(atol), base.rtol if rtol is None else float(rtol))
 

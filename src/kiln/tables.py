@@ -21,6 +21,20 @@ from rich.table import Table
 GAP = "  "
 
 
+class _Console(Console):
+    """rich's Console, but a closed stdout raises BrokenPipeError for ``kiln.cli.main`` to answer
+    (rich would exit 1 itself: kiln's code for "outputs over tolerance")."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise  # the BrokenPipeError rich is handling
+
+
+def make_console(stderr: bool = False) -> Console:
+    """The console every kiln command prints with."""
+    return _Console(stderr=stderr)
+
+
 @dataclass(frozen=True)
 class Column:
     """``numeric``: right-justified. ``optional``: left out first where the terminal is too narrow."""

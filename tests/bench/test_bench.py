@@ -74,10 +74,11 @@ def test_a_wrong_module_peer_shows_its_difference(model_path):
                            shapes={"x": (2, WIDTH)}, **QUICK)
     right = run_bench(model_path, options, module=Branches(proto))
     wrong = run_bench(model_path, options, module=Branches(proto, wrong=True))
-    assert right.row("eager", 2).max_rel_diff < 1e-4
-    assert wrong.row("eager", 2).max_rel_diff > 0.1
+    assert right.row("eager", 2).max_rel_diff < 1e-4 and right.row("eager", 2).diff_ok is True
+    assert wrong.row("eager", 2).max_rel_diff > 0.1 and wrong.row("eager", 2).diff_ok is False
     # the reference says which side is wrong: the module, not kiln
     assert wrong.row("eager", 2).ref_rel_diff > 0.1 and wrong.row("kiln", 2).ref_rel_diff < 1e-4
+    assert wrong.row("eager", 2).ref_ok is False and wrong.row("kiln", 2).ref_ok is True
 
 
 def test_the_reference_shows_when_kiln_itself_is_wrong(model_path, monkeypatch):
@@ -89,12 +90,17 @@ def test_the_reference_shows_when_kiln_itself_is_wrong(model_path, monkeypatch):
     options = BenchOptions(batches=[2], build=kiln.BuildConfig(device="cpu", opt_level=0), peers=["onnxruntime"],
                            shapes={"x": (2, WIDTH)}, **QUICK)
     result = run_bench(model_path, options)
-    assert result.row("kiln", 2).ref_rel_diff == pytest.approx(0.5, rel=1e-3)
+    assert result.row("kiln", 2).ref_rel_diff == pytest.approx(0.5, rel=1e-3) and result.row("kiln", 2).ref_ok is False
     assert result.row("onnxruntime", 2).ref_rel_diff < 1e-4 and result.row("onnxruntime", 2).max_rel_diff > 0.3
+    assert result.row("onnxruntime", 2).ref_ok is True and result.row("onnxruntime", 2).diff_ok is False
     off = run_bench(model_path, replace(options, reference=False, peers=[]))
-    assert off.row("kiln", 2).ref_rel_diff is None and not any(n.startswith("vs ref") for n in off.notes)
+    assert off.row("kiln", 2).ref_rel_diff is None and off.row("kiln", 2).ref_ok is None
+    assert not any(n.startswith("vs ref") for n in off.notes)
     assert main(["bench", str(model_path), "--device", "cpu", "--shapes", f"x:2x{WIDTH}", "--iterations", "3",
                  "--warmup-ms", "0", "--repeats", "1"]) == EXIT_MISMATCH
+    # --rtol 1 lets every element be off by its own size: within it, the same run passes
+    assert main(["bench", str(model_path), "--device", "cpu", "--shapes", f"x:2x{WIDTH}", "--iterations", "3",
+                 "--warmup-ms", "0", "--repeats", "1", "--rtol", "1"]) == 0
     assert main(["bench", str(model_path), "--device", "cpu", "--shapes", f"x:2x{WIDTH}", "--iterations", "3",
                  "--warmup-ms", "0", "--repeats", "1", "--no-reference"]) == 0
 
@@ -109,6 +115,7 @@ def test_cli_writes_json_and_plot_and_prints_the_tables(model_path, tmp_path, ca
         assert piece in out
     data = json.loads(out_json.read_text())
     assert data["command"].startswith("kiln bench ") and len(data["rows"]) == 4 and data["saturation"]["steps"]
+    assert all(row["ref_ok"] is True for row in data["rows"]) and data["config"]["tolerance"] == {"atol": None, "rtol": None}
     assert out_png.read_bytes()[:4] == b"\x89PNG"
 
 

@@ -49,9 +49,9 @@ def make_result(batches=(1, 8, 32)) -> BenchResult:
                        notes=["eager: torch 2.11 eager on cuda:0", "inputs: seeded random"])
 
 
-def rendered(result: BenchResult, width: int = 120) -> str:
+def rendered(result: BenchResult, width: int = 120, terminal: bool = False) -> str:
     buffer = io.StringIO()
-    render(result, Console(file=buffer, width=width))
+    render(result, Console(file=buffer, width=width, force_terminal=terminal, color_system=None))
     return buffer.getvalue()
 
 
@@ -79,10 +79,29 @@ def test_render_table_values():
 
 
 def test_render_narrow_terminal_keeps_the_comparison():
-    text = rendered(make_result(), 80)
+    text = rendered(make_result(), 100, terminal=True)
     assert "narrow terminal: p90, h2d, d2h, inf/s, peak MB left out" in text
-    assert max(len(line) for line in text.splitlines() if "│" in line or line.startswith(("kiln", "eager"))) <= 80
+    assert max(len(line) for line in text.splitlines() if line.startswith(("kiln", "eager"))) <= 100
     assert "0.42x" in text
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_render_never_wraps_a_number(terminal):
+    """At 80 columns, in a terminal or a pipe, a rel diff of 3.3e-10 stays whole (it printed as
+    ``3.3e-1`` over ``0``): the main table falls back to plain lines, one per row."""
+    result = make_result()
+    result.row("eager", 1).max_rel_diff = 3.3e-10
+    text = rendered(result, 80, terminal)
+    eager_1 = next(line for line in text.splitlines() if line.split()[:2] == ["eager", "1"])
+    assert "3.3e-10" in eager_1.split() and "0.42x" in eager_1.split()
+
+
+def test_render_marks_a_difference_beyond_tolerance():
+    result = make_result()
+    result.row("eager", 8).diff_ok = False
+    result.row("eager", 8).ref_rel_diff, result.row("eager", 8).ref_ok = 2.5e-2, False
+    eager_8 = next(line for line in rendered(result).splitlines() if line.split()[:2] == ["eager", "8"])
+    assert eager_8.split()[-2:] == ["3.0e-06!", "2.5e-02!"]
 
 
 def test_render_mixed_latency_and_no_extras():
