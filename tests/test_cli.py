@@ -332,3 +332,15 @@ def test_onnx_warnings_become_one_kiln_note(tmp_path, capsys):
     assert main(["run", str(path), "--device", "cpu"]) == 0
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"kiln: note: {path}: Ignoring unknown external data key(s) ['producer_note']")
+
+
+def test_demo_builds_runs_and_checks_an_engine(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    engine = tmp_path / "demo.kiln"
+    assert engine.is_file() and f"built {engine} for " in out
+    for piece in ("fuse_conv_activation", "fold_batchnorm", "tactics", "precisions", "demo passed",
+                  f"kiln inspect {engine}", f"kiln bench {engine} --onnx {tmp_path / 'demo.onnx'}"):
+        assert piece in out, piece
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["logits"], ["probabilities"])]
+    assert len(rows) == 2 and all(row[-1] == "ok" for row in rows)

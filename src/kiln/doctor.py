@@ -78,6 +78,7 @@ from kiln.builder.tactics.node import HOST_INPUTS
 from kiln.cost import ModelCost, model_cost, symbol_value
 from kiln.errors import InputError
 from kiln.passes import Finding, PassContext, registered_passes, shape_of, unique_node_names
+from kiln.tables import Column, plain_lines
 
 DYNAMIC_INPUT = "dynamic-input-without-profile"
 SLOW_PATH = "slow-path-op"
@@ -593,16 +594,17 @@ def render_text(report: Report) -> str:
     fixed = report.fixed_by()
     lines.append(f"  {len(report.entries)} findings: {sum(fixed.values())} fixed automatically by kiln's passes, "
                  f"{s['need_model_change']} need a change in the model or the build")
-    counts = report.rule_counts()
-    width = max(len(rule) for rule in counts)
-    for rule, count in counts.items():
+    rows = []
+    for rule, count in report.rule_counts().items():
         fixers: dict[str | None, int] = {}
         for entry in report.entries:
             if entry.finding.rule == rule:
                 fixers[entry.finding.pass_name] = fixers.get(entry.finding.pass_name, 0) + 1
         by = ", ".join((f"fixed by {name}" if name else "not fixed automatically") + (f" ({n})" if len(fixers) > 1 else "")
                        for name, n in fixers.items())
-        lines.append(f"    {rule:<{width}}  x{count:<4} {by}")
+        rows.append([rule, f"x{count}", by])
+    lines += plain_lines([Column("rule"), Column("count", numeric=True), Column("fixed by")], rows, header=False,
+                         indent="    ")
     lines.append(f"  top {min(TOP, len(report.entries))} by estimated impact:")
     for rank, entry in enumerate(report.entries[:TOP], 1):
         f = entry.finding
