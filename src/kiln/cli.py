@@ -281,7 +281,6 @@ def _names(text: str | None) -> list[str] | None:
 
 
 def _cmd_optimize(args: argparse.Namespace) -> int:
-
     from kiln.inputs import parse_shapes
     from kiln.onnx_io import load_model
     from kiln.optimize import optimize_model, save_onnx
@@ -328,7 +327,6 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     import json
-
 
     from kiln.engine import load_engine
     from kiln.tables import Column, make_console, print_table
