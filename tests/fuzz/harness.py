@@ -127,7 +127,11 @@ def run_in_process(name: str, cases: int, folder: Path, *, seed: int | None = No
     return counts
 
 
-def _worker(name: str, prepared: Any, folder: str, connection) -> None:
+def _worker(name: str, prepared: Any, folder: str, connection, memory_limit: int | None) -> None:
+    if memory_limit:  # a case that allocates past it fails with MemoryError (an "other") instead of
+        import resource  # taking the machine's memory
+
+        resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
     target = load_target(name)
     while True:
         case = connection.recv()
@@ -139,10 +143,10 @@ def _worker(name: str, prepared: Any, folder: str, connection) -> None:
 class _Worker:
     """One worker process; replaced after a crash or a hang."""
 
-    def __init__(self, name: str, prepared: Any, folder: Path) -> None:
+    def __init__(self, name: str, prepared: Any, folder: Path, memory_limit: int | None) -> None:
         context = multiprocessing.get_context("spawn")
         self.connection, child = context.Pipe()
-        self.process = context.Process(target=_worker, args=(name, prepared, str(folder), child), daemon=True)
+        self.process = context.Process(target=_worker, args=(name, prepared, str(folder), child, memory_limit), daemon=True)
         self.process.start()
         child.close()
 
@@ -162,14 +166,16 @@ class _Worker:
         self.process.join()
 
 
-def run_isolated(name: str, cases: int, folder: Path, *, seed: int | None = None, time_limit: float = 20) -> Counts:
-    """The long form: each case in a worker process, so that crashes and hangs are counted."""
+def run_isolated(name: str, cases: int, folder: Path, *, seed: int | None = None, time_limit: float = 20,
+                 memory_limit: int | None = 8 << 30) -> Counts:
+    """The long form: each case in a worker process (its address space limited to ``memory_limit``
+    bytes), so that crashes and hangs are counted."""
     target = load_target(name)
     prepared = target.prepare(folder)
     counts = Counts()
     work = folder / "cases"
     work.mkdir(exist_ok=True)
-    worker = [_Worker(name, prepared, work), 120.0]  # the first case also waits for the worker's imports
+    worker = [_Worker(name, prepared, work, memory_limit), 120.0]  # the first case also waits for the worker's imports
 
     def each(case):
         process, start_limit = worker
@@ -181,7 +187,7 @@ def run_isolated(name: str, cases: int, folder: Path, *, seed: int | None = None
             code = process.process.exitcode
             process.stop()
             result = ("crash", f"worker exit code {code}") if died else ("hang", f"over {time_limit} s")
-            worker[:] = [_Worker(name, prepared, work), 120.0]
+            worker[:] = [_Worker(name, prepared, work, memory_limit), 120.0]
         counts.add(*result, case)
         done = sum(counts.counts.values())
         if done % 500 == 0:
@@ -203,12 +209,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=None, help="hypothesis seed (default: derandomized)")
     parser.add_argument("--time-limit", type=float, default=20.0, help="seconds per case before it counts as a hang")
+    parser.add_argument("--memory-limit", type=int, default=8 << 30, help="bytes of address space per worker (default 8 GiB)")
     parser.add_argument("--in-process", action="store_true", help="no worker process (faster; a crash ends the run)")
     parser.add_argument("--save", type=Path, help="folder to write the bad cases to")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="kiln-fuzz-") as folder:
-        run = run_in_process if args.in_process else run_isolated
-        counts = run(args.target, args.cases, Path(folder), seed=args.seed, time_limit=args.time_limit)
+        if args.in_process:
+            counts = run_in_process(args.target, args.cases, Path(folder), seed=args.seed, time_limit=args.time_limit)
+        else:
+            counts = run_isolated(args.target, args.cases, Path(folder), seed=args.seed, time_limit=args.time_limit,
+                                  memory_limit=args.memory_limit)
     print(counts.report(args.target))
     if args.save and counts.bad_cases:
         args.save.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ pytest.importorskip("hypothesis")
 
 from tests.fuzz.harness import run_in_process  # noqa: E402
 
-TARGETS = {"engine_reader": 300}
+TARGETS = {"engine_reader": 200}
 
 
 @pytest.mark.parametrize("name", sorted(TARGETS))
@@ -22,3 +22,12 @@ def test_fuzz_target(name, tmp_path):
     print(counts.report(name))
     assert counts.bad == 0, counts.report(name)
     assert counts.counts["ok"] + counts.counts["KilnError"] == cases
+
+
+def test_runner_counts_every_outcome(tmp_path):
+    """The runner's own check: a worker that raises, dies or hangs is counted as such, and replaced."""
+    from tests.fuzz.harness import run_isolated
+
+    counts = run_isolated("outcomes", 5, tmp_path, time_limit=2)  # hypothesis draws each of the five once
+    assert dict(counts.counts) == dict.fromkeys(("ok", "KilnError", "other", "crash", "hang"), 1), counts.report("outcomes")
+    assert counts.bad == 3 and "ValueError: a bug" in counts.details["other"][0]
