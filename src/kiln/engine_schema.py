@@ -214,6 +214,7 @@ _ENVIRONMENT_FIELDS = ("kiln", "torch", "gpu", "capability", "triton")
 def check_header(header: Mapping[str, Any]) -> None:
     """The fields around the plan: versions and GPU as short strings, the device kiln engines run on."""
     _object(header, "the header", _HEADER_FIELDS, ("gpu", "capability", "triton"))
+    _int(header["version"], "the header's 'version'")  # equal to kiln's already; not true, which == 1
     for field in _ENVIRONMENT_FIELDS:
         if field in header and (not isinstance(header[field], str) or len(header[field]) > 256):
             raise SchemaError(f"the header's {field!r}", f"must be a string of at most 256 characters, not {show(header[field])}")

@@ -140,6 +140,7 @@ def _plan_edit(draw, seed: bytes) -> bytes:
         path = draw(st.sampled_from(places))
         try:
             parent = _at(header, path[:-1])
+            parent[path[-1]]  # an earlier edit may have replaced this place
         except (KeyError, IndexError, TypeError):
             continue
         action = draw(st.sampled_from(["replace", "replace", "replace", "delete", "add", "copy"]))
