@@ -244,9 +244,11 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     from kiln.builder import BuildConfig, build
     from kiln.device import resolve_device
+    from kiln.engine import configured_key, read_key
     from kiln.inputs import read_npz
     from kiln.tables import Column, build_summary, make_console, print_table
 
+    key = read_key(args.sign_key) if args.sign_key else configured_key()  # a bad key fails before the build
     console = make_console(stderr=True)
     allow, deny = _parse_tactics(args.tactics)
     config = BuildConfig(
@@ -267,7 +269,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
             progress.update(tasks[phase], completed=done, total=total)
 
         engine = build(args.model, config, calibration=calibration, progress=report)
-    engine.save(args.output)
+    engine.save(args.output, key=key)
     out = make_console()
     for line in engine.report.lines:
         out.print(line, markup=False, highlight=False, soft_wrap=True)
@@ -448,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--skip-passes", help="graph passes not to run, a,b,...")
     build.add_argument("--aux-streams", "--maxAuxStreams", dest="aux_streams", type=int, default=0,
                        help="let independent branches run on up to N auxiliary streams per context (default 0)")
+    build.add_argument("--sign-key", type=Path, help="sign the engine with this key file (HMAC-SHA256; default: $KILN_ENGINE_KEY)")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(func=_cmd_build)
 

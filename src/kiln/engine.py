@@ -3,9 +3,20 @@
 The file is safetensors: every prepared weight is a tensor, and the plan (layers, chosen tactics,
 precisions, profiles) is JSON in the safetensors metadata, with the kiln, torch and triton versions,
 the GPU name and compute capability, and a SHA-256 over the plan and every tensor byte. Loading
-refuses an engine from another kiln version or GPU architecture and a truncated or tampered file,
+refuses an engine from another kiln version or GPU architecture and a truncated or damaged file,
 each with one clear message. Nothing is ever unpickled: the plan names registered tactics, and the
 weights-stripped ONNX graph (for layers that run kiln's reference ops) is parsed by onnx.
+
+An engine file is untrusted input, and three things stand between it and the process:
+
+- the **checksum** (SHA-256) catches damage; anyone can recompute it, so it proves nothing more;
+- a **key** proves authenticity: with one (``save(key=...)``, ``kiln build --sign-key FILE``, or a
+  key file named by ``KILN_ENGINE_KEY``), the file carries an HMAC-SHA256 over all its bytes, and
+  ``load_engine`` with a key refuses an unsigned or mis-signed file before it parses anything;
+- the **schema** (``kiln.engine_schema``) contains what any file can do, signed or not: every
+  header and plan field is checked for type and range before anything is built from it, and the
+  embedded graph is checked as a model file is (``kiln.onnx_io.load_embedded_model``), with no
+  external data anywhere, so an engine cannot make kiln read a file or run code of its choosing.
 
 Example::
 
@@ -18,8 +29,12 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
+import re
+import stat
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -27,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from kiln import dtypes
+from kiln import dtypes, engine_schema
 from kiln.atomic_file import write_atomically
 from kiln.builder.schedule import cross_stream_waits, static_layers
 from kiln.errors import InputError, KilnError
@@ -36,6 +51,15 @@ FORMAT = "kiln-engine"
 VERSION = 1
 _GRAPH_TENSOR = "__graph__"
 MAX_ENGINE_BYTES = 64 * 1024**3
+KEY_ENVIRONMENT = "KILN_ENGINE_KEY"
+"""The environment variable naming a key file: engines kiln writes are signed with it, and engines
+it loads must carry a valid signature."""
+SIGNATURE_KEY = "kiln-hmac-sha256"
+"""The safetensors metadata entry holding the HMAC-SHA256 (hex) of the file with this entry zeroed."""
+_UNSIGNED = "0" * 64
+_SIGNATURE = re.compile(rb'"kiln-hmac-sha256":"([0-9a-f]{64})"')
+MIN_KEY_BYTES = 16
+MAX_KEY_BYTES = 4096
 
 
 if TYPE_CHECKING:
@@ -390,8 +414,9 @@ class Engine:
         }
 
     # -- files --------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the engine as one safetensors file, atomically."""
+    def save(self, path: str | os.PathLike[str], key: bytes | None = None) -> None:
+        """Write the engine as one safetensors file, atomically; signed with ``key`` (bytes; by
+        default the key file named by ``KILN_ENGINE_KEY``, if set)."""
         from safetensors.torch import save
 
         stored, layouts, aliases = {}, {}, {}
@@ -415,32 +440,38 @@ class Engine:
         header = {"format": FORMAT, "version": VERSION, **environment(self.device), "plan": self.plan, "layouts": layouts,
                   "aliases": aliases}
         header["sha256"] = _digest(header, stored)
-        data = save(stored, metadata={"kiln": json.dumps(header, sort_keys=True, separators=(",", ":"))})
+        key = configured_key(key)
+        metadata = {"kiln": json.dumps(header, sort_keys=True, separators=(",", ":"))}
+        if key is not None:
+            metadata[SIGNATURE_KEY] = _UNSIGNED
+        data = save(stored, metadata=metadata)
+        if key is not None:
+            data = sign(data, key)
         write_atomically(path, lambda handle: handle.write(data))
 
 
-def load_engine(path: str | os.PathLike[str], device: str | None = None) -> Engine:
-    """Read an engine file, refusing (with ``EngineLoadError``) anything it cannot trust or run here."""
+def load_engine(path: str | os.PathLike[str], device: str | None = None, *, key: bytes | None = None) -> Engine:
+    """Read an engine file, refusing (with ``EngineLoadError``) anything it cannot trust or run here.
+
+    With a key (``key``, or the key file named by ``KILN_ENGINE_KEY``) the file must carry a valid
+    signature made with it; without one, a signature is not checked. Either way every field is
+    checked against ``kiln.engine_schema`` before anything is built from it."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
     path = os.fspath(path)
+    key = configured_key(key)
+    data = _read_engine(path)
+    if key is not None:
+        verify(data, key, path)
     try:
-        size = os.path.getsize(path)
-    except OSError as error:
-        raise EngineLoadError(f"{path}: cannot read the engine ({error.strerror or error})") from error
-    if size > MAX_ENGINE_BYTES:
-        raise EngineLoadError(f"{path}: {size} bytes is larger than any engine kiln writes")
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except OSError as error:
-        raise EngineLoadError(f"{path}: cannot read the engine ({error.strerror or error})") from error
-    try:
+        metadata = engine_schema.tensor_table(data, (SIGNATURE_KEY,))
         stored = load(data)
-        header_text = _metadata(data).get("kiln")
+    except engine_schema.SchemaError as error:
+        raise EngineLoadError(f"{path}: not a kiln engine, or truncated: {error}") from error
     except (SafetensorError, ValueError, RuntimeError, KeyError, OverflowError) as error:
         raise EngineLoadError(f"{path}: not a kiln engine, or truncated ({str(error).splitlines()[0][:200]})") from error
+    header_text = metadata.get("kiln")
     if header_text is None:
         raise EngineLoadError(f"{path}: a safetensors file without kiln's plan; not a kiln engine")
     try:
@@ -450,12 +481,15 @@ def load_engine(path: str | os.PathLike[str], device: str | None = None) -> Engi
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise EngineLoadError(f"{path}: not a kiln engine")
     if header.get("version") != VERSION:
-        raise EngineLoadError(f"{path}: engine format version {header.get('version')!r}; this kiln reads version {VERSION}. Rebuild it")
+        raise EngineLoadError(f"{path}: engine format version {engine_schema.show(header.get('version'))}; "
+                              f"this kiln reads version {VERSION}. Rebuild it")
     if header.get("sha256") != _digest({k: v for k, v in header.items() if k != "sha256"}, stored):
         raise EngineLoadError(f"{path}: checksum mismatch: the engine file was modified or damaged after it was written; rebuild it")
-    built_on = header.get("device")
-    if built_on not in ("cpu", "cuda"):
-        raise EngineLoadError(f"{path}: the engine names device {built_on!r}; kiln engines run on 'cpu' or 'cuda'. The file is corrupt")
+    try:
+        engine_schema.check_header(header)
+    except engine_schema.SchemaError as error:
+        raise EngineLoadError(f"{path}: {error}; the engine file is corrupt or was edited") from error
+    built_on = header["device"]
     if device not in (None, "cpu", "cuda"):
         raise EngineLoadError(f"{path}: device must be 'cpu' or 'cuda', got {device!r}")
     here = environment(torch.device(device or built_on))
@@ -471,21 +505,131 @@ def load_engine(path: str | os.PathLike[str], device: str | None = None) -> Engi
                 f"{path}: built for {header.get('gpu')} (compute capability {header.get('capability')}); this GPU is "
                 f"{here.get('gpu')} ({here.get('capability')}). Rebuild the engine on this GPU"
             )
+    graph = stored.pop(_GRAPH_TENSOR, torch.zeros(0, dtype=torch.uint8))
+    if graph.dtype != torch.uint8 or graph.dim() != 1:
+        raise EngineLoadError(f"{path}: the engine's graph is not a byte string; the file is corrupt")
+    graph = graph.numpy().tobytes()
+    nodes = _graph_nodes(graph, path)
     try:
-        graph = stored.pop(_GRAPH_TENSOR, torch.zeros(0, dtype=torch.uint8)).numpy().tobytes()
-        layouts = header.get("layouts", {})
-        if not isinstance(layouts, dict):
-            raise EngineLoadError(f"{path}: the engine's tensor layouts are not a table; the file is corrupt")
-        tensors = {name: _restore(t, layouts.get(name)) for name, t in stored.items()}
-        aliases = header.get("aliases", {})
-        if not isinstance(aliases, dict) or any(not isinstance(v, str) or v not in tensors for v in aliases.values()):
-            raise EngineLoadError(f"{path}: the engine's tensor aliases are inconsistent; the file is corrupt")
-        tensors.update({name: tensors[target] for name, target in aliases.items()})
+        engine_schema.check_tensor_tables(header, stored, _GRAPH_TENSOR)
+        tensors = {name: _restore(t, header.get("layouts", {}).get(name)) for name, t in stored.items()}
+        tensors.update({name: tensors[target] for name, target in header.get("aliases", {}).items()})
+        engine_schema.check_plan(header["plan"], tensors, built_on, nodes)
+    except engine_schema.SchemaError as error:
+        raise EngineLoadError(f"{path}: {error}; the engine file is corrupt or was edited") from error
+    try:
         return Engine(header["plan"], tensors, graph, device=built_on)
     except KilnError:
         raise
     except Exception as error:  # noqa: BLE001 - a plan that does not fit together is a corrupt engine
         raise EngineLoadError(f"{path}: the engine's plan is inconsistent ({type(error).__name__}: {error}); rebuild it") from error
+
+
+def _read_engine(path: str) -> bytes:
+    """The file's bytes: a regular file (a FIFO in its place must not hang the load) within the size limit."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as error:
+        raise EngineLoadError(f"{path}: cannot read the engine ({error.strerror or error})") from error
+    try:
+        with os.fdopen(fd, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise EngineLoadError(f"{path}: not a regular file; cannot read it as an engine")
+            if info.st_size > MAX_ENGINE_BYTES:
+                raise EngineLoadError(f"{path}: {info.st_size} bytes is larger than any engine kiln writes")
+            data = handle.read(info.st_size + 1)
+    except OSError as error:
+        raise EngineLoadError(f"{path}: cannot read the engine ({error.strerror or error})") from error
+    if len(data) != info.st_size:
+        raise EngineLoadError(f"{path}: the file changed while it was read; try again")
+    return data
+
+
+# sha256 of an embedded graph -> its checked main-graph nodes (a graph is checked once per process)
+_CHECKED_GRAPHS: OrderedDict[str, dict[str, engine_schema.GraphNode]] = OrderedDict()
+
+
+def _graph_nodes(graph: bytes, path: str) -> dict[str, engine_schema.GraphNode]:
+    """The embedded graph's main-graph nodes by name, after the checks a model file gets."""
+    from kiln.onnx_io import load_embedded_model
+
+    digest = hashlib.sha256(graph).hexdigest()
+    nodes = _CHECKED_GRAPHS.get(digest)
+    if nodes is None:
+        try:
+            proto = load_embedded_model(graph, f"{path}: the engine's graph")
+        except KilnError as error:
+            raise EngineLoadError(str(error)) from error
+        nodes = {node.name: engine_schema.GraphNode(node.op_type, len(node.input), len(node.output)) for node in proto.graph.node}
+        _CHECKED_GRAPHS[digest] = nodes
+        while len(_CHECKED_GRAPHS) > 16:
+            _CHECKED_GRAPHS.popitem(last=False)
+    return nodes
+
+
+# -- signatures ---------------------------------------------------------------------------------
+
+def read_key(path: str | os.PathLike[str]) -> bytes:
+    """A signing key from a file: its bytes, surrounding whitespace ignored (so ``openssl rand -hex
+    32 > engine.key`` makes one), at least ``MIN_KEY_BYTES`` long. Raises ``KilnError``."""
+    path = os.fspath(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise KilnError(f"engine key {path}: not a regular file")
+            key = handle.read(MAX_KEY_BYTES + 1).strip()
+    except OSError as error:
+        raise KilnError(f"engine key {path}: cannot read it ({error.strerror or error})") from error
+    if not MIN_KEY_BYTES <= len(key) <= MAX_KEY_BYTES:
+        raise KilnError(f"engine key {path}: a key is {MIN_KEY_BYTES} to {MAX_KEY_BYTES} bytes, this file holds {len(key)}; "
+                        "make one with: openssl rand -hex 32 > engine.key")
+    return key
+
+
+def configured_key(key: bytes | None = None) -> bytes | None:
+    """``key`` if given, else the key file named by ``KILN_ENGINE_KEY`` if that is set, else None."""
+    if key is not None:
+        if not isinstance(key, bytes) or len(key) < MIN_KEY_BYTES:
+            raise KilnError(f"an engine key is at least {MIN_KEY_BYTES} bytes")
+        return key
+    named = os.environ.get(KEY_ENVIRONMENT)
+    return read_key(named) if named else None
+
+
+def sign(data: bytes, key: bytes) -> bytes:
+    """An engine file's bytes, written with the unsigned placeholder, with its signature filled in."""
+    mac = hmac.new(key, data, hashlib.sha256).hexdigest().encode()
+    match = _signature_at(data)
+    if match is None or match.group(1) != _UNSIGNED.encode():
+        raise KilnError("internal error: the engine was written without a signature placeholder")
+    return data[:match.start(1)] + mac + data[match.end(1):]
+
+
+def verify(data: bytes, key: bytes, path: str) -> None:
+    """Refuse a file that is unsigned, or whose HMAC-SHA256 over its bytes (the signature zeroed)
+    is not the one it carries; nothing of the file is parsed before this."""
+    match = _signature_at(data)
+    if match is None:
+        raise EngineLoadError(f"{path}: the engine is not signed, and a key is configured ({KEY_ENVIRONMENT} or key=); "
+                              "rebuild it with --sign-key, or load it without a key")
+    unsigned = data[:match.start(1)] + _UNSIGNED.encode() + data[match.end(1):]
+    expected = hmac.new(key, unsigned, hashlib.sha256).hexdigest().encode()
+    if not hmac.compare_digest(expected, match.group(1)):
+        raise EngineLoadError(f"{path}: signature mismatch: the engine was modified after it was signed, or signed "
+                              "with another key; refused")
+
+
+def _signature_at(data: bytes) -> re.Match | None:
+    """The one signature entry in the file's safetensors header, or None (none, or more than one)."""
+    if len(data) < 8:
+        return None
+    length = int.from_bytes(data[:8], "little")
+    if length > min(len(data) - 8, engine_schema.MAX_HEADER_BYTES):
+        return None
+    found = list(_SIGNATURE.finditer(data, 8, 8 + length))
+    return found[0] if len(found) == 1 else None
 
 
 def _host_position(layer: Mapping[str, Any], index: int) -> bool:
@@ -585,11 +729,3 @@ def _digest(header: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> s
         h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def _metadata(data: bytes) -> dict[str, str]:
-    """The safetensors ``__metadata__`` block (safetensors' own loader has already validated the header)."""
-    length = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + length])
-    meta = header.get("__metadata__") or {}
-    return meta if isinstance(meta, dict) else {}

@@ -443,3 +443,36 @@ def _check_no_sparse(proto: onnx.ModelProto, name: str) -> None:
         raise UnsupportedModelError(
             f"{name}: sparse tensors are not supported ({'; '.join(where[:5])}); store them as dense tensors"
         )
+
+
+def load_embedded_model(data: bytes, name: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> onnx.ModelProto:
+    """An ONNX model carried inside another file (an engine's weight-free graph), checked as
+    ``load_model`` checks a model file (native checks in a child process, onnx's checker, opsets,
+    ops, input types, no sparse tensors, shape inference) and refused if any tensor anywhere in it,
+    subgraphs and functions included, references external data: it has no folder it may read from.
+    Returns the parsed proto, as it was in ``data``."""
+    if len(data) > max_bytes:
+        raise ModelLoadError(f"{name}: the embedded graph is {len(data):,} bytes, over the {max_bytes:,}-byte limit")
+    native = _NativeChecks()
+    try:
+        proto = _parse(data, name)
+        external = next(_tensors_with_external_data(proto), None)
+        if external is not None:
+            raise ModelLoadError(f"{name}: tensor {external!r} references external data; an embedded graph must hold all its data")
+        load_model_proto(proto, name=name, max_bytes=max_bytes, _native=native)
+        return proto
+    finally:
+        native.close()
+
+
+def _tensors_with_external_data(message) -> Iterator[str]:
+    """Names of the TensorProtos anywhere in a protobuf message (graphs, subgraphs, functions,
+    attributes, sparse tensors) that reference external data."""
+    stack = [message]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, onnx.TensorProto) and (item.data_location == onnx.TensorProto.EXTERNAL or len(item.external_data)):
+            yield item.name or "<unnamed>"
+        for field, value in item.ListFields():
+            if field.type == field.TYPE_MESSAGE:
+                stack.extend(value if field.is_repeated else [value])

@@ -426,6 +426,288 @@ def test_forged_meta_device_is_refused(forged):
         load_engine(forged(_set("device", "meta")))
 
 
+# -- hostile engines: the schema ---------------------------------------------------------------------
+
+def _layer(kind):
+    def pick(header):
+        return next(layer for layer in header["plan"]["layers"] if layer["kind"] == kind)
+    return pick
+
+
+def _edit(get, **changes):
+    """A mutation setting fields of the object ``get(header)`` returns."""
+    def mutate(header, stored):
+        get(header).update(changes)
+    return mutate
+
+
+_conv, _gemm, _node = _layer("Conv"), _layer("Gemm"), _layer("Node")
+
+
+def _attrs(pick):
+    return lambda header: pick(header)["attrs"]
+
+
+def _first_choice(pick):
+    return lambda header: pick(header)["choices"][0]
+
+
+def _weight_as(dtype):
+    def mutate(header, stored):
+        name = next(n for n in sorted(stored) if n.startswith("1.") and n.endswith(".w"))
+        stored[name] = stored[name].to(dtype)
+    return mutate
+
+
+def _drop_layouts_and_transpose_gemm(header, stored):
+    name = next(n for n in sorted(stored) if n.startswith("1.") and n.endswith(".w"))
+    stored[name] = stored[name].t().contiguous()
+
+
+@pytest.mark.parametrize("mutate,field", [
+    (_edit(_attrs(_conv), strides=[10**400, 1]), r"plan\.layers\[0\]\.attrs\.strides\[0\] must be an integer"),
+    (_edit(_attrs(_conv), group=0), r"plan\.layers\[0\]\.attrs\.group"),
+    (_edit(_attrs(_conv), pads=[1, 1, 1]), r"plan\.layers\[0\]\.attrs\.pads must have 4 items"),
+    (_edit(_attrs(_conv), activation={"op": "exec"}), r"attrs\.activation\.op must be one of"),
+    (_edit(_attrs(_conv), residual="yes"), r"attrs\.residual must be true or false"),
+    (_edit(_attrs(_gemm), k="8"), r"plan\.layers\[1\]\.attrs\.k"),
+    (_edit(_attrs(_gemm), k=9), r"plan\.layers\[1\]\.choices\[0\]\.roles .*GEMM weights"),
+    (_edit(_attrs(_gemm), alpha=[1]), r"attrs\.alpha must be a number"),
+    (_edit(_attrs(_gemm), evil=1), r"attrs has unknown field"),
+    (_edit(_layer("Softmax"), precision="fp8"), r"plan\.layers\[2\]\.precision must be one of"),
+    (_edit(_layer("Softmax"), cast_inputs=[0, 3]), r"cast_inputs\[1\]"),
+    (_edit(_layer("Softmax"), stream=5), r"plan\.layers\[2\]\.stream must be an integer in \[0, 0\]"),
+    (_edit(_layer("Softmax"), outputs=["a"]), r"plan\.layers\[2\]\.outputs\[0\] writes \"a\", which is written elsewhere"),
+    (_edit(_layer("Softmax"), extra=[]), r"plan\.layers\[2\] has unknown field"),
+    (_edit(_first_choice(_layer("Softmax")), time_ms="fast"), r"choices\[0\]\.time_ms must be a number"),
+    (_edit(_first_choice(_layer("Softmax")), time_ms=-1), r"choices\[0\]\.time_ms"),
+    (_edit(_first_choice(_layer("Softmax")), config={"block": 10**9}), r"choices\[0\]\.config is not a configuration"),
+    (_edit(_first_choice(_conv), tactic="conv.cudnn_fused"), r"choices\[0\]\.tactic conv\.cudnn_fused does not run on cpu"),
+    (_edit(_first_choice(_node), tactic="gemm.torch"), r"plan\.layers\[3\]\.choices\[0\]\.tactic names unknown tactic"),
+    (_edit(_node, nodes=["conv"]), r"plan\.layers\[3\]\.nodes must name one Transpose node"),
+    (_edit(_attrs(_node), args=[{"input": 0}, {"input": 0}]), r"plan\.layers\[3\]\.attrs\.args"),
+    (_edit(_attrs(_node), args=[{"input": 7}]), r"attrs\.args\[0\]\.input must be an integer in \[0, 0\]"),
+    (_weight_as(torch.float16), r"plan\.layers\[1\]\.choices\[0\]\.roles weight 'w' is torch\.float16"),
+    (_drop_layouts_and_transpose_gemm, r"GEMM weights must be \[n, k\]"),
+    (lambda h, s: h["plan"]["inputs"][0].update(dtype="nosuch"), r"plan\.inputs\[0\]\.dtype"),
+    (lambda h, s: h["plan"]["inputs"][0].update(shape=[2, 3, -6, 8]), r"plan\.inputs\[0\]\.shape\[2\]"),
+    (lambda h, s: h["plan"]["inputs"][0].update(shape=[1] * 65), r"plan\.inputs\[0\]\.shape has rank 65"),
+    (lambda h, s: h["plan"]["profiles"][0]["x"].__setitem__(0, [3, 3, 6, 8]), r"min <= opt <= max"),
+    (lambda h, s: h["plan"]["profiles"][0]["x"].__setitem__(2, [2**40, 3, 6, 8]), r"plan\.profiles\[0\]\[\"x\"\]\[2\]\[0\]"),
+    (lambda h, s: h["plan"]["profiles"][0].update(ghost=[[1], [1], [1]]), r"names no input"),
+    (lambda h, s: h["plan"].update(aux_streams=10**6), r"plan\.aux_streams"),
+    (lambda h, s: h["plan"].update(name=7), r"plan\.name"),
+    (lambda h, s: h["plan"]["outputs"].append({"name": "y", "dtype": "float"}), r"plan\.outputs names an output twice"),
+    (lambda h, s: h.update(triton="x" * 1000), r"header's 'triton'"),
+    (lambda h, s: h.update(backdoor=True), r"the header has unknown field"),
+], ids=lambda value: None if callable(value) else "")
+def test_forged_plan_fields_are_refused_by_path(forged, mutate, field):
+    """Every plan field is type- and range-checked before anything is built; the error names the field."""
+    with pytest.raises(EngineLoadError, match=field) as info:
+        load_engine(forged(mutate))
+    assert "\n" not in str(info.value)
+
+
+def test_forged_plans_are_one_line_exit_2_in_kiln_inspect_and_run(forged, capsys):
+    from kiln.cli import main
+
+    path = forged(_edit(_attrs(_conv), strides=[10**400, 1]))
+    for command in (["inspect", str(path)], ["inspect", str(path), "--json"], ["run", str(path)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "strides" in err and "Traceback" not in err
+
+
+# -- hostile engines: the embedded graph ------------------------------------------------------------
+
+def _loop_model() -> onnx.ModelProto:
+    """y = Loop(1 iteration) { v + c }(x): the body holds an initializer c."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    body = helper.make_graph(
+        [helper.make_node("Add", ["v_in", "c"], ["v_out"], name="body_add"),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond")], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [4])],
+        [numpy_helper.from_array(np.zeros(4, np.float32), "c")])
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["M", "cond", "x"], ["y"], name="loop", body=body)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [numpy_helper.from_array(np.array(1, np.int64), "M"), numpy_helper.from_array(np.array(True), "cond")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+@pytest.fixture(scope="module")
+def loop_engine(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loop")
+    onnx.save(_loop_model(), folder / "loop.onnx")
+    kiln.build(folder / "loop.onnx", cpu_config(opt_level=0)).save(folder / "loop.kiln")
+    return folder / "loop.kiln"
+
+
+@pytest.mark.parametrize("where", ["absolute", "parent"])
+def test_engine_graph_with_external_data_is_refused_and_reads_nothing(loop_engine, tmp_path, where):
+    """A Loop body's initializer pointing at a file outside the engine's folder was read when the
+    body ran, and its values came back as the engine's output. Now the engine is refused."""
+    from onnx import TensorProto
+
+    secret = np.arange(4, dtype=np.float32) + 1000
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.bin").write_bytes(secret.tobytes())
+    folder = tmp_path / "engines"
+    folder.mkdir()
+    header, stored = read_engine(loop_engine)
+    graph = onnx.load_from_string(stored["__graph__"].numpy().tobytes())
+    body = next(n for n in graph.graph.node if n.op_type == "Loop").attribute[0].g
+    c = body.initializer[0]
+    c.ClearField("raw_data")
+    c.ClearField("float_data")
+    c.data_location = TensorProto.EXTERNAL
+    location = str(outside / "secret.bin") if where == "absolute" else "../outside/secret.bin"
+    for k, v in (("location", location), ("offset", "0"), ("length", "16")):
+        entry = c.external_data.add()
+        entry.key, entry.value = k, v
+    stored["__graph__"] = torch.frombuffer(bytearray(graph.SerializeToString()), dtype=torch.uint8)
+    path = folder / "evil.kiln"
+    write_forged(path, header, stored)
+    with pytest.raises(EngineLoadError, match="external data") as info:
+        load_engine(path).run({"x": np.zeros(4, np.float32)})
+    assert "1000" not in str(info.value)
+    # the untouched engine loads and runs (so the refusal is about the external data)
+    assert load_engine(loop_engine).run({"x": np.zeros(4, np.float32)})["y"].tolist() == [0.0] * 4
+
+
+# -- hostile engines: the safetensors header ---------------------------------------------------------
+
+def _with_header(data: bytes, edit) -> bytes:
+    start, end = header_span(data)
+    header = json.loads(data[start:end])
+    text = edit(header)
+    body = data[end:]
+    return len(text).to_bytes(8, "little") + text + body
+
+
+def _tensor_entry(header) -> dict:
+    return next(v for k, v in sorted(header.items()) if k != "__metadata__" and k != "__graph__")
+
+
+def _serialized(mutate):
+    def edit(header) -> bytes:
+        mutate(header)
+        return json.dumps(header).encode()
+    return edit
+
+
+@pytest.mark.parametrize("edit,match", [
+    (_serialized(lambda h: _tensor_entry(h).update(shape=[0, 2**40])), r"shape\[1\] must be an integer"),
+    (_serialized(lambda h: _tensor_entry(h).update(dtype="F4")), "dtype must be one of"),
+    (_serialized(lambda h: _tensor_entry(h).update(data_offsets=[0, 2**62])), r"data_offsets\[1\]"),
+    (_serialized(lambda h: _tensor_entry(h).update(shape=[1] * 100)), "rank 100"),
+    (_serialized(lambda h: h["__metadata__"].update(extra="1")), "unknown field"),
+    (lambda h: json.dumps(h).encode()[:-1] + b', "__graph__": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}}', "twice"),
+], ids=["zero-by-huge", "dtype-f4", "offset-past-end", "rank-100", "extra-metadata", "duplicate-key"])
+def test_hostile_safetensors_header_is_one_line_refusal(engine_path, tmp_path, edit, match):
+    """What safetensors leaves unchecked (or checks only after allocating) is refused before it runs."""
+    path = tmp_path / "hostile.kiln"
+    path.write_bytes(_with_header(engine_path.read_bytes(), edit))
+    with pytest.raises(EngineLoadError, match=match) as info:
+        load_engine(path)
+    assert "\n" not in str(info.value)
+
+
+def test_header_length_larger_than_the_file_is_refused(engine_path, tmp_path):
+    data = engine_path.read_bytes()
+    for length in (len(data), 2**63, 2**64 - 1):
+        path = tmp_path / "long.kiln"
+        path.write_bytes(length.to_bytes(8, "little") + data[8:])
+        with pytest.raises(EngineLoadError, match="header length"):
+            load_engine(path)
+
+
+def test_fifo_in_place_of_the_engine_is_refused_without_hanging(tmp_path):
+    fifo = tmp_path / "fifo.kiln"
+    os.mkfifo(fifo)
+    with pytest.raises(EngineLoadError, match="not a regular file"):
+        load_engine(fifo)
+
+
+# -- signatures -------------------------------------------------------------------------------------
+
+KEY = b"0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def signed_path(engine_path, tmp_path_factory):
+    path = tmp_path_factory.mktemp("signed") / "signed.kiln"
+    load_engine(engine_path).save(path, key=KEY)
+    return path
+
+
+def test_signed_engine_loads_with_its_key_and_without_one(signed_path, engine_path):
+    assert load_engine(signed_path, key=KEY).run(feeds_for())["y"].shape == (2, 4, 5, 6)
+    assert load_engine(signed_path).run(feeds_for())["y"].shape == (2, 4, 5, 6), "no key: the signature is not checked"
+    with safe_open(signed_path, "pt") as handle:
+        signature = handle.metadata()["kiln-hmac-sha256"]
+    assert len(signature) == 64 and KEY.decode() not in signed_path.read_bytes().decode("latin-1")
+
+
+def test_wrong_key_unsigned_and_resigned_engines_are_refused(signed_path, engine_path, tmp_path):
+    with pytest.raises(EngineLoadError, match="signature mismatch"):
+        load_engine(signed_path, key=b"another key, 32 bytes long......")
+    with pytest.raises(EngineLoadError, match="not signed"):
+        load_engine(engine_path, key=KEY)
+    # an edit with a recomputed checksum (what a forger can do) no longer passes with a key
+    header, stored = read_engine(signed_path)
+    header["plan"]["layers"][0]["notes"] = ["edited"]
+    header = {k: v for k, v in header.items() if k != "sha256"}
+    header["sha256"] = _digest(header, stored)
+    data = st_save(stored, metadata={"kiln": json.dumps(header, sort_keys=True, separators=(",", ":")),
+                                     "kiln-hmac-sha256": safe_open(signed_path, "pt").metadata()["kiln-hmac-sha256"]})
+    forged_path = tmp_path / "resigned.kiln"
+    forged_path.write_bytes(data)
+    assert load_engine(forged_path).plan["layers"][0]["notes"] == ["edited"]  # the checksum alone is fooled
+    with pytest.raises(EngineLoadError, match="signature mismatch"):
+        load_engine(forged_path, key=KEY)
+    flipped = bytearray(signed_path.read_bytes())
+    flipped[-1] ^= 1
+    forged_path.write_bytes(bytes(flipped))
+    with pytest.raises(EngineLoadError, match="signature mismatch"):
+        load_engine(forged_path, key=KEY)
+
+
+def test_key_from_the_environment_signs_and_verifies(static_engine, engine_path, tmp_path, monkeypatch):
+    key_file = tmp_path / "engine.key"
+    key_file.write_text(KEY.decode() + "\n")
+    monkeypatch.setenv("KILN_ENGINE_KEY", str(key_file))
+    static_engine.save(tmp_path / "e.kiln")
+    assert load_engine(tmp_path / "e.kiln").run(feeds_for())["y"].shape == (2, 4, 5, 6)
+    with pytest.raises(EngineLoadError, match="not signed"):
+        load_engine(engine_path)
+    key_file.write_text("short")
+    with pytest.raises(KilnError, match="16 to 4096 bytes"):
+        load_engine(tmp_path / "e.kiln")
+
+
+def test_cli_build_sign_key_and_inspect_with_the_wrong_key(model_path, tmp_path, monkeypatch, capsys):
+    from kiln.cli import main
+
+    key_file = tmp_path / "engine.key"
+    key_file.write_bytes(KEY)
+    out = tmp_path / "signed.kiln"
+    assert main(["build", str(model_path), "-o", str(out), "--device", "cpu", "--opt-level", "0", "--quiet",
+                 "--sign-key", str(key_file)]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("KILN_ENGINE_KEY", str(key_file))
+    assert main(["inspect", str(out)]) == 0
+    capsys.readouterr()
+    key_file.write_bytes(b"a different key of some length")
+    assert main(["inspect", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "signature mismatch" in err
+
+
 # -- engine inputs and profiles ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

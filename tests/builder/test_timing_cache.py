@@ -169,6 +169,11 @@ _CORRUPT = {
     "ok_int": _json(_valid_document({"a" * 64: {"ms": 1, "ok": 1}})),
     "entry_deep": _json(_valid_document({"a" * 64: {"ms": 1, "ok": True, "x": json.loads("[" * 200 + "]" * 200)}})),
     "huge_int": b'{"format": "kiln-timing-cache", "version": 1, "entries": {}, "n": ' + b"9" * 10000 + b"}",
+    # 400 digits parse as a Python int, and float() of it overflows (an OverflowError once escaped)
+    "ms_400_digits": b'{"format": "kiln-timing-cache", "version": 1, "entries": {"' + b"a" * 64
+    + b'": {"ms": 1' + b"0" * 400 + b', "ok": true}}}',
+    "other_field_400_digits": b'{"format": "kiln-timing-cache", "version": 1, "entries": {"' + b"a" * 64
+    + b'": {"ms": 1, "ok": true, "error": -1' + b"0" * 400 + b"}}}",
     "hostile_nesting": b"[" * 100_000,
     "hostile_nesting_object": b'{"entries": ' * 100_000,
     "hostile_nesting_closed": b"[" * 100_000 + b"]" * 100_000,
@@ -183,16 +188,55 @@ def test_corrupt_file_gives_one_warning_and_an_empty_cache(tmp_path, name):
         cache = TimingCache(path, ENV)
     assert len(record) == 1
     message = str(record[0].message)
-    assert str(path) in message and "rebuilt" in message
+    assert str(path) in message and "rewritten" in message and "\n" not in message
     assert cache.warnings == [message]
     assert len(cache) == 0
     assert record[0].filename == __file__, "the warning should point at the code that opened the cache"
 
     cache.put(cache.key(FIELDS), ENTRY)
-    with pytest.warns(TimingCacheWarning, match="overwritten"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TimingCacheWarning)  # saving over the same refused file says nothing more
         cache.save()
+    assert cache.warnings == [message]
     again = _load_quietly(path)
     assert len(again) == 1 and again.get(again.key(FIELDS)) == ENTRY
+
+
+def test_a_file_refused_for_another_reason_at_save_is_reported_again(tmp_path):
+    path = tmp_path / "cache.json"
+    path.write_bytes(b"not json")
+    with pytest.warns(TimingCacheWarning):
+        cache = TimingCache(path, ENV)
+    path.write_bytes(b"[]")
+    cache.put(cache.key(FIELDS), ENTRY)
+    with pytest.warns(TimingCacheWarning, match="overwritten") as record:
+        cache.save()
+    assert len(record) == 1 and len(cache.warnings) == 2
+
+
+def test_refusals_go_to_on_refusal_instead_of_warnings(tmp_path):
+    path = tmp_path / "cache.json"
+    path.write_bytes(_CORRUPT["ms_400_digits"])
+    said = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TimingCacheWarning)
+        cache = TimingCache(path, ENV, on_refusal=said.append)
+        cache.put(cache.key(FIELDS), ENTRY)
+        cache.save()
+    assert said == cache.warnings and len(said) == 1 and "integer" in said[0]
+
+
+def test_lock_file_symlink_is_not_followed(tmp_path):
+    path = tmp_path / "cache.json"
+    target = tmp_path / "elsewhere" / "created-by-kiln"
+    target.parent.mkdir()
+    os.symlink(target, tmp_path / "cache.json.lock")
+    cache = TimingCache(path, ENV)
+    cache.put(cache.key(FIELDS), ENTRY)
+    with pytest.raises(KilnError, match="symlink"):
+        cache.save()
+    assert not target.exists(), "the lock was opened through the symlink"
+    assert not path.exists()
 
 
 def test_oversized_file_is_refused_unread(tmp_path, monkeypatch):
@@ -360,3 +404,49 @@ def test_concurrent_saves_lose_nothing(tmp_path):
     for worker in range(4):
         for i in range(200):
             assert cache.get(cache.key({**FIELDS, "worker": worker, "i": i})) == {"ms": i / 10, "ok": True, "worker": worker}
+
+
+def test_a_cache_saying_every_tactic_failed_does_not_fail_the_build(tmp_path):
+    """A cache may only speed a build up: where it says every candidate of a layer failed, they are
+    checked again, the build succeeds, and the fresh verdicts replace the cached ones."""
+    import onnx
+
+    import kiln
+    from tests.builder.graphs import tiny_model
+
+    model = tmp_path / "tiny.onnx"
+    onnx.save(tiny_model(), model)
+    path = tmp_path / "cache.json"
+    config = kiln.BuildConfig(device="cpu", opt_level=1, timing_cache=str(path))
+    kiln.build(model, config)
+    document = json.loads(path.read_text())
+    assert document["entries"]
+    for entry in document["entries"].values():
+        entry.update(ok=False, ms=None, reason="forged")
+    path.write_text(json.dumps(document))
+
+    engine = kiln.build(model, config)
+    assert engine.report.timed > 0
+    assert all(layer["choices"][0]["tactic"] for layer in engine.plan["layers"])
+    assert any(entry["ok"] for entry in json.loads(path.read_text())["entries"].values())
+
+
+def test_kiln_build_reports_a_refused_cache_once_in_one_line(tmp_path, capsys):
+    import onnx
+
+    from kiln.cli import main
+    from tests.builder.graphs import tiny_model
+
+    model = tmp_path / "tiny.onnx"
+    onnx.save(tiny_model(), model)
+    cache = tmp_path / "cache.json"
+    cache.write_bytes(_CORRUPT["ms_400_digits"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TimingCacheWarning)
+        code = main(["build", str(model), "-o", str(tmp_path / "e.kiln"), "--device", "cpu", "--opt-level", "0",
+                     "--timing-cache", str(cache), "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    lines = [line for line in (out + err).splitlines() if "ignored" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: timing cache") and "integer" in lines[0]
+    assert "Traceback" not in err and "warnings.warn" not in out + err

@@ -147,9 +147,8 @@ class _Builder:
         self.report = BuildReport()
         from kiln.engine import environment
 
-        self.cache = TimingCache(config.timing_cache, environment(self.device))
-        for warning in self.cache.warnings:
-            self.report.log(f"warning: {warning}")
+        self.cache = TimingCache(config.timing_cache, environment(self.device),
+                                 on_refusal=lambda message: self.report.log(f"warning: {message}"))
         self.opset = dict(model.opset_imports).get("", dict(model.opset_imports).get("ai.onnx", 1))
         self.level = config.opt_level
         self.reps = 11 if self.level >= 5 else 5
@@ -440,22 +439,28 @@ class _Builder:
         inputs = None
         reference = None
         best: Choice | None = None
-        for t, cfg in candidates:
-            key = self.cache.key({**key_fields, "tactic": t.name, "config": cfg})
-            entry = self.cache.get(key)
-            if entry is None:
-                if inputs is None:
-                    inputs = self._layer_inputs(index, layer, profile, precision)
-                    reference = self._reference_output(index, item, inputs, precision)
-                entry = self._time(t, cfg, item, index, inputs, reference, precision)
-                self.cache.put(key, entry)
-                self.report.timed += 1
-            if not entry["ok"]:
-                self.report.rejected += 1
-                item.notes.append(f"{t.name} {cfg or ''} rejected: {entry.get('reason', 'mismatch')}")
-                continue
-            if best is None or entry["ms"] < best.time_ms:
-                best = Choice(t.name, cfg, entry["ms"])
+        cached_failures = []
+        for attempt in range(2):
+            for t, cfg in candidates if attempt == 0 else cached_failures:
+                key = self.cache.key({**key_fields, "tactic": t.name, "config": cfg})
+                entry = self.cache.get(key) if attempt == 0 else None
+                if entry is None:
+                    if inputs is None:
+                        inputs = self._layer_inputs(index, layer, profile, precision)
+                        reference = self._reference_output(index, item, inputs, precision)
+                    entry = self._time(t, cfg, item, index, inputs, reference, precision)
+                    self.cache.put(key, entry)
+                    self.report.timed += 1
+                elif not entry["ok"]:
+                    cached_failures.append((t, cfg))
+                if not entry["ok"]:
+                    self.report.rejected += 1
+                    item.notes.append(f"{t.name} {cfg or ''} rejected: {entry.get('reason', 'mismatch')}")
+                    continue
+                if best is None or entry["ms"] < best.time_ms:
+                    best = Choice(t.name, cfg, entry["ms"])
+            if best is not None:  # a cache may only speed a build up: its failures are checked before giving up
+                break
         if best is None:
             raise KilnError(f"{self.name}: every tactic for layer {layer.name!r} ({layer.kind}) failed its check at {precision}")
         return best

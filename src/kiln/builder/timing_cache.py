@@ -6,9 +6,10 @@ into every key: a cache file carried to another machine or kept across an upgrad
 
 The file is shared by builds that may run at the same time and may have been damaged or replaced by
 anyone, so loading trusts nothing: any file that is not exactly what ``save`` writes is refused with
-one ``TimingCacheWarning`` and the cache starts empty (a cache is only ever a speed-up). ``save``
-takes an exclusive lock on ``<path>.lock``, merges with what other builds wrote since, and replaces
-the file atomically, so concurrent builds neither corrupt the file nor lose each other's entries.
+one ``TimingCacheWarning`` (or one line in the build log) and the cache starts empty (a cache is
+only ever a speed-up). ``save`` takes an exclusive lock on ``<path>.lock`` (never through a
+symlink), merges with what other builds wrote since, and replaces the file atomically, so
+concurrent builds neither corrupt the file nor lose each other's entries.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import re
 import stat
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from kiln.atomic_file import write_atomically
@@ -35,6 +37,8 @@ MAX_FILE_BYTES = 256 * 1024 * 1024
 _KEY = re.compile(r"[0-9a-f]{64}")
 _MAX_ENTRY_DEPTH = 16
 """Entries are small flat records; deeper nesting is refused so nothing later recurses too deep."""
+_MAX_INT = 2**63
+"""Integers in entries are counts and sizes; larger ones are refused (float() of a 400-digit one overflows)."""
 
 
 class TimingCacheWarning(UserWarning):
@@ -55,22 +59,22 @@ def _entry_problem(entry: Any) -> str | None:
         return f"an entry is a {type(entry).__name__}, not an object"
     if "ms" not in entry:
         return "an entry has no 'ms'"
-    ms = entry["ms"]
-    if ms is not None and (
-        isinstance(ms, bool) or not isinstance(ms, int | float) or not math.isfinite(ms) or ms < 0
-    ):
-        return f"an entry has 'ms' = {ms!r}, not a finite non-negative number or null"
-    if not isinstance(entry.get("ok"), bool):
-        return f"an entry has 'ok' = {entry.get('ok')!r}, not true or false"
     stack: list[tuple[Any, int]] = [(entry, 1)]
     while stack:
         value, depth = stack.pop()
         if isinstance(value, float) and not math.isfinite(value):
             return f"an entry holds {value!r}, which JSON cannot represent"
+        if isinstance(value, int) and not -_MAX_INT < value < _MAX_INT:
+            return f"an entry holds a {value.bit_length()}-bit integer, larger than any timing or count"
         if isinstance(value, dict | list):
             if depth > _MAX_ENTRY_DEPTH:
                 return f"an entry is nested more than {_MAX_ENTRY_DEPTH} levels deep"
             stack.extend((item, depth + 1) for item in (value.values() if isinstance(value, dict) else value))
+    ms = entry["ms"]
+    if ms is not None and (isinstance(ms, bool) or not isinstance(ms, int | float) or not math.isfinite(ms) or ms < 0):
+        return f"an entry has 'ms' = {ms!r}, not a finite non-negative number or null"
+    if not isinstance(entry.get("ok"), bool):
+        return f"an entry has 'ok' = {entry.get('ok')!r}, not true or false"
     return None
 
 
@@ -138,11 +142,14 @@ class TimingCache:
     """Tactic timings keyed by what was timed and where, kept in memory and (with a path) in a file.
 
     ``key(fields)`` makes a key; ``get`` counts ``hits`` and ``misses``; ``put`` records an entry
-    such as ``{"ms": 0.12, "ok": True, "error": 3e-5}``; ``save`` writes it all out. Refused files
-    are reported with ``TimingCacheWarning`` and listed in ``warnings`` for the build log.
+    such as ``{"ms": 0.12, "ok": True, "error": 3e-5}``; ``save`` writes it all out. A refused file
+    is reported once (``save`` finding it refused for the same reason says nothing more), to
+    ``on_refusal`` if given (the builder passes its build log) or else as a ``TimingCacheWarning``,
+    and listed in ``warnings``.
     """
 
-    def __init__(self, path: str | os.PathLike[str] | None, environment: dict[str, str]) -> None:
+    def __init__(self, path: str | os.PathLike[str] | None, environment: dict[str, str], *,
+                 on_refusal: Callable[[str], None] | None = None) -> None:
         if not isinstance(environment, dict) or not all(
             isinstance(name, str) and isinstance(value, str) for name, value in environment.items()
         ):
@@ -152,10 +159,12 @@ class TimingCache:
         self.hits = 0
         self.misses = 0
         self.warnings: list[str] = []
+        self._on_refusal = on_refusal
+        self._refusals: set[str] = set()  # why the file was refused, each said once
         self._entries: dict[str, dict[str, Any]] = {}
         self._dirty: dict[str, dict[str, Any]] = {}  # put since the last load or save
         if self.path is not None:
-            self._entries = dict(self._load("the cache will be rebuilt"))
+            self._entries = dict(self._load("the cache starts empty and the file will be rewritten"))
 
     def _load(self, consequence: str) -> dict[str, dict[str, Any]]:
         """The valid entries on disk; a refused file gives one warning and no entries."""
@@ -163,9 +172,15 @@ class TimingCache:
         try:
             return _read(self.path) or {}
         except _Refused as refusal:
+            if str(refusal) in self._refusals:
+                return {}
+            self._refusals.add(str(refusal))
             message = f"timing cache {self.path} ignored: {refusal}; {consequence}"
             self.warnings.append(message)
-            warnings.warn(message, TimingCacheWarning, stacklevel=3)
+            if self._on_refusal is not None:
+                self._on_refusal(message)
+            else:
+                warnings.warn(message, TimingCacheWarning, stacklevel=3)
             return {}
 
     def key(self, fields: dict[str, Any]) -> str:
@@ -207,9 +222,17 @@ class TimingCache:
         lock_path = f"{path}.lock"
         try:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as error:
             raise KilnError(f"cannot save the timing cache {path}: {error}") from error
+        try:
+            # O_NOFOLLOW: a symlink put in the lock's place must not make kiln create its target
+            lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        except OSError as error:
+            raise KilnError(f"cannot save the timing cache {path}: cannot open its lock file {lock_path} "
+                            f"({error.strerror or error}{'; it is a symlink' if os.path.islink(lock_path) else ''})") from error
+        if not stat.S_ISREG(os.fstat(lock_fd).st_mode):
+            os.close(lock_fd)
+            raise KilnError(f"cannot save the timing cache {path}: its lock file {lock_path} is not a regular file")
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
             on_disk = self._load("it will be overwritten with the valid entries")

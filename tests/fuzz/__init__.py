@@ -1,0 +1,1 @@
+"""Fuzzing kiln's readers of untrusted files: one module per target, one runner (``harness``)."""
