@@ -391,7 +391,7 @@ def _feeds(engine, options: BenchOptions, batch: int | None, axes: Mapping[str, 
             axis = axes.get(value.name)
             if batch is not None and axis is not None and array.shape[axis] != batch:
                 array = np.take(array, np.arange(batch) % array.shape[axis], axis=axis)
-            feeds[value.name] = np.ascontiguousarray(array)
+            feeds[value.name] = np.require(array, requirements="C")  # np.ascontiguousarray would make a scalar 1-D
     return {v.name: feeds[v.name] for v in values}
 
 
