@@ -63,7 +63,8 @@ class BenchOptions:
     target with the ONNX model on kiln's reference executor. ``inputs``: real data for some inputs
     (name -> array, trtexec's ``--loadInputs``); its shape sets the input's shape, and at each batch
     size it is repeated in turn or cut to that size along the input's batch axis (an input that does
-    not batch, a scalar say, is used as given); the other inputs are random."""
+    not batch, a scalar say, is used as given); the other inputs are random. An ONNX model's build
+    runs on them too (its calibration data)."""
 
     batches: list[int] | None = None
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -249,19 +250,26 @@ def _model_inputs(model) -> list:
 
 
 def _build(model, path: Path, values, axes: Mapping[str, int], options: BenchOptions, say: Callable[[str], None]):
-    """The engine for an ONNX model: one optimization profile per batch size (min = opt = max)."""
+    """The engine for an ONNX model: one optimization profile per batch size (min = opt = max). The
+    ``inputs`` arrays are its calibration data too, so that the build runs the model on them (a
+    sample rate the model branches on, say) rather than on random values."""
     from kiln.builder import BuildConfig, Profile, build
     from kiln.inputs import concrete_shape
 
     config = options.build or BuildConfig()
+    batches = options.batches or [None]
     profiles = []
-    for b in options.batches or [None]:
+    for b in batches:
         shapes = {v.name: tuple(concrete_shape(v, _batch_shapes(values, options.shapes, b, axes, str(path)), str(path)))
                   for v in values}
         profiles.append(Profile.from_lists(shapes, shapes, shapes))
+    # the builder runs the model at every profile's opt shape on the same calibration arrays: one that
+    # batches takes part only when there is one batch size (else the builder makes random ones for it)
+    calibration = {name: _batched(array, axes.get(name), batches[0]) for name, array in options.inputs.items()
+                   if len(batches) == 1 or name not in axes}
     say(f"building {path.name} ({', '.join(p for p in ('fp16', 'bf16', 'tf32') if getattr(config, p)) or 'fp32'}, "
         f"{len(profiles)} profile(s), optimization level {config.opt_level})")
-    return build(model, replace(config, profiles=profiles))
+    return build(model, replace(config, profiles=profiles), calibration=calibration or None)
 
 
 def batch_axes(values, options: BenchOptions, model: str = "model") -> tuple[dict[str, int], str]:
@@ -344,8 +352,10 @@ def _batch_shapes(values, shapes: Mapping[str, tuple[int, ...]], batch: int | No
                                 f"at batch {batch} (choose the inputs and axes that batch with --batch-axes NAME:AXIS,...)")
             dims[axis] = batch
         if any(d is None for d in dims):
-            raise KilnError(f"{model}: input {value.name!r} has dynamic dimensions {list(value.shape)}; "
-                            f"give them with --shapes {value.name}:{'x'.join(str(d or 'N') for d in dims)}")
+            shown = "x".join(str(d) if isinstance(d, int) else (d.value or "?") for d in value.shape)
+            raise KilnError(f"{model}: input {value.name!r} has dynamic dimensions ({shown}); give them with --shapes "
+                            f"{value.name}:{'x'.join(str(d or 'N') for d in dims)}"
+                            + ("" if axis is not None else f", or batch it with --batch-axes {value.name}:AXIS"))
         result[value.name] = tuple(dims)
     return result
 
@@ -387,12 +397,17 @@ def _feeds(engine, options: BenchOptions, batch: int | None, axes: Mapping[str, 
     feeds = random_inputs(rest, {v.name: shapes[v.name] for v in rest if v.name in shapes}, seed=options.seed, model=model)
     for value in values:
         if value.name in options.inputs:
-            array = np.asarray(options.inputs[value.name])
-            axis = axes.get(value.name)
-            if batch is not None and axis is not None and array.shape[axis] != batch:
-                array = np.take(array, np.arange(batch) % array.shape[axis], axis=axis)
-            feeds[value.name] = np.require(array, requirements="C")  # np.ascontiguousarray would make a scalar 1-D
+            feeds[value.name] = _batched(options.inputs[value.name], axes.get(value.name), batch)
     return {v.name: feeds[v.name] for v in values}
+
+
+def _batched(array, axis: int | None, batch: int | None) -> np.ndarray:
+    """An ``inputs`` array at one batch size: repeated in turn or cut along its batch axis; as given
+    when it does not batch (or no batch size is set). C order, a scalar kept rank 0."""
+    array = np.asarray(array)
+    if batch is not None and axis is not None and array.shape[axis] != batch:
+        array = np.take(array, np.arange(batch) % array.shape[axis], axis=axis)
+    return np.require(array, requirements="C")  # np.ascontiguousarray would make a scalar 1-D
 
 
 def _batch_size(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int]) -> int:
