@@ -409,3 +409,80 @@ def test_external_weight_whose_length_disagrees_with_its_dims(tmp_path):
     _set_location(path, "weights.bin", length="8")
     with pytest.raises(ModelLoadError, match="external data of 8 bytes"):
         load_model(path)
+
+
+# -- dims written as -1 (paddle2onnx) or "?" are dynamic -----------------------------------------------
+
+
+def _minus_one_model() -> onnx.ModelProto:
+    """Relu -> Conv (5 -> 6 channels: misaligned for fp16) -> Reshape to [0, -1], as paddle2onnx
+    writes it: the batch is ``-1`` on the input, a value_info and the output, H and W are "?". The
+    Reshape's ``-1`` is a value, not a dim, and must keep its meaning."""
+    rng = np.random.default_rng(0)
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal((6, 5, 3, 3)).astype(np.float32), "w"),
+             onnx.numpy_helper.from_array(np.array([0, -1], np.int64), "target")]
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+         helper.make_node("Conv", ["r", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Reshape", ["c", "target"], ["y"], name="reshape")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 5, "?", "?"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, -1])],
+        inits,
+        value_info=[helper.make_tensor_value_info("r", TensorProto.FLOAT, [-1, 5, "?", "?"])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_minus_one_and_question_mark_dims_load_as_dynamic(tmp_path):
+    proto = _minus_one_model()
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, path)
+    for model in (load_model(path), kiln.load_model_proto(proto)):
+        values = {v.name: v for v in (*model.graph.inputs, *model.graph.outputs)}
+        values["r"] = next(n for n in model.graph if n.name == "relu").outputs[0]
+        for name, value in values.items():
+            assert not any(isinstance(d, int) and d < 0 for d in value.shape), (name, value.shape)
+            assert not isinstance(value.shape[0], int), (name, value.shape)
+        x = values["x"].shape
+        assert x[1] == 5 and all(x[a].value is None for a in (0, 2, 3))  # unknown: the two "?" need not agree
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == -1  # the caller's proto is untouched
+
+
+def test_minus_one_dims_in_subgraphs_and_sequences_load_as_dynamic():
+    then = helper.make_graph([helper.make_node("Identity", ["x"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, [-1, 3])])
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, [-1, 3])])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=other, name="if"),
+         helper.make_node("SequenceConstruct", ["y"], ["s"], name="seq")],
+        "g",
+        [helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 3]),
+         helper.make_tensor_sequence_value_info("s", TensorProto.FLOAT, [-1, 3])],
+    )
+    model = kiln.load_model_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    branch = next(n for n in model.graph if n.op_type == "If").attributes["then_branch"].value
+    assert not isinstance(branch.outputs[0].shape[0], int)
+    assert not isinstance(model.graph.outputs[0].shape[0], int)
+    out = kiln.Executor(model).run({"cond": np.array(False), "x": np.ones((2, 3), np.float32)})
+    np.testing.assert_array_equal(np.asarray(out["y"]), -np.ones((2, 3), np.float32))
+    assert [tuple(t.shape) for t in out["s"]] == [(2, 3)]
+
+
+def test_minus_one_model_runs_doctors_and_optimizes_from_the_command_line(tmp_path, capsys):
+    from kiln.cli import main
+
+    path = tmp_path / "m.onnx"
+    onnx.save(_minus_one_model(), path)
+    assert main(["run", str(path), "--shapes", "x:2x5x6x6", "--compare", "onnxruntime"]) == 0
+    assert main(["doctor", str(path), "--precision", "fp16", "--shapes", "x:2x5x6x6"]) == 0
+    assert main(["doctor", str(path), "--precision", "fp16", "--opt-shapes", "x:2x5x6x6"]) == 0
+    assert main(["optimize", str(path), "-o", str(tmp_path / "out.onnx"), "--precision", "fp16"]) == 0
+    text = capsys.readouterr().out
+    assert "fixes it at -1" not in text and "misaligned" in text and "pad_for_tensor_cores: 1 rewrite" in text
+    optimized = onnx.load(tmp_path / "out.onnx")
+    assert "Pad" in {n.op_type for n in optimized.graph.node}
+    assert main(["run", str(tmp_path / "out.onnx"), "--shapes", "x:3x5x4x7", "--compare", "onnxruntime"]) == 0

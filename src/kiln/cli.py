@@ -362,7 +362,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from kiln.bench import BenchOptions, parse_batches, run_bench
+    from kiln.bench import BenchOptions, parse_batch_axes, parse_batches, run_bench
     from kiln.bench.report import plot, render, write_json
     from kiln.builder import BuildConfig
     from kiln.device import resolve_device
@@ -386,7 +386,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         opt_level=3 if args.opt_level is None else args.opt_level, timing_cache=args.timing_cache,
         device=resolve_device(args.device), max_aux_streams=args.aux_streams or 0)
     options = BenchOptions(
-        batches=parse_batches(args.batch), shapes=parse_shapes(args.shapes), build=build, warmup_ms=args.warmup_ms,
+        batches=parse_batches(args.batch), shapes=parse_shapes(args.shapes), batch_axes=parse_batch_axes(args.batch_axes),
+        build=build, warmup_ms=args.warmup_ms,
         duration_s=None if args.iterations else args.duration_s, iterations=args.iterations, repeats=args.repeats,
         peers=_names(args.peers) or [], profile_layers=args.profile_layers, cuda_graph=args.cuda_graph,
         contexts=args.contexts, aux_streams=args.aux_streams, profile=args.profile, onnx=args.onnx,
@@ -513,8 +514,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="time a model or engine: latency percentiles, throughput, batch sweep, peers",
                            description="Time a model (built here) or an engine the way trtexec does, beside its peers.")
     bench.add_argument("model", type=Path, help="the .onnx file (built for each --batch size) or a .kiln engine")
-    bench.add_argument("--batch", help="batch sizes (axis 0 of every input), 1,8,32,256: a sweep with a saturation verdict")
-    bench.add_argument("--shapes", help="input shapes NAME:AxB,... (axis 0 is replaced by each --batch size)")
+    bench.add_argument("--batch", help="batch sizes, 1,8,32,256: a sweep with a saturation verdict (along each input's "
+                       "batch axis, see --batch-axes)")
+    bench.add_argument("--batch-axes", help="the inputs that batch and their batch axes, NAME:AXIS,... (state:1); the others "
+                       "keep their shapes. Default: the symbolic dim the inputs share, else axis 0 where it is dynamic")
+    bench.add_argument("--shapes", help="input shapes NAME:AxB,... (the batch axis is replaced by each --batch size)")
     bench.add_argument("--fp16", action="store_true", help="build with fp16 tactics (.onnx models)")
     bench.add_argument("--bf16", action="store_true", help="build with bf16 tactics")
     bench.add_argument("--tf32", action="store_true", help="build with TF32 for fp32 layers")
@@ -539,8 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--onnx", type=Path, help="with a .kiln engine: the ONNX model it was built from (for the peers "
                        "and the reference)")
     bench.add_argument("--inputs", type=Path,
-                       help=".npz of real data named after the inputs; rows are repeated or cut to each batch size "
-                       "(other inputs random)")
+                       help=".npz of real data named after the inputs; repeated or cut to each batch size along "
+                       "the input's batch axis, as given where it does not batch (other inputs random)")
     bench.add_argument("--no-reference", action="store_true",
                        help="skip comparing every target with the ONNX model on kiln's reference executor")
     _tolerance_arguments(bench)

@@ -76,11 +76,20 @@ def concrete_shape(value: ir.Value, shapes: Mapping[str, Sequence[int]], model: 
 
 
 def engine_input_values(engine) -> list[ir.Value]:
-    """An engine's inputs as onnx-ir values (dynamic dimensions symbolic), so that random inputs
-    are made for an engine the same way as for a model."""
+    """An engine's inputs as onnx-ir values, their dynamic dimensions by the names the model gave
+    them (read from the engine's graph; unnamed ones stay unknown), so that random inputs and batch
+    axes are worked out for an engine the same way as for a model."""
+    import onnx
+
+    graph = onnx.ModelProto.FromString(engine.graph).graph
+    names = {v.name: [d.dim_param or None for d in v.type.tensor_type.shape.dim] for v in graph.input}
     values = []
     for spec in engine.inputs:
-        shape = None if spec["shape"] is None else ir.Shape([d if d is not None else ir.SymbolicDim("N") for d in spec["shape"]])
+        shape = None
+        if spec["shape"] is not None:
+            symbols = names.get(spec["name"], [])
+            shape = ir.Shape([d if d is not None else ir.SymbolicDim(symbols[axis] if axis < len(symbols) else None)
+                              for axis, d in enumerate(spec["shape"])])
         values.append(ir.Value(name=spec["name"], type=ir.TensorType(getattr(ir.DataType, spec["dtype"].upper())), shape=shape))
     return values
 

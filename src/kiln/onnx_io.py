@@ -114,6 +114,7 @@ def _load_proto(proto: onnx.ModelProto, name: str, base_dir: str | os.PathLike[s
             raise ModelLoadError(f"{name}: the model references external data but no folder to read it from was given")
         _check_external_data(external, Path(base_dir), name, max_bytes)
     skeleton, weights, added_inputs = _skeleton(proto, name)
+    _unknown_placeholder_dims(skeleton)
     if external:
         # what stays in the skeleton is small: the checker and shape inference see its values
         external_data_helper.load_external_data_for_model(skeleton, str(base_dir))
@@ -323,9 +324,43 @@ def _check_structure(proto: onnx.ModelProto, name: str) -> None:
         raise ModelLoadError(f"{name}: the graph has no outputs")
 
 
+def _unknown_placeholder_dims(proto: onnx.ModelProto) -> None:
+    """Every declared dim spelled as a placeholder becomes an unknown (dynamic) dim, in place.
+
+    Some exporters write a dynamic dim as ``dim_value: -1`` (paddle2onnx: ``[-1, 3, ?, ?]``) or as
+    ``dim_param: "?"``. onnxruntime treats both as dynamic, so kiln does too, before shape inference
+    and onnx-ir see them: every later reader of a shape then sees a dynamic dim, never a size of -1
+    or two axes that must agree because both are called "?". Values in tensors (Reshape's -1) are
+    not dims and keep their meaning. Covers graph inputs, outputs and value_info in every subgraph
+    and model-local function."""
+    values = [v for g in _graphs(proto.graph) for v in (*g.input, *g.output, *g.value_info)]
+    for function in proto.functions:
+        values.extend(function.value_info)
+        values.extend(v for g in _subgraphs(function.node) for v in (*g.input, *g.output, *g.value_info))
+    for value in values:
+        _unknown_placeholders_in(value.type)
+
+
+def _unknown_placeholders_in(type_proto: onnx.TypeProto) -> None:
+    kind = type_proto.WhichOneof("value")
+    if kind in ("tensor_type", "sparse_tensor_type"):
+        for dim in getattr(type_proto, kind).shape.dim:
+            if (dim.HasField("dim_value") and dim.dim_value < 0) or (dim.HasField("dim_param") and dim.dim_param == "?"):
+                dim.ClearField(dim.WhichOneof("value"))  # its denotation stays
+    elif kind in ("sequence_type", "optional_type"):
+        _unknown_placeholders_in(getattr(type_proto, kind).elem_type)
+    elif kind == "map_type":
+        _unknown_placeholders_in(type_proto.map_type.value_type)
+
+
 def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     yield graph
-    for node in graph.node:
+    yield from _subgraphs(graph.node)
+
+
+def _subgraphs(nodes) -> Iterator[onnx.GraphProto]:
+    """The graphs held by these nodes' attributes, and theirs in turn."""
+    for node in nodes:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
                 yield from _graphs(attr.g)

@@ -212,3 +212,62 @@ def test_corrupt_timing_cache_is_ignored_with_a_warning(rng, tmp_path):
 def test_calibration_inputs_must_have_the_opt_shape(rng):
     with pytest.raises(InputError, match="calibration"):
         kiln.build(_conv_model(rng), BuildConfig(device="cpu", fp16=True), calibration={"x": np.ones((1, 4, 6, 6), np.float32)})
+
+
+def test_a_minus_one_batch_builds_with_a_profile_and_runs_in_its_range(tmp_path):
+    """paddle2onnx writes a dynamic batch as -1 (input, value_info, output): a dynamic dim, not a size."""
+    import onnx
+
+    from tests.builder.graphs import tiny_model
+
+    proto = tiny_model(batch=-1)
+    proto.graph.value_info.append(onnx.helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, [-1, 4, 6, 8]))
+    path = tmp_path / "minus_one.onnx"
+    onnx.save(proto, path)
+    engine = kiln.build(path, BuildConfig(device="cpu", opt_level=1, profiles=[Profile.from_lists(
+        {"x": (1, 3, 6, 8), "r": (1, 4, 6, 8)}, {"x": (2, 3, 6, 8), "r": (2, 4, 6, 8)}, {"x": (4, 3, 6, 8), "r": (4, 4, 6, 8)})]))
+    assert [spec["shape"] for spec in engine.inputs] == [[None, 3, 6, 8], [None, 4, 6, 8]]
+    rng = np.random.default_rng(3)
+    feeds = {"x": rng.standard_normal((3, 3, 6, 8)).astype(np.float32), "r": rng.standard_normal((3, 4, 6, 8)).astype(np.float32)}
+    assert relative_error(engine.run(feeds)["y"], run_onnxruntime(path, feeds)["y"]) <= 1e-4
+    with pytest.raises(InputError, match="optimization profile"):
+        engine.run({k: np.concatenate([v, v]) for k, v in feeds.items()})
+
+
+def _scalar_input_model():
+    """y = MatMul(x[N, 4], w) * float(sr): sr is a rank-0 int64 input (silero's sample rate)."""
+    rng = np.random.default_rng(5)
+    return model([node("MatMul", ["x", "w"], ["m"]), node("Cast", ["sr"], ["s"], to=1), node("Mul", ["m", "s"], ["y"])],
+                 [("x", ["N", 4]), ("sr", [], 7)], [("y", ["N", 3])], [("w", weights(rng, 4, 3))])
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["profile-names-the-scalar", "scalar-left-out"])
+def test_a_rank_0_input_builds_and_runs_with_or_without_a_profile_entry(named):
+    scalar = {"sr": ()} if named else {}
+    profile = Profile.from_lists({"x": (1, 4)}, {"x": (2, 4), **scalar}, {"x": (4, 4)})  # min/max: the opt's
+    assert ("sr" in profile.shapes) == named and (not named or profile.shapes["sr"] == ((), (), ()))
+    m = _scalar_input_model()
+    engine = kiln.build(m, BuildConfig(device="cpu", opt_level=1, profiles=[profile]))
+    assert engine.profiles[0].shapes["sr"] == ((), (), ())
+    x = np.random.default_rng(6).standard_normal((3, 4)).astype(np.float32)
+    feeds = {"x": x, "sr": np.array(16000, np.int64)}
+    assert relative_error(engine.run(feeds)["y"], kiln.Executor(m).run(feeds)["y"]) <= 1e-4
+    context = engine.create_context(profile=0)
+    assert relative_error(context.run(feeds)["y"], kiln.Executor(m).run(feeds)["y"]) <= 1e-4
+    with pytest.raises(InputError, match="sr"):
+        engine.run({"x": x, "sr": np.array([16000], np.int64)})
+
+
+def test_a_rank_0_input_in_the_build_command_line(tmp_path):
+    import onnx_ir as ir
+
+    from kiln.cli import main
+    from kiln.inputs import write_npz
+
+    path, engine_path = tmp_path / "scalar.onnx", tmp_path / "scalar.kiln"
+    ir.save(_scalar_input_model(), path)
+    assert main(["build", str(path), "-o", str(engine_path), "--device", "cpu", "--opt-level", "1",
+                 "--min-shapes", "x:1x4", "--opt-shapes", "x:2x4,sr:", "--max-shapes", "x:4x4"]) == 0
+    write_npz(tmp_path / "in.npz", {"x": np.ones((3, 4), np.float32), "sr": np.array(8000, np.int64)})
+    assert main(["run", str(engine_path), "--inputs", str(tmp_path / "in.npz"), "--compare", "onnxruntime",
+                 "--onnx", str(path)]) == 0

@@ -340,3 +340,38 @@ def test_no_fold_through_an_op_that_could_make_the_padding_infinite():
     proto = _graph(nodes, [("x", ["N", 64])], [("y", ["N", 32])], [_init("w1", [64, 30], 1), _init("w2", [30, 32], 3)])
     model, count, _ = _pad(proto)  # Log(0) = -inf would meet the zero rows: a Slice and a Pad stay
     assert count == 2 and ops(model) == ["MatMul", "Slice", "Log", "Pad", "MatMul"]
+
+
+def _conv_with_minus_one_batch():
+    """``_conv`` as paddle2onnx writes it: the batch dim is ``-1`` on the input, a value_info and the output."""
+    proto = _conv(c_in=5, c_out=6)
+    for value in (proto.graph.input[0], proto.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_value = -1
+    proto.graph.value_info.append(helper.make_tensor_value_info("r", F, [-1, 5, 6, 6]))
+    return proto
+
+
+def test_a_minus_one_batch_from_a_file_is_dynamic_and_never_timed_as_a_size():
+    measure = FakeMeasure(2.0, 1.0)
+    model, count, context = _pad(_conv_with_minus_one_batch(), "fp16", measure=measure)
+    assert count == 1 and ops(model) == ["Relu", "Pad", "Conv", "Slice"]
+    assert "not measured (input r has no concrete shape" in context.log[0] and measure.results == []
+    assert not isinstance(model.graph.inputs[0].shape[0], int)
+    assert_same(_conv(c_in=5, c_out=6), model, dims={"N": 2})
+
+
+def test_a_minus_one_dim_in_an_in_memory_model_is_no_size():
+    """An ir.Model built without kiln's loader keeps its ``-1``: the pass must not pad to it, time
+    at it, nor build a tensor of it."""
+    import onnx_ir as ir
+
+    proto = _matmul(k=50, n=30, x_shape=[-1, 50])
+    proto.graph.value_info.append(helper.make_tensor_value_info("y", F, [-1, 30]))
+    model = ir.serde.deserialize_model(proto)
+    assert model.graph.inputs[0].shape[0] == -1
+    measure = FakeMeasure(0.5, 1.0)  # would drop the rewrite if asked
+    context = PassContext(precision="fp16", measure=measure)
+    findings = get_pass("pad_for_tensor_cores").find(model, context)
+    assert len(findings) == 1 and findings[0].flops >= 0
+    assert get_pass("pad_for_tensor_cores").apply(model, context) == 1
+    assert "not measured (input x has no concrete shape" in context.log[0] and measure.results == []

@@ -2,7 +2,10 @@
 
 Playbook rule: *batching* — larger batches raise throughput until the GPU is full, and linear growth
 means it is not full yet. ``bench`` times the engine at each batch size of ``--batch`` (an ONNX model
-is built with one optimization profile per batch size, so each is tuned for its own shape), prints
+is built with one optimization profile per batch size, so each is tuned for its own shape) along
+each input's batch axis (``batch_axes``: ``--batch-axes state:1``, or by default the symbolic dim the
+inputs share; ``kiln.bench.batch_axes`` says which and why, in one note). Inputs that do not batch
+(a sample rate, a fixed-size table) keep the shapes given or declared. It prints
 latency percentiles, the H2D / compute / D2H split, throughput and peak memory, repeats every
 measurement (``repeats``, 2) and prints how far the repeats disagree, and reads the sweep for the
 batch where throughput stops growing with the batch (``kiln.bench.measure.saturation``).
@@ -46,7 +49,7 @@ from kiln.errors import KilnError, first_line
 if TYPE_CHECKING:
     from kiln.engine import Engine
 
-__all__ = ["BenchOptions", "run_bench"]
+__all__ = ["BenchOptions", "batch_axes", "parse_batch_axes", "run_bench"]
 
 LAYER_PROFILE_RUNS = 20
 LAYER_PROFILE_SECONDS = 2.0
@@ -54,17 +57,22 @@ LAYER_PROFILE_SECONDS = 2.0
 
 @dataclass
 class BenchOptions:
-    """What to measure. ``batches``: batch sizes (axis 0 of every input); None measures the shapes
-    as given (``shapes`` and the model's static dims). ``build``: the BuildConfig for an ONNX model
+    """What to measure. ``batches``: batch sizes, set along each batched input's batch axis; None
+    measures the shapes as given (``shapes`` and the model's static dims). ``batch_axes``: input name
+    -> its batch axis; the inputs it leaves out keep their shapes; empty: the default of
+    ``batch_axes()``. ``build``: the BuildConfig for an ONNX model
     (its ``profiles`` are replaced by one per batch size). ``onnx``: for a ``.kiln`` engine, the
     ONNX file it was built from (the peers and the reference need it). ``reference``: compare every
     target with the ONNX model on kiln's reference executor. ``atol``/``rtol``: override the
     tolerance table for those comparisons. ``inputs``: real data for some inputs
     (name -> array, trtexec's ``--loadInputs``); its shape sets the input's shape, and at each batch
-    size its rows (axis 0) are repeated in turn or cut to that size; the other inputs are random."""
+    size it is repeated in turn or cut to that size along the input's batch axis (an input that does
+    not batch, a scalar say, is used as given); the other inputs are random. An ONNX model's build
+    runs on them too (its calibration data)."""
 
     batches: list[int] | None = None
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    batch_axes: dict[str, int] = field(default_factory=dict)
     build: Any = None
     warmup_ms: float = 200.0
     duration_s: float | None = 3.0
@@ -91,24 +99,33 @@ def run_bench(model: str | os.PathLike[str] | Engine, options: BenchOptions, *, 
     module docstring. ``module``: a torch module computing the same model, for the eager and compile
     peers. ``progress(message)`` is called as work advances."""
     from kiln.engine import Engine
+    from kiln.inputs import engine_input_values
 
     say = progress or (lambda message: None)
     _check_options(options)
     label = model.name if isinstance(model, Engine) else str(model)
-    options = replace(options, shapes=_shapes_with_inputs(options, label))
-    engine, onnx_path = (model, options.onnx) if isinstance(model, Engine) else _engine(Path(model), options, say)
-    if isinstance(model, Engine) and options.build is not None:
-        raise KilnError(f"{label}: an engine is already built; precision and build flags apply to .onnx models")
+    if isinstance(model, Engine):
+        if options.build is not None:
+            raise KilnError(f"{label}: an engine is already built; precision and build flags apply to .onnx models")
+        source, onnx_path = model, options.onnx
+    else:
+        source, onnx_path = _load(Path(model), options)
+    values = engine_input_values(source) if isinstance(source, Engine) else _model_inputs(source)
+    axes, axes_note = batch_axes(values, options, label)
+    options = replace(options, shapes=_shapes_with_inputs(values, options, axes, label))
+    engine = source if isinstance(source, Engine) else _build(source, Path(model), values, axes, options, say)
     device = engine.device
     if device.type != "cuda":
         for flag, on in (("--cuda-graph", options.cuda_graph), ("--aux-streams", bool(options.aux_streams))):
             if on:
                 raise KilnError(f"{label}: {flag} needs a CUDA GPU; this engine runs on the CPU")
     batches = options.batches or [None]
-    feeds = {b: _feeds(engine, options, b, label) for b in batches}
-    batch_of = {b: b if b is not None else _leading_dim(feeds[b]) for b in batches}
+    feeds = {b: _feeds(engine, options, b, axes, label) for b in batches}
+    batch_of = {b: b if b is not None else _batch_size(feeds[b], axes) for b in batches}
     result = BenchResult(model=label, device=device.type, gpu=_gpu_name(device), date=_now(), command=command,
-                         versions=_versions(), config=_config_json(options, engine))
+                         versions=_versions(), config=_config_json(options, axes, engine))
+    if options.batches is not None:
+        result.notes.append(axes_note)
     context_options = {"cuda_graph": options.cuda_graph, "aux_streams": options.aux_streams, "profile": options.profile}
     kiln_targets = [KilnTarget(engine, name="kiln", **context_options) for _ in range(options.contexts)]
     peers, unavailable = _peers(options, onnx_path, module, engine)
@@ -234,34 +251,112 @@ def _check_options(options: BenchOptions) -> None:
         raise KilnError(f"--warmup-ms must be 0 or more, got {options.warmup_ms}")
 
 
-def _engine(path: Path, options: BenchOptions, say: Callable[[str], None]):
-    """The engine to measure and the ONNX file for the peers."""
-    from kiln.builder import BuildConfig, Profile, build
+def _load(path: Path, options: BenchOptions):
+    """A .kiln file's engine and the ONNX file for the peers (``options.onnx``), or an ONNX file's
+    model (built once its profiles are known) and the file itself."""
     from kiln.engine import load_engine
-    from kiln.inputs import concrete_shape
     from kiln.onnx_io import load_model
 
     if path.suffix == ".kiln":
         if options.build is not None:
             raise KilnError(f"{path}: an engine is already built; precision and build flags apply to .onnx models")
         return load_engine(path), options.onnx
+    from kiln.builder import BuildConfig
+
     model = load_model(path)
-    config = options.build or BuildConfig()
-    if config.device == "cuda" and not torch.cuda.is_available():
+    if (options.build or BuildConfig()).device == "cuda" and not torch.cuda.is_available():
         raise KilnError(f"{path}: torch sees no CUDA GPU here; benchmark on the CPU with --device cpu")
-    values = [v for v in model.graph.inputs if not v.is_initializer()]
+    return model, path
+
+
+def _model_inputs(model) -> list:
+    return [v for v in model.graph.inputs if not v.is_initializer()]
+
+
+def _build(model, path: Path, values, axes: Mapping[str, int], options: BenchOptions, say: Callable[[str], None]):
+    """The engine for an ONNX model: one optimization profile per batch size (min = opt = max). The
+    ``inputs`` arrays are its calibration data too, so that the build runs the model on them (a
+    sample rate the model branches on, say) rather than on random values."""
+    from kiln.builder import BuildConfig, Profile, build
+    from kiln.inputs import concrete_shape
+
+    config = options.build or BuildConfig()
+    batches = options.batches or [None]
     profiles = []
-    for b in options.batches or [None]:
-        shapes = {v.name: tuple(concrete_shape(v, _batch_shapes(values, options.shapes, b, str(path)), str(path)))
+    for b in batches:
+        shapes = {v.name: tuple(concrete_shape(v, _batch_shapes(values, options.shapes, b, axes, str(path)), str(path)))
                   for v in values}
         profiles.append(Profile.from_lists(shapes, shapes, shapes))
+    # the builder runs the model at every profile's opt shape on the same calibration arrays: one that
+    # batches takes part only when there is one batch size (else the builder makes random ones for it)
+    calibration = {name: _batched(array, axes.get(name), batches[0]) for name, array in options.inputs.items()
+                   if len(batches) == 1 or name not in axes}
     say(f"building {path.name} ({', '.join(p for p in ('fp16', 'bf16', 'tf32') if getattr(config, p)) or 'fp32'}, "
         f"{len(profiles)} profile(s), optimization level {config.opt_level})")
-    return build(model, replace(config, profiles=profiles)), path
+    return build(model, replace(config, profiles=profiles), calibration=calibration or None)
 
 
-def _batch_shapes(values, shapes: Mapping[str, tuple[int, ...]], batch: int | None, model: str) -> dict[str, tuple[int, ...]]:
-    """``--shapes`` with axis 0 of every input set to ``batch``; a fixed axis 0 must equal it."""
+def batch_axes(values, options: BenchOptions, model: str = "model") -> tuple[dict[str, int], str]:
+    """Which inputs batch, along which axis (input name -> axis), and a one-line note saying so.
+
+    ``options.batch_axes`` when given (the inputs it leaves out keep their shapes). Otherwise the
+    symbolic dim that most inputs share (``batch`` in ``input[batch, seq]`` and
+    ``state[2, batch, 128]``; on a tie the one nearest axis 0), at its axis in each input that has
+    it; else axis 0 of each input whose axis 0 is dynamic; else (a model with static shapes) axis 0
+    of every input with one, which then runs only at its own batch size. Scalars never batch."""
+    names = [v.name for v in values]
+    ranks = {v.name: _rank(v, options) for v in values}
+    if options.batch_axes:
+        unknown = sorted(set(options.batch_axes) - set(names))
+        if unknown:
+            raise KilnError(f"{model}: --batch-axes names unknown input(s) {unknown}; inputs are {names}")
+        axes = {}
+        for name, axis in options.batch_axes.items():
+            rank = ranks[name]
+            if rank is not None and not -rank <= axis < rank:
+                raise KilnError(f"{model}: --batch-axes gives input {name!r} batch axis {axis}, but it has rank {rank}"
+                                + (" (a scalar does not batch; leave it out)" if rank == 0 else ""))
+            axes[name] = axis % rank if rank else axis
+        how = "--batch-axes"
+    else:
+        places: dict[str, list[tuple[int, int]]] = {}  # symbolic dim name -> (input index, axis) of each input having it
+        for index, value in enumerate(values):
+            for axis, dim in enumerate(value.shape or ()):
+                symbol = None if isinstance(dim, int) else getattr(dim, "value", None)
+                if isinstance(symbol, str) and all(i != index for i, _ in places.get(symbol, [])):
+                    places.setdefault(symbol, []).append((index, axis))
+        shared = {symbol: where for symbol, where in places.items() if len(where) >= 2}
+        if shared:
+            symbol = min(shared, key=lambda k: (-len(shared[k]), min(a for _, a in shared[k]), shared[k][0]))
+            axes = {names[index]: axis for index, axis in shared[symbol]}
+            how = f"the symbolic dim {symbol!r} that {len(axes)} inputs share"
+        else:
+            axes = {v.name: 0 for v in values if ranks[v.name] and (v.shape is None or not isinstance(v.shape[0], int))}
+            how = "axis 0 of each input whose axis 0 is dynamic"
+            if not axes:
+                axes = {name: 0 for name in names if ranks[name]}
+                how = "axis 0 of every input: none has a dynamic batch dim"
+    kept = [name for name in names if name not in axes]
+    note = (f"batch axes ({how}): " + ", ".join(f"{name}:{axis}" for name, axis in axes.items())
+            + (f"; as given: {', '.join(kept)}" if kept else "") + " (choose with --batch-axes NAME:AXIS,...)")
+    return axes, note
+
+
+def _rank(value, options: BenchOptions) -> int | None:
+    """An input's rank: declared, else from ``--shapes`` or its ``--inputs`` array (None: unknown)."""
+    if value.shape is not None:
+        return len(value.shape)
+    if value.name in options.shapes:
+        return len(options.shapes[value.name])
+    if value.name in options.inputs:
+        return np.ndim(options.inputs[value.name])
+    return None
+
+
+def _batch_shapes(values, shapes: Mapping[str, tuple[int, ...]], batch: int | None, axes: Mapping[str, int],
+                  model: str) -> dict[str, tuple[int, ...]]:
+    """``shapes`` with each batched input's batch axis set to ``batch`` (a fixed one must equal it);
+    the other inputs as given or declared."""
     if batch is None:
         return dict(shapes)
     result = {}
@@ -269,59 +364,82 @@ def _batch_shapes(values, shapes: Mapping[str, tuple[int, ...]], batch: int | No
         given = shapes.get(value.name)
         dims = list(given) if given is not None else ([d if isinstance(d, int) else None for d in value.shape]
                                                        if value.shape is not None else None)
-        if not dims:
-            raise KilnError(f"{model}: input {value.name!r} has no batch axis (rank {0 if dims == [] else '?'}); "
-                            "drop --batch and give --shapes")
-        declared = value.shape[0] if value.shape is not None and len(value.shape) else None
-        if isinstance(declared, int) and declared != batch:
-            raise KilnError(f"{model}: input {value.name!r} has a fixed batch of {declared}; it cannot run at batch {batch}")
-        dims[0] = batch
+        if dims is None:
+            raise KilnError(f"{model}: input {value.name!r} has no declared shape; give it with --shapes {value.name}:AxB...")
+        axis = axes.get(value.name)
+        if axis is not None:
+            if axis >= len(dims):
+                raise KilnError(f"{model}: input {value.name!r} has shape {dims}: no batch axis {axis}")
+            declared = value.shape[axis] if value.shape is not None and axis < len(value.shape) else None
+            if isinstance(declared, int) and declared != batch:
+                raise KilnError(f"{model}: input {value.name!r} has a fixed batch of {declared} (axis {axis}); it cannot run "
+                                f"at batch {batch} (choose the inputs and axes that batch with --batch-axes NAME:AXIS,...)")
+            dims[axis] = batch
         if any(d is None for d in dims):
-            raise KilnError(f"{model}: input {value.name!r} has dynamic dimensions {list(value.shape)}; "
-                            f"give them with --shapes {value.name}:{'x'.join(str(d or 'N') for d in dims)}")
+            shown = "x".join(str(d) if isinstance(d, int) else (d.value or "?") for d in value.shape)
+            raise KilnError(f"{model}: input {value.name!r} has dynamic dimensions ({shown}); give them with --shapes "
+                            f"{value.name}:{'x'.join(str(d or 'N') for d in dims)}"
+                            + ("" if axis is not None else f", or batch it with --batch-axes {value.name}:AXIS"))
         result[value.name] = tuple(dims)
     return result
 
 
-def _shapes_with_inputs(options: BenchOptions, model: str) -> dict[str, tuple[int, ...]]:
-    """``--shapes`` plus the shape of each array given in ``inputs`` (the two must agree)."""
+def _shapes_with_inputs(values, options: BenchOptions, axes: Mapping[str, int], model: str) -> dict[str, tuple[int, ...]]:
+    """``--shapes`` plus the shape of each array given in ``inputs`` (the two must agree but on the
+    batch axis)."""
+    known = {v.name: v for v in values}
+    unknown = sorted(set(options.inputs) - set(known))
+    if unknown:
+        raise KilnError(f"{model}: --inputs has array(s) {unknown} that are not inputs of the model; its inputs are "
+                        f"{list(known)}")
     shapes = {name: tuple(shape) for name, shape in options.shapes.items()}
     for name, array in options.inputs.items():
         given = tuple(np.shape(array))
-        if not given:
-            raise KilnError(f"{model}: input {name!r} from --inputs is a scalar; a benchmarked input needs a batch axis")
-        if name in shapes and tuple(shapes[name][1:]) != given[1:]:
-            raise KilnError(f"{model}: --shapes gives input {name!r} shape {list(shapes[name])}, but its array in "
-                            f"--inputs has shape {list(given)}; give one of the two")
+        declared = known[name].shape
+        if declared is not None and len(declared) != len(given):
+            raise KilnError(f"{model}: input {name!r} from --inputs has shape {list(given)}, the model declares rank {len(declared)}")
+        axis = axes.get(name)
+        if axis is not None and given[axis] == 0:
+            raise KilnError(f"{model}: input {name!r} from --inputs has no rows on its batch axis {axis} (shape {list(given)})")
+        if name in shapes:
+            same = len(shapes[name]) == len(given) and all(a == axis or s == g for a, (s, g) in enumerate(zip(shapes[name], given)))
+            if not same:
+                raise KilnError(f"{model}: --shapes gives input {name!r} shape {list(shapes[name])}, but its array in "
+                                f"--inputs has shape {list(given)}; give one of the two")
         shapes.setdefault(name, given)
     return shapes
 
 
-def _feeds(engine, options: BenchOptions, batch: int | None, model: str) -> dict[str, np.ndarray]:
-    """The inputs at one batch size: ``options.inputs`` (rows repeated in turn or cut to the batch),
-    random arrays for the rest."""
+def _feeds(engine, options: BenchOptions, batch: int | None, axes: Mapping[str, int], model: str) -> dict[str, np.ndarray]:
+    """The inputs at one batch size: ``options.inputs`` (repeated in turn or cut to the batch along
+    the input's batch axis; as given when it does not batch), random arrays for the rest."""
     from kiln.inputs import engine_input_values, random_inputs
 
     values = engine_input_values(engine)
-    unknown = sorted(set(options.inputs) - {v.name for v in values})
-    if unknown:
-        raise KilnError(f"{model}: --inputs has array(s) {unknown} that are not inputs of the model; its inputs are "
-                        f"{[v.name for v in values]}")
-    shapes = _batch_shapes(values, options.shapes, batch, model)
+    shapes = _batch_shapes(values, options.shapes, batch, axes, model)
     rest = [v for v in values if v.name not in options.inputs]
     feeds = random_inputs(rest, {v.name: shapes[v.name] for v in rest if v.name in shapes}, seed=options.seed, model=model)
     for value in values:
         if value.name in options.inputs:
-            array = np.asarray(options.inputs[value.name])
-            if batch is not None and array.shape[0] != batch:
-                array = np.take(array, np.arange(batch) % array.shape[0], axis=0)
-            feeds[value.name] = np.ascontiguousarray(array)
+            feeds[value.name] = _batched(options.inputs[value.name], axes.get(value.name), batch)
     return {v.name: feeds[v.name] for v in values}
 
 
-def _leading_dim(feeds: Mapping[str, np.ndarray]) -> int:
-    first = next(iter(feeds.values()), None)
-    return int(first.shape[0]) if first is not None and first.ndim else 1
+def _batched(array, axis: int | None, batch: int | None) -> np.ndarray:
+    """An ``inputs`` array at one batch size: repeated in turn or cut along its batch axis; as given
+    when it does not batch (or no batch size is set). C order, a scalar kept rank 0."""
+    array = np.asarray(array)
+    if batch is not None and axis is not None and array.shape[axis] != batch:
+        array = np.take(array, np.arange(batch) % array.shape[axis], axis=axis)
+    return np.require(array, requirements="C")  # np.ascontiguousarray would make a scalar 1-D
+
+
+def _batch_size(feeds: Mapping[str, np.ndarray], axes: Mapping[str, int]) -> int:
+    """The batch the given shapes run at: the first batched input's size on its batch axis (1: none)."""
+    for name, axis in axes.items():
+        if name in feeds and np.ndim(feeds[name]) > axis:
+            return int(np.shape(feeds[name])[axis])
+    return 1
 
 
 def _peers(options: BenchOptions, onnx_path, module, engine) -> tuple[list[Target], list[tuple[str, str]]]:
@@ -405,9 +523,9 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _config_json(options: BenchOptions, engine) -> dict[str, Any]:
+def _config_json(options: BenchOptions, axes: Mapping[str, int], engine) -> dict[str, Any]:
     build = options.build.to_json() if options.build is not None else None
-    return {"batches": options.batches, "shapes": {k: list(v) for k, v in options.shapes.items()},
+    return {"batches": options.batches, "batch_axes": dict(axes), "shapes": {k: list(v) for k, v in options.shapes.items()},
             "warmup_ms": options.warmup_ms, "duration_s": options.duration_s if options.iterations is None else None,
             "iterations": options.iterations, "repeats": options.repeats, "peers": list(options.peers),
             "cuda_graph": options.cuda_graph, "contexts": options.contexts, "aux_streams": options.aux_streams,
@@ -424,3 +542,16 @@ def parse_batches(text: str | None) -> list[int] | None:
     except ValueError as error:
         raise KilnError(f"--batch takes sizes like 1,8,32, got {text!r}") from error
     return sizes
+
+
+def parse_batch_axes(text: str | None) -> dict[str, int]:
+    """``"input:0,state:1"`` -> {"input": 0, "state": 1}."""
+    axes: dict[str, int] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        name, sep, axis = item.strip().rpartition(":")
+        if not sep or not name or not axis.strip().removeprefix("-").isdigit():
+            raise KilnError(f"--batch-axes: {item.strip()!r} is not NAME:AXIS (for example state:1)")
+        axes[name] = int(axis)
+    return axes

@@ -312,7 +312,7 @@ class OrtTarget(Target):
     def setup(self, feeds: Mapping[str, np.ndarray]) -> None:
         if self.session is None:
             self.session = self._session()
-        self._feeds = {name: np.ascontiguousarray(array) for name, array in feeds.items()}
+        self._feeds = {name: np.require(array, requirements="C") for name, array in feeds.items()}
         self._names = [o.name for o in self.session.get_outputs()]
         self.compute()
 

@@ -42,11 +42,12 @@ class Profile:
         opt_shapes: Mapping[str, Sequence[int]] | None = None,
         max_shapes: Mapping[str, Sequence[int]] | None = None,
     ) -> Profile:
-        """trtexec's rule: a missing min or max shape is the opt shape; a missing opt is the max."""
+        """trtexec's rule: a missing min or max shape is the opt shape; a missing opt is the max.
+        A rank-0 input's shape is ``()``: given, not missing."""
         min_shapes, opt_shapes, max_shapes = min_shapes or {}, opt_shapes or {}, max_shapes or {}
         shapes = {}
         for name in sorted(set(min_shapes) | set(opt_shapes) | set(max_shapes)):
-            opt = opt_shapes.get(name) or max_shapes.get(name) or min_shapes.get(name)
+            opt = next(given[name] for given in (opt_shapes, max_shapes, min_shapes) if name in given)
             lo = tuple(min_shapes.get(name, opt))
             hi = tuple(max_shapes.get(name, opt))
             shapes[name] = (lo, tuple(opt), hi)

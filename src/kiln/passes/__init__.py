@@ -88,9 +88,10 @@ class PassContext:
         return ALIGNMENT[self.precision]
 
     def dim(self, d: int | ir.SymbolicDim | None) -> int | None:
-        """A dimension's value: its int, a symbolic name's value from ``dims``, or None."""
+        """A dimension's value: its int, a symbolic name's value from ``dims``, or None (also for a
+        negative int: an in-memory model's ``-1`` is a dynamic dim, as it is in a loaded file)."""
         if isinstance(d, int):
-            return d
+            return d if d >= 0 else None
         if d is None:
             return None
         value = getattr(d, "value", None)

@@ -160,11 +160,16 @@ def _make_slice(model: ir.Model, names: Names, y: ir.Value, axis: int, size: int
                    outputs=[out], name=names.fresh(f"{base}/slice"))
 
 
+def _known(d: int | ir.SymbolicDim | None) -> int | None:
+    """A static size, or None: symbolic, unknown, and negative dims (an in-memory model's ``-1``;
+    files have theirs made unknown at load time) are no size to pad to or build a tensor of."""
+    return d if isinstance(d, int) and d >= 0 else None
+
+
 def _static(shape: ir.Shape | None, axis: int) -> int | None:
     if shape is None or not -len(shape) <= axis < len(shape):
         return None
-    d = shape[axis]
-    return d if isinstance(d, int) else None
+    return _known(shape[axis])
 
 
 def _site(model: ir.Model, node: ir.Node, ctx: PassContext) -> _Site | None:
@@ -271,7 +276,7 @@ def _conv_site(model: ir.Model, node: ir.Node, a: int, ctx: PassContext) -> _Sit
     x, w = node.inputs[0], node.inputs[1]
     weights = constant_array(w)
     w_shape = list(weights.shape) if weights is not None else (
-        [d if isinstance(d, int) else None for d in w.shape] if w is not None and w.shape is not None else None)
+        [_known(d) for d in w.shape] if w is not None and w.shape is not None else None)
     if w_shape is None or len(w_shape) < 3 or w_shape[0] is None or w_shape[1] is None:
         return None
     group = int(attrs_of(node).get("group", 1))
