@@ -47,6 +47,7 @@ def save_onnx(model: ir.Model, path: str | os.PathLike[str], name: str = "model"
     weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     if weight_bytes < _PROTOBUF_LIMIT - (64 << 20):
         proto = ir.serde.serialize_model(model)
+        _drop_inferable_value_info(proto)
         _check(proto, name)
         data = proto.SerializeToString()
         write_atomically(path, lambda handle: handle.write(data))
@@ -55,6 +56,9 @@ def save_onnx(model: ir.Model, path: str | os.PathLike[str], name: str = "model"
     try:
         staged = folder / path.name
         ir.save(model, staged, external_data=path.name + ".data")
+        proto = onnx.load(str(staged), load_external_data=False)
+        if _drop_inferable_value_info(proto):
+            onnx.save(proto, str(staged))
         _check(str(staged), name)
         os.replace(folder / (path.name + ".data"), path.parent / (path.name + ".data"))
         os.replace(staged, path)
@@ -62,6 +66,40 @@ def save_onnx(model: ir.Model, path: str | os.PathLike[str], name: str = "model"
         raise KilnError(f"{path}: could not write the model ({error.strerror or error}); nothing was changed") from error
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _drop_inferable_value_info(proto: onnx.ModelProto) -> bool:
+    """Remove the value_info entries (the IR's shapes of intermediate values) that onnx's shape
+    inference gives back as they are: a reader infers them anyway, and a file whose input had none
+    must not grow by them. Entries inference cannot recompute (ai.kiln ops' outputs, say) stay.
+    Returns whether anything was removed."""
+    graphs = list(_graphs(proto.graph))
+    entries = [list(g.value_info) for g in graphs]
+    for g in graphs:
+        del g.value_info[:]
+    try:
+        inferred = list(_graphs(onnx.shape_inference.infer_shapes(proto).graph))
+    except Exception:  # noqa: BLE001  (inference failing on some op: keep every entry)
+        inferred = [onnx.GraphProto() for _ in graphs]
+    removed = False
+    for g, again, kept in zip(graphs, inferred, entries):
+        known = {vi.name: vi.type for vi in again.value_info}
+        weights = {t.name for t in g.initializer}  # an initializer's tensor states its type
+        g.value_info.extend(vi for vi in kept if known.get(vi.name) != vi.type and vi.name not in weights)
+        removed |= len(g.value_info) < len(kept)
+    return removed
+
+
+def _graphs(graph: onnx.GraphProto):
+    """``graph`` and its subgraphs, depth first, in node and attribute order."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _graphs(sub)
 
 
 def _check(model: onnx.ModelProto | str, name: str) -> None:
