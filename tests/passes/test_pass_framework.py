@@ -302,3 +302,60 @@ def test_optimize_does_not_grow_a_model_it_does_not_rewrite(tmp_path):
     assert main(["optimize", str(source), "-o", str(target)]) == 0
     assert target.stat().st_size <= source.stat().st_size
     assert len(onnx.load(target).graph.value_info) == 0
+
+
+# -- kiln optimize --target-opset --------------------------------------------------------------------------
+
+def _opset14_layernorm() -> onnx.ModelProto:
+    """A decomposed LayerNorm at opset 14 (TorchScript's spelling) and a MatMul whose 2 KB weight is
+    large enough to travel around the version converter."""
+    from tests.passes.test_fuse_layernorm import layernorm
+
+    proto = layernorm(opset=14, extra_nodes=[helper.make_node("MatMul", ["y", "w"], ["z"], name="z")], outputs=("y", "z"))
+    proto.graph.initializer.append(numpy_helper.from_array(np.random.default_rng(3).standard_normal((16, 32)).astype(np.float32), "w"))
+    del proto.graph.output[1].type.tensor_type.shape.dim[:]
+    return proto
+
+
+@pytest.mark.parametrize("flags, opset, expected", [
+    ([], 14, None), (["--kiln-ops"], 14, "ai.kiln::LayerNormalization"), (["--target-opset", "17"], 17, "LayerNormalization"),
+])
+def test_target_opset_lets_an_old_export_fuse_layernorm(tmp_path, capsys, flags, opset, expected):
+    import onnxruntime as ort
+
+    source, target = tmp_path / "ln14.onnx", tmp_path / "ln.opt.onnx"
+    onnx.save(_opset14_layernorm(), source)
+    assert main(["optimize", str(source), "-o", str(target), *flags]) == 0
+    assert ("converted from opset 14 to 17" in capsys.readouterr().out) == (opset == 17)
+    model = kiln.load_model(target)
+    assert model.opset_imports[""] == opset
+    fused = [op for op in counts(model) if op.endswith("LayerNormalization")]
+    assert fused == ([expected] if expected else [])
+    assert ("ReduceMean" in counts(model)) == (expected is None)
+    x = np.random.default_rng(4).standard_normal((2, 3, 16)).astype(np.float32)
+    want = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    got = kiln.Executor(model).run({"x": x})
+    for name, ref in zip(("y", "z"), want):
+        np.testing.assert_allclose(got[name].numpy(), ref, rtol=1e-4, atol=1e-5)
+    if expected != "ai.kiln::LayerNormalization":  # a standard file: onnxruntime runs it too
+        again = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        for out, ref in zip(again, want):
+            np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("opset, match", [
+    ("16", r"cannot convert opset 17 to 16: No Previous Version of LayerNormalization exists"),
+    ("99", r"--target-opset must be between 1 and \d+"),
+])
+def test_target_opset_the_converter_cannot_reach_is_refused_by_name(tmp_path, capsys, opset, match):
+    import re
+
+    graph = helper.make_graph([helper.make_node("LayerNormalization", ["x", "s"], ["y"], name="ln")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+                              [numpy_helper.from_array(np.ones(4, np.float32), "s")])
+    source, target = tmp_path / "ln17.onnx", tmp_path / "out.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
+    assert main(["optimize", str(source), "-o", str(target), "--target-opset", opset]) == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not target.exists()
