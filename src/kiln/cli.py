@@ -291,7 +291,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     dims = {name: int(size) for name, size in parse_shapes(args.dims).items()} if args.dims else {}
     report = optimize_model(model, passes=_names(args.passes), skip=_names(args.skip) or [], precision=args.precision,
-                            kiln_ops=args.kiln_ops, dims={k: v[0] for k, v in dims.items()})
+                            kiln_ops=args.kiln_ops, dims={k: v[0] for k, v in dims.items()},
+                            target_opset=args.target_opset, name=str(args.model))
     save_onnx(model, args.output, name=str(args.model))
     console = make_console()
     _say(console, f"{args.model} -> {args.output}")
@@ -466,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the precision the model will run at (alignment and layout passes follow it)")
     optimize.add_argument("--kiln-ops", action="store_true", help="allow ai.kiln fused ops (a kiln-only file)")
     optimize.add_argument("--dims", help="sizes of symbolic dimensions for passes that need them, NAME:SIZE,...")
+    optimize.add_argument("--target-opset", type=int, metavar="N",
+                          help="convert the model to opset N first (onnx's version converter), e.g. 17 so that "
+                               "LayerNorm fuses into LayerNormalization")
     optimize.set_defaults(func=_cmd_optimize)
 
     doctor = sub.add_parser("doctor", help="list every place a performance rule applies, ranked by impact", description=(

@@ -204,6 +204,30 @@ def test_attention_becomes_one_layer(rng, cleanup, post_scale):
         assert bool(torch.isnan(got[1]).all()) == (not cleanup)
 
 
+@pytest.mark.parametrize("tactic", ["attention.torch", "attention.sdpa"])
+def test_attention_with_a_constant_mask_reads_it_as_a_weight(rng, tmp_path, tactic):
+    """A causal mask of constants (what a dynamo export at static shapes holds: Where(tril, 0, min),
+    folded into an initializer by fold_constants) is a weight of the attention layer. It was listed
+    as a runtime input that no layer writes: "layer '.../FusedAttention' reads 'where' before
+    anything writes it" (kiln issue 12, item 2)."""
+    lowest = np.array(np.finfo(np.float32).min, np.float32)
+    inits = [("d", np.array(8 ** 0.5, np.float32)), ("zero", np.array(0.0, np.float32)), ("lowest", lowest),
+             ("causal", np.tril(np.ones((5, 5), bool)))]
+    nodes = [node("MatMul", ["q", "k"], ["t"]), node("Div", ["t", "d"], ["s"]),
+             node("Where", ["causal", "zero", "lowest"], ["where"]), node("Add", ["s", "where"], ["x"]),
+             node("Softmax", ["x"], ["p"], axis=-1), node("MatMul", ["p", "v"], ["y"])]
+    m = model(nodes, [("q", [2, 3, 5, 8]), ("k", [2, 3, 8, 5]), ("v", [2, 3, 5, 4])], [("y", [2, 3, 5, 4])], inits)
+    engine = kiln.build(m, BuildConfig(device="cpu", opt_level=1, allow_tactics=[tactic],
+                                       deny_tactics=[] if tactic == "attention.torch" else ["attention.torch"]))
+    (layer,) = engine.plan["layers"]
+    assert layer["kind"] == "Attention" and layer["inputs"] == ["q", "k", "v"] and layer["weights"] == {"mask": "where"}
+    feeds = {n: rng.standard_normal(s).astype(np.float32) for n, s in (("q", (2, 3, 5, 8)), ("k", (2, 3, 8, 5)), ("v", (2, 3, 5, 4)))}
+    ref = kiln.Executor(m).run(feeds)["y"]
+    engine.save(tmp_path / "causal.kiln")
+    for e in (engine, kiln.load_engine(tmp_path / "causal.kiln")):
+        assert relative_error(e.run(feeds)["y"], ref) <= 1e-4
+
+
 def test_attention_probabilities_read_elsewhere_stay_unfused(rng):
     inits = [("r", np.array(0.5, np.float32)), ("zero", np.array(0.0, np.float32)), ("ninf", np.array(-1e9, np.float32))]
     nodes = [node("MatMul", ["q", "k"], ["s"]), node("Softmax", ["s"], ["p"], axis=-1), node("MatMul", ["p", "v"], ["y"])]
@@ -248,3 +272,39 @@ class _Layer:
 
     def __init__(self, record):
         self.attrs = record["attrs"]
+
+
+@pytest.mark.slow
+def test_dynamo_export_at_static_shapes_with_a_causal_mask_builds(tmp_path):
+    """transformers' eager masks at a static sequence length, exported by the dynamo exporter:
+    ``torch.where(causal, 0, finfo.min)`` is all constants, so fold_constants makes it an initializer
+    the fused attention reads (the GPT-2 / DistilBERT build failure of kiln issue 12, item 2)."""
+    import warnings
+
+    from kiln.compare import run_onnxruntime
+
+    class Causal(torch.nn.Module):
+        def __init__(self, d=16, heads=2, seq=6):
+            super().__init__()
+            self.heads, self.qkv, self.o = heads, torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+            self.register_buffer("tril", torch.tril(torch.ones(seq, seq, dtype=torch.bool)))
+
+        def forward(self, x):
+            n, s, d = x.shape
+            q, k, v = self.qkv(x).view(n, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            mask = torch.where(self.tril[:s, :s], 0.0, torch.finfo(x.dtype).min)
+            scores = torch.matmul(q, k.transpose(2, 3)) * (d // self.heads) ** -0.5 + mask
+            return self.o(torch.matmul(scores.softmax(-1), v).transpose(1, 2).reshape(n, s, d))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 16)
+    path = tmp_path / "causal.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Causal().eval(), (x,), str(path), input_names=["x"], opset_version=18, dynamo=True, verbose=False)
+    engine = kiln.build(kiln.load_model(path), BuildConfig(device="cpu"))
+    assert [layer["kind"] for layer in engine.plan["layers"]].count("Attention") == 1
+    feeds = {"x": x.numpy()}
+    got, ref = engine.run(feeds), run_onnxruntime(path, feeds)
+    for name in ref:
+        assert relative_error(got[name].float(), torch.from_numpy(ref[name])) <= 1e-4, name

@@ -298,10 +298,14 @@ class _Lowering:
         shapes = [self.shape(t) for t in (q, k, v)]
         if any(s is None or len(s) != 4 for s in shapes) or not all(self.is_float(t) for t in (q, k, v)):
             return
+        if any(self.const(t) is not None for t in (q, k, v)):
+            return  # a constant Q, K or V: the node's reference op takes it as a weight
+        # A constant mask (a causal mask folded at static shapes) is a weight: no layer writes it.
+        weights = {"mask": mask.name} if mask is not None and self.const(mask) is not None else {}
         attrs = {k: a.value for k, a in node.attributes.items()}
-        self.add("Attention", [node], [q.name, k.name, v.name] + ([mask.name] if mask is not None else []),
+        self.add("Attention", [node], [q.name, k.name, v.name] + ([mask.name] if mask is not None and not weights else []),
                  [node.outputs[0].name], attrs={"scale": float(attrs.get("scale", 1.0)), "mask": mask is not None,
-                                                "nan_to_zero": bool(attrs.get("nan_to_zero", 0))})
+                                                "nan_to_zero": bool(attrs.get("nan_to_zero", 0))}, weights=weights)
 
     # -- Gemm / MatMul ------------------------------------------------------------------------
     def _try_gemm(self, node: ir.Node) -> None:

@@ -14,20 +14,25 @@ fused ops ONNX lacks at the model's opset live in the ``ai.kiln`` domain (``kiln
 and are emitted only when ``ctx.kiln_ops`` is true (the builder; ``kiln optimize --kiln-ops``).
 
 ``run_passes`` runs the registered passes in ``ORDER`` (or a chosen subset) and returns a report.
+Every pass must leave a valid, topologically sorted graph (subgraphs included): ``run_passes``
+checks that after each one and names the pass that did not. After the last pass it removes what
+the rewrites left unused (nodes, initializers, functions, opset imports; ``_cleanup``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 import onnx_ir as ir
 
 from kiln.errors import KilnError
+from kiln.passes._cleanup import order_error, remove_dead_code
 
 KILN_DOMAIN = "ai.kiln"
 KILN_DOMAIN_VERSION = 1
@@ -137,18 +142,27 @@ def _keeping_tensor_names(find: Callable) -> Callable:
 
     @functools.wraps(find)
     def wrapper(self: Pass, model: ir.Model, ctx: PassContext) -> list[Finding]:
-        tensors = [attr.value for node in model.graph.all_nodes() for attr in node.attributes.values()
-                   if attr.type == ir.AttributeType.TENSOR]
-        tensors += [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
-        names = [(t, t.name) for t in tensors]
-        try:
+        with _tensor_names_kept(model, initializers=True):
             return find(self, model, ctx)
-        finally:
-            for tensor, name in names:
-                if tensor.name != name:
-                    tensor.name = name or None
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _tensor_names_kept(model: ir.Model, initializers: bool) -> Iterator[None]:
+    """Put back the names of the tensors of Constant nodes (and of initializers) when done. A
+    Constant's tensor needs no name, and a file must not grow by one per Constant a matcher read."""
+    tensors = [attr.value for node in model.graph.all_nodes() for attr in node.attributes.values()
+               if attr.type == ir.AttributeType.TENSOR]
+    if initializers:
+        tensors += [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
+    names = [(t, t.name) for t in tensors]
+    try:
+        yield
+    finally:
+        for tensor, name in names:
+            if tensor.name != name:
+                tensor.name = name or None
 
 
 _PASSES: dict[str, Pass] = {}
@@ -241,6 +255,11 @@ def run_passes(
     ``select_passes``). Node names are made unique first."""
     ctx.validate()
     report = PassReport(ops_before=op_counts(model))
+    name = model.graph.name or "model"
+    if order_error(model.graph):  # a graph built in memory may list its nodes in any order
+        model.graph.sort()
+        if (error := order_error(model.graph)) is not None:
+            raise KilnError(f"{name}: the graph is not valid ({error}); no pass ran")
     unique_node_names(model.graph)
     for p in select_passes(only, skip, build):
         if p.needs_kiln_ops and not ctx.kiln_ops:
@@ -248,20 +267,28 @@ def run_passes(
             continue
         start = len(ctx.log)
         try:
-            report.rewrites[p.name] = p.apply(model, ctx)
+            with _tensor_names_kept(model, initializers=False):
+                report.rewrites[p.name] = p.apply(model, ctx)
         except KilnError:
             raise
         except Exception as error:  # a pass bug must not surface as a bare traceback
-            name = model.graph.name or "model"
             raise KilnError(
                 f"{name}: graph pass {p.name} failed ({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); "
-                f"build or optimize without it (--skip-passes {p.name} / --skip {p.name}) and please report the model"
+                f"{_SKIP_IT.format(p.name)}"
             ) from error
+        if (error := order_error(model.graph)) is not None:
+            raise KilnError(f"{name}: graph pass {p.name} left an invalid graph: {error}; {_SKIP_IT.format(p.name)}")
         report.log.extend(f"{p.name}: {line}" for line in ctx.log[start:])
-    if any(n.domain == KILN_DOMAIN for n in model.graph):
+    if any(n.domain == KILN_DOMAIN for n in model.graph.all_nodes()):
         model.opset_imports.setdefault(KILN_DOMAIN, KILN_DOMAIN_VERSION)
+    removed = {what: n for what, n in remove_dead_code(model).items() if n}
+    if removed:
+        report.log.append("dead code removed: " + ", ".join(f"{n} {what}" for what, n in removed.items()))
     report.ops_after = op_counts(model)
     return report
+
+
+_SKIP_IT = "build or optimize without it (--skip-passes {0} / --skip {0}) and please report the model"
 
 
 def find_all(model: ir.Model, ctx: PassContext, only: Sequence[str] | None = None) -> list[Finding]:

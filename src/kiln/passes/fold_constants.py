@@ -14,10 +14,11 @@ Rewrites, in this order:
    consumers to the input directly.
 2. Constant nodes the folder created (for folded shapes) become initializers too, so every folded
    value is an initializer.
-3. Dead-node removal (``onnx_ir.passes.common.RemoveUnusedNodesPass``): nodes none of whose outputs
-   is used (transitively) or is a graph output are removed, then unused initializers, and
-   optional outputs nothing reads are dropped from the nodes that stay. Anything a graph output
-   depends on stays.
+3. Dead-code removal (``kiln.passes._cleanup.remove_dead_code``, onnx-ir's passes): nodes none of
+   whose outputs is used (transitively) or is a graph output are removed, subgraphs included, then
+   unused initializers, and optional outputs nothing reads are dropped from the nodes that stay.
+   Anything a graph output depends on stays. A weight that only the untaken branch of an ``If``
+   the folder resolved read goes too (it would otherwise be stored beside its folded copy).
 
 Size limit: a folded result is kept only when it does not make the model hold a large constant
 twice. Folding a node whose constant inputs exceed ``INPUT_SIZE_LIMIT`` elements (16 Mi) is not
@@ -50,10 +51,10 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import onnx_ir as ir
-import onnx_ir.passes.common as ir_passes
 import onnxscript.optimizer
 
 from kiln.passes import Finding, Pass, PassContext, connected_components, register_pass, unique_node_names
+from kiln.passes._cleanup import remove_dead_code
 from kiln.passes._shuffles import shape_bytes
 
 INPUT_SIZE_LIMIT = 1 << 24  # elements of a constant input above which folding is not tried
@@ -156,7 +157,7 @@ def _fold(model: ir.Model) -> list[_Group]:
         for node, domain in zip(hidden, domains):
             node.domain = domain
     _lift_new_constants(model.graph, existing)
-    ir_passes.RemoveUnusedNodesPass()(model)
+    remove_dead_code(model)
 
     removed = [b for b in before if b.node.graph is None]
     groups: list[_Group] = [_Group("dead-node", [b]) for b in removed if b.dead]

@@ -20,6 +20,22 @@ def _nan_to_zero(y: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(y), torch.zeros((), dtype=y.dtype, device=y.device), y)
 
 
+class _Attention(Tactic):
+    """What both tactics share: a constant mask arrives as the layer's weight, not as an input."""
+
+    kind = "Attention"
+
+    def prepare(self, layer, weights, precision, config):
+        return {"mask": weights["mask"]} if "mask" in weights else {}
+
+    def prep_id(self, config):
+        return "attention"
+
+
+def _mask(inputs, prepared):
+    return inputs[3] if len(inputs) > 3 else prepared["mask"]
+
+
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when its last axis has unit stride (a transposed view of a projection usually
     has: the fused kernels read such views in place), else a contiguous copy."""
@@ -27,12 +43,11 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
 
 
 @tactic
-class AttentionTorch(Tactic):
+class AttentionTorch(_Attention):
     """The reference: the decomposition as the model states it, one op at a time, in fp32 whatever the
     layer's precision (scores, softmax and the weighted sum all accumulate in fp32, as SDPA's do)."""
 
     name = "attention.torch"
-    kind = "Attention"
     reference = True
 
     def runner(self, layer, prepared, precision, config, context):
@@ -44,7 +59,7 @@ class AttentionTorch(Tactic):
             if scale != 1.0:
                 scores = scores * scale
             if has_mask:
-                scores = scores + inputs[3].float()
+                scores = scores + _mask(inputs, prepared).float()
             p = torch.softmax(scores, -1)
             if clean:
                 p = _nan_to_zero(p)
@@ -54,11 +69,10 @@ class AttentionTorch(Tactic):
 
 
 @tactic
-class AttentionSDPA(Tactic):
+class AttentionSDPA(_Attention):
     """``torch.nn.functional.scaled_dot_product_attention`` with the layer's scale and additive mask."""
 
     name = "attention.sdpa"
-    kind = "Attention"
     source = "sdpa"
     level = 1
 
@@ -70,7 +84,7 @@ class AttentionSDPA(Tactic):
 
         def run(inputs):
             q, k, v = inputs[:3]
-            mask = inputs[3].to(q.dtype) if has_mask else None
+            mask = _mask(inputs, prepared).to(q.dtype) if has_mask else None
             # The fused kernels need unit stride on the last axis. k arrives as [..., D, S]: when it
             # is the exporter's Transpose of [..., S, D] (a view), transposing back costs no copy.
             k = _unit_stride(k.transpose(-2, -1))
