@@ -305,7 +305,8 @@ def _attention_attrs(attrs: dict, where: str, layer: dict) -> int:
     _object(attrs, where, ("scale", "mask", "nan_to_zero"))
     _number(attrs["scale"], f"{where}.scale", finite=False)
     _bool(attrs["nan_to_zero"], f"{where}.nan_to_zero")
-    return 3 + _bool(attrs["mask"], f"{where}.mask")
+    # a constant mask (a causal mask folded at static shapes) is the layer's weight, not an input
+    return 3 + (_bool(attrs["mask"], f"{where}.mask") and "mask" not in layer.get("weights", {}))
 
 
 # The pointwise program's ops (kiln.builder.layers.POINTWISE_OPS): how many args, which attributes.
@@ -379,7 +380,9 @@ _KIND_ATTRS: dict[str, Callable[[dict, str, dict], int]] = {
 }
 # weight roles per kind: (required, optional); Pointwise and Node layers are checked with their attrs
 _KIND_WEIGHTS = {"Conv": (("w",), ("b",)), "Gemm": (("w",), ("b",)), "LayerNorm": (("scale",), ("bias",)),
-                 "Softmax": ((), ()), "Attention": ((), ())}
+                 "Softmax": ((), ()), "Attention": ((), ("mask",))}
+# roles whose dtype is the model's own (a boolean or additive mask), not the layer's precision
+_ANY_DTYPE_ROLES = {("Attention", "mask")}
 
 _LAYER_FIELDS = ("name", "kind", "nodes", "op_types", "inputs", "outputs", "attrs", "weights", "precision",
                  "cast_inputs", "shapes", "choices")
@@ -475,7 +478,7 @@ def _check_weights(layer: dict, where: str, held: dict[str, torch.Tensor]) -> No
             raise SchemaError(f"{where}.roles", f"must be {list(required)} with optional {list(optional)}")
         want = PRECISION_DTYPES[layer["precision"]]
         for role, tensor in held.items():
-            if tensor.dtype != want:
+            if tensor.dtype != want and (kind, role) not in _ANY_DTYPE_ROLES:
                 raise SchemaError(f"{where}.roles", f"weight {role!r} is {tensor.dtype}, the layer computes in {want}")
     elif set(held) != set(layer["weights"]):  # Pointwise and Node layers prepare one tensor per weight
         raise SchemaError(f"{where}.roles", f"must be the layer's weights {sorted(layer['weights'])[:8]}")
