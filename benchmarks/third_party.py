@@ -1132,14 +1132,16 @@ onnxruntime are 4.3e-4 and 4.0e-4 off at the output; at the first node where the
 ReduceSums), kiln's sums are 7e-5 from float64 and onnxruntime's 3e-4.
 
 `run ms` is one run after a warm-up: the reference executor, the engine, or onnxruntime on the
-optimized file (on the CPU here: two cores shared with other work, so times are rough). On the CPU an engine is often slower than the reference executor, fp16 engines much
-slower (the CPU has no fast fp16 kernels; known). An fp16 build on the CPU times every layer at both
-precisions: builds whose estimate (the model's fp32 build time times the largest fp16/fp32 ratio
-seen) is over `--max-build-s` are skipped and say so.
+optimized file (on the CPU here: two cores shared with other work, so times are rough). On the
+CPU an engine is often slower than the reference executor, fp16 engines much slower (the CPU has no
+fast fp16 kernels; known). An fp16 build on the CPU times every layer at both precisions: builds
+whose estimate (the model's fp32 build time times the largest fp16/fp32 ratio seen) is over
+`--max-build-s` are skipped and say so; the table here has every fp16 build (two ran in a later
+call, without the limit).
 
 On a GPU machine `run` needs no network, only the corpus folder (models and npz files). The whole
-corpus is 124 MiB, over what one call can carry, so a GPU pass is three calls, each carrying the
-folders it names:
+corpus is 124 MiB, over what one call can carry, so a GPU pass is three calls of
+`PYTHONPATH=src python3 benchmarks/third_party.py`, each carrying the files it names:
 
     run --device cuda --budget-s 500 --out $OUT --models 'silero_*,ppocr_*,magika_*,nudenet_*'
         (carry out/third_party/silero_vad, rapidocr_onnxruntime, magika, nudenet: 40 MiB)
