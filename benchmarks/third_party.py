@@ -57,6 +57,7 @@ a CPU fp16 builds take 3-9 times as long). Results are rewritten after every ste
     OUT/results-DEVICE.md       the device's table
     --update docs/model_zoo.md  splices the section "Third-party models" between its markers; each
                                 device's table has its own markers, so a CUDA run keeps the CPU table
+                                (and replaces the CUDA one: runs of a subset are merged by ``render``)
 
 Commands (from the repository root):
 
