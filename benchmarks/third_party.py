@@ -1132,6 +1132,10 @@ subtraction cancels and 1/sqrt amplifies fp32 rounding. Against the model run in
 onnxruntime are 4.3e-4 and 4.0e-4 off at the output; at the first node where they part (the two
 ReduceSums), kiln's sums are 7e-5 from float64 and onnxruntime's 3e-4.
 
+silero_vad (spox) is one If on sr over two whole branch graphs: kiln builds it as 2 layers (the If is
+one), and its fp16 engine gives exactly the fp32 engine's numbers, so that fp16 "ok" says nothing about
+fp16 inside the branches, which are not lowered to layers.
+
 `run ms` is one run after a warm-up: the reference executor, the engine, or onnxruntime on the
 optimized file (on the CPU here: two cores shared with other work, so times are rough). On the
 CPU an engine is often slower than the reference executor, fp16 engines much slower (the CPU has no
