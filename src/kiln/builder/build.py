@@ -39,7 +39,7 @@ from kiln.builder.tactics import PRECISION_DTYPES, Tactic
 from kiln.builder.tactics.conv import nhwc_region
 from kiln.builder.tactics.node import castable
 from kiln.builder.timing_cache import TimingCache
-from kiln.errors import InputError, KilnError
+from kiln.errors import InputError, KilnError, OpError
 from kiln.executor import Executor
 from kiln.passes import unique_node_names
 from kiln.precision import scaled_error as relative_error  # noqa: F401 - tests import it from here
@@ -153,6 +153,8 @@ class _Builder:
         self.opset = dict(model.opset_imports).get("", dict(model.opset_imports).get("ai.onnx", 1))
         self.level = config.opt_level
         self.reps = 11 if self.level >= 5 else 5
+        self.made_up: set[str] = set()  # inputs the build gave random values (no calibration array)
+        self.reference: dict[str, Any] = {}  # the fp32 reference's outputs on the first profile's feeds
 
     # -- driver -------------------------------------------------------------------------------
     def run(self):
@@ -165,8 +167,8 @@ class _Builder:
         self.profiles = self._profiles()
         self.facts: list[GraphFacts] = []
         self.opt_feeds: list[dict[str, torch.Tensor]] = []
-        for profile in self.profiles:
-            feeds = self._random_feeds({n: s[1] for n, s in profile.shapes.items()})
+        for index, profile in enumerate(self.profiles):
+            feeds = self._random_feeds({n: s[1] for n, s in profile.shapes.items()}, strict=index == 0)
             self.opt_feeds.append(feeds)
             self.facts.append(self._record(feeds))
         facts = self.facts[0]
@@ -267,17 +269,24 @@ class _Builder:
             profiles[index] = Profile(full)
         return profiles
 
-    def _random_feeds(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    def _random_feeds(self, shapes: Mapping[str, tuple[int, ...]], strict: bool = True) -> dict[str, torch.Tensor]:
+        """Inputs at ``shapes``: the calibration arrays where given, seeded random values for the rest
+        (floats standard normal, integers in [0, 2), bools coin flips; see ``_random_failure``).
+        ``strict``: a calibration array must have its shape (the first profile's opt shapes); other
+        profiles use the arrays whose shape fits and random values for the others."""
         generator = np.random.default_rng(self.config.seed)
         feeds = {}
         for value in self.executor.inputs:
             shape = shapes[value.name]
             dtype = value.dtype
-            if self.calibration is not None and value.name in self.calibration:
-                array = np.asarray(self.calibration[value.name])
-                if tuple(array.shape) != tuple(shape):
-                    raise InputError(f"{self.name}: calibration input {value.name!r} has shape {list(array.shape)}, "
+            given = None if self.calibration is None else self.calibration.get(value.name)
+            if given is not None and tuple(np.shape(given)) != tuple(shape):
+                if strict:
+                    raise InputError(f"{self.name}: calibration input {value.name!r} has shape {list(np.shape(given))}, "
                                      f"the profile's opt shape is {list(shape)}")
+                given = None
+            if given is not None:
+                array = np.asarray(given)
             elif dtype == ir.DataType.BOOL:
                 array = generator.random(shape) < 0.5
             elif dtype is not None and dtype.is_floating_point():
@@ -286,8 +295,28 @@ class _Builder:
                 array = generator.integers(0, 2, size=shape).astype(dtype.numpy())
             else:
                 raise InputError(f"{self.name}: cannot make inputs for {value.name!r} of type {value.type}")
+            if given is None:
+                self.made_up.add(value.name)
             feeds[value.name] = dtypes.tensor_from_numpy(array, self.device)
         return feeds
+
+    def _failed_run(self, cause: str) -> KilnError:
+        """A run of the model inside the build (recording shapes, the precision walk, the end-to-end
+        check) failed with ``cause`` (naming the node, op and error): one line that says so and, where
+        the build made inputs up, which ones, and that ``--inputs`` gives real values. Random integers
+        in [0, 2) are no sample rate, size or index a real model takes."""
+        cause = " ".join(cause.split())
+        while cause.startswith(f"{self.name}: "):
+            cause = cause[len(self.name) + 2:]
+        made_up = [v for v in self.executor.inputs if v.name in self.made_up]
+        if not made_up:
+            return OpError(f"{self.name}: the model failed on the calibration inputs: {cause}")
+        shown = [v for v in made_up if v.dtype is None or not v.dtype.is_floating_point()] or made_up
+        return OpError(
+            f"{self.name}: the model failed on the build's random inputs: {cause}; "
+            f"{', '.join(_described(v) for v in shown)} got random values: pass real ones with --inputs FILE.npz "
+            f"(builds run the model on those inputs to record shapes, check precision and check the engine's outputs)"
+        )
 
     def _record(self, feeds: Mapping[str, torch.Tensor]) -> GraphFacts:
         shapes: dict[str, tuple[int, ...]] = {}
@@ -313,12 +342,33 @@ class _Builder:
                     if folded:
                         constants[out_name] = value
 
-        self.executor.observer = observe
+        outputs = self._run_reference(feeds, observe)
+        if not self.reference:
+            self.reference = outputs
+        return GraphFacts(shapes, kinds, constants)
+
+    def _run_reference(self, feeds: Mapping[str, torch.Tensor], observe: Callable[[Any, tuple], None]) -> dict[str, Any]:
+        """The model on the reference executor (fp32 means IEEE fp32), ``observe(step, outputs)`` after
+        each main-graph node. A failure of the model's own nodes is reported by ``_failed_run``; an
+        error the observer raises passes through as it is."""
+        raised: list[BaseException] = []
+
+        def guarded(step, outputs) -> None:
+            try:
+                observe(step, outputs)
+            except BaseException as error:
+                raised.append(error)
+                raise
+
+        self.executor.observer = guarded
         try:
-            self.executor.run(feeds)
+            return self.executor.run(feeds)
+        except KilnError as error:
+            if raised and error is raised[0]:
+                raise
+            raise self._failed_run(str(error)) from error
         finally:
             self.executor.observer = None
-        return GraphFacts(shapes, kinds, constants)
 
     # -- precision ----------------------------------------------------------------------------
     def _shape_nodes(self) -> set[str]:
@@ -356,7 +406,10 @@ class _Builder:
             precision = self._native_precision(layer)
         elif constraint is not None:
             precision = constraint
-        elif any(n in self._shape_nodes() for n in layer.nodes):
+        elif any(n in self._shape_nodes() for n in layer.nodes) or (
+                layer.kind == "Node" and _has_subgraph(self._steps[layer.nodes[0]].op.node)):
+            # shape arithmetic; and If/Loop/Scan, whose bodies run reference ops on the fp32 weights
+            # they capture (casting the node's inputs alone would mix precisions inside)
             precision = "fp32"
         else:
             precision = config.default_precision()
@@ -535,47 +588,43 @@ class _Builder:
         return self._steps[name]
 
     def _walk(self, planned: list[PlannedLayer]) -> None:
+        """The first profile's feeds through the reference executor; as each layer's last node
+        finishes, the layer is checked (reduced precisions against fp32, on the fp32 values of its
+        inputs) and, for Node layers, timed on those real values."""
         low = [p for p in planned if p.precision in ("fp16", "bf16")]
         check = bool(low) and self.config.precision_check and not self.config.strongly_typed
         if not check and self.level == 0:
             return
-        feeds = self._random_feeds({n: s[1] for n, s in self.profiles[0].shapes.items()})
-        env: dict[str, Any] = {**self.constants, **feeds}
-        last_use: dict[str, int] = {}
+        phase = "precision check" if check else "profiling"
+        order = {name: position for position, name in enumerate(self._steps)}
+        finishing = {max(item.layer.nodes, key=order.__getitem__): index for index, item in enumerate(planned)}
+        last_read: dict[str, int] = {}  # layer inputs and outputs -> the last layer that needs them here
         for index, item in enumerate(planned):
-            for node_name in item.layer.nodes:
-                step = self._steps[node_name]
-                for name in [n for n in step.inputs if n] + list(item.layer.attrs.get("captured", [])):
-                    last_use[name] = index
-        outputs = {v.name for v in self.model.graph.outputs}
-        for index, item in enumerate(planned):
-            self.progress("precision check" if check else "profiling", index, len(planned))
+            for name in item.layer.inputs + item.layer.outputs:
+                last_read[name] = index
+        feeds = self.opt_feeds[0]
+        held = {name: value for name, value in feeds.items() if name in last_read}
+
+        def observe(step, outputs) -> None:
+            held.update((name, value) for name, value in zip(step.outputs, outputs) if name in last_read)
+            index = finishing.get(step.op.node.name)
+            if index is None:
+                return
+            self.progress(phase, index, len(planned))
+            item = planned[index]
             layer = item.layer
-            ref_inputs = [env.get(n) for n in layer.inputs]
-            with torch.inference_mode():
-                for node_name in layer.nodes:
-                    step = self._steps[node_name]
-                    args = [env[n] if n is not None else None for n in step.inputs]
-                    step.op._outer = env
-                    try:
-                        result = step.fn(step.op, *args)
-                    finally:
-                        step.op._outer = None
-                    if not isinstance(result, tuple):
-                        result = (result,)
-                    for name, value in zip(step.outputs, result):
-                        if name:
-                            env[name] = value
-            ref_out = [env.get(n) for n in layer.outputs]
+            ref_inputs = [held.get(n) for n in layer.inputs]
+            ref_out = [held.get(n) for n in layer.outputs]
             if check and item.precision in ("fp16", "bf16") and not item.constrained:
                 self._check_precision(index, item, ref_inputs, ref_out)
             if layer.kind == "Node" and self.level > 0 and item.choices:
                 item.choices[0].time_ms = self._time_node(index, item, ref_inputs)
-            for name, at in list(last_use.items()):
-                if at == index and name not in outputs:
-                    env.pop(name, None)
-                    del last_use[name]
-        self.progress("precision check" if check else "profiling", len(planned), len(planned))
+            for name in layer.inputs + layer.outputs:
+                if last_read.get(name) == index:
+                    held.pop(name, None)
+
+        self._run_reference(feeds, observe)
+        self.progress(phase, len(planned), len(planned))
 
     def _cast_inputs(self, item: PlannedLayer, values: list[Any], precision: str) -> list[Any]:
         dtype = PRECISION_DTYPES.get(precision)
@@ -818,6 +867,24 @@ class _tf32:
 
     def __exit__(self, *exc):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+
+
+def _described(value: ir.Value) -> str:
+    """An input and the random values the build gave it, for error messages."""
+    if value.shape is None:
+        shape = "tensor"
+    elif len(value.shape) == 0:
+        shape = "scalar"
+    else:
+        shape = "[" + ", ".join(str(d) if isinstance(d, int) else (d.value or "?") for d in value.shape) + "]"
+    kind = dtypes.onnx_name(value.dtype) if value.dtype is not None else "?"
+    if value.dtype == ir.DataType.BOOL:
+        made = "coin flips"
+    elif value.dtype is not None and value.dtype.is_floating_point():
+        made = "standard normal"
+    else:
+        made = "integers in [0, 2)"
+    return f"{value.name} ({kind} {shape}, {made})"
 
 
 def _node_signature(node: ir.Node) -> str:
