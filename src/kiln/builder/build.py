@@ -39,14 +39,11 @@ from kiln.builder.tactics import PRECISION_DTYPES, Tactic
 from kiln.builder.tactics.conv import nhwc_region
 from kiln.builder.tactics.node import castable
 from kiln.builder.timing_cache import TimingCache
-from kiln.errors import InputError, KilnError, OpError
+from kiln.errors import InputError, KilnError, OpError, first_line
 from kiln.executor import Executor
 from kiln.passes import unique_node_names
-from kiln.precision import scaled_error as relative_error  # noqa: F401 - tests import it from here
-
-TOLERANCES = {"fp32": 1e-4, "tf32": 1e-3, "fp16": 1e-2, "bf16": 1e-2, "native": 1e-2}
-# Layer-vs-fp32 drift above which a reduced-precision layer falls back (bf16 keeps 3 fewer bits).
-FALLBACK_TOLERANCES = {"fp16": 1e-2, "bf16": 2e-2}
+from kiln.precision import TOLERANCES, judge, loosest, tolerance
+from kiln.precision import scaled_error as relative_error
 
 # (op, input index) whose value is a shape, size, index or axis: the float arithmetic feeding
 # them stays fp32 in reduced-precision builds (a rounded size is a wrong size).
@@ -59,6 +56,17 @@ SHAPE_INPUTS = {
 METADATA_OPS = {"Shape", "Size"}
 _NOT_FOLDABLE = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial",
                  "Dropout"}
+
+
+class PrecisionError(KilnError):
+    """The built network's outputs stay over the precision's tolerance of fp32 on the build's inputs,
+    with every layer that may move in fp32 (the CLI's exit code 1: over tolerance)."""
+
+
+def _layer_tolerance(precision: str) -> float:
+    """A layer's allowed error against its own output's scale (``kiln.precision.scaled_error``): the
+    table's rtol for the precision it runs at (a strongly typed layer's own types count as fp16)."""
+    return TOLERANCES[loosest([precision])].rtol
 
 
 def _has_subgraph(node: ir.Node) -> bool:
@@ -83,6 +91,7 @@ class PlannedLayer:
     cast_inputs: list[int] = field(default_factory=list)
     shapes: dict[str, list[int]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    drift: float = 0.0  # its output's error against fp32 at its precision, as the walk measured it
 
 
 @dataclass
@@ -180,12 +189,15 @@ class _Builder:
         self.report.log(f"{self.name}: {before} nodes -> {len(list(graph))} after passes -> {len(layers)} layers ({fused} fused)")
         planned = [self._assign_precision(layer) for layer in layers]
         self._check_constraints_used(layers)
+        # what the engine's outputs are judged at: its loosest precision before any fallback
+        self.output_precision = loosest(item.precision for item in planned)
         self.canonical: dict[int, dict[str, torch.Tensor]] = {}
         for index, item in enumerate(planned):
             self.progress("tactics", index, len(planned))
             item.choices = [self._select(index, item, p) for p in range(len(self.profiles))]
         self.progress("tactics", len(planned), len(planned))
         self._walk(planned)
+        self._check_outputs(planned)
         tensors, layer_records = self._prepare_all(planned)
         plan = self._plan_json(planned, layer_records)
         graph_bytes = _stripped_graph(self.model)
@@ -560,8 +572,8 @@ class _Builder:
             return False, f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
         for a, b in zip(got, reference):
             err = relative_error(a, b)
-            if not err <= TOLERANCES[precision]:
-                return False, f"relative error {err:.3g} over {TOLERANCES[precision]:g}"
+            if not err <= _layer_tolerance(precision):
+                return False, f"relative error {err:.3g} over {_layer_tolerance(precision):g}"
         return True, ""
 
     def _time(self, t, cfg, item, index, inputs, reference, precision) -> dict:
@@ -574,8 +586,8 @@ class _Builder:
             return {"ms": None, "ok": False, "reason": f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"}
         for a, b in zip(got, reference):
             err = relative_error(a, b)
-            if not err <= TOLERANCES[precision]:
-                return {"ms": None, "ok": False, "reason": f"relative error {err:.3g} over {TOLERANCES[precision]:g}"}
+            if not err <= _layer_tolerance(precision):
+                return {"ms": None, "ok": False, "reason": f"relative error {err:.3g} over {_layer_tolerance(precision):g}"}
         limit = self.config.memory_limit
         if limit is not None and workspace is not None and workspace > limit:
             return {"ms": None, "ok": False, "reason": f"needs {workspace} bytes of scratch memory, over the limit of {limit}"}
@@ -626,6 +638,102 @@ class _Builder:
         self._run_reference(feeds, observe)
         self.progress(phase, len(planned), len(planned))
 
+    # -- the end-to-end check -----------------------------------------------------------------
+    def _check_outputs(self, planned: list[PlannedLayer]) -> None:
+        """The build's contract: on its inputs (the calibration inputs, else the seeded random ones of
+        the first profile) the planned network's outputs are within the tolerance of the engine's
+        loosest precision (``kiln.precision``) of the fp32 reference's. Layers that pass the walk's
+        check one by one can still add up to more (drift that later layers amplify, a softmax over
+        thousands of classes). While an output is over, layers move towards fp32 (fp16/bf16 to tf32
+        where allowed, else fp32; tf32 to fp32), those that drifted most in the walk first, 1, then
+        2, 4, ... at a time, the network rerun after each move; the log and the moved layers' notes
+        say which and why. Layers the user pinned and a strongly typed build's stay as they are.
+        When nothing is left to move and an output is still over, the build fails
+        (``PrecisionError``). The final differences are in ``report.output_diffs``. The first
+        profile's tactics are the ones run: the precisions it settles hold for every profile."""
+        if not self.config.precision_check:
+            return
+        precision = self.output_precision
+        tol = tolerance(precision, self.config.atol, self.config.rtol)
+        on = "the calibration inputs" if not self.made_up else "seeded random inputs"
+        movable = [] if self.config.strongly_typed else [
+            index for index, item in enumerate(planned) if not item.constrained and item.precision in ("fp16", "bf16", "tf32")]
+        movable.sort(key=lambda index: -planned[index].drift)  # stable: equal drifts in plan order
+        runners: dict = {}
+        batch = 1
+        while True:
+            self.progress("end-to-end check", 0, 1)
+            verdicts = self._judge_outputs(self._plan_outputs(planned, runners), tol)
+            over = {name: j for name, j in verdicts.items() if not j.ok}
+            if not over:
+                break
+            worst = ", ".join(f"{name!r} {j.max_rel:.3g} from fp32 (max abs {j.max_abs:.3g}, {j.bad} elements over)"
+                              for name, j in over.items())
+            if not movable:
+                pinned = [item.layer.name for item in planned if item.constrained and item.precision != "fp32"]
+                held = (f"; layers pinned by --layer-precision: {', '.join(pinned)}" if pinned else
+                        "; the build is strongly typed" if self.config.strongly_typed and precision != "fp32" else "")
+                raise PrecisionError(
+                    f"{self.name}: on {on} the engine's output(s) {worst} are over the {precision} tolerance of fp32 "
+                    f"({tol}) with every layer that may move in fp32{held}; give representative inputs with --inputs, "
+                    f"compare the model itself with kiln run --compare onnxruntime, or pass --no-precision-check to "
+                    f"build it as it is"
+                )
+            chosen, movable = movable[:batch], movable[batch:]
+            self.report.log(f"end-to-end check on {on}: output(s) {worst} over the {precision} tolerance ({tol}); "
+                            f"moving {len(chosen)} layer(s) with the largest drift towards fp32")
+            for index in chosen:
+                item = planned[index]
+                before = item.precision
+                target = "tf32" if before != "tf32" and self.config.tf32 else "fp32"
+                item.precision = target
+                item.choices = [self._select(index, item, p, target) for p in range(len(self.profiles))]
+                if target == "tf32":
+                    movable.append(index)
+                message = (f"layer {item.layer.name!r} ({'+'.join(item.layer.op_types)}): moved from {before} to {target}: "
+                           f"the engine's outputs were over the {precision} tolerance of fp32 end to end "
+                           f"(its own drift in {before}: {item.drift:.3g})")
+                item.notes.append(message)
+                self.report.fallbacks.append(message)
+                self.report.log(message)
+            batch *= 2
+        self.progress("end-to-end check", 1, 1)
+        self.report.output_diffs = {name: j.max_rel for name, j in verdicts.items()}
+        if verdicts:
+            diffs = ", ".join(f"{name!r} {j.max_rel:.3g}" for name, j in verdicts.items())
+            self.report.log(f"end-to-end check on {on}: every float output within the {precision} tolerance of fp32 "
+                            f"({tol}); max relative differences {diffs}")
+
+    def _plan_outputs(self, planned: list[PlannedLayer], runners: dict) -> dict[str, Any]:
+        """The planned layers run end to end on the first profile's feeds, as the engine runs them."""
+        last_read: dict[str, int] = {}
+        for index, item in enumerate(planned):
+            for name in item.layer.inputs:
+                last_read[name] = index
+        env: dict[str, Any] = dict(self.opt_feeds[0])
+        for index, item in enumerate(planned):
+            layer = item.layer
+            try:
+                result = self._run_choice(index, item, item.choices[0], item.precision, [env[n] for n in layer.inputs], runners)
+            except Exception as error:  # noqa: BLE001 - reported with its layer, as a model failure is
+                raise self._failed_run(f"layer {layer.name!r} ({'+'.join(layer.op_types)}, {item.choices[0].tactic}, "
+                                       f"{item.precision}) failed: {type(error).__name__}: {first_line(error)}") from error
+            env.update((name, value) for name, value in zip(layer.outputs, result) if name)
+            for name in layer.inputs:
+                if last_read[name] == index and name not in self.reference:
+                    env.pop(name, None)
+        return {name: env[name] for name in self.reference if name in env}
+
+    def _judge_outputs(self, got: Mapping[str, Any], tol) -> dict[str, Any]:
+        """``kiln.precision.judge`` per float output against the fp32 reference's."""
+        verdicts = {}
+        for name, ref in self.reference.items():
+            value = got.get(name)
+            if isinstance(ref, torch.Tensor) and ref.is_floating_point() and isinstance(value, torch.Tensor):
+                verdicts[name] = judge(value.detach().to(torch.float64).cpu().numpy(),
+                                       ref.detach().to(torch.float64).cpu().numpy(), tol)
+        return verdicts
+
     def _cast_inputs(self, item: PlannedLayer, values: list[Any], precision: str) -> list[Any]:
         dtype = PRECISION_DTYPES.get(precision)
         out = list(values)
@@ -636,9 +744,16 @@ class _Builder:
                 out[i] = out[i].to(dtype)
         return out
 
-    def _run_choice(self, index: int, item: PlannedLayer, choice: Choice, precision: str, values: list[Any]):
-        t = tactic_registry.get(choice.tactic)
-        run = self._runner(t, choice.config, item, index, precision)
+    def _run_choice(self, index: int, item: PlannedLayer, choice: Choice, precision: str, values: list[Any],
+                    runners: dict | None = None):
+        """One layer as the engine runs it: inputs cast as the plan casts them, the tactic's runner
+        on its prepared weights (kept in ``runners``, where given, for the next call)."""
+        key = (index, choice.tactic, repr(sorted(choice.config.items())), precision)
+        run = runners.get(key) if runners is not None else None
+        if run is None:
+            run = self._runner(tactic_registry.get(choice.tactic), choice.config, item, index, precision)
+            if runners is not None:
+                runners[key] = run
         with _tf32(precision == "tf32"), torch.inference_mode():
             return run(self._cast_inputs(item, values, precision))
 
@@ -663,10 +778,12 @@ class _Builder:
             self.report.log(message)
 
     def _precision_problem(self, index, item, precision, ref_inputs, ref_out) -> str | None:
+        """Why the layer cannot run at ``precision`` (None: it can; its drift is then recorded)."""
         try:
             got = self._run_choice(index, item, item.choices[0], precision, ref_inputs)
         except Exception as error:  # noqa: BLE001 - an op without a kernel at this precision falls back
             return f"cannot run ({type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''})"
+        worst = 0.0
         for a, b in zip(got, ref_out):
             if not isinstance(b, torch.Tensor) or not isinstance(a, torch.Tensor):
                 continue
@@ -675,10 +792,12 @@ class _Builder:
                 if bool((finite & ~torch.isfinite(a.float())).any()):
                     return "output overflows"
                 err = relative_error(a, b)
-                if err > FALLBACK_TOLERANCES[precision]:
+                if err > _layer_tolerance(precision):
                     return f"output drifts from fp32 by {err:.3g}"
+                worst = max(worst, err)
             elif a.shape != b.shape or not torch.equal(a, b.to(a.dtype)):
                 return "integer output differs from fp32"
+        item.drift = worst
         return None
 
     def _time_node(self, index: int, item: PlannedLayer, ref_inputs: list[Any]) -> float | None:

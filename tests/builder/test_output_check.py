@@ -1,0 +1,111 @@
+"""The build's end-to-end contract: on its inputs the engine's outputs are within the tolerance of
+its loosest precision (kiln.precision) of fp32, or the build moves layers towards fp32 until they
+are (saying which), or it fails saying so.
+
+The drifting layer here is a MatMul whose weight columns sum to zero on inputs with a large common
+offset (12 + N(0, 1)): the offset cancels, so fp16's rounding of the inputs is large against the
+result. Its drift against the output's own scale (about 3e-3) passes the per-layer check (1e-2),
+but the outputs near zero are off by more than fp16's per-element tolerance (atol 1e-2)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import kiln
+from kiln.builder import BuildConfig
+from kiln.builder import tactics as registry
+from kiln.builder.build import PrecisionError
+from kiln.builder.tactics.gemm import GemmTorch
+from kiln.precision import TOLERANCES, judge, tolerance
+from tests.builder.graphs import model, node
+
+K = 16
+
+
+def _model_and_inputs():
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal((K, 8)).astype(np.float32)
+    cancelling = v - v.mean(axis=0, keepdims=True)
+    plain = (rng.standard_normal((K, 8)) / 4).astype(np.float32)
+    m = model([node("MatMul", ["x", "wc"], ["a"]), node("MatMul", ["x", "w"], ["c"])], [("x", [4, K])],
+              [("a", [4, 8]), ("c", [4, 8])], [("wc", cancelling), ("w", plain)])
+    x = (12 + rng.standard_normal((4, K))).astype(np.float32)
+    return m, {"x": x}
+
+
+def _precisions(engine) -> dict[str, str]:
+    return {layer["name"]: layer["precision"] for layer in engine.plan["layers"]}
+
+
+def _within(engine, m, feeds, precision) -> bool:
+    got, ref = engine.run(feeds), kiln.Executor(m).run(feeds)
+    return all(judge(got[k].float().numpy(), ref[k].float().numpy(), tolerance(precision)).ok for k in ref)
+
+
+def test_without_the_end_to_end_check_the_drift_passes_every_layer_but_not_the_output():
+    m, feeds = _model_and_inputs()
+    engine = kiln.build(m, BuildConfig(device="cpu", fp16=True, opt_level=1, precision_check=False), calibration=feeds)
+    assert _precisions(engine) == {"a": "fp16", "c": "fp16"}
+    assert not _within(engine, m, feeds, "fp16")
+
+
+def test_the_layer_that_drifts_most_moves_to_fp32_until_the_outputs_are_within_tolerance():
+    m, feeds = _model_and_inputs()
+    engine = kiln.build(m, BuildConfig(device="cpu", fp16=True, opt_level=1), calibration=feeds)
+    assert _precisions(engine) == {"a": "fp32", "c": "fp16"}  # c drifts less: it keeps fp16
+    layer = next(layer for layer in engine.plan["layers"] if layer["name"] == "a")
+    assert any("moved from fp16 to fp32" in note and "end to end" in note for note in layer["notes"])
+    log = "\n".join(engine.report.lines)
+    assert "end-to-end check on the calibration inputs: output(s) 'a'" in log
+    assert "every float output within the fp16 tolerance of fp32" in log
+    assert set(engine.report.output_diffs) == {"a", "c"} and engine.report.output_diffs["a"] < 1e-4
+    assert _within(engine, m, feeds, "fp16")
+
+
+def test_a_looser_tolerance_keeps_the_layers_where_they_are():
+    m, feeds = _model_and_inputs()
+    engine = kiln.build(m, BuildConfig(device="cpu", fp16=True, opt_level=1, atol=0.05), calibration=feeds)
+    assert _precisions(engine) == {"a": "fp16", "c": "fp16"}
+    assert not engine.report.fallbacks
+
+
+def test_pinned_layers_that_keep_the_outputs_over_tolerance_fail_the_build():
+    m, feeds = _model_and_inputs()
+    with pytest.raises(PrecisionError, match=r"'a' .* over the fp16 tolerance of fp32 .*pinned by --layer-precision: a"):
+        kiln.build(m, BuildConfig(device="cpu", fp16=True, opt_level=1, layer_precisions={"a": "fp16"}), calibration=feeds)
+
+
+class _Drifting(GemmTorch):
+    """The torch GEMM plus an offset of 0.9 of the precision's per-layer tolerance of its output's
+    scale: it passes the check against the reference tactic at every precision, fp32 included."""
+
+    name = "gemm.drifting"
+    reference = False
+
+    def heuristic(self, layer, precision, device):
+        return 100
+
+    def runner(self, layer, prepared, precision, config, context):
+        run = super().runner(layer, prepared, precision, config, context)
+        share = 0.9 * TOLERANCES[precision].rtol
+
+        def drift(inputs):
+            return [out + share * out.abs().max() for out in run(inputs)]
+
+        return drift
+
+
+def test_an_engine_over_tolerance_even_in_fp32_fails_the_build(monkeypatch):
+    registry._load()
+    monkeypatch.setitem(registry._REGISTRY, _Drifting.name, _Drifting())
+    rng = np.random.default_rng(2)
+    m = model([node("MatMul", ["x", "w"], ["y"])], [("x", [4, K])], [("y", [4, 8])],
+              [("w", rng.standard_normal((K, 8)).astype(np.float32))])
+    config = dict(device="cpu", opt_level=0, allow_tactics=["gemm.drifting"])
+    with pytest.raises(PrecisionError, match=r"on seeded random inputs the engine's output\(s\) 'y' .* over the fp32 tolerance"):
+        kiln.build(m, BuildConfig(**config))
+    engine = kiln.build(m, BuildConfig(**config, precision_check=False))  # the check is what refuses it
+    assert engine.plan["layers"][0]["choices"][0]["tactic"] == "gemm.drifting"
+    assert torch.isfinite(engine.run({"x": rng.standard_normal((4, K)).astype(np.float32)})["y"]).all()
