@@ -169,7 +169,10 @@ def test_tactic_allow_and_deny_lists(rng):
     engine = kiln.build(m, BuildConfig(device="cpu", opt_level=4, allow_tactics=["conv.nhwc"], deny_tactics=["conv.nchw"]))
     assert engine.plan["layers"][0]["choices"][0]["tactic"] == "conv.nhwc"
     with pytest.raises(KilnError, match="no tactic is left"):
-        kiln.build(m, BuildConfig(device="cpu", opt_level=1, deny_tactics=["conv.nchw"]))
+        kiln.build(m, BuildConfig(device="cpu", opt_level=1, deny_tactics=["conv.nchw", "conv.nhwc"]))
+    # on the CPU convolutions are an NHWC region: NCHW is a layout alternative from level 4
+    engine = kiln.build(m, BuildConfig(device="cpu", opt_level=1))
+    assert engine.plan["layers"][0]["choices"][0]["tactic"] == "conv.nhwc"
 
 
 class _FastButWrong(Tactic):

@@ -2,10 +2,12 @@
 
 The steps, each visible in the build log:
 
-1. a reference run at each profile's opt shapes records every value's shape and dtype;
+1. a reference run at each profile's opt shapes records every value's shape and dtype (on the
+   calibration inputs where given, seeded random ones otherwise: a model that cannot take those
+   fails here in one line that names the inputs that got random values);
 2. lowering fuses nodes into layers (``kiln.builder.layers``);
-3. each layer gets a precision: the config's, a per-layer constraint, fp32 for shape arithmetic,
-   or (strongly typed) the model's own;
+3. each layer gets a precision: the config's, a per-layer constraint, fp32 for shape arithmetic
+   and control flow, or (strongly typed) the model's own;
 4. tactic selection, per layer and profile: every candidate allowed at the optimization level is
    run on fresh random inputs at the opt shape, checked against the kind's reference tactic at the
    same precision (a wrong fast kernel is never chosen), and timed with CUDA events (median of
@@ -13,7 +15,10 @@ The steps, each visible in the build log:
 5. a walk over the network on representative inputs, in fp32 beside the chosen tactics: a
    reduced-precision layer whose output overflows or drifts from fp32 falls back (fp16 -> bf16 ->
    fp32); Node layers are timed on real values here;
-6. the engine: plan + prepared weights, deterministic for the same model, config and cache.
+6. the end-to-end check: the planned network on the same inputs against the fp32 reference, every
+   float output within the engine's precision's tolerance (``kiln.precision``), moving the layers
+   that drifted most towards fp32 until it is, or failing (``_check_outputs``);
+7. the engine: plan + prepared weights, deterministic for the same model, config and cache.
 """
 
 from __future__ import annotations
@@ -118,8 +123,9 @@ def build(
     calibration: Mapping[str, Any] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ):
-    """Build an engine. ``calibration``: representative inputs (name -> array) for the precision
-    check; random ones (seeded, never zeros) at the first profile's opt shapes otherwise.
+    """Build an engine. ``calibration``: representative inputs (name -> array) at the first profile's
+    opt shapes, for every run of the model the build makes (shape recording, the precision walk,
+    the end-to-end check); seeded random ones (never zeros) for the inputs it lacks.
     ``progress(phase, done, total)`` is called as layers are processed."""
     from kiln.engine import Engine
 
@@ -456,8 +462,12 @@ class _Builder:
 
     # -- tactic selection ---------------------------------------------------------------------
     def _candidates(self, item: PlannedLayer, precision: str) -> list[tuple[Tactic, dict]]:
+        """The tactics (and configs) to try, best heuristic first. The reference tactic stays unless
+        denied by its full name: where the lists and the level leave nothing else (it is a layout
+        alternative only from level 4, say), it is tried with every config it has."""
         layer, config, device = item.layer, self.config, self.device.type
         found = []
+        reference = None
         for t in tactic_registry.tactics_for(layer.kind):
             if device not in t.devices or precision not in t.precisions:
                 continue
@@ -467,11 +477,14 @@ class _Builder:
                 continue
             if not t.supports(layer, precision, device):
                 continue
+            reference = t if t.reference else reference
             level = 3 if self.level == 0 else self.level
             if t.level > level:
                 continue
             for cfg in t.configs(layer, level, precision, device):
                 found.append((t, cfg))
+        if not found and reference is not None:
+            found = [(reference, cfg) for cfg in reference.configs(layer, 5, precision, device)]
         if not found:
             raise KilnError(
                 f"{self.name}: no tactic is left for layer {layer.name!r} ({layer.kind}, op {'+'.join(layer.op_types)}) "
