@@ -109,3 +109,17 @@ def test_an_engine_over_tolerance_even_in_fp32_fails_the_build(monkeypatch):
     engine = kiln.build(m, BuildConfig(**config, precision_check=False))  # the check is what refuses it
     assert engine.plan["layers"][0]["choices"][0]["tactic"] == "gemm.drifting"
     assert torch.isfinite(engine.run({"x": rng.standard_normal((4, K)).astype(np.float32)})["y"]).all()
+
+
+@pytest.mark.parametrize("elem,precision", [(np.float32, "fp32"), (np.float16, "fp16")])
+def test_a_strongly_typed_model_is_judged_at_its_own_types(elem, precision):
+    from onnx import TensorProto
+
+    rng = np.random.default_rng(4)
+    m = model([node("Transpose", ["x"], ["t"], perm=[1, 0]), node("Neg", ["t"], ["y"])], [("x", [4, 8])], [("y", [8, 4])],
+              elem=TensorProto.FLOAT if elem == np.float32 else TensorProto.FLOAT16)
+    engine = kiln.build(m, BuildConfig(device="cpu", strongly_typed=True, opt_level=1))
+    assert {layer["precision"] for layer in engine.plan["layers"]} == {"native"}  # Node layers, in the model's types
+    assert any(f"every float output within the {precision} tolerance" in line for line in engine.report.lines)
+    x = rng.standard_normal((4, 8)).astype(elem)
+    assert np.array_equal(engine.run({"x": x})["y"].numpy(), -x.T)

@@ -74,6 +74,9 @@ def _layer_tolerance(precision: str) -> float:
     return TOLERANCES[loosest([precision])].rtol
 
 
+_REDUCED_TYPES = {ir.DataType.FLOAT16: "fp16", ir.DataType.BFLOAT16: "bf16"}
+
+
 def _has_subgraph(node: ir.Node) -> bool:
     return any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())
 
@@ -196,7 +199,7 @@ class _Builder:
         planned = [self._assign_precision(layer) for layer in layers]
         self._check_constraints_used(layers)
         # what the engine's outputs are judged at: its loosest precision before any fallback
-        self.output_precision = loosest(item.precision for item in planned)
+        self.output_precision = loosest(self._judged_precision(item) for item in planned)
         self.canonical: dict[int, dict[str, torch.Tensor]] = {}
         for index, item in enumerate(planned):
             self.progress("tactics", index, len(planned))
@@ -444,6 +447,12 @@ class _Builder:
             if arg is not None and arg.get("input") == runtime_index:
                 return castable(layer.op_types[0], slot)
         return True  # captured values
+
+    def _judged_precision(self, item: PlannedLayer) -> str:
+        """A layer's precision, a strongly typed Node layer's the types it computes in."""
+        if item.precision != "native":
+            return item.precision
+        return loosest(_REDUCED_TYPES.get(self.facts[0].dtypes.get(n), "fp32") for n in item.layer.outputs if n)
 
     def _native_precision(self, layer: Layer) -> str:
         if layer.kind == "Node":
