@@ -126,3 +126,13 @@ def test_if_reading_outer_values_on_cuda_with_graphs_and_streams(model_file):
     assert ctx.stats.failed_captures >= 1 and ctx.graph_errors
     _check_engine(engine, model_file, aux_streams=2)
     assert torch.cuda.is_available()
+
+
+def test_calibration_inputs_serve_every_profile_they_fit(model_file):
+    """x is given at the first profile's opt shape: the second profile records its shapes on random
+    x but on the given sr (a scalar fits every profile), so its run takes the 16 kHz branch too."""
+    second = Profile.from_lists({"x": (4, 4)}, {"x": (5, 4)}, {"x": (6, 4)})
+    calibration = {**SR16K, "x": _feeds(2, 16000, True)["x"], "c": np.array(True)}
+    engine = kiln.build(_model(), BuildConfig(device="cpu", opt_level=1, profiles=[PROFILE, second]), calibration=calibration)
+    assert len(engine.plan["layers"][0]["choices"]) == 2
+    _check_engine(engine, model_file)
