@@ -123,3 +123,21 @@ def test_a_strongly_typed_model_is_judged_at_its_own_types(elem, precision):
     assert any(f"every float output within the {precision} tolerance" in line for line in engine.report.lines)
     x = rng.standard_normal((4, 8)).astype(elem)
     assert np.array_equal(engine.run({"x": x})["y"].numpy(), -x.T)
+
+
+def test_a_layer_that_cannot_take_the_reduced_precision_values_fails_the_build_naming_them():
+    """tiny = x * 1e-8, pinned to fp16, underflows to zero there; NonZero then finds nothing and the
+    Reshape of its indices to [4, 8] fails in the end-to-end run, though each layer ran in the walk."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [node("Mul", ["x", "k"], ["tiny"]), node("NonZero", ["tiny"], ["nz"]), node("Reshape", ["nz", "to"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])], [helper.make_tensor_value_info("y", TensorProto.INT64, [4, 8])],
+        [numpy_helper.from_array(np.array(1e-8, np.float32), "k"), numpy_helper.from_array(np.array([4, 8], np.int64), "to")])
+    m = kiln.load_model_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), name="g")
+    with pytest.raises(kiln.KilnError, match=r"layer 'y' \(Reshape, fp16\) failed in the end-to-end run .* pin it or the "
+                                             r"reduced-precision layers before it \(tiny\) to fp32"):
+        kiln.build(m, BuildConfig(device="cpu", fp16=True, opt_level=1, layer_precisions={"tiny": "fp16"}))
+    engine = kiln.build(m, BuildConfig(device="cpu", fp16=True, opt_level=1))  # unpinned, tiny falls back
+    x = np.random.default_rng(5).standard_normal((4, 4)).astype(np.float32)
+    assert engine.run({"x": x})["y"].shape == (4, 8)

@@ -737,9 +737,17 @@ class _Builder:
             layer = item.layer
             try:
                 result = self._run_choice(index, item, item.choices[0], item.precision, [env[n] for n in layer.inputs], runners)
-            except Exception as error:  # noqa: BLE001 - reported with its layer, as a model failure is
-                raise self._failed_run(f"layer {layer.name!r} ({'+'.join(layer.op_types)}, {item.choices[0].tactic}, "
-                                       f"{item.precision}) failed: {type(error).__name__}: {first_line(error)}") from error
+            except Exception as error:
+                reduced = [p.layer.name for p in planned[:index] if p.precision in ("fp16", "bf16", "tf32")]
+                if not reduced and item.precision not in ("fp16", "bf16", "tf32"):
+                    raise  # the same computation as the fp32 reference, which ran: kiln's bug
+                # values computed in reduced precision that a layer cannot take (a count, a size)
+                upstream = f" or the reduced-precision layers before it ({', '.join(reduced[-3:])}" \
+                           f"{', ...' if len(reduced) > 3 else ''})" if reduced else ""
+                raise OpError(
+                    f"{self.name}: layer {layer.name!r} ({'+'.join(layer.op_types)}, {item.precision}) failed in the "
+                    f"end-to-end run of the planned engine, where the fp32 reference ran: {type(error).__name__}: "
+                    f"{first_line(error)}; pin it{upstream} to fp32 with --layer-precision NAME:fp32") from error
             env.update((name, value) for name, value in zip(layer.outputs, result) if name)
             for name in layer.inputs:
                 if last_read[name] == index and name not in self.reference:
