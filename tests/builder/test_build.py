@@ -215,3 +215,8 @@ def test_corrupt_timing_cache_is_ignored_with_a_warning(rng, tmp_path):
 def test_calibration_inputs_must_have_the_opt_shape(rng):
     with pytest.raises(InputError, match="calibration"):
         kiln.build(_conv_model(rng), BuildConfig(device="cpu", fp16=True), calibration={"x": np.ones((1, 4, 6, 6), np.float32)})
+
+
+def test_calibration_inputs_the_model_does_not_have_are_refused(rng):
+    with pytest.raises(InputError, match=r"calibration input\(s\) \['sr'\] are not inputs of the model; its inputs are \['x'\]"):
+        kiln.build(_conv_model(rng), BuildConfig(device="cpu"), calibration={"sr": np.array(16000)})

@@ -183,6 +183,10 @@ class _Builder:
         self.executor = Executor(self.model, self.device, self.name)
         self._steps = self.executor.node_steps()
         self.profiles = self._profiles()
+        unknown = sorted(set(self.calibration or {}) - {v.name for v in self.executor.inputs})
+        if unknown:
+            raise InputError(f"{self.name}: calibration input(s) {unknown} are not inputs of the model; its inputs are "
+                             f"{sorted(v.name for v in self.executor.inputs)}")
         self.facts: list[GraphFacts] = []
         self.opt_feeds: list[dict[str, torch.Tensor]] = []
         for index, profile in enumerate(self.profiles):
@@ -677,7 +681,10 @@ class _Builder:
             return
         precision = self.output_precision
         tol = tolerance(precision, self.config.atol, self.config.rtol)
-        on = "the calibration inputs" if not self.made_up else "seeded random inputs"
+        made_up = [v.name for v in self.executor.inputs if v.name in self.made_up]
+        given = len(made_up) < len(self.executor.inputs)
+        on = ("seeded random inputs" if not given else "the calibration inputs" +
+              (f" (random values for {', '.join(made_up)})" if made_up else ""))
         movable = [] if self.config.strongly_typed else [
             index for index, item in enumerate(planned) if not item.constrained and item.precision in ("fp16", "bf16", "tf32")]
         movable.sort(key=lambda index: -planned[index].drift)  # stable: equal drifts in plan order
