@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-import torch
 
 import kiln
 from kiln.builder import BuildConfig, Profile
@@ -125,7 +124,6 @@ def test_if_reading_outer_values_on_cuda_with_graphs_and_streams(model_file):
     ctx = _check_engine(engine, model_file, cuda_graph=True)
     assert ctx.stats.failed_captures >= 1 and ctx.graph_errors
     _check_engine(engine, model_file, aux_streams=2)
-    assert torch.cuda.is_available()
 
 
 def test_calibration_inputs_serve_every_profile_they_fit(model_file):
