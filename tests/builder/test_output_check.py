@@ -14,9 +14,8 @@ import pytest
 import torch
 
 import kiln
-from kiln.builder import BuildConfig
+from kiln.builder import BuildConfig, PrecisionError
 from kiln.builder import tactics as registry
-from kiln.builder.build import PrecisionError
 from kiln.builder.tactics.gemm import GemmTorch
 from kiln.precision import TOLERANCES, judge, tolerance
 from tests.builder.graphs import model, node

@@ -296,7 +296,7 @@ class _Builder:
 
     def _random_feeds(self, shapes: Mapping[str, tuple[int, ...]], strict: bool = True) -> dict[str, torch.Tensor]:
         """Inputs at ``shapes``: the calibration arrays where given, seeded random values for the rest
-        (floats standard normal, integers in [0, 2), bools coin flips; see ``_random_failure``).
+        (floats standard normal, integers in [0, 2), bools coin flips; see ``_failed_run``).
         ``strict``: a calibration array must have its shape (the first profile's opt shapes); other
         profiles use the arrays whose shape fits and random values for the others."""
         generator = np.random.default_rng(self.config.seed)
@@ -681,7 +681,7 @@ class _Builder:
             return
         precision = self.output_precision
         tol = tolerance(precision, self.config.atol, self.config.rtol)
-        made_up = [v.name for v in self.executor.inputs if v.name in self.made_up]
+        made_up = [v.name for v in self.executor.inputs if v.name not in (self.calibration or {})]  # first profile's
         given = len(made_up) < len(self.executor.inputs)
         on = ("seeded random inputs" if not given else "the calibration inputs" +
               (f" (random values for {', '.join(made_up)})" if made_up else ""))
