@@ -68,6 +68,24 @@ def test_op_failure_names_node_and_op():
         ex.run({"x": np.ones((2, 3), np.float32), "shape": np.array([4, 4])})
 
 
+def test_op_failure_inside_a_subgraph_names_the_node_that_holds_it():
+    body = helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["y"], name="bad_reshape")], "then", [],
+                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["out"], name="branch", then_branch=body, else_branch=body)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]), helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("shape", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [4, 4])],
+    )
+    ex = _executor(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    with pytest.raises(OpError) as raised:
+        ex.run({"x": np.ones((2, 3), np.float32), "c": np.array(True), "shape": np.array([4, 4])})
+    message = str(raised.value)
+    assert message.startswith("g: node 'branch' (op If), in its subgraph: node 'bad_reshape' (op Reshape) failed")
+    assert message.count("g: ") == 1
+
+
 def _binary_model(op: str, elem: int, shape=(3, 4)) -> onnx.ModelProto:
     graph = helper.make_graph(
         [helper.make_node(op, ["a", "b"], ["y"], name=op.lower())],

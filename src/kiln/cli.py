@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from kiln.errors import KilnError, first_line
+from kiln.errors import KilnError, PrecisionError, first_line
 
 EXIT_MISMATCH = 1
 EXIT_BAD_INPUT = 2
@@ -250,13 +250,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     key = read_key(args.sign_key) if args.sign_key else configured_key()  # a bad key fails before the build
     console = make_console(stderr=True)
+    atol, rtol = _tolerance_flags(args)
     allow, deny = _parse_tactics(args.tactics)
     config = BuildConfig(
         fp16=args.fp16, bf16=args.bf16, tf32=args.tf32, strongly_typed=args.strongly_typed, opt_level=args.opt_level,
         timing_cache=args.timing_cache, profiles=_parse_profiles(args), layer_precisions=_parse_layer_precisions(args.layer_precision),
         allow_tactics=allow, deny_tactics=deny, memory_limit=args.memory_limit, device=resolve_device(args.device),
         precision_check=not args.no_precision_check, passes=_names(args.passes), skip_passes=_names(args.skip_passes) or [],
-        max_aux_streams=args.aux_streams,
+        max_aux_streams=args.aux_streams, atol=atol, rtol=rtol,
     )
     calibration = read_npz(args.inputs) if args.inputs else None
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} layers"),
@@ -444,8 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="per-layer precision: NODE_NAME_OR_OP_TYPE:fp32,...")
     build.add_argument("--tactics", "--tacticSources", dest="tactics", help="allow/deny tactics: -triton,+gemm.cublaslt,...")
     build.add_argument("--memory-limit", "--memPoolSize", dest="memory_limit", type=int, help="most scratch bytes one tactic may use")
-    build.add_argument("--inputs", type=Path, help=".npz of representative inputs for the precision check (else random)")
-    build.add_argument("--no-precision-check", action="store_true", help="skip the fp16/bf16 per-layer check against fp32")
+    build.add_argument("--inputs", type=Path, help=".npz of representative inputs, named after the model's inputs: the "
+                       "build runs the model on them to record shapes, check precision per layer and check the engine's "
+                       "outputs against fp32 (else seeded random values; integer inputs such as a sample rate need real ones)")
+    build.add_argument("--no-precision-check", action="store_true",
+                       help="skip the per-layer and end-to-end checks against fp32")
+    _tolerance_arguments(build)
     build.add_argument("--device", choices=["cpu", "cuda"], help="what to build for (default: cuda if torch sees a GPU, "
                        "else cpu)")
     build.add_argument("--passes", help="run only these graph passes, a,b,... (default: all)")
@@ -597,7 +602,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KilnError as error:
             message = " ".join(str(error).split())
             print(f"kiln: error: {message}", file=sys.stderr)
-            return EXIT_BAD_INPUT
+            # a build whose outputs stay over tolerance of fp32 is a verdict on the outputs, not bad input
+            return EXIT_MISMATCH if isinstance(error, PrecisionError) else EXIT_BAD_INPUT
         except KeyboardInterrupt:
             return EXIT_INTERRUPTED
         except BrokenPipeError as error:

@@ -24,6 +24,11 @@ class InputError(KilnError):
     """Inputs given to a run do not match the model (name, dtype, rank, shape, device)."""
 
 
+class PrecisionError(KilnError):
+    """A build's outputs stay over the precision's tolerance of fp32 on the build's inputs with every
+    layer that may move in fp32 (the CLI's exit code 1: over tolerance, not bad input)."""
+
+
 class OpError(KilnError):
     """An op failed while running; the message names the node and op."""
 

@@ -175,9 +175,10 @@ class Executor:
             try:
                 result = step.fn(step.op, *args)
             except KilnError as error:
-                if step.op.name in str(error):
-                    raise
-                raise type(error)(f"{self.name}: {error}") from error
+                text = str(error).removeprefix(f"{self.name}: ")
+                if step.op.name not in text:  # raised inside a subgraph: name the node that holds it
+                    text = f"node {step.op.name!r} (op {step.op.op_type}), in its subgraph: {text}"
+                raise type(error)(f"{self.name}: {text}") from error
             except Exception as error:  # noqa: BLE001 - any op failure is reported with its node
                 raise OpError(
                     f"{self.name}: node {step.op.name!r} (op {step.op.op_type}) failed: "

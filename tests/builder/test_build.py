@@ -169,7 +169,10 @@ def test_tactic_allow_and_deny_lists(rng):
     engine = kiln.build(m, BuildConfig(device="cpu", opt_level=4, allow_tactics=["conv.nhwc"], deny_tactics=["conv.nchw"]))
     assert engine.plan["layers"][0]["choices"][0]["tactic"] == "conv.nhwc"
     with pytest.raises(KilnError, match="no tactic is left"):
-        kiln.build(m, BuildConfig(device="cpu", opt_level=1, deny_tactics=["conv.nchw"]))
+        kiln.build(m, BuildConfig(device="cpu", opt_level=1, deny_tactics=["conv.nchw", "conv.nhwc"]))
+    # on the CPU convolutions are an NHWC region: NCHW is a layout alternative from level 4
+    engine = kiln.build(m, BuildConfig(device="cpu", opt_level=1))
+    assert engine.plan["layers"][0]["choices"][0]["tactic"] == "conv.nhwc"
 
 
 class _FastButWrong(Tactic):
@@ -271,3 +274,8 @@ def test_a_rank_0_input_in_the_build_command_line(tmp_path):
     write_npz(tmp_path / "in.npz", {"x": np.ones((3, 4), np.float32), "sr": np.array(8000, np.int64)})
     assert main(["run", str(engine_path), "--inputs", str(tmp_path / "in.npz"), "--compare", "onnxruntime",
                  "--onnx", str(path)]) == 0
+
+
+def test_calibration_inputs_the_model_does_not_have_are_refused(rng):
+    with pytest.raises(InputError, match=r"calibration input\(s\) \['sr'\] are not inputs of the model; its inputs are \['x'\]"):
+        kiln.build(_conv_model(rng), BuildConfig(device="cpu"), calibration={"sr": np.array(16000)})

@@ -100,7 +100,7 @@ def test_build_fp16_with_a_layer_held_at_fp32(model_path, tmp_path, capsys):
     (["--layer-precision", "matmul:fp8"], "fp8"),
     (["--layer-precision", "matmul:fp16"], "--fp16"),
     (["--tactics", "triton"], r"must start with \+"),
-    (["--tactics=-conv.nchw,-gemm.torch,-softmax.torch,-node.reference"], "no tactic is left"),
+    (["--tactics=-conv.nchw,-conv.nhwc,-gemm.torch,-softmax.torch,-node.reference"], "no tactic is left"),
     (["--strongly-typed", "--fp16"], "strongly typed"),
     (["--min-shapes", "x:1x3x6x8"], "unknown input|fixes it"),
     (["--opt-shapes", "nosuch:1x3"], "unknown input"),
@@ -167,7 +167,7 @@ def test_inspect_prints_every_layer(engine_path, capsys, monkeypatch):
     assert "4 layers" in text
     for index, name in enumerate(LAYERS):
         assert re.search(rf"^ *{index}  {re.escape(name)}  ", text, re.MULTILINE), name
-    for tactic in ("conv.nchw", "gemm.torch", "softmax.torch", "node.reference"):
+    for tactic in ("conv.nhwc", "gemm.torch", "softmax.torch", "node.reference"):
         assert tactic in text
 
 
@@ -181,7 +181,7 @@ def test_inspect_json_has_one_row_per_layer(engine_path, capsys):
         for key in ("tactic", "precision", "layout", "share", "time_ms", "nodes", "op_types", "inputs", "outputs"):
             assert key in row, key
         assert row["precision"] == "fp32"
-    assert rows[0]["layout"] == "NCHW" and rows[0]["nodes"] == ["conv", "residual", "relu"]
+    assert rows[0]["layout"] == "NHWC" and rows[0]["nodes"] == ["conv", "residual", "relu"]
     if all(row["time_ms"] is not None for row in rows):
         assert sum(row["share"] for row in rows) == pytest.approx(1.0, abs=1e-6)
         assert all(0 <= row["share"] <= 1 for row in rows)

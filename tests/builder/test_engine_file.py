@@ -92,7 +92,7 @@ def forged(engine_path, tmp_path):
 
 @pytest.mark.parametrize("precision,extra", [
     ("fp32", {}),
-    # channels_last conv weights (fp32 tries them from level 4): stored with a layout permutation
+    # channels_last conv weights (the CPU's conv layout): stored with a layout permutation
     ("fp32", {"deny_tactics": ["conv.nchw"], "opt_level": 4}),
     ("fp16", {"fp16": True}),
     ("bf16", {"bf16": True}),

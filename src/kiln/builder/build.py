@@ -2,10 +2,12 @@
 
 The steps, each visible in the build log:
 
-1. a reference run at each profile's opt shapes records every value's shape and dtype;
+1. a reference run at each profile's opt shapes records every value's shape and dtype (on the
+   calibration inputs where given, seeded random ones otherwise: a model that cannot take those
+   fails here in one line that names the inputs that got random values);
 2. lowering fuses nodes into layers (``kiln.builder.layers``);
-3. each layer gets a precision: the config's, a per-layer constraint, fp32 for shape arithmetic,
-   or (strongly typed) the model's own;
+3. each layer gets a precision: the config's, a per-layer constraint, fp32 for shape arithmetic
+   and control flow, or (strongly typed) the model's own;
 4. tactic selection, per layer and profile: every candidate allowed at the optimization level is
    run on fresh random inputs at the opt shape, checked against the kind's reference tactic at the
    same precision (a wrong fast kernel is never chosen), and timed with CUDA events (median of
@@ -13,7 +15,10 @@ The steps, each visible in the build log:
 5. a walk over the network on representative inputs, in fp32 beside the chosen tactics: a
    reduced-precision layer whose output overflows or drifts from fp32 falls back (fp16 -> bf16 ->
    fp32); Node layers are timed on real values here;
-6. the engine: plan + prepared weights, deterministic for the same model, config and cache.
+6. the end-to-end check: the planned network on the same inputs against the fp32 reference, every
+   float output within the engine's precision's tolerance (``kiln.precision``), moving the layers
+   that drifted most towards fp32 until it is, or failing (``_check_outputs``);
+7. the engine: plan + prepared weights, deterministic for the same model, config and cache.
 """
 
 from __future__ import annotations
@@ -39,14 +44,11 @@ from kiln.builder.tactics import PRECISION_DTYPES, Tactic
 from kiln.builder.tactics.conv import nhwc_region
 from kiln.builder.tactics.node import castable
 from kiln.builder.timing_cache import TimingCache
-from kiln.errors import InputError, KilnError
+from kiln.errors import InputError, KilnError, OpError, PrecisionError, first_line
 from kiln.executor import Executor
 from kiln.passes import unique_node_names
-from kiln.precision import scaled_error as relative_error  # noqa: F401 - tests import it from here
-
-TOLERANCES = {"fp32": 1e-4, "tf32": 1e-3, "fp16": 1e-2, "bf16": 1e-2, "native": 1e-2}
-# Layer-vs-fp32 drift above which a reduced-precision layer falls back (bf16 keeps 3 fewer bits).
-FALLBACK_TOLERANCES = {"fp16": 1e-2, "bf16": 2e-2}
+from kiln.precision import TOLERANCES, judge, loosest, tolerance
+from kiln.precision import scaled_error as relative_error
 
 # (op, input index) whose value is a shape, size, index or axis: the float arithmetic feeding
 # them stays fp32 in reduced-precision builds (a rounded size is a wrong size).
@@ -59,6 +61,15 @@ SHAPE_INPUTS = {
 METADATA_OPS = {"Shape", "Size"}
 _NOT_FOLDABLE = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial",
                  "Dropout"}
+
+
+def _layer_tolerance(precision: str) -> float:
+    """A layer's allowed error against its own output's scale (``kiln.precision.scaled_error``): the
+    table's rtol for the precision it runs at (a strongly typed layer's own types count as fp16)."""
+    return TOLERANCES[loosest([precision])].rtol
+
+
+_REDUCED_TYPES = {ir.DataType.FLOAT16: "fp16", ir.DataType.BFLOAT16: "bf16"}
 
 
 def _has_subgraph(node: ir.Node) -> bool:
@@ -83,6 +94,7 @@ class PlannedLayer:
     cast_inputs: list[int] = field(default_factory=list)
     shapes: dict[str, list[int]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    drift: float = 0.0  # its output's error against fp32 at its precision, as the walk measured it
 
 
 @dataclass
@@ -109,8 +121,9 @@ def build(
     calibration: Mapping[str, Any] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ):
-    """Build an engine. ``calibration``: representative inputs (name -> array) for the precision
-    check; random ones (seeded, never zeros) at the first profile's opt shapes otherwise.
+    """Build an engine. ``calibration``: representative inputs (name -> array) at the first profile's
+    opt shapes, for every run of the model the build makes (shape recording, the precision walk,
+    the end-to-end check); seeded random ones (never zeros) for the inputs it lacks.
     ``progress(phase, done, total)`` is called as layers are processed."""
     from kiln.engine import Engine
 
@@ -152,6 +165,8 @@ class _Builder:
         self.opset = dict(model.opset_imports).get("", dict(model.opset_imports).get("ai.onnx", 1))
         self.level = config.opt_level
         self.reps = 11 if self.level >= 5 else 5
+        self.made_up: set[str] = set()  # inputs the build gave random values (no calibration array)
+        self.reference: dict[str, Any] = {}  # the fp32 reference's outputs on the first profile's feeds
 
     # -- driver -------------------------------------------------------------------------------
     def run(self):
@@ -162,10 +177,14 @@ class _Builder:
         self.executor = Executor(self.model, self.device, self.name)
         self._steps = self.executor.node_steps()
         self.profiles = self._profiles()
+        unknown = sorted(set(self.calibration or {}) - {v.name for v in self.executor.inputs})
+        if unknown:
+            raise InputError(f"{self.name}: calibration input(s) {unknown} are not inputs of the model; its inputs are "
+                             f"{sorted(v.name for v in self.executor.inputs)}")
         self.facts: list[GraphFacts] = []
         self.opt_feeds: list[dict[str, torch.Tensor]] = []
-        for profile in self.profiles:
-            feeds = self._random_feeds({n: s[1] for n, s in profile.shapes.items()})
+        for index, profile in enumerate(self.profiles):
+            feeds = self._random_feeds({n: s[1] for n, s in profile.shapes.items()}, strict=index == 0)
             self.opt_feeds.append(feeds)
             self.facts.append(self._record(feeds))
         facts = self.facts[0]
@@ -177,12 +196,15 @@ class _Builder:
         self.report.log(f"{self.name}: {before} nodes -> {len(list(graph))} after passes -> {len(layers)} layers ({fused} fused)")
         planned = [self._assign_precision(layer) for layer in layers]
         self._check_constraints_used(layers)
+        # what the engine's outputs are judged at: its loosest precision before any fallback
+        self.output_precision = loosest(self._judged_precision(item) for item in planned)
         self.canonical: dict[int, dict[str, torch.Tensor]] = {}
         for index, item in enumerate(planned):
             self.progress("tactics", index, len(planned))
             item.choices = [self._select(index, item, p) for p in range(len(self.profiles))]
         self.progress("tactics", len(planned), len(planned))
         self._walk(planned)
+        self._check_outputs(planned)
         tensors, layer_records = self._prepare_all(planned)
         plan = self._plan_json(planned, layer_records)
         graph_bytes = _stripped_graph(self.model)
@@ -266,17 +288,24 @@ class _Builder:
             profiles[index] = Profile(full)
         return profiles
 
-    def _random_feeds(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    def _random_feeds(self, shapes: Mapping[str, tuple[int, ...]], strict: bool = True) -> dict[str, torch.Tensor]:
+        """Inputs at ``shapes``: the calibration arrays where given, seeded random values for the rest
+        (floats standard normal, integers in [0, 2), bools coin flips; see ``_failed_run``).
+        ``strict``: a calibration array must have its shape (the first profile's opt shapes); other
+        profiles use the arrays whose shape fits and random values for the others."""
         generator = np.random.default_rng(self.config.seed)
         feeds = {}
         for value in self.executor.inputs:
             shape = shapes[value.name]
             dtype = value.dtype
-            if self.calibration is not None and value.name in self.calibration:
-                array = np.asarray(self.calibration[value.name])
-                if tuple(array.shape) != tuple(shape):
-                    raise InputError(f"{self.name}: calibration input {value.name!r} has shape {list(array.shape)}, "
+            given = None if self.calibration is None else self.calibration.get(value.name)
+            if given is not None and tuple(np.shape(given)) != tuple(shape):
+                if strict:
+                    raise InputError(f"{self.name}: calibration input {value.name!r} has shape {list(np.shape(given))}, "
                                      f"the profile's opt shape is {list(shape)}")
+                given = None
+            if given is not None:
+                array = np.asarray(given)
             elif dtype == ir.DataType.BOOL:
                 array = generator.random(shape) < 0.5
             elif dtype is not None and dtype.is_floating_point():
@@ -285,8 +314,28 @@ class _Builder:
                 array = generator.integers(0, 2, size=shape).astype(dtype.numpy())
             else:
                 raise InputError(f"{self.name}: cannot make inputs for {value.name!r} of type {value.type}")
+            if given is None:
+                self.made_up.add(value.name)
             feeds[value.name] = dtypes.tensor_from_numpy(array, self.device)
         return feeds
+
+    def _failed_run(self, cause: str) -> KilnError:
+        """A run of the model inside the build (recording shapes, the precision walk, the end-to-end
+        check) failed with ``cause`` (naming the node, op and error): one line that says so and, where
+        the build made inputs up, which ones, and that ``--inputs`` gives real values. Random integers
+        in [0, 2) are no sample rate, size or index a real model takes."""
+        cause = " ".join(cause.split())
+        while cause.startswith(f"{self.name}: "):
+            cause = cause[len(self.name) + 2:]
+        made_up = [v for v in self.executor.inputs if v.name in self.made_up]
+        if not made_up:
+            return OpError(f"{self.name}: the model failed on the calibration inputs: {cause}")
+        shown = [v for v in made_up if v.dtype is None or not v.dtype.is_floating_point()] or made_up
+        return OpError(
+            f"{self.name}: the model failed on the build's random inputs: {cause}; "
+            f"{', '.join(_described(v) for v in shown)} got random values: pass real ones with --inputs FILE.npz "
+            f"(builds run the model on those inputs to record shapes, check precision and check the engine's outputs)"
+        )
 
     def _record(self, feeds: Mapping[str, torch.Tensor]) -> GraphFacts:
         shapes: dict[str, tuple[int, ...]] = {}
@@ -312,12 +361,33 @@ class _Builder:
                     if folded:
                         constants[out_name] = value
 
-        self.executor.observer = observe
+        outputs = self._run_reference(feeds, observe)
+        if not self.reference:
+            self.reference = outputs
+        return GraphFacts(shapes, kinds, constants)
+
+    def _run_reference(self, feeds: Mapping[str, torch.Tensor], observe: Callable[[Any, tuple], None]) -> dict[str, Any]:
+        """The model on the reference executor (fp32 means IEEE fp32), ``observe(step, outputs)`` after
+        each main-graph node. A failure of the model's own nodes is reported by ``_failed_run``; an
+        error the observer raises passes through as it is."""
+        raised: list[BaseException] = []
+
+        def guarded(step, outputs) -> None:
+            try:
+                observe(step, outputs)
+            except BaseException as error:
+                raised.append(error)
+                raise
+
+        self.executor.observer = guarded
         try:
-            self.executor.run(feeds)
+            return self.executor.run(feeds)
+        except KilnError as error:
+            if raised and error is raised[0]:
+                raise
+            raise self._failed_run(str(error)) from error
         finally:
             self.executor.observer = None
-        return GraphFacts(shapes, kinds, constants)
 
     # -- precision ----------------------------------------------------------------------------
     def _shape_nodes(self) -> set[str]:
@@ -355,7 +425,10 @@ class _Builder:
             precision = self._native_precision(layer)
         elif constraint is not None:
             precision = constraint
-        elif any(n in self._shape_nodes() for n in layer.nodes):
+        elif any(n in self._shape_nodes() for n in layer.nodes) or (
+                layer.kind == "Node" and _has_subgraph(self._steps[layer.nodes[0]].op.node)):
+            # shape arithmetic; and If/Loop/Scan, whose bodies run reference ops on the fp32 weights
+            # they capture (casting the node's inputs alone would mix precisions inside)
             precision = "fp32"
         else:
             precision = config.default_precision()
@@ -372,6 +445,12 @@ class _Builder:
             if arg is not None and arg.get("input") == runtime_index:
                 return castable(layer.op_types[0], slot)
         return True  # captured values
+
+    def _judged_precision(self, item: PlannedLayer) -> str:
+        """A layer's precision, a strongly typed Node layer's the types it computes in."""
+        if item.precision != "native":
+            return item.precision
+        return loosest(_REDUCED_TYPES.get(self.facts[0].dtypes.get(n), "fp32") for n in item.layer.outputs if n)
 
     def _native_precision(self, layer: Layer) -> str:
         if layer.kind == "Node":
@@ -390,8 +469,12 @@ class _Builder:
 
     # -- tactic selection ---------------------------------------------------------------------
     def _candidates(self, item: PlannedLayer, precision: str) -> list[tuple[Tactic, dict]]:
+        """The tactics (and configs) to try, best heuristic first. The reference tactic stays unless
+        denied by its full name: where the lists and the level leave nothing else (it is a layout
+        alternative only from level 4, say), it is tried with every config it has."""
         layer, config, device = item.layer, self.config, self.device.type
         found = []
+        reference = None
         for t in tactic_registry.tactics_for(layer.kind):
             if device not in t.devices or precision not in t.precisions:
                 continue
@@ -401,11 +484,14 @@ class _Builder:
                 continue
             if not t.supports(layer, precision, device):
                 continue
+            reference = t if t.reference else reference
             level = 3 if self.level == 0 else self.level
             if t.level > level:
                 continue
             for cfg in t.configs(layer, level, precision, device):
                 found.append((t, cfg))
+        if not found and reference is not None:
+            found = [(reference, cfg) for cfg in reference.configs(layer, 5, precision, device)]
         if not found:
             raise KilnError(
                 f"{self.name}: no tactic is left for layer {layer.name!r} ({layer.kind}, op {'+'.join(layer.op_types)}) "
@@ -512,8 +598,8 @@ class _Builder:
             return False, f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
         for a, b in zip(got, reference):
             err = relative_error(a, b)
-            if not err <= TOLERANCES[precision]:
-                return False, f"relative error {err:.3g} over {TOLERANCES[precision]:g}"
+            if not err <= _layer_tolerance(precision):
+                return False, f"relative error {err:.3g} over {_layer_tolerance(precision):g}"
         return True, ""
 
     def _time(self, t, cfg, item, index, inputs, reference, precision) -> dict:
@@ -526,8 +612,8 @@ class _Builder:
             return {"ms": None, "ok": False, "reason": f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"}
         for a, b in zip(got, reference):
             err = relative_error(a, b)
-            if not err <= TOLERANCES[precision]:
-                return {"ms": None, "ok": False, "reason": f"relative error {err:.3g} over {TOLERANCES[precision]:g}"}
+            if not err <= _layer_tolerance(precision):
+                return {"ms": None, "ok": False, "reason": f"relative error {err:.3g} over {_layer_tolerance(precision):g}"}
         limit = self.config.memory_limit
         if limit is not None and workspace is not None and workspace > limit:
             return {"ms": None, "ok": False, "reason": f"needs {workspace} bytes of scratch memory, over the limit of {limit}"}
@@ -540,47 +626,150 @@ class _Builder:
         return self._steps[name]
 
     def _walk(self, planned: list[PlannedLayer]) -> None:
+        """The first profile's feeds through the reference executor; as each layer's last node
+        finishes, the layer is checked (reduced precisions against fp32, on the fp32 values of its
+        inputs) and, for Node layers, timed on those real values."""
         low = [p for p in planned if p.precision in ("fp16", "bf16")]
         check = bool(low) and self.config.precision_check and not self.config.strongly_typed
         if not check and self.level == 0:
             return
-        feeds = self._random_feeds({n: s[1] for n, s in self.profiles[0].shapes.items()})
-        env: dict[str, Any] = {**self.constants, **feeds}
-        last_use: dict[str, int] = {}
+        phase = "precision check" if check else "profiling"
+        order = {name: position for position, name in enumerate(self._steps)}
+        finishing = {max(item.layer.nodes, key=order.__getitem__): index for index, item in enumerate(planned)}
+        last_read: dict[str, int] = {}  # layer inputs and outputs -> the last layer that needs them here
         for index, item in enumerate(planned):
-            for node_name in item.layer.nodes:
-                step = self._steps[node_name]
-                for name in [n for n in step.inputs if n] + list(item.layer.attrs.get("captured", [])):
-                    last_use[name] = index
-        outputs = {v.name for v in self.model.graph.outputs}
-        for index, item in enumerate(planned):
-            self.progress("precision check" if check else "profiling", index, len(planned))
+            for name in item.layer.inputs + item.layer.outputs:
+                last_read[name] = index
+        feeds = self.opt_feeds[0]
+        held = {name: value for name, value in feeds.items() if name in last_read}
+
+        def observe(step, outputs) -> None:
+            held.update((name, value) for name, value in zip(step.outputs, outputs) if name in last_read)
+            index = finishing.get(step.op.node.name)
+            if index is None:
+                return
+            self.progress(phase, index, len(planned))
+            item = planned[index]
             layer = item.layer
-            ref_inputs = [env.get(n) for n in layer.inputs]
-            with torch.inference_mode():
-                for node_name in layer.nodes:
-                    step = self._steps[node_name]
-                    args = [env[n] if n is not None else None for n in step.inputs]
-                    step.op._outer = env
-                    try:
-                        result = step.fn(step.op, *args)
-                    finally:
-                        step.op._outer = None
-                    if not isinstance(result, tuple):
-                        result = (result,)
-                    for name, value in zip(step.outputs, result):
-                        if name:
-                            env[name] = value
-            ref_out = [env.get(n) for n in layer.outputs]
+            ref_inputs = [held.get(n) for n in layer.inputs]
+            ref_out = [held.get(n) for n in layer.outputs]
             if check and item.precision in ("fp16", "bf16") and not item.constrained:
                 self._check_precision(index, item, ref_inputs, ref_out)
             if layer.kind == "Node" and self.level > 0 and item.choices:
                 item.choices[0].time_ms = self._time_node(index, item, ref_inputs)
-            for name, at in list(last_use.items()):
-                if at == index and name not in outputs:
+            for name in layer.inputs + layer.outputs:
+                if last_read.get(name) == index:
+                    held.pop(name, None)
+
+        self._run_reference(feeds, observe)
+        self.progress(phase, len(planned), len(planned))
+
+    # -- the end-to-end check -----------------------------------------------------------------
+    def _check_outputs(self, planned: list[PlannedLayer]) -> None:
+        """The build's contract: on its inputs (the calibration inputs, else the seeded random ones of
+        the first profile) the planned network's outputs are within the tolerance of the engine's
+        loosest precision (``kiln.precision``) of the fp32 reference's. Layers that pass the walk's
+        check one by one can still add up to more (drift that later layers amplify, a softmax over
+        thousands of classes). While an output is over, layers move towards fp32 (fp16/bf16 to tf32
+        where allowed, else fp32; tf32 to fp32), those that drifted most in the walk first, 1, then
+        2, 4, ... at a time, the network rerun after each move; the log and the moved layers' notes
+        say which and why. Layers the user pinned and a strongly typed build's stay as they are.
+        When nothing is left to move and an output is still over, the build fails
+        (``PrecisionError``). The final differences are in ``report.output_diffs``. The first
+        profile's tactics are the ones run: the precisions it settles hold for every profile."""
+        if not self.config.precision_check:
+            return
+        precision = self.output_precision
+        tol = tolerance(precision, self.config.atol, self.config.rtol)
+        made_up = [v.name for v in self.executor.inputs if v.name not in (self.calibration or {})]  # first profile's
+        given = len(made_up) < len(self.executor.inputs)
+        on = ("seeded random inputs" if not given else "the calibration inputs" +
+              (f" (random values for {', '.join(made_up)})" if made_up else ""))
+        movable = [] if self.config.strongly_typed else [
+            index for index, item in enumerate(planned) if not item.constrained and item.precision in ("fp16", "bf16", "tf32")]
+        movable.sort(key=lambda index: -planned[index].drift)  # stable: equal drifts in plan order
+        runners: dict = {}
+        batch = 1
+        while True:
+            self.progress("end-to-end check", 0, 1)
+            verdicts = self._judge_outputs(self._plan_outputs(planned, runners), tol)
+            over = {name: j for name, j in verdicts.items() if not j.ok}
+            if not over:
+                break
+            worst = ", ".join(f"{name!r} {j.max_rel:.3g} from fp32 (max abs {j.max_abs:.3g}, {j.bad} elements over)"
+                              for name, j in over.items())
+            if not movable:
+                pinned = [item.layer.name for item in planned if item.constrained and item.precision != "fp32"]
+                held = (f"; layers pinned by --layer-precision: {', '.join(pinned)}" if pinned else
+                        "; the build is strongly typed" if self.config.strongly_typed and precision != "fp32" else "")
+                raise PrecisionError(
+                    f"{self.name}: on {on} the engine's output(s) {worst} are over the {precision} tolerance of fp32 "
+                    f"({tol}) with every layer that may move in fp32{held}; give representative inputs with --inputs, "
+                    f"compare the model itself with kiln run --compare onnxruntime, or pass --no-precision-check to "
+                    f"build it as it is"
+                )
+            chosen, movable = movable[:batch], movable[batch:]
+            self.report.log(f"end-to-end check on {on}: output(s) {worst} over the {precision} tolerance ({tol}); "
+                            f"moving {len(chosen)} layer(s) with the largest drift towards fp32")
+            for index in chosen:
+                item = planned[index]
+                before = item.precision
+                target = "tf32" if before != "tf32" and self.config.tf32 else "fp32"
+                item.precision = target
+                item.choices = [self._select(index, item, p, target) for p in range(len(self.profiles))]
+                if target == "tf32":
+                    movable.append(index)
+                message = (f"layer {item.layer.name!r} ({'+'.join(item.layer.op_types)}): moved from {before} to {target}: "
+                           f"the engine's outputs were over the {precision} tolerance of fp32 end to end "
+                           f"(its own drift in {before}: {item.drift:.3g})")
+                item.notes.append(message)
+                self.report.fallbacks.append(message)
+                self.report.log(message)
+            batch *= 2
+        self.progress("end-to-end check", 1, 1)
+        self.report.output_diffs = {name: j.max_rel for name, j in verdicts.items()}
+        if verdicts:
+            diffs = ", ".join(f"{name!r} {j.max_rel:.3g}" for name, j in verdicts.items())
+            self.report.log(f"end-to-end check on {on}: every float output within the {precision} tolerance of fp32 "
+                            f"({tol}); max relative differences {diffs}")
+
+    def _plan_outputs(self, planned: list[PlannedLayer], runners: dict) -> dict[str, Any]:
+        """The planned layers run end to end on the first profile's feeds, as the engine runs them."""
+        last_read: dict[str, int] = {}
+        for index, item in enumerate(planned):
+            for name in item.layer.inputs:
+                last_read[name] = index
+        env: dict[str, Any] = dict(self.opt_feeds[0])
+        for index, item in enumerate(planned):
+            layer = item.layer
+            try:
+                result = self._run_choice(index, item, item.choices[0], item.precision, [env[n] for n in layer.inputs], runners)
+            except Exception as error:
+                reduced = [p.layer.name for p in planned[:index] if p.precision in ("fp16", "bf16", "tf32")]
+                if not reduced and item.precision not in ("fp16", "bf16", "tf32"):
+                    raise  # the same computation as the fp32 reference, which ran: kiln's bug
+                # values computed in reduced precision that a layer cannot take (a count, a size)
+                upstream = f" or the reduced-precision layers before it ({', '.join(reduced[-3:])}" \
+                           f"{', ...' if len(reduced) > 3 else ''})" if reduced else ""
+                raise OpError(
+                    f"{self.name}: layer {layer.name!r} ({'+'.join(layer.op_types)}, {item.precision}) failed in the "
+                    f"end-to-end run of the planned engine, where the fp32 reference ran: {type(error).__name__}: "
+                    f"{first_line(error)}; pin it{upstream} to fp32 with --layer-precision NAME:fp32") from error
+            env.update((name, value) for name, value in zip(layer.outputs, result) if name)
+            for name in layer.inputs:
+                if last_read[name] == index and name not in self.reference:
                     env.pop(name, None)
-                    del last_use[name]
-        self.progress("precision check" if check else "profiling", len(planned), len(planned))
+        return {name: env[name] for name in self.reference if name in env}
+
+    def _judge_outputs(self, got: Mapping[str, Any], tol) -> dict[str, Any]:
+        """``kiln.precision.judge`` per float output against the fp32 reference's."""
+        verdicts = {}
+        for name, ref in self.reference.items():
+            value = got.get(name)
+            if isinstance(ref, torch.Tensor) and ref.is_floating_point() and isinstance(value, torch.Tensor):
+                verdicts[name] = judge(value.detach().to(torch.float64).cpu().numpy(),
+                                       ref.detach().to(torch.float64).cpu().numpy(), tol)
+        return verdicts
 
     def _cast_inputs(self, item: PlannedLayer, values: list[Any], precision: str) -> list[Any]:
         dtype = PRECISION_DTYPES.get(precision)
@@ -592,9 +781,16 @@ class _Builder:
                 out[i] = out[i].to(dtype)
         return out
 
-    def _run_choice(self, index: int, item: PlannedLayer, choice: Choice, precision: str, values: list[Any]):
-        t = tactic_registry.get(choice.tactic)
-        run = self._runner(t, choice.config, item, index, precision)
+    def _run_choice(self, index: int, item: PlannedLayer, choice: Choice, precision: str, values: list[Any],
+                    runners: dict | None = None):
+        """One layer as the engine runs it: inputs cast as the plan casts them, the tactic's runner
+        on its prepared weights (kept in ``runners``, where given, for the next call)."""
+        key = (index, choice.tactic, repr(sorted(choice.config.items())), precision)
+        run = runners.get(key) if runners is not None else None
+        if run is None:
+            run = self._runner(tactic_registry.get(choice.tactic), choice.config, item, index, precision)
+            if runners is not None:
+                runners[key] = run
         with _tf32(precision == "tf32"), torch.inference_mode():
             return run(self._cast_inputs(item, values, precision))
 
@@ -619,10 +815,12 @@ class _Builder:
             self.report.log(message)
 
     def _precision_problem(self, index, item, precision, ref_inputs, ref_out) -> str | None:
+        """Why the layer cannot run at ``precision`` (None: it can; its drift is then recorded)."""
         try:
             got = self._run_choice(index, item, item.choices[0], precision, ref_inputs)
         except Exception as error:  # noqa: BLE001 - an op without a kernel at this precision falls back
             return f"cannot run ({type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''})"
+        worst = 0.0
         for a, b in zip(got, ref_out):
             if not isinstance(b, torch.Tensor) or not isinstance(a, torch.Tensor):
                 continue
@@ -631,10 +829,12 @@ class _Builder:
                 if bool((finite & ~torch.isfinite(a.float())).any()):
                     return "output overflows"
                 err = relative_error(a, b)
-                if err > FALLBACK_TOLERANCES[precision]:
+                if err > _layer_tolerance(precision):
                     return f"output drifts from fp32 by {err:.3g}"
+                worst = max(worst, err)
             elif a.shape != b.shape or not torch.equal(a, b.to(a.dtype)):
                 return "integer output differs from fp32"
+        item.drift = worst
         return None
 
     def _time_node(self, index: int, item: PlannedLayer, ref_inputs: list[Any]) -> float | None:
@@ -823,6 +1023,24 @@ class _tf32:
 
     def __exit__(self, *exc):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+
+
+def _described(value: ir.Value) -> str:
+    """An input and the random values the build gave it, for error messages."""
+    if value.shape is None:
+        shape = "tensor"
+    elif len(value.shape) == 0:
+        shape = "scalar"
+    else:
+        shape = "[" + ", ".join(str(d) if isinstance(d, int) else (d.value or "?") for d in value.shape) + "]"
+    kind = dtypes.onnx_name(value.dtype) if value.dtype is not None else "?"
+    if value.dtype == ir.DataType.BOOL:
+        made = "coin flips"
+    elif value.dtype is not None and value.dtype.is_floating_point():
+        made = "standard normal"
+    else:
+        made = "integers in [0, 2)"
+    return f"{value.name} ({kind} {shape}, {made})"
 
 
 def _node_signature(node: ir.Node) -> str:

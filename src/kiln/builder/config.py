@@ -88,8 +88,11 @@ class BuildConfig:
     memory_limit: int | None = None
     # "cuda" when torch sees a GPU, else "cpu" with a one-line note (kiln.device)
     device: str = field(default_factory=default_device)
-    # fp16/bf16 builds: check each layer against fp32 and fall back where it overflows or drifts
+    # check each reduced-precision layer against fp32 and fall back where it overflows or drifts, and
+    # the whole network's outputs against fp32 (kiln.precision's tolerance; atol/rtol override it)
     precision_check: bool = True
+    atol: float | None = None
+    rtol: float | None = None
     seed: int = 0
     # graph passes (kiln.passes) by name: None = all of them; skip_passes removes some
     passes: list[str] | None = None
@@ -109,6 +112,10 @@ class BuildConfig:
                 raise KilnError(f"layer precision {key}:{precision} needs the --{precision} flag as well")
         if not isinstance(self.max_aux_streams, int) or isinstance(self.max_aux_streams, bool) or self.max_aux_streams < 0:
             raise KilnError(f"max_aux_streams must be a number >= 0, got {self.max_aux_streams!r}")
+        for name in ("atol", "rtol"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
+                raise KilnError(f"{name} must be a number >= 0, got {value!r}")
         if self.memory_limit is not None and self.memory_limit < 0:
             raise KilnError(f"memory limit must be >= 0 bytes, got {self.memory_limit}")
         if self.device not in DEVICES:
@@ -144,6 +151,8 @@ class BuildConfig:
             "deny_tactics": list(self.deny_tactics),
             "memory_limit": self.memory_limit,
             "precision_check": self.precision_check,
+            "atol": self.atol,
+            "rtol": self.rtol,
             "passes": list(self.passes) if self.passes is not None else None,
             "skip_passes": list(self.skip_passes),
             "max_aux_streams": self.max_aux_streams,

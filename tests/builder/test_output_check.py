@@ -1,0 +1,142 @@
+"""The build's end-to-end contract: on its inputs the engine's outputs are within the tolerance of
+its loosest precision (kiln.precision) of fp32, or the build moves layers towards fp32 until they
+are (saying which), or it fails saying so.
+
+The drifting layer here is a MatMul whose weight columns sum to zero on inputs with a large common
+offset (12 + N(0, 1)): the offset cancels, so fp16's rounding of the inputs is large against the
+result. Its drift against the output's own scale (about 3e-3) passes the per-layer check (1e-2),
+but the outputs near zero are off by more than fp16's per-element tolerance (atol 1e-2)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import kiln
+from kiln.builder import BuildConfig, PrecisionError
+from kiln.builder import tactics as registry
+from kiln.builder.tactics.gemm import GemmTorch
+from kiln.precision import TOLERANCES, judge, tolerance
+from tests.builder.graphs import model, node
+
+K = 16
+
+
+def _model_and_inputs():
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal((K, 8)).astype(np.float32)
+    cancelling = v - v.mean(axis=0, keepdims=True)
+    plain = (rng.standard_normal((K, 8)) / 4).astype(np.float32)
+    m = model([node("MatMul", ["x", "wc"], ["a"]), node("MatMul", ["x", "w"], ["c"])], [("x", [4, K])],
+              [("a", [4, 8]), ("c", [4, 8])], [("wc", cancelling), ("w", plain)])
+    x = (12 + rng.standard_normal((4, K))).astype(np.float32)
+    return m, {"x": x}
+
+
+def _precisions(engine) -> dict[str, str]:
+    return {layer["name"]: layer["precision"] for layer in engine.plan["layers"]}
+
+
+def _within(engine, m, feeds, precision) -> bool:
+    got, ref = engine.run(feeds), kiln.Executor(m).run(feeds)
+    return all(judge(got[k].float().numpy(), ref[k].float().numpy(), tolerance(precision)).ok for k in ref)
+
+
+def test_without_the_end_to_end_check_the_drift_passes_every_layer_but_not_the_output():
+    m, feeds = _model_and_inputs()
+    engine = kiln.build(m, BuildConfig(device="cpu", fp16=True, opt_level=1, precision_check=False), calibration=feeds)
+    assert _precisions(engine) == {"a": "fp16", "c": "fp16"}
+    assert not _within(engine, m, feeds, "fp16")
+
+
+def test_the_layer_that_drifts_most_moves_to_fp32_until_the_outputs_are_within_tolerance():
+    m, feeds = _model_and_inputs()
+    engine = kiln.build(m, BuildConfig(device="cpu", fp16=True, opt_level=1), calibration=feeds)
+    assert _precisions(engine) == {"a": "fp32", "c": "fp16"}  # c drifts less: it keeps fp16
+    layer = next(layer for layer in engine.plan["layers"] if layer["name"] == "a")
+    assert any("moved from fp16 to fp32" in note and "end to end" in note for note in layer["notes"])
+    log = "\n".join(engine.report.lines)
+    assert "end-to-end check on the calibration inputs: output(s) 'a'" in log
+    assert "every float output within the fp16 tolerance of fp32" in log
+    assert set(engine.report.output_diffs) == {"a", "c"} and engine.report.output_diffs["a"] < 1e-4
+    assert _within(engine, m, feeds, "fp16")
+
+
+def test_a_looser_tolerance_keeps_the_layers_where_they_are():
+    m, feeds = _model_and_inputs()
+    engine = kiln.build(m, BuildConfig(device="cpu", fp16=True, opt_level=1, atol=0.05), calibration=feeds)
+    assert _precisions(engine) == {"a": "fp16", "c": "fp16"}
+    assert not engine.report.fallbacks
+
+
+def test_pinned_layers_that_keep_the_outputs_over_tolerance_fail_the_build():
+    m, feeds = _model_and_inputs()
+    with pytest.raises(PrecisionError, match=r"'a' .* over the fp16 tolerance of fp32 .*pinned by --layer-precision: a"):
+        kiln.build(m, BuildConfig(device="cpu", fp16=True, opt_level=1, layer_precisions={"a": "fp16"}), calibration=feeds)
+
+
+class _Drifting(GemmTorch):
+    """The torch GEMM plus an offset of 0.9 of the precision's per-layer tolerance of its output's
+    scale: it passes the check against the reference tactic at every precision, fp32 included."""
+
+    name = "gemm.drifting"
+    reference = False
+
+    def heuristic(self, layer, precision, device):
+        return 100
+
+    def runner(self, layer, prepared, precision, config, context):
+        run = super().runner(layer, prepared, precision, config, context)
+        share = 0.9 * TOLERANCES[precision].rtol
+
+        def drift(inputs):
+            return [out + share * out.abs().max() for out in run(inputs)]
+
+        return drift
+
+
+def test_an_engine_over_tolerance_even_in_fp32_fails_the_build(monkeypatch):
+    registry._load()
+    monkeypatch.setitem(registry._REGISTRY, _Drifting.name, _Drifting())
+    rng = np.random.default_rng(2)
+    m = model([node("MatMul", ["x", "w"], ["y"])], [("x", [4, K])], [("y", [4, 8])],
+              [("w", rng.standard_normal((K, 8)).astype(np.float32))])
+    config = dict(device="cpu", opt_level=0, allow_tactics=["gemm.drifting"])
+    with pytest.raises(PrecisionError, match=r"on seeded random inputs the engine's output\(s\) 'y' .* over the fp32 tolerance"):
+        kiln.build(m, BuildConfig(**config))
+    engine = kiln.build(m, BuildConfig(**config, precision_check=False))  # the check is what refuses it
+    assert engine.plan["layers"][0]["choices"][0]["tactic"] == "gemm.drifting"
+    assert torch.isfinite(engine.run({"x": rng.standard_normal((4, K)).astype(np.float32)})["y"]).all()
+
+
+@pytest.mark.parametrize("elem,precision", [(np.float32, "fp32"), (np.float16, "fp16")])
+def test_a_strongly_typed_model_is_judged_at_its_own_types(elem, precision):
+    from onnx import TensorProto
+
+    rng = np.random.default_rng(4)
+    m = model([node("Transpose", ["x"], ["t"], perm=[1, 0]), node("Neg", ["t"], ["y"])], [("x", [4, 8])], [("y", [8, 4])],
+              elem=TensorProto.FLOAT if elem == np.float32 else TensorProto.FLOAT16)
+    engine = kiln.build(m, BuildConfig(device="cpu", strongly_typed=True, opt_level=1))
+    assert {layer["precision"] for layer in engine.plan["layers"]} == {"native"}  # Node layers, in the model's types
+    assert any(f"every float output within the {precision} tolerance" in line for line in engine.report.lines)
+    x = rng.standard_normal((4, 8)).astype(elem)
+    assert np.array_equal(engine.run({"x": x})["y"].numpy(), -x.T)
+
+
+def test_a_layer_that_cannot_take_the_reduced_precision_values_fails_the_build_naming_them():
+    """tiny = x * 1e-8, pinned to fp16, underflows to zero there; NonZero then finds nothing and the
+    Reshape of its indices to [4, 8] fails in the end-to-end run, though each layer ran in the walk."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [node("Mul", ["x", "k"], ["tiny"]), node("NonZero", ["tiny"], ["nz"]), node("Reshape", ["nz", "to"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])], [helper.make_tensor_value_info("y", TensorProto.INT64, [4, 8])],
+        [numpy_helper.from_array(np.array(1e-8, np.float32), "k"), numpy_helper.from_array(np.array([4, 8], np.int64), "to")])
+    m = kiln.load_model_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), name="g")
+    with pytest.raises(kiln.KilnError, match=r"layer 'y' \(Reshape, fp16\) failed in the end-to-end run .* pin it or the "
+                                             r"reduced-precision layers before it \(tiny\) to fp32"):
+        kiln.build(m, BuildConfig(device="cpu", fp16=True, opt_level=1, layer_precisions={"tiny": "fp16"}))
+    engine = kiln.build(m, BuildConfig(device="cpu", fp16=True, opt_level=1))  # unpinned, tiny falls back
+    x = np.random.default_rng(5).standard_normal((4, 4)).astype(np.float32)
+    assert engine.run({"x": x})["y"].shape == (4, 8)
