@@ -140,3 +140,22 @@ def test_a_layer_that_cannot_take_the_reduced_precision_values_fails_the_build_n
     engine = kiln.build(m, BuildConfig(device="cpu", fp16=True, opt_level=1))  # unpinned, tiny falls back
     x = np.random.default_rng(5).standard_normal((4, 4)).astype(np.float32)
     assert engine.run({"x": x})["y"].shape == (4, 8)
+
+
+def test_the_cli_exits_1_when_the_outputs_stay_over_tolerance_and_takes_atol(tmp_path, capsys):
+    """Over tolerance is a verdict (exit 1), not bad input (exit 2); --atol loosens the contract."""
+    import onnx_ir as ir
+
+    from kiln.cli import main
+    from kiln.inputs import write_npz
+
+    m, feeds = _model_and_inputs()
+    path, data = tmp_path / "drift.onnx", tmp_path / "x.npz"
+    ir.save(m, path)
+    write_npz(data, feeds)
+    common = ["build", str(path), "--device", "cpu", "--fp16", "--opt-level", "1", "--inputs", str(data),
+              "--layer-precision", "a:fp16", "--quiet"]
+    assert main([*common, "-o", str(tmp_path / "strict.kiln")]) == 1
+    assert "over the fp16 tolerance" in capsys.readouterr().err
+    assert not (tmp_path / "strict.kiln").exists()
+    assert main([*common, "-o", str(tmp_path / "loose.kiln"), "--atol", "0.05"]) == 0
