@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from kiln import dtypes
+from kiln import dtypes, limits
 from kiln.builder import tactics as tactic_registry
 from kiln.builder.config import BuildConfig, Profile
 from kiln.builder.layers import FLOAT_TYPES, GraphFacts, Layer, lower
@@ -272,6 +272,7 @@ class _Builder:
         for value in self.executor.inputs:
             shape = shapes[value.name]
             dtype = value.dtype
+            limits.check_tensor_bytes(shape, dtype or ir.DataType.FLOAT, f"{self.name}: random input {value.name!r}")
             if self.calibration is not None and value.name in self.calibration:
                 array = np.asarray(self.calibration[value.name])
                 if tuple(array.shape) != tuple(shape):
