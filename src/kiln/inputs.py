@@ -95,8 +95,8 @@ def _npz_members(archive: zipfile.ZipFile, label: str, limit: int) -> dict[str, 
             raise InputError(f"{label}: array {key[:100]!r} is encrypted")
         total += member.file_size
         if total > limit:
-            raise ResourceLimitError(f"{label}: the arrays inflate to more than the {limit:,}-byte limit on tensors "
-                                     f"({limits.HOW_TO_RAISE})")
+            raise ResourceLimitError(f"{label}: its arrays inflate to more than {limits.format_bytes(limit)}, the limit on "
+                                     f"one tensor ({limits.HOW_TO_RAISE})")
         members[key] = member
     return members
 

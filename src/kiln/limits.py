@@ -89,7 +89,7 @@ def check_tensor_bytes(shape: Sequence[int], dtype: Any, what: str, *, device: A
     limit = max_tensor_bytes(device) if limit is None else limit
     if size > limit:
         raise ResourceLimitError(
-            f"{what}: {_dims(shape)} {_dtype_name(dtype)} is {_human(size)}, over the {_human(limit)} limit on one tensor "
+            f"{what}: {_dims(shape)} {_dtype_name(dtype)} is {format_bytes(size)}, over the {format_bytes(limit)} limit on one tensor "
             f"({HOW_TO_RAISE})"
         )
     if size == 0 and tensor_bytes([max(int(d), 1) for d in shape], dtype) >= 1 << 63:
@@ -124,7 +124,8 @@ def _dtype_name(dtype: Any) -> str:
     return np.dtype(dtype).name
 
 
-def _human(size: int) -> str:
+def format_bytes(size: int) -> str:
+    """``12.0 GiB (12,884,901,888 bytes)``, or ``1,000 bytes`` below a KiB."""
     for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
         if size >= 1 << shift:
             return f"{size / (1 << shift):.1f} {unit} ({size:,} bytes)"

@@ -333,6 +333,9 @@ def _check_tensor_storage(tensor: onnx.TensorProto, where: str) -> None:
         raise UnsupportedModelError(f"{where} has element type {dtypes.onnx_name(dtype)}, which kiln cannot hold")
     if any(d < 0 for d in tensor.dims):
         raise ModelLoadError(f"{where} has a negative dimension {list(tensor.dims)}")
+    itemsize = 8 if dtype == ir.DataType.STRING else int(dtype.itemsize)  # strings: one object pointer each
+    if math.prod(max(d, 1) for d in tensor.dims) * itemsize >= 1 << 63:  # an empty [0, 2**62] too
+        raise ModelLoadError(f"{where} has dims {list(tensor.dims)[:8]} that multiply past what numpy and torch can index")
     fields = [f for f in _VALUE_FIELDS if len(getattr(tensor, f))]
     if tensor.HasField("raw_data"):
         fields.append("raw_data")
@@ -353,7 +356,7 @@ def _check_tensor_storage(tensor: onnx.TensorProto, where: str) -> None:
         raise ModelLoadError(f"{where} is a {dtypes.onnx_name(dtype)} tensor with its values in {field}; "
                              f"they belong in {typed}" + ("" if dtype == ir.DataType.STRING else " or raw_data"))
     if field == "raw_data":
-        stored, expected, unit = len(tensor.raw_data), count * int(dtype.itemsize), "bytes"
+        stored, expected, unit = len(tensor.raw_data), count * itemsize, "bytes"
     else:
         stored, unit = len(getattr(tensor, field)), "values"
         expected = count * (2 if dtype in (ir.DataType.COMPLEX64, ir.DataType.COMPLEX128) else 1)
