@@ -43,9 +43,10 @@ def parse_shapes(text: str | None) -> dict[str, tuple[int, ...]]:
 
 # Element kinds an inputs file may hold: bool, signed and unsigned integers, floats, complex, strings.
 _NPZ_KINDS = "biufcSU"
-# What reading a damaged zip or .npy member raises (zipfile, zlib/bz2/lzma, numpy's header parser).
+# What reading a damaged zip or .npy member raises (zipfile, zlib/bz2/lzma, numpy's reader); zipfile
+# says NotImplementedError of a compression method or flag it lacks.
 _READ_ERRORS = (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, NotImplementedError,
-                RuntimeError, OverflowError, MemoryError)
+                OverflowError)
 
 
 def read_npz(path: str | os.PathLike[str], *, max_tensor_bytes: int | None = None) -> dict[str, np.ndarray]:

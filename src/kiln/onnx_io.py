@@ -97,10 +97,25 @@ def load_model(path: str | os.PathLike[str], *, max_bytes: int | None = None) ->
     native = _NativeChecks()  # the child starts its interpreter while this one parses the file
     try:
         with _onnx_notes(label):
-            proto = _parse(path.read_bytes(), label)
+            proto = _parse(_read_regular(path, label, size), label)
         return load_model_proto(proto, name=label, base_dir=path.parent, max_bytes=max_bytes - size, _native=native)
     finally:
         native.close()
+
+
+def _read_regular(path: Path, label: str, size: int) -> bytes:
+    """The bytes of the regular file of ``size`` bytes that ``stat`` found, opened without waiting
+    (a FIFO put in its place since does not block the read) and checked again by ``fstat``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            data = handle.read(size + 1) if stat.S_ISREG(info.st_mode) else b""
+    except OSError as error:
+        raise ModelLoadError(f"{label}: cannot read it ({error.strerror or error})") from None
+    if len(data) != size:
+        raise ModelLoadError(f"{label}: the file changed while it was read; try again")
+    return data
 
 
 @contextlib.contextmanager
