@@ -159,6 +159,7 @@ def test_random_input_over_the_tensor_limit_is_refused_before_it_is_allocated(tm
     path = _big_input_model(tmp_path, [2**40, 4], TensorProto.BOOL)  # 4 TiB of bools: over any default
     _refused(capsys, ["run", str(path)], r"random input 'x': 1099511627776x4 bool is 4\.0 TiB")
     _refused(capsys, ["build", str(path), "-o", str(tmp_path / "e.kiln"), "--device", "cpu"], "random input 'x'")
+    _refused(capsys, ["bench", str(path), "--device", "cpu", "--max-tensor-bytes", str(1 << 30)], "random input 'x'")
 
 
 # -- npz inputs --------------------------------------------------------------------------------------

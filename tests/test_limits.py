@@ -94,3 +94,10 @@ def test_cli_flag_sets_the_limit_for_the_command_only(tmp_path, capsys):
     assert "inflate to more than 8 bytes, the limit on one tensor (raise it with --max-tensor-bytes" in capsys.readouterr().err
     assert limits.max_tensor_bytes() > 8  # back to the default after the command
     assert main(["run", str(tmp_path / "m.onnx"), "--inputs", str(tmp_path / "in.npz")]) == 0
+
+
+@pytest.mark.cuda
+def test_cuda_default_is_half_the_smaller_of_host_and_gpu_memory():
+    gpu = torch.cuda.get_device_properties(0).total_memory
+    assert limits.max_tensor_bytes("cuda") == min(limits.max_tensor_bytes(), gpu // 2)
+    assert limits.max_tensor_bytes(torch.device("cuda", 0)) == limits.max_tensor_bytes("cuda:0")
