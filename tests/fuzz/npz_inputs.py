@@ -228,7 +228,6 @@ _EXECUTORS: list = []
 def _executor():
     """where(mask, x, float(ids)) + 1, made once per process."""
     if not _EXECUTORS:
-        import onnx
         from onnx import TensorProto, helper
 
         import kiln
