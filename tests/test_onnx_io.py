@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -202,6 +204,98 @@ def test_external_data_offset_past_end(tmp_path):
     _set_location(path, "weights.bin", offset="1000000")
     with pytest.raises(ModelLoadError, match="past the end"):
         load_model(path)
+
+
+@pytest.mark.parametrize("key", ["offset", "length"])
+@pytest.mark.parametrize("value", ["-1", "abc", "1e3", " 8", "99999999999999999999", ""])
+def test_external_data_offset_and_length_must_be_byte_counts(tmp_path, key, value):
+    """onnx's reader would raise a bare ValueError on these; kiln names the tensor and the field."""
+    path = _save_external(tmp_path)
+    _set_location(path, "weights.bin", **{key: value})
+    with pytest.raises(ModelLoadError, match=rf"initializer 'w': its external data {key} .* is not a byte count"):
+        load_model(path)
+
+
+def _special_file(folder: Path, kind: str) -> None:
+    target = folder / "special.bin"
+    if kind == "FIFO":
+        os.mkfifo(target)
+    elif kind == "socket":
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(target))
+        _SOCKETS.append(server)
+    elif kind == "directory":
+        target.mkdir()
+
+
+_SOCKETS: list[socket.socket] = []
+
+
+@pytest.mark.parametrize("kind", ["FIFO", "socket", "directory"])
+def test_external_data_in_a_special_file_is_refused_by_its_kind_unopened(tmp_path, kind):
+    """A FIFO in the weights' place would block a reader forever: it is refused by lstat, never opened."""
+    path = _save_external(tmp_path)
+    _special_file(path.parent, kind)
+    _set_location(path, "special.bin")
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the load waited on the special file"))
+    signal.alarm(60)
+    try:
+        with recording_opens() as opened, pytest.raises(ModelLoadError, match=f"it is a {kind}, not a regular file"):
+            load_model(path)
+    finally:
+        signal.alarm(0)
+    assert not [p for p in opened if p.endswith("special.bin")]
+
+
+def test_external_data_through_a_symlink_inside_the_folder_is_refused(tmp_path):
+    """onnx's reader refuses any link on the way; kiln says so before it gets there."""
+    path = _save_external(tmp_path)
+    (path.parent / "link.bin").symlink_to("weights.bin")
+    _set_location(path, "link.bin")
+    with pytest.raises(ModelLoadError, match="'link.bin' is a symbolic link"):
+        load_model(path)
+
+
+def test_external_data_in_a_hard_linked_file_is_refused(tmp_path):
+    path = _save_external(tmp_path)
+    os.link(path.parent / "weights.bin", tmp_path / "elsewhere.bin")
+    with pytest.raises(ModelLoadError, match="the file has 2 hard links"):
+        load_model(path)
+
+
+def test_external_data_of_a_function_constant_is_checked_like_any_other(tmp_path):
+    """A tensor inside a model-local function, or on an attribute that is not a tensor attribute, is
+    read by onnx's external-data loader too: its location is checked before anything is opened."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    secret = _outside_secret(tmp_path)
+    c = onnx.numpy_helper.from_array(np.ones((2, 3), np.float32), "c")
+    onnx.external_data_helper.set_external_data(c, "../secret.bin", offset=0, length=24)
+    c.ClearField("raw_data")
+    body = [helper.make_node("Constant", [], ["k"], value=c), helper.make_node("Add", ["a", "k"], ["b"])]
+    function = helper.make_function("local", "AddC", ["a"], ["b"], body, opset_imports=[helper.make_opsetid("", 17)])
+    graph = helper.make_graph([helper.make_node("AddC", ["x"], ["y"], domain="local")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    model = helper.make_model(graph, functions=[function], ir_version=10,
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)])
+    path = folder / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    with recording_opens() as opened, pytest.raises(ModelLoadError, match="in function 'AddC' has external data at '../secret.bin'"):
+        load_model(path)
+    _assert_nothing_outside(opened, folder)
+    assert secret.exists()
+    # the same tensor hidden on a float attribute
+    node = helper.make_node("Relu", ["x"], ["y"])
+    hidden = node.attribute.add()
+    hidden.name, hidden.type, hidden.f = "alpha", onnx.AttributeProto.FLOAT, 1.0
+    hidden.t.CopyFrom(c)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    path.write_bytes(helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    with recording_opens() as opened, pytest.raises(ModelLoadError, match="the tensor of attribute 'alpha' of node 'Relu'"):
+        load_model(path)
+    _assert_nothing_outside(opened, folder)
 
 
 def test_external_data_counts_toward_size_limit(tmp_path):

@@ -2,7 +2,7 @@
 
 from kiln.builder import BuildConfig, Profile, build
 from kiln.engine import Engine, EngineLoadError, load_engine
-from kiln.errors import InputError, KilnError, ModelLoadError, OpError, UnsupportedModelError
+from kiln.errors import InputError, KilnError, ModelLoadError, OpError, ResourceLimitError, UnsupportedModelError
 from kiln.executor import Executor
 from kiln.onnx_io import load_model, load_model_proto
 
@@ -20,6 +20,7 @@ __all__ = [
     "KilnError",
     "ModelLoadError",
     "OpError",
+    "ResourceLimitError",
     "UnsupportedModelError",
     "__version__",
     "load_model",

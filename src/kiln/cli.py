@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from kiln import limits
 from kiln.errors import KilnError, PrecisionError, first_line
 
 EXIT_MISMATCH = 1
@@ -459,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="let independent branches run on up to N auxiliary streams per context (default 0)")
     build.add_argument("--sign-key", type=Path, help="sign the engine with this key file (HMAC-SHA256; default: $KILN_ENGINE_KEY)")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
+    _max_tensor_bytes_argument(build)
     build.set_defaults(func=_cmd_build)
 
     optimize = sub.add_parser("optimize", help="apply kiln's graph passes and write the result as ONNX", description=(
@@ -518,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--aux-streams", "--maxAuxStreams", dest="aux_streams", type=int,
                      help="engines: use at most N of the auxiliary streams the engine was built with (0: one stream)")
     run.add_argument("--profile", "--useProfile", dest="profile", type=int, help="engines: run with optimization profile K")
+    _max_tensor_bytes_argument(run)
     run.set_defaults(func=_cmd_run)
 
     bench = sub.add_parser("bench", help="time a model or engine: latency percentiles, throughput, batch sweep, peers",
@@ -564,12 +567,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--aux-streams", "--maxAuxStreams", dest="aux_streams", type=int,
                        help="auxiliary streams per context (built with them for .onnx models)")
     bench.add_argument("--profile", "--useProfile", dest="profile", type=int, help="run with optimization profile K")
+    _max_tensor_bytes_argument(bench)
     bench.set_defaults(func=_cmd_bench)
 
     demo = sub.add_parser("demo", help="generate a small model, run it, check it against onnxruntime")
     demo.add_argument("--out", default="out/demo", help="folder for the generated model (default: out/demo)")
     demo.set_defaults(func=_cmd_demo)
     return parser
+
+
+def _max_tensor_bytes_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tensor-bytes", type=int, help="refuse any one input or tensor larger than this, before "
+                        "allocating it (default: $KILN_MAX_TENSOR_BYTES, else half the machine's memory)")
 
 
 def _tolerance_arguments(parser: argparse.ArgumentParser) -> None:
@@ -596,7 +605,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.command_line = "kiln " + shlex.join(a for a in argv if a != "")
     with _notes_on_stderr():
         try:
-            code = args.func(args)
+            with limits.max_tensor_bytes_set(getattr(args, "max_tensor_bytes", None)):
+                code = args.func(args)
             sys.stdout.flush()  # a reader gone (| head) shows here, not in Python's flush at exit
             return code
         except KilnError as error:

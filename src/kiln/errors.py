@@ -7,6 +7,8 @@ prints the message on one line and exits with code 2; anything else is a bug in 
 
 from __future__ import annotations
 
+import stat
+
 
 class KilnError(Exception):
     """Base class: a problem the user can act on."""
@@ -33,8 +35,21 @@ class OpError(KilnError):
     """An op failed while running; the message names the node and op."""
 
 
+class ResourceLimitError(KilnError):
+    """A tensor would exceed a resource limit (``kiln.limits``); the message names it and the limit to raise."""
+
+
 def first_line(error: BaseException) -> str:
     """An error's first line (at most 300 characters), or its type where it has no message: what a
     one-line KilnError quotes of the library error under it."""
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0][:300]
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symbolic link"))
+
+
+def file_kind(mode: int) -> str:
+    """What a file that is not regular is, by its ``st_mode``, for a message: "a FIFO", "a directory"..."""
+    return next((name for test, name in _KINDS if test(mode)), "a special file")

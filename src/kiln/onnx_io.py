@@ -5,10 +5,17 @@ with a ``ModelLoadError`` or ``UnsupportedModelError`` that names the file (and 
 
 1. the path is a regular, non-empty file no larger than ``max_bytes`` (external data counted too);
 2. it parses as a ModelProto that onnx's checker accepts (truncated or foreign bytes do not);
-3. every external-data reference stays inside the model's folder: no absolute path, no ``..``,
-   no symlink leading out, no offset/length past the end of its file. This is checked before any
-   external file is opened, so a hostile model makes kiln read nothing outside its folder;
-4. the opsets are ones kiln supports, every op has a kiln implementation (all missing ones are
+3. every tensor anywhere in it (initializers, node attributes, sparse tensors' parts, in subgraphs
+   and model-local functions) has an element type kiln can hold, no negative dim, and its values in
+   the one field its type uses, exactly as many as its dims say (onnx's checker accepts a
+   ``raw_data`` longer than the dims, and does not see the weights that leave the skeleton);
+4. every external-data reference stays inside the model's folder and names a regular file there:
+   no absolute path, no ``..``, no symbolic link on the way, no FIFO, device, socket or directory
+   (refused by their kind, found with ``lstat``: they are never opened), no file with several hard
+   links (onnx refuses those too), offset and length byte counts (digits) within the file, and the
+   length the dims say. This is checked before any external file is opened, so a hostile model
+   makes kiln read nothing outside its folder;
+5. the opsets are ones kiln supports, every op has a kiln implementation (all missing ones are
    listed at once), and every graph input has an element type kiln can hold.
 
 Model-local functions are inlined and onnx's shape inference runs, so the IR carries the types and
@@ -20,15 +27,16 @@ onnx's checker and shape inference run on a *skeleton* of the model: the graph w
 floating-point initializers turned into typed graph inputs. Shape inference reads initializer values
 only for shape-like inputs (integers, and small float ``scales``), so it infers the same types; the
 weights themselves (hundreds of MB for BERT) are then not copied, serialized and parsed again by
-each check. Their storage is checked by ``_check_tensor_storage`` instead (one value field, as many
-bytes as the dims say).
+each check. Their storage is checked with every other tensor's (point 3).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
+import stat
 import subprocess
 import sys
 import warnings
@@ -42,27 +50,43 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from kiln import dtypes
-from kiln.errors import ModelLoadError, UnsupportedModelError, first_line
+from kiln.errors import ModelLoadError, UnsupportedModelError, file_kind, first_line
 from kiln.ops import lookup
 from kiln.ops.registry import canonical_domain
 
 # Highest opset of each domain kiln implements (onnx 1.23's: its node tests are kiln's conformance suite).
 MAX_OPSETS = {"": 28, "ai.onnx.ml": 5, "ai.onnx.preview.training": 1, "ai.onnx.preview": 1, "ai.kiln": 1}
 
-DEFAULT_MAX_BYTES = int(os.environ.get("KILN_MAX_MODEL_BYTES", 8 << 30))
+DEFAULT_MAX_BYTES = 8 << 30
+MAX_BYTES_ENVIRONMENT = "KILN_MAX_MODEL_BYTES"
 
 log = logging.getLogger(__name__)
 
 
-def load_model(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES) -> ir.Model:
+def default_max_bytes() -> int:
+    """The model size limit: ``KILN_MAX_MODEL_BYTES`` if set, else ``DEFAULT_MAX_BYTES``."""
+    named = os.environ.get(MAX_BYTES_ENVIRONMENT)
+    if not named:
+        return DEFAULT_MAX_BYTES
+    if not (named.strip().isascii() and named.strip().isdigit()):
+        raise ModelLoadError(f"{MAX_BYTES_ENVIRONMENT}={named[:40]!r} is not a number of bytes")
+    return int(named)
+
+
+def load_model(path: str | os.PathLike[str], *, max_bytes: int | None = None) -> ir.Model:
     """Read, check and convert an ONNX file. See the module docstring for what is refused."""
     path = Path(path)
     label = str(path)
-    if not path.exists():
-        raise ModelLoadError(f"{label}: no such file")
-    if not path.is_file():
-        raise ModelLoadError(f"{label}: not a regular file")
-    size = path.stat().st_size
+    max_bytes = default_max_bytes() if max_bytes is None else max_bytes
+    try:
+        info = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise ModelLoadError(f"{label}: no such file") from None
+    except (OSError, ValueError) as error:  # a name too long, a symlink loop, a NUL byte
+        raise ModelLoadError(f"{label}: cannot read it ({getattr(error, 'strerror', None) or error})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ModelLoadError(f"{label}: it is {file_kind(info.st_mode)}, not a regular file")
+    size = info.st_size
     if size == 0:
         raise ModelLoadError(f"{label}: the file is empty, not an ONNX model")
     if size > max_bytes:
@@ -73,10 +97,25 @@ def load_model(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYT
     native = _NativeChecks()  # the child starts its interpreter while this one parses the file
     try:
         with _onnx_notes(label):
-            proto = _parse(path.read_bytes(), label)
+            proto = _parse(_read_regular(path, label, size), label)
         return load_model_proto(proto, name=label, base_dir=path.parent, max_bytes=max_bytes - size, _native=native)
     finally:
         native.close()
+
+
+def _read_regular(path: Path, label: str, size: int) -> bytes:
+    """The bytes of the regular file of ``size`` bytes that ``stat`` found, opened without waiting
+    (a FIFO put in its place since does not block the read) and checked again by ``fstat``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            data = handle.read(size + 1) if stat.S_ISREG(info.st_mode) else b""
+    except OSError as error:
+        raise ModelLoadError(f"{label}: cannot read it ({error.strerror or error})") from None
+    if len(data) != size:
+        raise ModelLoadError(f"{label}: the file changed while it was read; try again")
+    return data
 
 
 @contextlib.contextmanager
@@ -97,47 +136,58 @@ def load_model_proto(
     *,
     name: str = "model",
     base_dir: str | os.PathLike[str] | None = None,
-    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_bytes: int | None = None,
     _native: _NativeChecks | None = None,
 ) -> ir.Model:
     """Check and convert a ModelProto already in memory. External data is read from ``base_dir``."""
     with _onnx_notes(name):
-        return _load_proto(proto, name, base_dir, max_bytes, _native)
+        return _load_proto(proto, name, base_dir, default_max_bytes() if max_bytes is None else max_bytes, _native)
 
 
 def _load_proto(proto: onnx.ModelProto, name: str, base_dir: str | os.PathLike[str] | None, max_bytes: int,
                 _native: _NativeChecks | None) -> ir.Model:
     _check_structure(proto, name)
-    external = list(_external_tensors(proto.graph))
+    external = []
+    for tensor, where in _all_tensors(proto):
+        _check_tensor_storage(tensor, f"{name}: {where}")
+        if external_data_helper.uses_external_data(tensor):
+            external.append((tensor, where))
     if external:
         if base_dir is None:
             raise ModelLoadError(f"{name}: the model references external data but no folder to read it from was given")
         _check_external_data(external, Path(base_dir), name, max_bytes)
-    skeleton, weights, added_inputs = _skeleton(proto, name)
+    skeleton, weights, added_inputs = _skeleton(proto)
     _unknown_placeholder_dims(skeleton)
     if external:
         # what stays in the skeleton is small: the checker and shape inference see its values
-        external_data_helper.load_external_data_for_model(skeleton, str(base_dir))
+        with _reading_external_data(name):
+            external_data_helper.load_external_data_for_model(skeleton, str(base_dir))
     if _native is not None:
         _native.check(skeleton, name)
     inferred = _check_and_infer(skeleton, name)
     try:
         model = ir.serde.deserialize_model(inferred)
-        _with_weights(model, weights, added_inputs, base_dir)
+        with _reading_external_data(name):
+            _with_weights(model, weights, added_inputs, base_dir)
+    except ModelLoadError:
+        raise
     except Exception as error:  # noqa: BLE001 - onnx-ir wraps what it cannot read in several types
         raise ModelLoadError(f"{name}: cannot convert the model to kiln's IR: {first_line(error)}") from error
     return model
 
 
 def _check_and_infer(proto: onnx.ModelProto, name: str) -> onnx.ModelProto:
-    """onnx's checker, kiln's own checks, function inlining and shape inference (on the skeleton)."""
-    try:
-        onnx.checker.check_model(proto)
-    except (onnx.checker.ValidationError, ValueError) as error:
-        raise ModelLoadError(f"{name}: not a valid ONNX model: {first_line(error)}") from error
+    """onnx's checker, kiln's own checks, function inlining and shape inference (on the skeleton).
+    The checker runs again on the inlined model: it does not see that a function's body leaves an
+    output unset, which inlining turns into a node reading a value nothing produces."""
+    _check_onnx(proto, name)
     _check_opsets(proto, name)
     if proto.functions:
-        proto = onnx.inliner.inline_local_functions(proto)
+        try:
+            proto = onnx.inliner.inline_local_functions(proto)
+        except Exception as error:  # noqa: BLE001 - onnx's C++ inliner raises its assertions as several types
+            raise ModelLoadError(f"{name}: cannot inline the model's functions: {first_line(error)}") from error
+        _check_onnx(proto, name)
     _check_ops(proto, name)
     _check_input_types(proto, name)
     _check_no_sparse(proto, name)
@@ -147,6 +197,13 @@ def _check_and_infer(proto: onnx.ModelProto, name: str) -> onnx.ModelProto:
         return onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=False)
     except Exception as error:  # noqa: BLE001 - onnx raises several unrelated types here
         raise ModelLoadError(f"{name}: shape inference failed: {first_line(error)}") from error
+
+
+def _check_onnx(proto: onnx.ModelProto, name: str) -> None:
+    try:
+        onnx.checker.check_model(proto)
+    except (onnx.checker.ValidationError, ValueError) as error:
+        raise ModelLoadError(f"{name}: not a valid ONNX model: {first_line(error)}") from error
 
 
 # Run in a fresh interpreter on the skeleton (read from stdin): the native checks load_model makes.
@@ -159,6 +216,7 @@ try:
     onnx.checker.check_model(proto)
     if proto.functions:
         proto = onnx.inliner.inline_local_functions(proto)
+        onnx.checker.check_model(proto)
     onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=False)
 except Exception:
     sys.exit(3)  # a Python-level error: the real load raises it with a proper message
@@ -207,13 +265,13 @@ _FLOAT_TYPES = {
     onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ, onnx.TensorProto.FLOAT8E5M2,
     onnx.TensorProto.FLOAT8E5M2FNUZ,
 }
-# the typed field each float element type stores its values in, when not in raw_data
+# the typed fields a tensor may hold its values in, instead of raw_data
 _VALUE_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
 
 
-def _skeleton(proto: onnx.ModelProto, name: str) -> tuple[onnx.ModelProto, list[onnx.TensorProto], list[str]]:
+def _skeleton(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.TensorProto], list[str]]:
     """The model with its large float initializers (top graph) as typed graph inputs, the weights
-    taken out (their storage checked), and the names of the inputs that were added for them."""
+    taken out, and the names of the inputs that were added for them."""
     skeleton = onnx.ModelProto()
     for field, value in proto.ListFields():
         if field.name != "graph":
@@ -226,7 +284,6 @@ def _skeleton(proto: onnx.ModelProto, name: str) -> tuple[onnx.ModelProto, list[
     weights, added = [], []
     for tensor in graph.initializer:
         if tensor.data_type in _FLOAT_TYPES and _stored_bytes(tensor) > _SKELETON_LIMIT:
-            _check_tensor_storage(tensor, name)
             weights.append(tensor)
             if tensor.name not in declared:
                 skeleton.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
@@ -269,39 +326,56 @@ def _stored_bytes(tensor: onnx.TensorProto) -> int:
     """The bytes its dims declare (external data counts as large: exporters store only large tensors there)."""
     if external_data_helper.uses_external_data(tensor):
         return _SKELETON_LIMIT + 1
-    count = 1
-    for d in tensor.dims:
-        count *= max(d, 0)
-    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return _data_bytes(tensor)
 
 
-def _check_tensor_storage(tensor: onnx.TensorProto, name: str) -> None:
-    """What onnx's checker would say of a weight that left the skeleton, and that its data is whole."""
-    where = f"{name}: initializer {tensor.name!r}"
+def _data_bytes(tensor: onnx.TensorProto) -> int:
+    """The bytes of a checked tensor's values (``_check_tensor_storage``: a type kiln holds, dims >= 0)."""
+    return math.prod(tensor.dims) * int(ir.DataType(tensor.data_type).itemsize)
+
+
+def _check_tensor_storage(tensor: onnx.TensorProto, where: str) -> None:
+    """A tensor kiln can hold, whose data is whole: a known element type kiln holds, no negative dim,
+    its values in exactly one field (the one its type uses, or ``raw_data``), as many as the dims say.
+    External data is checked against its file by ``_check_external_data``."""
+    try:
+        dtype = ir.DataType(tensor.data_type)
+    except ValueError:
+        dtype = ir.DataType.UNDEFINED
+    if dtype == ir.DataType.UNDEFINED:
+        raise ModelLoadError(f"{where} has no known element type (data_type {tensor.data_type})")
+    if not dtypes.supported(dtype):
+        raise UnsupportedModelError(f"{where} has element type {dtypes.onnx_name(dtype)}, which kiln cannot hold")
     if any(d < 0 for d in tensor.dims):
         raise ModelLoadError(f"{where} has a negative dimension {list(tensor.dims)}")
-    count = 1
-    for d in tensor.dims:
-        count *= d
-    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    itemsize = 8 if dtype == ir.DataType.STRING else int(dtype.itemsize)  # strings: one object pointer each
+    if math.prod(max(d, 1) for d in tensor.dims) * itemsize >= 1 << 63:  # an empty [0, 2**62] too
+        raise ModelLoadError(f"{where} has dims {list(tensor.dims)[:8]} that multiply past what numpy and torch can index")
     fields = [f for f in _VALUE_FIELDS if len(getattr(tensor, f))]
     if tensor.HasField("raw_data"):
         fields.append("raw_data")
     if external_data_helper.uses_external_data(tensor):
-        info = external_data_helper.ExternalDataInfo(tensor)
         if fields:
             raise ModelLoadError(f"{where} has both external data and values in the file")
-        if info.length is not None and info.length != count * itemsize:
-            raise ModelLoadError(
-                f"{where} has dims {list(tensor.dims)} ({count * itemsize:,} bytes) but external data of {info.length:,} bytes"
-            )
+        if dtype == ir.DataType.STRING:
+            raise ModelLoadError(f"{where} is a string tensor with external data; strings are stored in the model file")
+        return
+    count = math.prod(tensor.dims)
+    if not fields and count == 0:
         return
     if len(fields) != 1:
         raise ModelLoadError(f"{where} must hold its values in exactly one field, found {fields or 'none'}")
-    stored = len(tensor.raw_data) if fields[0] == "raw_data" else len(getattr(tensor, fields[0]))
-    expected = count * itemsize if fields[0] == "raw_data" else count
+    field = fields[0]
+    typed = "string_data" if dtype == ir.DataType.STRING else onnx.helper.tensor_dtype_to_field(dtype)
+    if field != typed and (field != "raw_data" or dtype == ir.DataType.STRING):
+        raise ModelLoadError(f"{where} is a {dtypes.onnx_name(dtype)} tensor with its values in {field}; "
+                             f"they belong in {typed}" + ("" if dtype == ir.DataType.STRING else " or raw_data"))
+    if field == "raw_data":
+        stored, expected, unit = len(tensor.raw_data), count * itemsize, "bytes"
+    else:
+        stored, unit = len(getattr(tensor, field)), "values"
+        expected = count * (2 if dtype in (ir.DataType.COMPLEX64, ir.DataType.COMPLEX128) else 1)
     if stored != expected:
-        unit = "bytes" if fields[0] == "raw_data" else "values"
         raise ModelLoadError(
             f"{where} has dims {list(tensor.dims)} ({expected:,} {unit}) but holds {stored:,} {unit}; the file is truncated or corrupt"
         )
@@ -374,45 +448,129 @@ def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
         yield from g.node
 
 
-def _external_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    for g in _graphs(graph):
-        for tensor in g.initializer:
-            if external_data_helper.uses_external_data(tensor):
-                yield tensor
-        for node in g.node:
-            for attr in node.attribute:
-                tensors = [attr.t] if attr.type == onnx.AttributeProto.TENSOR else list(attr.tensors)
-                yield from (t for t in tensors if external_data_helper.uses_external_data(t))
+def _all_tensors(proto: onnx.ModelProto) -> Iterator[tuple[onnx.TensorProto, str]]:
+    """Every dense tensor in the model and where it is: the initializers of every graph, the tensors
+    of node attributes (of any attribute type: onnx's external-data loader reads a ``t`` wherever it
+    is set), the values and indices of sparse tensors; in subgraphs and model-local functions."""
+    yield from _graph_tensors(proto.graph, "")
+    for function in proto.functions:
+        yield from _node_tensors(function.node, f" in function {function.name!r}")
 
 
-def _check_external_data(tensors: list[onnx.TensorProto], base_dir: Path, name: str, max_bytes: int) -> None:
+def _graph_tensors(graph: onnx.GraphProto, context: str) -> Iterator[tuple[onnx.TensorProto, str]]:
+    for tensor in graph.initializer:
+        yield tensor, f"initializer {tensor.name!r}{context}"
+    for sparse in graph.sparse_initializer:
+        yield from _sparse_parts(sparse, f"sparse initializer {sparse.values.name!r}{context}")
+    yield from _node_tensors(graph.node, context)
+
+
+def _node_tensors(nodes, context: str) -> Iterator[tuple[onnx.TensorProto, str]]:
+    for node in nodes:
+        for attr in node.attribute:
+            where = f"attribute {attr.name!r} of node {node.name or node.op_type!r}{context}"
+            if attr.HasField("t"):
+                yield attr.t, f"the tensor of {where}"
+            for index, tensor in enumerate(attr.tensors):
+                yield tensor, f"tensor {index} of {where}"
+            if attr.HasField("sparse_tensor"):
+                yield from _sparse_parts(attr.sparse_tensor, f"the sparse tensor of {where}")
+            for sparse in attr.sparse_tensors:
+                yield from _sparse_parts(sparse, f"a sparse tensor of {where}")
+            for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _graph_tensors(graph, f" in subgraph {graph.name!r} of node {node.name or node.op_type!r}{context}")
+
+
+def _sparse_parts(sparse: onnx.SparseTensorProto, where: str) -> Iterator[tuple[onnx.TensorProto, str]]:
+    yield sparse.values, f"the values of {where}"
+    yield sparse.indices, f"the indices of {where}"
+
+
+def _external_info(tensor: onnx.TensorProto, where: str) -> tuple[str, int | None, int | None]:
+    """Location, offset and length of a tensor's external data (the last entry of a key wins, as in
+    onnx), offset and length refused unless they are byte counts: at most 19 digits, nothing else."""
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    numbers = []
+    for key in ("offset", "length"):
+        text = entries.get(key)
+        if text is not None and not (text.isascii() and text.isdigit() and len(text) <= 19):
+            raise ModelLoadError(f"{where}: its external data {key} {text[:40]!r} is not a byte count (a non-negative integer)")
+        numbers.append(None if text is None else int(text))
+    return entries.get("location", ""), numbers[0], numbers[1]
+
+
+def _check_external_data(tensors: list[tuple[onnx.TensorProto, str]], base_dir: Path, name: str, max_bytes: int) -> None:
+    """Each external reference names a regular file inside ``base_dir`` (walked with ``lstat``, so a
+    FIFO or device is refused by its kind without being opened), with one link (as onnx's reader
+    requires), holding from its offset as many bytes as the tensor's dims say."""
     root = base_dir.resolve()
     total = 0
-    for tensor in tensors:
-        info = external_data_helper.ExternalDataInfo(tensor)
-        location = info.location
-        where = f"{name}: tensor {tensor.name!r} has external data at {location!r}"
+    for tensor, place in tensors:
+        location, offset, length = _external_info(tensor, f"{name}: {place}")
+        where = f"{name}: {place} has external data at {location[:200]!r}"
         if not location:
             raise ModelLoadError(f"{where}: the location is empty")
+        if "\0" in location:
+            raise ModelLoadError(f"{where}: the location contains a NUL byte")
         if os.path.isabs(location) or Path(location).drive or location.startswith(("/", "\\")):
             raise ModelLoadError(f"{where}: an absolute path; external data must lie inside the model's folder")
         if ".." in Path(location.replace("\\", "/")).parts:
             raise ModelLoadError(f"{where}: the path leaves the model's folder ('..'); refused")
-        target = (root / location).resolve()
-        if not target.is_relative_to(root):
-            raise ModelLoadError(f"{where}: the path resolves outside the model's folder (through a symlink); refused")
-        if not target.is_file():
-            raise ModelLoadError(f"{where}: no such file in the model's folder")
-        file_size = target.stat().st_size
-        offset = info.offset or 0
-        length = info.length if info.length is not None else file_size - offset
-        if offset < 0 or length < 0 or offset + length > file_size:
+        info = _external_file(root, location, where)
+        if info.st_nlink > 1:
+            raise ModelLoadError(f"{where}: the file has {info.st_nlink} hard links; onnx reads external data only from a "
+                                 "file with one (a hard link may lead anywhere); copy the file into the folder")
+        file_size = info.st_size
+        start = offset or 0
+        if start > file_size or (length is not None and start + length > file_size):
             raise ModelLoadError(
-                f"{where}: offset {offset} + length {length} runs past the end of the {file_size}-byte file (truncated?)"
+                f"{where}: offset {start} + length {length} runs past the end of the {file_size}-byte file (truncated?)"
             )
-        total += length
+        stored = length if length is not None else file_size - start
+        expected = _data_bytes(tensor)
+        if stored != expected:
+            span = "external data of" if length is not None else f"external data (from offset {start} to the end of the file) of"
+            raise ModelLoadError(f"{name}: {place} has dims {list(tensor.dims)} ({expected:,} bytes) but {span} {stored:,} bytes")
+        total += stored
         if total > max_bytes:
             raise ModelLoadError(f"{name}: external data exceeds the size limit ({max_bytes:,} bytes left for it)")
+
+
+def _external_file(root: Path, location: str, where: str) -> os.stat_result:
+    """The ``lstat`` of the regular file at ``location`` under ``root``, each step checked: no
+    symbolic link (one leading out of the folder is named as such), the last step a regular file."""
+    current = root
+    parts = Path(location).parts
+    for index, part in enumerate(parts):
+        current = current / part
+        try:
+            info = os.lstat(current)
+        except (FileNotFoundError, NotADirectoryError):
+            raise ModelLoadError(f"{where}: no such file in the model's folder") from None
+        except OSError as error:
+            raise ModelLoadError(f"{where}: cannot examine it ({error.strerror or error})") from None
+        if stat.S_ISLNK(info.st_mode):
+            if not Path(os.path.realpath(current)).is_relative_to(root):
+                raise ModelLoadError(f"{where}: the path resolves outside the model's folder (through a symlink); refused")
+            raise ModelLoadError(f"{where}: {part!r} is a symbolic link; external data is read only from regular files in "
+                                 "the model's folder, not through links (onnx refuses them)")
+        if index < len(parts) - 1 and not stat.S_ISDIR(info.st_mode):
+            raise ModelLoadError(f"{where}: no such file in the model's folder ({part!r} is not a folder)")
+    if not parts:
+        raise ModelLoadError(f"{where}: the location names the model's folder, not a file")
+    if not stat.S_ISREG(info.st_mode):
+        raise ModelLoadError(f"{where}: it is {file_kind(info.st_mode)}, not a regular file")
+    return info
+
+
+@contextlib.contextmanager
+def _reading_external_data(name: str) -> Iterator[None]:
+    """onnx's reader refusing or failing on a checked file (changed since, or a path spelling it
+    reads otherwise) as a ModelLoadError."""
+    try:
+        yield
+    except (OSError, ValueError, onnx.checker.ValidationError) as error:
+        raise ModelLoadError(f"{name}: cannot read external data: {first_line(error)}") from error
 
 
 def _check_opsets(proto: onnx.ModelProto, name: str) -> None:
@@ -446,6 +604,9 @@ def _check_ops(proto: onnx.ModelProto, name: str) -> None:
         )
 
 
+_KNOWN_TYPES = frozenset(t.value for t in ir.DataType)
+
+
 def _check_input_types(proto: onnx.ModelProto, name: str) -> None:
     initializers = {t.name for t in proto.graph.initializer}
     problems = []
@@ -457,11 +618,10 @@ def _check_input_types(proto: onnx.ModelProto, name: str) -> None:
             elem = value.type.tensor_type.elem_type
             if elem == onnx.TensorProto.UNDEFINED:
                 problems.append(f"input {value.name!r} has no element type (dtype)")
+            elif elem not in _KNOWN_TYPES:
+                problems.append(f"input {value.name!r} has an unknown element type ({elem})")
             elif value.name not in initializers and not dtypes.supported(ir.DataType(elem)):
                 problems.append(f"input {value.name!r} has element type {dtypes.onnx_name(elem)}, which kiln cannot hold")
-    for tensor in proto.graph.initializer:
-        if not dtypes.supported(ir.DataType(tensor.data_type)):
-            problems.append(f"initializer {tensor.name!r} has element type {dtypes.onnx_name(tensor.data_type)}, which kiln cannot hold")
     if problems:
         raise UnsupportedModelError(f"{name}: " + "; ".join(problems))
 
@@ -480,34 +640,23 @@ def _check_no_sparse(proto: onnx.ModelProto, name: str) -> None:
         )
 
 
-def load_embedded_model(data: bytes, name: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> onnx.ModelProto:
+def load_embedded_model(data: bytes, name: str, *, max_bytes: int | None = None) -> onnx.ModelProto:
     """An ONNX model carried inside another file (an engine's weight-free graph), checked as
     ``load_model`` checks a model file (native checks in a child process, onnx's checker, opsets,
     ops, input types, no sparse tensors, shape inference) and refused if any tensor anywhere in it,
     subgraphs and functions included, references external data: it has no folder it may read from.
     Returns the parsed proto, as it was in ``data``."""
+    max_bytes = default_max_bytes() if max_bytes is None else max_bytes
     if len(data) > max_bytes:
         raise ModelLoadError(f"{name}: the embedded graph is {len(data):,} bytes, over the {max_bytes:,}-byte limit")
     native = _NativeChecks()
     try:
         proto = _parse(data, name)
-        external = next(_tensors_with_external_data(proto), None)
+        external = next((where for tensor, where in _all_tensors(proto)
+                         if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data)), None)
         if external is not None:
-            raise ModelLoadError(f"{name}: tensor {external!r} references external data; an embedded graph must hold all its data")
+            raise ModelLoadError(f"{name}: {external} references external data; an embedded graph must hold all its data")
         load_model_proto(proto, name=name, max_bytes=max_bytes, _native=native)
         return proto
     finally:
         native.close()
-
-
-def _tensors_with_external_data(message) -> Iterator[str]:
-    """Names of the TensorProtos anywhere in a protobuf message (graphs, subgraphs, functions,
-    attributes, sparse tensors) that reference external data."""
-    stack = [message]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, onnx.TensorProto) and (item.data_location == onnx.TensorProto.EXTERNAL or len(item.external_data)):
-            yield item.name or "<unnamed>"
-        for field, value in item.ListFields():
-            if field.type == field.TYPE_MESSAGE:
-                stack.extend(value if field.is_repeated else [value])

@@ -143,6 +143,8 @@ def _plan_edit(draw, seed: bytes) -> bytes:
             parent[path[-1]]  # an earlier edit may have replaced this place
         except (KeyError, IndexError, TypeError):
             continue
+        if not isinstance(parent, (dict, list)):  # a string an earlier edit put here indexes too
+            continue
         action = draw(st.sampled_from(["replace", "replace", "replace", "delete", "add", "copy"]))
         key = path[-1]
         if action == "replace" or (action == "delete" and isinstance(parent, list)):

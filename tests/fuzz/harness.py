@@ -17,7 +17,9 @@ target, derandomized; ``KILN_FUZZ_CASES=N`` for more). The long form, by hand::
     PYTHONPATH=src python -m tests.fuzz engine_reader --cases 20000 --time-limit 20 --save out/fuzz
 
 runs each case in a worker process, so a crash or a hang is counted (the worker is replaced) rather
-than ending the run, prints the counts, and saves every bad case for reproduction.
+than ending the run, prints the counts, and saves every bad case for reproduction. Targets:
+``engine_reader``, ``model_loader``, ``npz_inputs``; runs with different ``--seed`` values draw
+different cases, so several can share the work.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ pytest.importorskip("hypothesis")
 
 from tests.fuzz.harness import run_in_process  # noqa: E402
 
-TARGETS = {"engine_reader": 200}
+TARGETS = {"engine_reader": 200, "model_loader": 300, "npz_inputs": 300}
 
 
 @pytest.mark.parametrize("name", sorted(TARGETS))

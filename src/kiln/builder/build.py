@@ -46,6 +46,7 @@ from kiln.builder.tactics.node import castable
 from kiln.builder.timing_cache import TimingCache
 from kiln.errors import InputError, KilnError, OpError, PrecisionError, first_line
 from kiln.executor import Executor
+from kiln.inputs import random_array
 from kiln.passes import unique_node_names
 from kiln.precision import TOLERANCES, judge, loosest, tolerance
 from kiln.precision import scaled_error as relative_error
@@ -306,12 +307,8 @@ class _Builder:
                 given = None
             if given is not None:
                 array = np.asarray(given)
-            elif dtype == ir.DataType.BOOL:
-                array = generator.random(shape) < 0.5
-            elif dtype is not None and dtype.is_floating_point():
-                array = generator.standard_normal(shape, dtype=np.float32).astype(dtype.numpy())
             elif dtype is not None and dtype != ir.DataType.STRING:
-                array = generator.integers(0, 2, size=shape).astype(dtype.numpy())
+                array = random_array(generator, shape, dtype, f"{self.name}: random input {value.name!r}")
             else:
                 raise InputError(f"{self.name}: cannot make inputs for {value.name!r} of type {value.type}")
             if given is None:
