@@ -33,6 +33,10 @@ class OpError(KilnError):
     """An op failed while running; the message names the node and op."""
 
 
+class ResourceLimitError(KilnError):
+    """A tensor would exceed a resource limit (``kiln.limits``); the message names it and the limit to raise."""
+
+
 def first_line(error: BaseException) -> str:
     """An error's first line (at most 300 characters), or its type where it has no message: what a
     one-line KilnError quotes of the library error under it."""
