@@ -42,3 +42,10 @@ def first_line(error: BaseException) -> str:
     one-line KilnError quotes of the library error under it."""
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0][:300]
+
+
+def named(error: KilnError, name: str) -> KilnError:
+    """``error`` with ``name`` (the model or engine file) in front of its message, once: the error
+    itself when it starts with it already, else a new error of its type."""
+    text = str(error)
+    return error if text.startswith(f"{name}: ") else type(error)(f"{name}: {text}")
