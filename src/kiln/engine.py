@@ -88,6 +88,9 @@ class _Step:
     record: int | None = None
     free_lean: list[int] | None = None
     where: str = ""  # "layer 'name' (op Conv+Relu)", for errors and time limits
+    # a Pointwise layer's weight shapes: its output is the broadcast of them and its inputs, checked
+    # against the tensor-size ceiling on the first run at each input shape (None: other kinds)
+    broadcast: list[tuple[int, ...]] | None = None
 
 
 class Engine:
@@ -160,6 +163,7 @@ class Engine:
             free = [slots[n] for n, at in last_use.items() if at == index and n not in graph_outputs]
             precision = record["precision"]
             runners: dict[str, Any] = {}
+            broadcast = None
             for profile, choice in enumerate(record["choices"]):
                 key = json.dumps([choice["tactic"], choice["config"]], sort_keys=True)
                 if key not in runners:
@@ -172,10 +176,12 @@ class Engine:
                         raise EngineLoadError(f"{self.name}: layer {layer.name!r} needs weights {sorted(choice['roles'])}, "
                                               f"the engine holds {sorted(prepared)}")
                     runners[key] = t.runner(layer, prepared, precision, choice["config"], self)
+                    if layer.kind == "Pointwise":
+                        broadcast = [tuple(w.shape) for w in prepared.values()]
                 self._steps[profile].append(_Step(
                     layer.name, runners[key], in_slots, out_slots, list(record["cast_inputs"]),
                     PRECISION_DTYPES.get(precision), precision == "tf32", free,
-                    where=f"layer {layer.name!r} (op {'+'.join(layer.op_types)})",
+                    where=f"layer {layer.name!r} (op {'+'.join(layer.op_types)})", broadcast=broadcast,
                 ))
         static = self._plan_static(layers, slots)
         # Whether the layers of a run after the first at a shape (the static ones are cached then)

@@ -308,7 +308,7 @@ def _build(model, path: Path, values, axes: Mapping[str, int], options: BenchOpt
                    if len(batches) == 1 or name not in axes}
     say(f"building {path.name} ({', '.join(p for p in ('fp16', 'bf16', 'tf32') if getattr(config, p)) or 'fp32'}, "
         f"{len(profiles)} profile(s), optimization level {config.opt_level})")
-    return build(model, replace(config, profiles=profiles), calibration=calibration or None)
+    return build(model, replace(config, profiles=profiles), calibration=calibration or None, name=str(path))
 
 
 def batch_axes(values, options: BenchOptions, model: str = "model") -> tuple[dict[str, int], str]:

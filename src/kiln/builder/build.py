@@ -125,21 +125,23 @@ def build(
     *,
     calibration: Mapping[str, Any] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    name: str | None = None,
 ):
     """Build an engine. ``calibration``: representative inputs (name -> array) at the first profile's
     opt shapes, for every run of the model the build makes (shape recording, the precision walk,
     the end-to-end check); seeded random ones (never zeros) for the inputs it lacks.
-    ``progress(phase, done, total)`` is called as layers are processed. ``config.timeout_s``
+    ``progress(phase, done, total)`` is called as layers are processed. ``name``: what errors and
+    the log call the model (default: its file, or an ``ir.Model``'s graph name). ``config.timeout_s``
     bounds the build once the model is loaded (``kiln.deadline.RunStopped`` after)."""
     config = config or BuildConfig()
     config.validate()
     if not isinstance(model, ir.Model):
         from kiln.onnx_io import load_model
 
-        name = str(model)
+        name = name or str(model)
         model = load_model(model)
     else:
-        name = model.graph.name or "model"
+        name = name or model.graph.name or "model"
         model = model.clone()  # the passes rewrite the graph; the caller's model stays as it was
     with deadlines.time_limit(config.timeout_s):
         return _build(model, name, config, calibration, progress)

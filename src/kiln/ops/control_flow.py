@@ -272,6 +272,7 @@ def scan_8(op, sequence_lens, *inputs):
         if sample is None:
             results.append(_empty_like_output(op, body.outputs[n_state + j], (batch, max_len)))
             continue
+        op.check_output((batch, max_len, *sample.shape[1:]), sample.dtype, n_state + j)
         padded = []
         for row in per_batch:
             value = row[j]

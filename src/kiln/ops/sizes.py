@@ -30,6 +30,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from kiln import dtypes
 from kiln.ops.registry import OpContext
 
 Rule = Callable[[OpContext, Sequence[Any]], "tuple[Sequence[int], Any] | None"]
@@ -48,7 +49,9 @@ def _dtype(x: Any) -> Any:
 
 
 def _onnx_type(code: Any, default: Any) -> Any:
-    return default if code is None else ir.DataType(int(code))
+    """The torch dtype of an ONNX type attribute (``default`` when it is absent)."""
+    kind = default if code is None else ir.DataType(int(code))
+    return dtypes.TORCH_DTYPES.get(kind, kind) if isinstance(kind, ir.DataType) else kind
 
 
 def _broadcast(dtype: Callable[[Sequence[Any]], Any] | None = None, first: int = 0) -> Rule:

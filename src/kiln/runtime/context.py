@@ -57,6 +57,7 @@ import torch
 from kiln import deadline as deadlines
 from kiln import dtypes
 from kiln.errors import InputError, KilnError, OpError, named
+from kiln.limits import check_tensor_bytes
 
 if TYPE_CHECKING:
     from kiln.engine import Engine, _Step
@@ -480,6 +481,8 @@ class ExecutionContext:
                 for step in steps:
                     if deadline is not None and deadline.expired():
                         raise deadline.stopped(step.where)
+                    if first and step.broadcast is not None:
+                        self._check_broadcast(step, env)
                     if several:
                         stream = self._streams[self._stream_of[step.stream]]
                         for event in step.waits:
@@ -527,6 +530,13 @@ class ExecutionContext:
             where = step.where if step is not None else "the engine"
             raise OpError(f"{self.name}: {where} failed: {type(error).__name__}: {error}") from error
         return results, captured
+
+    def _check_broadcast(self, step: _Step, env: list[Any]) -> None:
+        """A Pointwise layer's output (the broadcast of its inputs and weights) against the tensor-size
+        ceiling, before it is computed: on the first run at a shape, which later runs repeat."""
+        inputs = [env[s] for s in step.in_slots]
+        shape = torch.broadcast_shapes(*(tuple(v.shape) for v in inputs), *step.broadcast)
+        check_tensor_bytes(shape, step.cast_dtype or inputs[0].dtype, f"{step.where}: its output", device=self.device)
 
     def _timed_step(self, step: _Step, env: list[Any], on_cuda: bool, timings: list | None, stream) -> None:
         if timings is None:
