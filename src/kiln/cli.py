@@ -6,7 +6,9 @@ kiln (one line on stderr naming the file the traceback was written to); 130 inte
 141 stdout closed by its reader (``kiln inspect X --json | head``), quietly.
 
 kiln's notes (logger ``kiln``: the CPU fallback, onnx's warnings about a model) and any Python
-warning print as one line each on stderr.
+warning print as one line each on stderr. ``--timeout-s`` (run, build, bench) bounds the work
+after the model is loaded (the runs, the build, the benchmark) with one ``kiln.deadline`` time
+limit; past it the command stops with exit code 2, saying where.
 """
 
 from __future__ import annotations
@@ -86,16 +88,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if engine is not None:
         shapes.update(_profile_shapes(engine, args.profile or 0, missing, shapes, console))
     feeds.update(inputs.random_inputs(missing, shapes, model=str(args.model)))
-    start = time.perf_counter()
-    outputs = run(feeds)
-    elapsed = time.perf_counter() - start
-    arrays = {name: tensor_to_numpy(value) for name, value in outputs.items()}
-    disagree = _run_other_contexts(contexts[1:], feeds, outputs, console) if len(contexts) > 1 else []
-
-    diffs = {}
-    if args.compare:
-        reference = compare.run_onnxruntime(onnx_path, feeds)
-        diffs = {d.name: d for d in compare.compare_outputs(arrays, reference, computed_in=computed_in, atol=atol, rtol=rtol)}
+    with _time_limit(args.timeout_s):
+        start = time.perf_counter()
+        outputs = run(feeds)
+        elapsed = time.perf_counter() - start
+        arrays = {name: tensor_to_numpy(value) for name, value in outputs.items()}
+        disagree = _run_other_contexts(contexts[1:], feeds, outputs, console) if len(contexts) > 1 else []
+        diffs = {}
+        if args.compare:
+            reference = compare.run_onnxruntime(onnx_path, feeds)
+            diffs = {d.name: d for d in compare.compare_outputs(arrays, reference, computed_in=computed_in, atol=atol, rtol=rtol)}
 
     columns = [Column("output"), Column("shape"), Column("dtype")]
     if diffs:
@@ -165,6 +167,7 @@ def _run_other_contexts(contexts, feeds, expected, console) -> list[int]:
     """Run ``feeds`` in every context at once (a thread each, so each on its own stream), twice (the
     second run replays a captured graph), and return the numbers of those whose outputs differ from
     ``expected`` (context 0's)."""
+    import contextvars
     import threading
 
     import numpy as np
@@ -179,7 +182,9 @@ def _run_other_contexts(contexts, feeds, expected, console) -> list[int]:
         except BaseException as error:  # noqa: BLE001 - re-raised on the main thread
             errors.append(error)
 
-    threads = [threading.Thread(target=work, args=(i, c)) for i, c in enumerate(contexts, start=1)]
+    # each thread runs under the command's time limit (a thread starts without the caller's context)
+    threads = [threading.Thread(target=contextvars.copy_context().run, args=(work, i, c))
+               for i, c in enumerate(contexts, start=1)]
     start = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -258,7 +263,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         timing_cache=args.timing_cache, profiles=_parse_profiles(args), layer_precisions=_parse_layer_precisions(args.layer_precision),
         allow_tactics=allow, deny_tactics=deny, memory_limit=args.memory_limit, device=resolve_device(args.device),
         precision_check=not args.no_precision_check, passes=_names(args.passes), skip_passes=_names(args.skip_passes) or [],
-        max_aux_streams=args.aux_streams, atol=atol, rtol=rtol,
+        max_aux_streams=args.aux_streams, atol=atol, rtol=rtol, timeout_s=args.timeout_s,
     )
     calibration = read_npz(args.inputs) if args.inputs else None
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} layers"),
@@ -394,7 +399,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         duration_s=None if args.iterations else args.duration_s, iterations=args.iterations, repeats=args.repeats,
         peers=_names(args.peers) or [], profile_layers=args.profile_layers, cuda_graph=args.cuda_graph,
         contexts=args.contexts, aux_streams=args.aux_streams, profile=args.profile, onnx=args.onnx,
-        reference=not args.no_reference, inputs=read_npz(args.inputs) if args.inputs else {}, atol=atol, rtol=rtol)
+        reference=not args.no_reference, inputs=read_npz(args.inputs) if args.inputs else {}, atol=atol, rtol=rtol,
+        timeout_s=args.timeout_s)
     console = make_console()
     status = make_console(stderr=True)
     with status.status("benchmarking", spinner="dots") as spinner:
@@ -461,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--sign-key", type=Path, help="sign the engine with this key file (HMAC-SHA256; default: $KILN_ENGINE_KEY)")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     _max_tensor_bytes_argument(build)
+    _timeout_argument(build, "the build, the model's runs inside it included")
     build.set_defaults(func=_cmd_build)
 
     optimize = sub.add_parser("optimize", help="apply kiln's graph passes and write the result as ONNX", description=(
@@ -521,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="engines: use at most N of the auxiliary streams the engine was built with (0: one stream)")
     run.add_argument("--profile", "--useProfile", dest="profile", type=int, help="engines: run with optimization profile K")
     _max_tensor_bytes_argument(run)
+    _timeout_argument(run, "the run, other contexts' runs and --compare's")
     run.set_defaults(func=_cmd_run)
 
     bench = sub.add_parser("bench", help="time a model or engine: latency percentiles, throughput, batch sweep, peers",
@@ -568,6 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="auxiliary streams per context (built with them for .onnx models)")
     bench.add_argument("--profile", "--useProfile", dest="profile", type=int, help="run with optimization profile K")
     _max_tensor_bytes_argument(bench)
+    _timeout_argument(bench, "the benchmark: the build, the reference, every measurement and peer")
     bench.set_defaults(func=_cmd_bench)
 
     demo = sub.add_parser("demo", help="generate a small model, run it, check it against onnxruntime")
@@ -579,6 +588,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _max_tensor_bytes_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tensor-bytes", type=int, help="refuse any one input or tensor larger than this, before "
                         "allocating it (default: $KILN_MAX_TENSOR_BYTES, else half the machine's memory)")
+
+
+def _timeout_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--timeout-s", dest="timeout_s", type=float, metavar="S",
+                        help=f"stop after S seconds ({what}), checked between nodes, layers and loop iterations; "
+                        "exit code 2 with where it stopped (default: no limit)")
 
 
 def _tolerance_arguments(parser: argparse.ArgumentParser) -> None:
@@ -622,6 +637,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _internal_error(error, args.command_line)
         except Exception as error:  # noqa: BLE001 - a bug in kiln: one line here, the traceback in a file
             return _internal_error(error, args.command_line)
+
+
+@contextlib.contextmanager
+def _time_limit(timeout_s: float | None) -> Iterator[None]:
+    """--timeout-s of kiln run: its runs under one time limit (``kiln.deadline``); nothing without it."""
+    if timeout_s is None:
+        yield
+        return
+    from kiln.deadline import time_limit
+
+    with time_limit(timeout_s):
+        yield
 
 
 class _OneLine(logging.Handler):

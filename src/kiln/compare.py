@@ -11,13 +11,16 @@ the verdict. Integer, bool and string outputs must match exactly.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from kiln import deadline as deadlines
 from kiln.errors import KilnError
 from kiln.precision import Tolerance, judge, output_tolerance
 
@@ -68,13 +71,42 @@ def run_onnxruntime(model_path: str | os.PathLike[str], feeds: Mapping[str, np.n
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
+    deadline = deadlines.current()
+    run_options = ort.RunOptions()
     try:
         session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         names = [o.name for o in session.get_outputs()]
-        results = session.run(names, dict(feeds))
+        with _terminate_at(deadline, run_options):
+            results = session.run(names, dict(feeds), run_options)
     except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
+        if deadline is not None and deadline.expired():
+            raise deadlines.RunStopped(f"{model_path}: {deadline.stopped('onnxruntime (--compare)')}") from error
         raise KilnError(f"{model_path}: onnxruntime could not run the model: {str(error).splitlines()[0][:300]}") from error
     return dict(zip(names, results))
+
+
+@contextlib.contextmanager
+def _terminate_at(deadline: deadlines.Deadline | None, run_options) -> Iterator[None]:
+    """onnxruntime's run stopped (``RunOptions.terminate``) once ``deadline`` expires or is cancelled:
+    the time limit in effect (``kiln.deadline``) bounds the reference run too."""
+    if deadline is None:
+        yield
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.05):
+            if deadline.expired():
+                run_options.terminate = True
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
 
 
 def compare_outputs(outputs: Mapping[str, Any], reference: Mapping[str, np.ndarray], tolerance: Tolerance | None = None,

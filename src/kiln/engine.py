@@ -87,6 +87,10 @@ class _Step:
     waits: tuple[int, ...] = ()
     record: int | None = None
     free_lean: list[int] | None = None
+    where: str = ""  # "layer 'name' (op Conv+Relu)", for errors and time limits
+    # a Pointwise layer's weight shapes: its output is the broadcast of them and its inputs, checked
+    # against the tensor-size ceiling on the first run at each input shape (None: other kinds)
+    broadcast: list[tuple[int, ...]] | None = None
 
 
 class Engine:
@@ -95,7 +99,8 @@ class Engine:
     by name as tensors on the engine's device, in one default context; ``create_context`` gives
     more (one per thread or stream)."""
 
-    def __init__(self, plan: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], graph: bytes, device: str = "cuda") -> None:
+    def __init__(self, plan: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], graph: bytes, device: str = "cuda",
+                 name: str | None = None) -> None:
         self.plan = dict(plan)
         self.tensors = {name: t.to(device) for name, t in tensors.items()}
         self.graph = graph
@@ -103,7 +108,7 @@ class Engine:
         self.report = None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise EngineLoadError("this engine runs on CUDA, but torch sees no CUDA GPU here")
-        self.name = self.plan["name"]
+        self.name = name or self.plan["name"]  # the engine file once loaded; errors start with it
         self.inputs = self.plan["inputs"]
         self.outputs = self.plan["outputs"]
         from kiln.builder.config import Profile
@@ -158,6 +163,7 @@ class Engine:
             free = [slots[n] for n, at in last_use.items() if at == index and n not in graph_outputs]
             precision = record["precision"]
             runners: dict[str, Any] = {}
+            broadcast = None
             for profile, choice in enumerate(record["choices"]):
                 key = json.dumps([choice["tactic"], choice["config"]], sort_keys=True)
                 if key not in runners:
@@ -170,9 +176,12 @@ class Engine:
                         raise EngineLoadError(f"{self.name}: layer {layer.name!r} needs weights {sorted(choice['roles'])}, "
                                               f"the engine holds {sorted(prepared)}")
                     runners[key] = t.runner(layer, prepared, precision, choice["config"], self)
+                    if layer.kind == "Pointwise":
+                        broadcast = [tuple(w.shape) for w in prepared.values()]
                 self._steps[profile].append(_Step(
                     layer.name, runners[key], in_slots, out_slots, list(record["cast_inputs"]),
                     PRECISION_DTYPES.get(precision), precision == "tf32", free,
+                    where=f"layer {layer.name!r} (op {'+'.join(layer.op_types)})", broadcast=broadcast,
                 ))
         static = self._plan_static(layers, slots)
         # Whether the layers of a run after the first at a shape (the static ones are cached then)
@@ -182,10 +191,13 @@ class Engine:
         # not wait for one another over them (first runs always set them).
         self.reads_torch_flags = self.device.type == "cuda" and any(
             _reads_torch_flags(layer) for layer, is_static in zip(layers, static) if not is_static)
+        # outputs that are constants (an initializer, or computed from constants alone) are weights
+        self._constant_slots = {slot(o["name"]): self.tensors[o["constant"]] for o in self.outputs if "constant" in o}
         missing = [o["name"] for o in self.outputs if o["name"] not in slots]
         if missing:
             raise EngineLoadError(f"{self.name}: nothing in the plan produces output(s) {missing}")
         self._output_slots = [slots[o["name"]] for o in self.outputs]
+        self._held_slots = set(self._input_slots) | set(self._constant_slots)
         self._output_dtypes = [dtypes.to_torch_dtype(getattr(ir.DataType, o["dtype"].upper())) for o in self.outputs]
         self._slot_count = len(slots)
 
@@ -318,14 +330,15 @@ class Engine:
         """Why ``run``'s context could not capture a CUDA graph (empty when every shape was captured)."""
         return self._default_context().graph_errors
 
-    def run(self, feeds: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    def run(self, feeds: Mapping[str, Any], timeout_s: float | None = None) -> dict[str, torch.Tensor]:
         """Run the engine on ``feeds`` (name -> numpy array or torch tensor) in one default execution
         context: the first run at an input shape runs every layer, keeps the shape arithmetic's
         results, and on CUDA captures a CUDA graph of the other layers that later runs at that shape
         replay. As with a torch op, the outputs are ready in the current stream's order (the work
         runs on the context's own stream; no host synchronization). For several threads or
-        streams, give each its own ``create_context()``."""
-        return self._default_context().run_async(feeds)
+        streams, give each its own ``create_context()``. ``timeout_s``: stop with
+        ``kiln.deadline.RunStopped`` after that many seconds (``ExecutionContext.run``)."""
+        return self._default_context().run_async(feeds, timeout_s=timeout_s)
 
     def check_inputs(self, feeds: Mapping[str, Any], profile: int | None = None) -> tuple[list[torch.Tensor], int]:
         """``feeds`` checked against the engine's inputs, before anything runs or moves: names,
@@ -518,7 +531,7 @@ def load_engine(path: str | os.PathLike[str], device: str | None = None, *, key:
     except engine_schema.SchemaError as error:
         raise EngineLoadError(f"{path}: {error}; the engine file is corrupt or was edited") from error
     try:
-        return Engine(header["plan"], tensors, graph, device=built_on)
+        return Engine(header["plan"], tensors, graph, device=built_on, name=path)
     except KilnError:
         raise
     except Exception as error:  # noqa: BLE001 - a plan that does not fit together is a corrupt engine

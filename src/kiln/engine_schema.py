@@ -9,7 +9,8 @@ is checked here for its type and range, and against the rest of the file:
    file, no key appears twice, every dtype is one torch holds, every shape has at most ``MAX_RANK``
    dims of at most ``MAX_DIM``, and offsets lie inside the file;
 2. the tensor layout and alias tables (``check_tensor_tables``);
-3. the plan (``check_plan``): inputs and outputs (names, dtypes kiln holds, shapes within limits),
+3. the plan (``check_plan``): inputs and outputs (names, dtypes kiln holds, shapes within limits;
+   an output that is a constant names a stored tensor of its dtype, and nothing else writes it),
    profiles (one per input at most, ``0 <= min <= opt <= max``), and per layer its kind, its
    attributes (one table per kind), its precision (``kiln.precision.PRECISIONS`` or "native"), a
    registered tactic of its kind for the engine's device and precision per profile, with one of
@@ -409,9 +410,11 @@ def _check_io(plan: dict) -> tuple[list[str], dict[str, list | None]]:
     outputs = []
     for i, spec in enumerate(_list(plan["outputs"], "plan.outputs", at_least=1)):
         where = f"plan.outputs[{i}]"
-        _object(spec, where, ("name", "dtype"))
+        _object(spec, where, ("name", "dtype"), ("constant",))
         outputs.append(_str(spec["name"], f"{where}.name"))
         _choice(spec["dtype"], f"{where}.dtype", names)
+        if "constant" in spec:
+            _str(spec["constant"], f"{where}.constant")
     if len(set(outputs)) != len(outputs):
         raise SchemaError("plan.outputs", "names an output twice")
     return outputs, inputs
@@ -581,6 +584,21 @@ def check_plan(plan: Any, tensors: Mapping[str, torch.Tensor], device: str, node
             if len(layer["attrs"]["args"]) != node.inputs or len(made) != node.outputs:
                 raise SchemaError(f"{where}.attrs.args", f"node {show(names[0])} has {node.inputs} input(s) and {node.outputs} output(s)")
         _check_choices(layer, where, profiles, device, indexed)
+    from kiln import dtypes
+
+    dtype_names = _dtype_names()
+    for i, spec in enumerate(plan["outputs"]):  # constant outputs: a stored tensor of the output's dtype
+        if "constant" not in spec:
+            continue
+        where = f"plan.outputs[{i}]"
+        tensor = tensors.get(spec["constant"])
+        if not isinstance(tensor, torch.Tensor):
+            raise SchemaError(f"{where}.constant", f"names {show(spec['constant'])}, not a stored tensor")
+        if tensor.dtype != dtypes.to_torch_dtype(dtype_names[spec["dtype"]]):
+            raise SchemaError(f"{where}.constant", f"is {tensor.dtype}, the output's dtype is {spec['dtype']}")
+        if spec["name"] in written:
+            raise SchemaError(f"{where}.name", f"names {show(spec['name'])}, which is also an input or a layer's output")
+        written.add(spec["name"])
     for i, name in enumerate(outputs):
         if name not in written:
             raise SchemaError(f"plan.outputs[{i}].name", f"names {show(name)}, which nothing in the plan produces")

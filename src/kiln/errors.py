@@ -53,3 +53,10 @@ _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSO
 def file_kind(mode: int) -> str:
     """What a file that is not regular is, by its ``st_mode``, for a message: "a FIFO", "a directory"..."""
     return next((name for test, name in _KINDS if test(mode)), "a special file")
+
+
+def named(error: KilnError, name: str) -> KilnError:
+    """``error`` with ``name`` (the model or engine file) in front of its message, once: the error
+    itself when it starts with it already, else a new error of its type."""
+    text = str(error)
+    return error if text.startswith(f"{name}: ") else type(error)(f"{name}: {text}")

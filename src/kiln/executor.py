@@ -12,6 +12,12 @@ Example::
 
 float32 means float32: while a model runs, TF32 is switched off in cuBLAS and cuDNN so results match
 onnxruntime's fp32 within 1e-4. Faster precisions are the builder's job, chosen per layer.
+
+Limits: ``run(feeds, timeout_s=...)`` stops at the time limit (checked between main-graph nodes
+and at every loop iteration; ``kiln.deadline``), ``cancel()`` from another thread stops the run in
+progress, and ops whose output size is known before they allocate are refused over the tensor-size
+ceiling (``kiln.ops.sizes``, ``kiln.limits``). Every error names the model first, then the node
+and op.
 """
 
 from __future__ import annotations
@@ -26,9 +32,10 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from kiln import deadline as deadlines
 from kiln import dtypes
-from kiln.errors import InputError, KilnError, OpError, UnsupportedModelError
-from kiln.ops import lookup
+from kiln.errors import InputError, KilnError, OpError, UnsupportedModelError, named
+from kiln.ops import lookup, sizes
 from kiln.ops.registry import OpContext, canonical_domain
 
 
@@ -60,6 +67,7 @@ class _GraphPlan:
             fn = lookup(domain, node.op_type, opset)
             if fn is None:
                 raise executor.unsupported(node, opset)
+            fn = sizes.bind(domain, node.op_type, fn)
             op = OpContext(node, opset, executor.device, executor.run_subgraph)
             inputs = [v.name if v is not None and v.name else None for v in node.inputs]
             outputs = [v.name for v in node.outputs]
@@ -124,6 +132,7 @@ class Executor:
         self.name = name or model.graph.name or "model"
         self.opsets = {canonical_domain(d): v for d, v in model.opset_imports.items()}
         self._plans: dict[int, _GraphPlan] = {}
+        self._running: deadlines.Deadline | None = None
         # Called as observer(step, outputs) after each main-graph step (the builder
         # records shapes and dtypes with it).
         self.observer: Any = None
@@ -154,12 +163,27 @@ class Executor:
         return {step.op.node.name: step for step in self._main.steps}
 
     # -- running ----------------------------------------------------------------------------
-    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
-        """Run the model on ``feeds`` (name -> numpy array or torch tensor); returns name -> value."""
+    def run(self, feeds: Mapping[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
+        """Run the model on ``feeds`` (name -> numpy array or torch tensor); returns name -> value.
+        ``timeout_s``: stop with ``kiln.deadline.RunStopped`` after that many seconds (the time
+        limit in effect, ``kiln.deadline.time_limit``, applies too)."""
         values = self._check_feeds(feeds)
-        with torch.inference_mode(), _exact_fp32(self.device):
-            outputs = self._execute(self._main, values, None)
+        deadline = deadlines.begin(timeout_s)
+        self._running = deadline
+        try:
+            with deadlines.running(deadline), torch.inference_mode(), _exact_fp32(self.device):
+                outputs = self._execute(self._main, values, None)
+        finally:
+            self._running = None
         return dict(zip(self._main.output_names, outputs))
+
+    def cancel(self) -> bool:
+        """Stop the run in progress (from another thread) at its next check; False when none is."""
+        running = self._running
+        if running is None:
+            return False
+        running.cancel()
+        return True
 
     def run_subgraph(self, graph: ir.Graph, inputs: Sequence[Any], outer: Any) -> list[Any]:
         plan = self._plan(graph)
@@ -169,11 +193,19 @@ class Executor:
     def _execute(self, plan: _GraphPlan, values: dict[str, Any], outer: Any) -> list[Any]:
         local: dict[str, Any] = {**plan.constants, **values}
         env = ChainMap(local, outer) if outer is not None else local
+        # the time limit is checked between main-graph nodes; loop ops check it at each iteration
+        deadline = deadlines.current() if plan is self._main else None
         for step in plan.steps:
+            if deadline is not None and deadline.expired():
+                raise named(deadline.stopped(f"node {step.op.name!r} (op {step.op.op_type})"), self.name)
             args = [env[name] if name is not None else None for name in step.inputs]
             step.op._outer = env
             try:
                 result = step.fn(step.op, *args)
+            except deadlines.RunStopped as error:  # it names where it stopped
+                if str(error).startswith(f"{self.name}: "):
+                    raise
+                raise named(error, self.name) from error
             except KilnError as error:
                 text = str(error).removeprefix(f"{self.name}: ")
                 if step.op.name not in text:  # raised inside a subgraph: name the node that holds it

@@ -24,7 +24,10 @@ verdicts (``diff_ok``, ``ref_ok``) beside the max relative differences. ``profil
 profile of the engine (TensorRT's ``--dumpProfile``) at the largest batch.
 
 Everything that is not GPU-only works on the CPU; GPU-only options (CUDA graphs, auxiliary
-streams) are refused there with a clear message.
+streams) are refused there with a clear message. Under a time limit (``kiln.deadline.time_limit``,
+``kiln bench --timeout-s``) the whole benchmark stops at it, with ``RunStopped``: the build, the
+reference runs, every measured iteration (its check is the engine's own, between layers or before
+a CUDA-graph replay) and the peers.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import torch
 from kiln.bench.measure import measure, measure_parallel, saturation, spread
 from kiln.bench.results import BenchResult, LayerTime, Row
 from kiln.bench.targets import KilnTarget, Target
+from kiln.deadline import RunStopped, time_limit
 from kiln.errors import KilnError, first_line
 
 if TYPE_CHECKING:
@@ -90,6 +94,7 @@ class BenchOptions:
     inputs: dict[str, np.ndarray] = field(default_factory=dict)
     atol: float | None = None
     rtol: float | None = None
+    timeout_s: float | None = None  # the benchmark once the model is loaded (kiln.deadline); None: no limit
 
 
 def run_bench(model: str | os.PathLike[str] | Engine, options: BenchOptions, *, module: torch.nn.Module | None = None,
@@ -97,9 +102,9 @@ def run_bench(model: str | os.PathLike[str] | Engine, options: BenchOptions, *, 
     """Measure ``model`` (an .onnx file, built here; a .kiln engine file; or an ``Engine`` already
     built or loaded, whose ONNX file ``options.onnx`` names for the peers) and its peers; see the
     module docstring. ``module``: a torch module computing the same model, for the eager and compile
-    peers. ``progress(message)`` is called as work advances."""
+    peers. ``progress(message)`` is called as work advances. ``options.timeout_s`` bounds the
+    benchmark once the model is loaded (see the module docstring)."""
     from kiln.engine import Engine
-    from kiln.inputs import engine_input_values
 
     say = progress or (lambda message: None)
     _check_options(options)
@@ -110,6 +115,14 @@ def run_bench(model: str | os.PathLike[str] | Engine, options: BenchOptions, *, 
         source, onnx_path = model, options.onnx
     else:
         source, onnx_path = _load(Path(model), options)
+    with time_limit(options.timeout_s):
+        return _run_bench(model, source, onnx_path, label, options, module, say, command)
+
+
+def _run_bench(model, source, onnx_path, label: str, options: BenchOptions, module, say, command: str) -> BenchResult:
+    from kiln.engine import Engine
+    from kiln.inputs import engine_input_values
+
     values = engine_input_values(source) if isinstance(source, Engine) else _model_inputs(source)
     axes, axes_note = batch_axes(values, options, label)
     options = replace(options, shapes=_shapes_with_inputs(values, options, axes, label))
@@ -198,6 +211,8 @@ def _reference_outputs(onnx_path, device: torch.device, feeds: Mapping[Any, Mapp
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             truths[b] = reference.outputs()
+    except RunStopped:
+        raise
     except Exception as error:  # noqa: BLE001 - no reference is a note: the timings stand without it
         notes.append(f"vs ref: the reference executor could not run this model: {type(error).__name__}: "
                      f"{first_line(error)}")
@@ -293,7 +308,7 @@ def _build(model, path: Path, values, axes: Mapping[str, int], options: BenchOpt
                    if len(batches) == 1 or name not in axes}
     say(f"building {path.name} ({', '.join(p for p in ('fp16', 'bf16', 'tf32') if getattr(config, p)) or 'fp32'}, "
         f"{len(profiles)} profile(s), optimization level {config.opt_level})")
-    return build(model, replace(config, profiles=profiles), calibration=calibration or None)
+    return build(model, replace(config, profiles=profiles), calibration=calibration or None, name=str(path))
 
 
 def batch_axes(values, options: BenchOptions, model: str = "model") -> tuple[dict[str, int], str]:
@@ -463,6 +478,8 @@ def _measure_peer(peer: Target, feeds, batch: int, reference: Mapping[str, np.nd
         peer.setup(feeds)
         row.runs = [measure(peer, batch, **timing) for _ in range(options.repeats)]
         got = peer.outputs()
+    except RunStopped:
+        raise
     except KilnError as error:
         row.error = str(error)
         return row

@@ -19,6 +19,7 @@ whose next step falls below ``threshold`` (0.5: doubling the batch gains less th
 
 from __future__ import annotations
 
+import contextvars
 import math
 import threading
 import time
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln import deadline as deadlines
 from kiln.bench.results import Run, Saturation, Stats
 from kiln.bench.targets import Target
 
@@ -83,7 +85,12 @@ def _iteration(target: Target) -> None:
     target.d2h()
 
 
-def _done(count: int, start: float, duration_s: float | None, iterations: int | None) -> bool:
+def _done(target: Target, count: int, start: float, duration_s: float | None, iterations: int | None) -> bool:
+    """Whether the timed loop is done; past the time limit in effect (``kiln.deadline``) it stops
+    with ``RunStopped`` instead, whatever the target (an onnxruntime peer checks nothing itself)."""
+    deadline = deadlines.current()
+    if deadline is not None:
+        deadline.check(f"the measurement of {target.name or 'a target'} (iteration {count})")
     if iterations is not None:
         return count >= iterations
     return time.perf_counter() - start >= (duration_s if duration_s is not None else 3.0)
@@ -96,7 +103,7 @@ def _measure_host(target: Target, warmup_ms: float, duration_s: float | None, it
         _iteration(target)
     samples: list[float] = []
     begin = time.perf_counter()
-    while not _done(len(samples), begin, duration_s, iterations):
+    while not _done(target, len(samples), begin, duration_s, iterations):
         t0 = time.perf_counter()
         _iteration(target)
         samples.append((time.perf_counter() - t0) * 1e3)
@@ -121,7 +128,7 @@ def _measure_gpu(target: Target, warmup_ms: float, duration_s: float | None, ite
             stream.synchronize()
         out = _Samples([], 0.0, [], [], [], [])
         begin = time.perf_counter()
-        while not _done(len(out.total), begin, duration_s, iterations):
+        while not _done(target, len(out.total), begin, duration_s, iterations):
             chunk = []
             for _ in range(CHUNK if iterations is None else min(CHUNK, iterations - len(out.total))):
                 events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
@@ -176,7 +183,8 @@ def measure_parallel(targets: Sequence[Target], batch: int, *, warmup_ms: float 
             errors.append(error)
             barrier.abort()
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(targets))]
+    # each thread under the caller's time limit (kiln.deadline): a thread starts without the caller's context
+    threads = [threading.Thread(target=contextvars.copy_context().run, args=(work, i)) for i in range(len(targets))]
     start = time.perf_counter()
     for thread in threads:
         thread.start()

@@ -19,6 +19,10 @@ The steps, each visible in the build log:
    float output within the engine's precision's tolerance (``kiln.precision``), moving the layers
    that drifted most towards fp32 until it is, or failing (``_check_outputs``);
 7. the engine: plan + prepared weights, deterministic for the same model, config and cache.
+
+``BuildConfig.timeout_s`` bounds all of it: the build runs under one deadline (``kiln.deadline``),
+checked between layers in each step and by every run of the model the build makes (between
+nodes, at every loop iteration), and a build past it stops with ``RunStopped``.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from kiln import deadline as deadlines
 from kiln import dtypes
 from kiln.builder import tactics as tactic_registry
 from kiln.builder.config import BuildConfig, Profile
@@ -44,7 +49,7 @@ from kiln.builder.tactics import PRECISION_DTYPES, Tactic
 from kiln.builder.tactics.conv import nhwc_region
 from kiln.builder.tactics.node import castable
 from kiln.builder.timing_cache import TimingCache
-from kiln.errors import InputError, KilnError, OpError, PrecisionError, first_line
+from kiln.errors import InputError, KilnError, OpError, PrecisionError, UnsupportedModelError, first_line, named
 from kiln.executor import Executor
 from kiln.inputs import random_array
 from kiln.passes import unique_node_names
@@ -121,23 +126,31 @@ def build(
     *,
     calibration: Mapping[str, Any] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    name: str | None = None,
 ):
     """Build an engine. ``calibration``: representative inputs (name -> array) at the first profile's
     opt shapes, for every run of the model the build makes (shape recording, the precision walk,
     the end-to-end check); seeded random ones (never zeros) for the inputs it lacks.
-    ``progress(phase, done, total)`` is called as layers are processed."""
-    from kiln.engine import Engine
-
+    ``progress(phase, done, total)`` is called as layers are processed. ``name``: what errors and
+    the log call the model (default: its file, or an ``ir.Model``'s graph name). ``config.timeout_s``
+    bounds the build once the model is loaded (``kiln.deadline.RunStopped`` after)."""
     config = config or BuildConfig()
     config.validate()
     if not isinstance(model, ir.Model):
         from kiln.onnx_io import load_model
 
-        name = str(model)
+        name = name or str(model)
         model = load_model(model)
     else:
-        name = model.graph.name or "model"
+        name = name or model.graph.name or "model"
         model = model.clone()  # the passes rewrite the graph; the caller's model stays as it was
+    with deadlines.time_limit(config.timeout_s):
+        return _build(model, name, config, calibration, progress)
+
+
+def _build(model: ir.Model, name: str, config: BuildConfig, calibration, progress):
+    from kiln.engine import Engine
+
     builder = _Builder(model, config, name, calibration, progress)
     # cuDNN picks each convolution's algorithm by timing it (cached per shape), as the engine does.
     with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False,
@@ -202,12 +215,13 @@ class _Builder:
         self.canonical: dict[int, dict[str, torch.Tensor]] = {}
         for index, item in enumerate(planned):
             self.progress("tactics", index, len(planned))
+            self._check_time(f"tactic selection for layer {item.layer.name!r} (op {'+'.join(item.layer.op_types)})")
             item.choices = [self._select(index, item, p) for p in range(len(self.profiles))]
         self.progress("tactics", len(planned), len(planned))
         self._walk(planned)
         self._check_outputs(planned)
         tensors, layer_records = self._prepare_all(planned)
-        plan = self._plan_json(planned, layer_records)
+        plan = self._plan_json(planned, layer_records, tensors)
         graph_bytes = _stripped_graph(self.model)
         try:
             self.cache.save()
@@ -316,6 +330,12 @@ class _Builder:
             feeds[value.name] = dtypes.tensor_from_numpy(array, self.device)
         return feeds
 
+    def _check_time(self, where: str) -> None:
+        """Stop at the build's time limit (``BuildConfig.timeout_s``), naming the model and ``where``."""
+        deadline = deadlines.current()
+        if deadline is not None and deadline.expired():
+            raise named(deadline.stopped(where), self.name)
+
     def _failed_run(self, cause: str) -> KilnError:
         """A run of the model inside the build (recording shapes, the precision walk, the end-to-end
         check) failed with ``cause`` (naming the node, op and error): one line that says so and, where
@@ -379,6 +399,8 @@ class _Builder:
         self.executor.observer = guarded
         try:
             return self.executor.run(feeds)
+        except deadlines.RunStopped:
+            raise
         except KilnError as error:
             if raised and error is raised[0]:
                 raise
@@ -525,6 +547,7 @@ class _Builder:
         cached_failures = []
         for attempt in range(2):
             for t, cfg in candidates if attempt == 0 else cached_failures:
+                self._check_time(f"tactic selection for layer {layer.name!r} (op {'+'.join(layer.op_types)})")
                 key = self.cache.key({**key_fields, "tactic": t.name, "config": cfg})
                 entry = self.cache.get(key) if attempt == 0 else None
                 if entry is None:
@@ -591,6 +614,8 @@ class _Builder:
             run = self._runner(t, cfg, item, index, precision)
             with _tf32(precision == "tf32"), torch.inference_mode():
                 got = run(list(inputs))
+        except deadlines.RunStopped:
+            raise
         except Exception as error:  # noqa: BLE001 - a tactic that cannot run is not chosen
             return False, f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
         for a, b in zip(got, reference):
@@ -605,6 +630,8 @@ class _Builder:
             with _tf32(precision == "tf32"), torch.inference_mode():
                 workspace = _workspace(run, inputs, self.device)
                 got = run(list(inputs))
+        except deadlines.RunStopped:
+            raise
         except Exception as error:  # noqa: BLE001 - a tactic that cannot run is not chosen
             return {"ms": None, "ok": False, "reason": f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"}
         for a, b in zip(got, reference):
@@ -739,8 +766,12 @@ class _Builder:
         env: dict[str, Any] = dict(self.opt_feeds[0])
         for index, item in enumerate(planned):
             layer = item.layer
+            where = f"layer {layer.name!r} (op {'+'.join(layer.op_types)})"
+            self._check_time(f"the end-to-end check, {where}")
             try:
                 result = self._run_choice(index, item, item.choices[0], item.precision, [env[n] for n in layer.inputs], runners)
+            except deadlines.RunStopped as error:
+                raise named(error, self.name) from error
             except Exception as error:
                 reduced = [p.layer.name for p in planned[:index] if p.precision in ("fp16", "bf16", "tf32")]
                 if not reduced and item.precision not in ("fp16", "bf16", "tf32"):
@@ -815,6 +846,8 @@ class _Builder:
         """Why the layer cannot run at ``precision`` (None: it can; its drift is then recorded)."""
         try:
             got = self._run_choice(index, item, item.choices[0], precision, ref_inputs)
+        except deadlines.RunStopped:
+            raise
         except Exception as error:  # noqa: BLE001 - an op without a kernel at this precision falls back
             return f"cannot run ({type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''})"
         worst = 0.0
@@ -851,6 +884,8 @@ class _Builder:
                 with torch.inference_mode():
                     ms = measure(lambda: run(values), self.device, 3)
                 entry = {"ms": ms, "ok": True}
+            except deadlines.RunStopped:
+                raise
             except Exception as error:  # noqa: BLE001 - timing is informative only
                 entry = {"ms": None, "ok": False, "reason": type(error).__name__}
             self.cache.put(key, entry)
@@ -862,6 +897,7 @@ class _Builder:
         records = []
         for index, item in enumerate(planned):
             self.progress("weights", index, len(planned))
+            self._check_time(f"preparing the weights of layer {item.layer.name!r}")
             record = []
             roles: dict[str, list[str]] = {}
             for choice in item.choices:
@@ -878,14 +914,12 @@ class _Builder:
         self.progress("weights", len(planned), len(planned))
         return tensors, records
 
-    def _plan_json(self, planned: list[PlannedLayer], records) -> dict:
+    def _plan_json(self, planned: list[PlannedLayer], records, tensors: dict[str, torch.Tensor]) -> dict:
         graph = self.model.graph
         declared = []
         for value in self.executor.inputs:
             declared.append({"name": value.name, "dtype": dtypes.onnx_name(value.dtype),
                              "shape": [d if isinstance(d, int) else None for d in value.shape] if value.shape is not None else None})
-        outputs = [{"name": v.name, "dtype": dtypes.onnx_name(self.facts[0].dtypes[v.name]) if v.name in self.facts[0].dtypes
-                    else dtypes.onnx_name(v.dtype)} for v in graph.outputs]
         layers = []
         for item, prep in zip(planned, records):
             layer = item.layer
@@ -909,13 +943,36 @@ class _Builder:
             "name": os.path.basename(self.name),
             "aux_streams": used,
             "inputs": declared,
-            "outputs": outputs,
+            "outputs": self._outputs_json(planned, tensors),
             "opsets": {d or "": v for d, v in sorted(self.model.opset_imports.items())},
             "profiles": [p.to_json() for p in self.profiles],
             "config": self.config.to_json(),
             "passes": {name: n for name, n in self.pass_report.rewrites.items()},
             "layers": layers,
         }
+
+
+    def _outputs_json(self, planned: list[PlannedLayer], tensors: dict[str, torch.Tensor]) -> list[dict]:
+        """The engine's outputs: each graph output once (a value listed twice is one output). One
+        that no layer computes and that is no input, an initializer or a value folded from
+        constants alone, is stored as a tensor of the engine (``constant``: its name)."""
+        facts = self.facts[0]
+        produced = {name for item in planned for name in item.layer.outputs if name} | {v.name for v in self.executor.inputs}
+        outputs = []
+        for value in self.model.graph.outputs:
+            if any(spec["name"] == value.name for spec in outputs):
+                continue
+            spec = {"name": value.name, "dtype": dtypes.onnx_name(facts.dtypes[value.name]) if value.name in facts.dtypes
+                    else dtypes.onnx_name(value.dtype)}
+            if value.name not in produced:
+                constant = self.constants.get(value.name)
+                if not isinstance(constant, torch.Tensor):
+                    raise UnsupportedModelError(f"{self.name}: output {value.name!r} is a constant kiln cannot store in an "
+                                                f"engine ({type(constant).__name__}); run the model with kiln run instead")
+                spec["constant"] = f"output.{len(outputs)}"
+                tensors[spec["constant"]] = constant.detach()
+            outputs.append(spec)
+        return outputs
 
 
 # -- helpers shared with the engine and the tests ---------------------------------------------

@@ -9,7 +9,9 @@ before fp32 when fp16 overflows. ``strongly_typed`` lets the model's own tensor 
 (an fp16 ONNX model runs in fp16) and forbids the flags, as TensorRT's strongly typed networks do.
 ``passes`` / ``skip_passes`` choose the graph passes (``kiln.passes``) run before lowering; by
 default all of them run. ``max_aux_streams`` lets independent branches run on up to that many
-streams beside each execution context's own (``kiln.builder.schedule``).
+streams beside each execution context's own (``kiln.builder.schedule``). ``timeout_s`` bounds
+the whole build, the model's runs inside it included (``kiln.deadline``); it does not shape the
+engine, so it is not stored in it.
 """
 
 from __future__ import annotations
@@ -99,6 +101,8 @@ class BuildConfig:
     skip_passes: list[str] = field(default_factory=list)
     # auxiliary streams independent branches may run on, beside each context's own (0: none)
     max_aux_streams: int = 0
+    # seconds the whole build may take (kiln.deadline.RunStopped after); None = no limit
+    timeout_s: float | None = None
 
     def validate(self) -> None:
         if self.opt_level not in OPT_LEVELS:
@@ -116,6 +120,9 @@ class BuildConfig:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
                 raise KilnError(f"{name} must be a number >= 0, got {value!r}")
+        from kiln.deadline import check_timeout
+
+        check_timeout(self.timeout_s)
         if self.memory_limit is not None and self.memory_limit < 0:
             raise KilnError(f"memory limit must be >= 0 bytes, got {self.memory_limit}")
         if self.device not in DEVICES:

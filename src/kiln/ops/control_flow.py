@@ -3,6 +3,11 @@
 A sequence is a Python list of values; an empty optional is ``None`` and a full one is its value.
 Subgraphs run through ``op.run_graph``, which makes the enclosing scope visible to the body.
 Tensors are torch tensors, or numpy object arrays for strings: the helpers below take both.
+
+Limits: every iteration of Loop, Scan and SequenceMap checks the time limit in effect
+(``kiln.deadline``), so a Loop of 2^62 trips, or one whose condition never turns false, stops
+there; scan outputs are stacked as they grow (``_Stacked``) and refused once they would pass the
+tensor-size ceiling (``kiln.limits``), before the iteration's value is kept.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from kiln import deadline as deadlines
 from kiln import dtypes
 from kiln.ops.registry import OpContext, register
 
@@ -76,6 +82,46 @@ def _empty_like_output(op: OpContext, value: ir.Value, lead: tuple[int, ...]) ->
     return torch.empty(shape, dtype=dtypes.to_torch_dtype(value.dtype), device=op.device)
 
 
+def _check_time(op: OpContext, deadline: deadlines.Deadline | None, iteration: int) -> None:
+    """Stop at the time limit in effect (``kiln.deadline``), naming this node and the iteration."""
+    if deadline is not None and deadline.expired():
+        raise deadline.stopped(f"node {op.name!r} (op {op.op_type}, iteration {iteration})")
+
+
+class _Stacked:
+    """One scan output's per-iteration values, stacked along a new axis 0 as they come.
+
+    Every ``CHUNK`` values are stacked into one tensor at once: a list of a million one-element
+    tensors costs a hundred times their bytes, so the values held stay near the size of their
+    stack. Before each value is kept, the stack it would make is checked against the tensor-size
+    ceiling, so a Loop whose scan output grows past it stops with ``ResourceLimitError``."""
+
+    CHUNK = 256
+
+    def __init__(self, op: OpContext, index: int) -> None:
+        self.op, self.index = op, index
+        self.count = 0
+        self.chunks: list[Any] = []
+        self.pending: list[Any] = []
+
+    def add(self, value: Any) -> None:
+        self.op.check_output((self.count + 1, *value.shape), value.dtype, self.index)
+        self.count += 1
+        self.pending.append(value)
+        if len(self.pending) >= self.CHUNK:
+            self.chunks.append(_stack(self.pending, 0))
+            self.pending = []
+
+    def result(self) -> Any:
+        """The stack of every value (None when there were none)."""
+        if self.pending:
+            self.chunks.append(_stack(self.pending, 0))
+            self.pending = []
+        if not self.chunks:
+            return None
+        return self.chunks[0] if len(self.chunks) == 1 else _concat(self.chunks, 0)
+
+
 def _zeros_like(x: Any, shape: tuple[int, ...]) -> Any:
     if isinstance(x, np.ndarray):
         return np.full(shape, "", dtype=object)
@@ -107,9 +153,11 @@ def loop(op, max_trip_count, cond, *initial):
     keep_going = _flag(op, cond, "cond") if use_cond else True
     cond_value = cond if use_cond else torch.tensor(True, device=op.device)
     carried = list(initial)
-    scans: list[list[Any]] = [[] for _ in range(n_scan)]
+    scans = [_Stacked(op, n_carried + k) for k in range(n_scan)]
+    deadline = deadlines.current()
     i = 0
     while keep_going and (trips is None or i < trips):
+        _check_time(op, deadline, i)
         iteration = torch.tensor(i, dtype=torch.int64, device=op.device)
         outs = op.run_graph(body, [iteration, cond_value, *carried])
         cond_value = outs[0]
@@ -117,30 +165,29 @@ def loop(op, max_trip_count, cond, *initial):
         for k, value in enumerate(outs[1 + n_carried :]):
             if not _is_tensor(value):
                 raise op.fail(f"scan output {k} is a {type(value).__name__}; Loop scan outputs must be tensors")
-            scans[k].append(value)
+            scans[k].add(value)
         if use_cond:
             keep_going = _flag(op, cond_value, "the body's cond output")
         i += 1
-    stacked = [
-        _stack(values, 0) if values else _empty_like_output(op, body.outputs[1 + n_carried + k], (0,))
-        for k, values in enumerate(scans)
-    ]
+    stacked = [scan.result() for scan in scans]
+    stacked = [value if value is not None else _empty_like_output(op, body.outputs[1 + n_carried + k], (0,))
+               for k, value in enumerate(stacked)]
     return (*carried, *stacked)
 
 
-def _scan_outputs(op, body, n_state, collected, out_axes, out_dirs):
-    """Stack each scan output's per-iteration values along its axis (reversed if its direction is 1)."""
+def _scan_outputs(op, body, n_state, collected: list[_Stacked], out_axes, out_dirs):
+    """Each scan output's per-iteration values along its axis (reversed if its direction is 1)."""
     results = []
-    for k, values in enumerate(collected):
-        if not values:
-            empty = _empty_like_output(op, body.outputs[n_state + k], (0,))
-            axis = _axis(op, out_axes[k], empty.ndim, "scan_output_axes entry")
-            results.append(np.moveaxis(empty, 0, axis) if isinstance(empty, np.ndarray) else empty.movedim(0, axis))
-            continue
-        if out_dirs[k]:
-            values = values[::-1]
-        rank = values[0].ndim + 1
-        results.append(_stack(values, _axis(op, out_axes[k], rank, "scan_output_axes entry")))
+    for k, stacked in enumerate(collected):
+        value = stacked.result()
+        if value is None:
+            value = _empty_like_output(op, body.outputs[n_state + k], (0,))
+        elif out_dirs[k]:
+            value = value[::-1] if isinstance(value, np.ndarray) else value.flip(0)
+        axis = _axis(op, out_axes[k], value.ndim, "scan_output_axes entry")
+        if axis:
+            value = np.moveaxis(value, 0, axis) if isinstance(value, np.ndarray) else value.movedim(0, axis).contiguous()
+        results.append(value)
     return results
 
 
@@ -171,13 +218,15 @@ def scan(op, *inputs):
         raise op.fail(f"scan inputs have different lengths along their scan axes: {sorted(lengths)}")
     length = lengths.pop()
     states = list(inputs[:n_state])
-    collected: list[list[Any]] = [[] for _ in range(k)]
+    collected = [_Stacked(op, n_state + j) for j in range(k)]
+    deadline = deadlines.current()
     for t in range(length):
+        _check_time(op, deadline, t)
         elems = [_select(x, a, length - 1 - t if d else t) for x, a, d in zip(xs, axes, in_dirs, strict=True)]
         outs = op.run_graph(body, [*states, *elems])
         states = list(outs[:n_state])
         for j, value in enumerate(outs[n_state:]):
-            collected[j].append(value)
+            collected[j].add(value)
     return (*states, *_scan_outputs(op, body, n_state, collected, out_axes, out_dirs))
 
 
@@ -199,26 +248,31 @@ def scan_8(op, sequence_lens, *inputs):
         raise op.fail(f"sequence_lens {lens} does not fit batch {batch} and max length {max_len}")
     final_states: list[list[Any]] = [[] for _ in range(n_state)]
     per_batch: list[list[Any]] = []  # per batch, per output: stacked values (or None when empty)
+    deadline = deadlines.current()
+    iteration = 0
     for b in range(batch):
         states = [_select(s, 0, b) for s in inputs[:n_state]]
         rows = [_select(x, 0, b) for x in xs]
-        collected: list[list[Any]] = [[] for _ in range(k)]
+        collected = [_Stacked(op, n_state + j) for j in range(k)]
         n = lens[b]
         for t in range(n):
+            _check_time(op, deadline, iteration)
+            iteration += 1
             elems = [_select(r, 0, n - 1 - t if d else t) for r, d in zip(rows, dirs, strict=True)]
             outs = op.run_graph(body, [*states, *elems])
             states = list(outs[:n_state])
             for j, value in enumerate(outs[n_state:]):
-                collected[j].append(value)
+                collected[j].add(value)
         for j, s in enumerate(states):
             final_states[j].append(s)
-        per_batch.append([_stack(v, 0) if v else None for v in collected])
+        per_batch.append([stacked.result() for stacked in collected])
     results = []
     for j in range(k):
         sample = next((row[j] for row in per_batch if row[j] is not None), None)
         if sample is None:
             results.append(_empty_like_output(op, body.outputs[n_state + j], (batch, max_len)))
             continue
+        op.check_output((batch, max_len, *sample.shape[1:]), sample.dtype, n_state + j)
         padded = []
         for row in per_batch:
             value = row[j]
@@ -240,7 +294,9 @@ def sequence_map(op, sequence, *extra):
         if isinstance(x, list) and len(x) != n:
             raise op.fail(f"sequence inputs have different lengths ({n} and {len(x)})")
     outputs: list[list[Any]] = [[] for _ in body.outputs]
+    deadline = deadlines.current()
     for i in range(n):
+        _check_time(op, deadline, i)
         args = [sequence[i], *[x[i] if isinstance(x, list) else x for x in extra]]
         for j, value in enumerate(op.run_graph(body, args)):
             outputs[j].append(value)
@@ -343,9 +399,15 @@ def concat_from_sequence(op, sequence):
     if op.attr("axis") is None:
         raise op.fail("the 'axis' attribute is required")
     rank = sequence[0].ndim
+    first = sequence[0]
     if op.attr("new_axis", 0):
-        return _stack(list(sequence), _axis(op, op.attr("axis"), rank + 1))
-    return _concat(list(sequence), _axis(op, op.attr("axis"), rank))
+        axis = _axis(op, op.attr("axis"), rank + 1)
+        op.check_output((*first.shape[:axis], len(sequence), *first.shape[axis:]), first.dtype)
+        return _stack(list(sequence), axis)
+    axis = _axis(op, op.attr("axis"), rank)
+    if all(x.ndim == rank for x in sequence):
+        op.check_output((*first.shape[:axis], sum(x.shape[axis] for x in sequence), *first.shape[axis + 1:]), first.dtype)
+    return _concat(list(sequence), axis)
 
 
 # -- optionals ----------------------------------------------------------------------------------

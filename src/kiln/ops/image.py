@@ -148,6 +148,7 @@ def _resize(op: OpContext, x, out_sizes, scales, rois, cfg):
         y = x.to(work)
     else:
         y = x
+    op.check_output(out_sizes, y.dtype)
     for axis in cfg["order"]:
         out_len, scale, roi = out_sizes[axis], scales[axis], rois[axis]
         trivial_roi = cfg["ctm"] != "tf_crop_and_resize" or (math.isclose(roi[0], 0.0) and math.isclose(roi[1], 1.0))
@@ -564,6 +565,8 @@ def _roi_align(op: OpContext, x, rois, batch_indices, half_pixel: bool):
         grid_h, grid_w = torch.ceil(size_h / ph), torch.ceil(size_w / pw)
     count = (grid_h * grid_w).clamp(min=1)
     gh, gw = max(int(grid_h.max()), 1), max(int(grid_w.max()), 1)
+    op.check_output((n_rois, channels, ph, pw), cdt)
+    op.check_output((1, channels, ph, gh, 2, pw, gw, 2), cdt, what="the sampling points of one region")
     batch = batch_indices.to(torch.int64)
     out = []
     chunk = max(1, (1 << 24) // max(1, channels * ph * pw * gh * gw * 4))
@@ -682,6 +685,7 @@ def col2im(op: OpContext, x, image_shape, block_shape):
     counts = [(padded[d] - dilations[d] * (block[d] - 1) - 1) // strides[d] + 1 for d in range(r)]
     if math.prod(counts) != length or any(v < 1 for v in counts):
         raise op.fail(f"input has {length} blocks, the shapes give {counts}")
+    op.check_output((n, c, *padded), x.dtype, what="its padded image")
     dev = x.device
     flat = torch.zeros((k_total, length), dtype=torch.int64, device=dev)
     kidx = torch.meshgrid(*[torch.arange(k, device=dev) for k in block], indexing="ij")

@@ -101,6 +101,8 @@ def _dft(op: OpContext, x, dft_length, axis: int):
         n = 2 * (signal.shape[axis] - 1)
     else:
         n = signal.shape[axis]
+    op.check_output((*signal.shape[:axis], max(n, 0), *signal.shape[axis + 1:]), torch.complex128
+                    if signal.dtype == torch.complex128 else torch.complex64, what="its transform")
     if inverse and onesided:
         return torch.fft.irfft(signal, n=n, dim=axis).unsqueeze(-1).to(x.dtype)
     if inverse:
@@ -139,6 +141,7 @@ def stft(op: OpContext, signal, frame_step, window=None, frame_length=None):
     step = int(frame_step)
     if step <= 0 or n <= 0 or n > length:
         raise op.fail(f"frame_step {step} / frame_length {n} do not fit a signal of length {length}")
+    op.check_output((x.shape[0], (length - n) // step + 1, n), x.dtype, what="its transformed frames")
     frames = x.unfold(1, n, step)  # [batch, frames, n]
     if window is not None:
         frames = frames * window.to(frames.real.dtype)

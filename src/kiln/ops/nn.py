@@ -143,6 +143,10 @@ def conv(op: OpContext, x, w, b=None):
     strides, dilations = _spatial(op, x, nd)
     kernel = list(w.shape[2:])
     begin, end = _pads(op, list(x.shape[2:]), kernel, strides, dilations)
+    padded = [n + b + e for n, b, e in zip(x.shape[2:], begin, end, strict=True)]
+    op.check_output((*x.shape[:2], *padded), x.dtype, what="its padded input")
+    op.check_output((x.shape[0], w.shape[0], *[(p - d * (k - 1) - 1) // s + 1 if s > 0 else 0 for p, k, s, d in
+                                               zip(padded, kernel, strides, dilations, strict=True)]), x.dtype)
     padding = begin
     if begin != end or min(begin, default=0) < 0:
         x = F.pad(x, _torch_pad(begin, end))
@@ -175,6 +179,9 @@ def conv_transpose(op: OpContext, x, w, b=None):
     else:
         begin, end = _pads(op, sizes, kernel, strides, dilations)
         out = [f + p - bb - e for f, p, bb, e in zip(full, output_padding, begin, end, strict=True)]
+    channels = w.shape[1] * group
+    op.check_output((x.shape[0], channels, *full), x.dtype, what="its full transposed convolution")
+    op.check_output((x.shape[0], channels, *out), x.dtype)
     y = _CONV_TRANSPOSE[nd](x, w, None, stride=strides, padding=0, output_padding=0, groups=group, dilation=dilations)
     y = F.pad(y, _torch_pad([-bb for bb in begin], [bb + o - f for bb, o, f in zip(begin, out, full, strict=True)]))
     if b is not None:
@@ -207,6 +214,9 @@ class _Window:
             if ceil_mode and (out - 1) * s >= n + self.begin[i]:
                 out -= 1  # the last window must start inside the input or the left padding
             self.out.append(out)
+        padded = [n + b + e for n, b, e in zip(self.sizes, self.begin, self.end, strict=True)]
+        op.check_output((*x.shape[:2], *padded), x.dtype, what="its padded input")
+        op.check_output((*x.shape[:2], *self.out), x.dtype)
 
     @property
     def symmetric(self) -> bool:
@@ -369,6 +379,7 @@ def max_unpool(op: OpContext, x, indices, output_shape=None):
         (n - 1) * s - (pads[i] + pads[nd + i]) + k
         for i, (n, s, k) in enumerate(zip(x.shape[2:], strides, kernel, strict=True))
     ]
+    op.check_output(inferred, x.dtype)
     y = torch.zeros(math.prod(inferred), dtype=x.dtype, device=x.device)
     y.scatter_(0, indices.reshape(-1).to(torch.int64), x.reshape(-1))
     y = y.reshape(inferred)
@@ -378,6 +389,7 @@ def max_unpool(op: OpContext, x, indices, output_shape=None):
     if len(shape) != len(inferred) or any(s < i for s, i in zip(shape, inferred, strict=True)):
         raise op.fail(f"output_shape {shape} is smaller than the unpooled shape {inferred}")
     grow = [s - i for s, i in zip(shape, inferred, strict=True)]
+    op.check_output(shape, x.dtype)
     return F.pad(y, _torch_pad([0] * len(shape), grow))
 
 

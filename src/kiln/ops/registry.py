@@ -29,6 +29,7 @@ import torch
 
 from kiln.dtypes import tensor_from_numpy
 from kiln.errors import UnsupportedModelError
+from kiln.limits import check_tensor_bytes
 
 OpFunction = Callable[..., Any]
 
@@ -139,6 +140,15 @@ class OpContext:
         return UnsupportedModelError(
             f"node {self.name!r} (op {self.domain or 'ai.onnx'}::{self.op_type}, opset {self.opset}): {reason}"
         )
+
+    def check_output(self, shape: Sequence[int], dtype: Any, index: int = 0, what: str | None = None) -> None:
+        """Refuse, before it is allocated, an output of ``shape`` and ``dtype`` (torch, numpy or
+        onnx-ir) over the tensor-size ceiling (``kiln.limits``): a ``ResourceLimitError`` naming
+        this node, its op and output ``index`` (or ``what``), the shape and the bytes."""
+        if what is None:
+            value = self.node.outputs[index] if index < len(self.node.outputs) else None
+            what = f"output {value.name!r}" if value is not None and value.name else f"output {index}"
+        check_tensor_bytes(shape, dtype, f"node {self.name!r} (op {self.op_type}): {what}", device=self.device)
 
     def tensor(self, data: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A new tensor on this op's device."""

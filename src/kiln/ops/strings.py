@@ -370,6 +370,7 @@ def tfidf_vectorizer(op, x):
     if len(shape) > 2:
         raise op.fail(f"input must have shape [C] or [N, C], got {list(shape)}")
     rows, width = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0] if shape else 1)
+    op.check_output((rows, size), torch.float64, what="its rows (held as Python floats first)")
     table, prefixes = _tfidf_table(op, pool, lo, hi, len(indexes))
     out = [[0.0] * size for _ in range(rows)]
     for r in range(rows):

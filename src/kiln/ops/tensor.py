@@ -426,6 +426,7 @@ def _pad(op: OpContext, x, pads: list[int], mode: str, value, axes: list[int] | 
     out_shape = [n + b + e for n, (b, e) in zip(x.shape, widths, strict=True)]
     if min(out_shape, default=0) < 0:
         raise op.fail(f"pads {pads} crop more than the input shape {list(x.shape)}")
+    op.check_output(out_shape, x.dtype)
     if mode == "constant":
         if value is None:
             value = torch.zeros((), dtype=x.dtype, device=x.device)

@@ -23,6 +23,12 @@ and the compiled steps, and nothing in it changes while it runs. A context holds
 - **its profiler** (``profiler = fn(layer, ms)``): while set, each run after the first at a shape
   runs layer by layer (no CUDA graph) and reports every layer's time (TensorRT's ``IProfiler``).
 
+Limits: every run takes ``timeout_s`` (and runs under the time limit in effect,
+``kiln.deadline``), checked between layers and before each CUDA-graph replay (a replay, once
+launched, runs to its end); ``cancel()`` from another thread stops the run in progress at its next
+check (onnxruntime's ``RunOptions.terminate``). Either raises ``kiln.deadline.RunStopped``. Errors
+name the engine first, then the layer and its ops.
+
 ``run(inputs)`` returns when the outputs are ready; ``run_async(inputs, stream)`` only queues the
 work behind what ``stream`` (default: the current stream) already holds and makes ``stream`` wait
 for it, with no host synchronization. Inputs are numpy arrays or torch tensors on the CPU or the
@@ -48,8 +54,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kiln import deadline as deadlines
 from kiln import dtypes
-from kiln.errors import InputError, KilnError, OpError
+from kiln.errors import InputError, KilnError, OpError, named
+from kiln.limits import check_tensor_bytes
 
 if TYPE_CHECKING:
     from kiln.engine import Engine, _Step
@@ -114,6 +122,7 @@ class ExecutionContext:
         self.profiler: Callable[[str, float], None] | None = None
         self._lock = threading.Lock()
         self._owner: int | None = None
+        self._running: deadlines.Deadline | None = None
         self._shapes: OrderedDict[tuple, dict[int, Any]] = OrderedDict()
         self._graphs: OrderedDict[tuple, _Graph | None] = OrderedDict()
         self._bound_inputs: list[torch.Tensor] | None = None
@@ -207,17 +216,19 @@ class ExecutionContext:
         self.run(inputs)
 
     # -- running ---------------------------------------------------------------------------------
-    def run(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    def run(self, inputs: Mapping[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
         """Run the plan on ``inputs`` (name -> numpy array or torch tensor) and return the outputs
-        (name -> tensor on the engine's device) once they are ready."""
-        with self._entered():
+        (name -> tensor on the engine's device) once they are ready. ``timeout_s``: stop with
+        ``kiln.deadline.RunStopped`` after that many seconds."""
+        with self._entered(timeout_s):
             values, profile = self.engine.check_inputs(inputs, self.profile)
             if self.stream is None:
                 return self._enqueue(values, profile)
             return self._sync(lambda: self._enqueue([self._on_device(v, pinned=False) for v in values], profile),
                               any(v.device.type == "cuda" for v in values))
 
-    def run_async(self, inputs: Mapping[str, Any], stream: torch.cuda.Stream | None = None) -> dict[str, Any]:
+    def run_async(self, inputs: Mapping[str, Any], stream: torch.cuda.Stream | None = None,
+                  timeout_s: float | None = None) -> dict[str, Any]:
         """Queue the plan on ``inputs`` behind the work already on ``stream`` (default: the current
         stream), make ``stream`` wait for it, and return the outputs without waiting: they are
         ready in ``stream``'s order. Host inputs are copied through pinned memory. On the CPU
@@ -225,44 +236,58 @@ class ExecutionContext:
         if self.stream is None:
             if stream is not None:
                 raise KilnError(f"{self.name}: this engine runs on the CPU, which has no streams; call run_async without one")
-            return self.run(inputs)
-        with self._entered():
+            return self.run(inputs, timeout_s)
+        with self._entered(timeout_s):
             values, profile = self.engine.check_inputs(inputs, self.profile)
             return self._async(lambda: self._enqueue([self._on_device(v, pinned=True) for v in values], profile), stream)
 
-    def execute(self) -> dict[str, Any]:
+    def execute(self, timeout_s: float | None = None) -> dict[str, Any]:
         """Run the plan on the bound tensors (``bind``) and wait for it."""
-        with self._entered():
+        with self._entered(timeout_s):
             values, profile = self._bound()
             if self.stream is None:
                 return self._enqueue(values, profile, self._bound_outputs, bound=True)
             return self._sync(lambda: self._enqueue(values, profile, self._bound_outputs, bound=True), True)
 
-    def execute_async(self, stream: torch.cuda.Stream | None = None) -> dict[str, Any]:
+    def execute_async(self, stream: torch.cuda.Stream | None = None, timeout_s: float | None = None) -> dict[str, Any]:
         """``execute`` queued behind ``stream``'s work (default: the current stream), without waiting."""
         if self.stream is None:
             if stream is not None:
                 raise KilnError(f"{self.name}: this engine runs on the CPU, which has no streams; call execute_async without one")
-            return self.execute()
-        with self._entered():
+            return self.execute(timeout_s)
+        with self._entered(timeout_s):
             values, profile = self._bound()
             return self._async(lambda: self._enqueue(values, profile, self._bound_outputs, bound=True), stream)
 
+    def cancel(self) -> bool:
+        """Stop the run in progress (from another thread) at its next check between layers or loop
+        iterations, with ``kiln.deadline.RunStopped``; False when no run is in progress."""
+        running = self._running
+        if running is None:
+            return False
+        running.cancel()
+        return True
+
     # -- internals -------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _entered(self):
+    def _entered(self, timeout_s: float | None = None):
         """The context's lock: threads sharing the context take turns; a call from inside a call
-        on the same thread (which would deadlock) is refused."""
+        on the same thread (which would deadlock) is refused. Inside, a deadline of ``timeout_s``
+        (nested in the one in effect) is the run's, and ``cancel()`` stops it."""
         me = threading.get_ident()
         if self._owner == me:
             raise KilnError(f"{self.name}: the execution context is already running on this thread; "
                             "a call from inside it needs a context of its own")
+        deadline = deadlines.begin(timeout_s)
         with self._lock:
             self._owner = me
+            self._running = deadline
             try:
-                yield
+                with deadlines.running(deadline):
+                    yield
             finally:
                 self._owner = None
+                self._running = None
 
     def _bound(self) -> tuple[list[torch.Tensor], int]:
         if self._bound_inputs is None:
@@ -325,6 +350,7 @@ class ExecutionContext:
         if self.cuda_graph and self.profiler is None:
             entry = self._graph(shape_key, profile, values, cached, into, bound)
             if entry is not None:
+                self._check_time("a CUDA-graph replay")
                 if not bound:
                     for buffer, value in zip(entry.inputs, values):
                         buffer.copy_(value)
@@ -337,6 +363,11 @@ class ExecutionContext:
         results, _ = self._execute(engine._lean[profile], values, cached)
         self.stats.eager_runs += 1
         return self._deliver(results, into)
+
+    def _check_time(self, where: str) -> None:
+        deadline = deadlines.current()
+        if deadline is not None and deadline.expired():
+            raise named(deadline.stopped(where), self.name)
 
     def _profiled(self, steps: list[_Step], values: list[torch.Tensor], cached: dict[int, Any]) -> dict[str, Any]:
         """One eager run that reports each layer's time to ``profiler`` (CUDA events on the layer's
@@ -430,6 +461,8 @@ class ExecutionContext:
         env: list[Any] = [None] * engine._slot_count
         for slot, value in zip(engine._input_slots, values):
             env[slot] = value
+        for slot, value in engine._constant_slots.items():
+            env[slot] = value
         if cached is not None:
             for slot, value in cached.items():
                 env[slot] = value
@@ -442,9 +475,14 @@ class ExecutionContext:
             for aux in self._aux:
                 aux.wait_event(self._fork)
         step = None
+        deadline = deadlines.current()
         try:
             with torch.inference_mode():
                 for step in steps:
+                    if deadline is not None and deadline.expired():
+                        raise deadline.stopped(step.where)
+                    if first and step.broadcast is not None:
+                        self._check_broadcast(step, env)
                     if several:
                         stream = self._streams[self._stream_of[step.stream]]
                         for event in step.waits:
@@ -478,17 +516,27 @@ class ExecutionContext:
                 for spec, slot, dtype in zip(engine.outputs, engine._output_slots, engine._output_dtypes):
                     value = env[slot]
                     if isinstance(value, torch.Tensor):
-                        value = value.to(dtype).contiguous()
+                        # an input or a constant handed straight out is a copy: the caller may write to it
+                        value = value.to(dtype, copy=slot in engine._held_slots).contiguous()
                     results[spec["name"]] = value
-        except KilnError:
-            raise
+        except KilnError as error:
+            if str(error).startswith(f"{self.name}: "):
+                raise
+            raise named(error, self.name) from error
         except Exception as error:  # noqa: BLE001 - any layer failure is reported with its layer
             if on_cuda and torch.cuda.is_current_stream_capturing():
                 error.add_note(f"while capturing layer {step.name!r}" if step is not None else "while capturing")
                 raise
-            where = f"layer {step.name!r}" if step is not None else "the engine"
+            where = step.where if step is not None else "the engine"
             raise OpError(f"{self.name}: {where} failed: {type(error).__name__}: {error}") from error
         return results, captured
+
+    def _check_broadcast(self, step: _Step, env: list[Any]) -> None:
+        """A Pointwise layer's output (the broadcast of its inputs and weights) against the tensor-size
+        ceiling, before it is computed: on the first run at a shape, which later runs repeat."""
+        inputs = [env[s] for s in step.in_slots]
+        shape = torch.broadcast_shapes(*(tuple(v.shape) for v in inputs), *step.broadcast)
+        check_tensor_bytes(shape, step.cast_dtype or inputs[0].dtype, f"{step.where}: its output", device=self.device)
 
     def _timed_step(self, step: _Step, env: list[Any], on_cuda: bool, timings: list | None, stream) -> None:
         if timings is None:
