@@ -95,7 +95,7 @@ import wave
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -296,11 +296,8 @@ def select_models(patterns: str | None) -> list[Model]:
 # -- fetch ---------------------------------------------------------------------------------------
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def fetch_wheel(key: str, wheels: Path) -> Path:
@@ -1015,7 +1012,7 @@ def device_name(device: str) -> str:
 def new_results(device: str, argv: list[str]) -> dict[str, Any]:
     command = "python3 benchmarks/third_party.py " + " ".join(shlex.quote(a) for a in argv)
     return {"meta": {"device": device, "device_name": device_name(device), "versions": versions(),
-                     "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "command": command},
+                     "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "command": command},
             "models": {}}
 
 
@@ -1266,7 +1263,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "render":
         runs = [json.loads(path.read_text()) for path in args.results]
-        for device, results in merge(runs).items():
+        for results in merge(runs).values():
             print("\n".join(device_section(results)))
         if args.update:
             update_doc(args.update, runs)

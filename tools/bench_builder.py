@@ -303,11 +303,8 @@ def layer_table(engine) -> list[dict[str, Any]]:
 
 
 def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 # -- correctness -------------------------------------------------------------------------------

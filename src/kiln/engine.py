@@ -46,6 +46,7 @@ from kiln import dtypes, engine_schema
 from kiln.atomic_file import write_atomically
 from kiln.builder.schedule import cross_stream_waits, static_layers
 from kiln.errors import InputError, KilnError
+from kiln.regular_file import UnreadableFile, read_regular_file
 
 FORMAT = "kiln-engine"
 VERSION = 1
@@ -541,22 +542,11 @@ def load_engine(path: str | os.PathLike[str], device: str | None = None, *, key:
 def _read_engine(path: str) -> bytes:
     """The file's bytes: a regular file (a FIFO in its place must not hang the load) within the size limit."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as error:
-        raise EngineLoadError(f"{path}: cannot read the engine ({error.strerror or error})") from error
-    try:
-        with os.fdopen(fd, "rb") as handle:
-            info = os.fstat(handle.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise EngineLoadError(f"{path}: not a regular file; cannot read it as an engine")
-            if info.st_size > MAX_ENGINE_BYTES:
-                raise EngineLoadError(f"{path}: {info.st_size} bytes is larger than any engine kiln writes")
-            data = handle.read(info.st_size + 1)
-    except OSError as error:
-        raise EngineLoadError(f"{path}: cannot read the engine ({error.strerror or error})") from error
-    if len(data) != info.st_size:
-        raise EngineLoadError(f"{path}: the file changed while it was read; try again")
-    return data
+        return read_regular_file(path, MAX_ENGINE_BYTES)
+    except FileNotFoundError:
+        raise EngineLoadError(f"{path}: cannot read the engine: no such file") from None
+    except UnreadableFile as error:
+        raise EngineLoadError(f"{path}: {error.reason}; cannot read it as an engine") from None
 
 
 # sha256 of an embedded graph -> its checked main-graph nodes (a graph is checked once per process)

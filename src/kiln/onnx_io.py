@@ -53,6 +53,7 @@ from kiln import dtypes
 from kiln.errors import ModelLoadError, UnsupportedModelError, file_kind, first_line
 from kiln.ops import lookup
 from kiln.ops.registry import canonical_domain
+from kiln.regular_file import UnreadableFile, read_regular_file
 
 # Highest opset of each domain kiln implements (onnx 1.23's: its node tests are kiln's conformance suite).
 MAX_OPSETS = {"": 28, "ai.onnx.ml": 5, "ai.onnx.preview.training": 1, "ai.onnx.preview": 1, "ai.kiln": 1}
@@ -104,18 +105,13 @@ def load_model(path: str | os.PathLike[str], *, max_bytes: int | None = None) ->
 
 
 def _read_regular(path: Path, label: str, size: int) -> bytes:
-    """The bytes of the regular file of ``size`` bytes that ``stat`` found, opened without waiting
-    (a FIFO put in its place since does not block the read) and checked again by ``fstat``."""
+    """The bytes of the regular file of ``size`` bytes that ``stat`` found (a FIFO put in its place
+    since does not block the read)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        with os.fdopen(fd, "rb") as handle:
-            info = os.fstat(handle.fileno())
-            data = handle.read(size + 1) if stat.S_ISREG(info.st_mode) else b""
-    except OSError as error:
-        raise ModelLoadError(f"{label}: cannot read it ({error.strerror or error})") from None
-    if len(data) != size:
-        raise ModelLoadError(f"{label}: the file changed while it was read; try again")
-    return data
+        return read_regular_file(path, size, size=size)
+    except (FileNotFoundError, UnreadableFile) as error:
+        reason = error.reason if isinstance(error, UnreadableFile) else "the file changed while it was read; try again"
+        raise ModelLoadError(f"{label}: {reason}") from None
 
 
 @contextlib.contextmanager
@@ -407,7 +403,7 @@ def _unknown_placeholder_dims(proto: onnx.ModelProto) -> None:
     or two axes that must agree because both are called "?". Values in tensors (Reshape's -1) are
     not dims and keep their meaning. Covers graph inputs, outputs and value_info in every subgraph
     and model-local function."""
-    values = [v for g in _graphs(proto.graph) for v in (*g.input, *g.output, *g.value_info)]
+    values = [v for g in graphs_of(proto.graph) for v in (*g.input, *g.output, *g.value_info)]
     for function in proto.functions:
         values.extend(function.value_info)
         values.extend(v for g in _subgraphs(function.node) for v in (*g.input, *g.output, *g.value_info))
@@ -427,7 +423,8 @@ def _unknown_placeholders_in(type_proto: onnx.TypeProto) -> None:
         _unknown_placeholders_in(type_proto.map_type.value_type)
 
 
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+def graphs_of(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and its subgraphs, depth first, in node and attribute order."""
     yield graph
     yield from _subgraphs(graph.node)
 
@@ -437,14 +434,14 @@ def _subgraphs(nodes) -> Iterator[onnx.GraphProto]:
     for node in nodes:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
+                yield from graphs_of(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for sub in attr.graphs:
-                    yield from _graphs(sub)
+                    yield from graphs_of(sub)
 
 
 def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    for g in _graphs(graph):
+    for g in graphs_of(graph):
         yield from g.node
 
 
@@ -627,7 +624,7 @@ def _check_input_types(proto: onnx.ModelProto, name: str) -> None:
 
 
 def _check_no_sparse(proto: onnx.ModelProto, name: str) -> None:
-    where = [f"sparse initializer {t.values.name!r}" for g in _graphs(proto.graph) for t in g.sparse_initializer]
+    where = [f"sparse initializer {t.values.name!r}" for g in graphs_of(proto.graph) for t in g.sparse_initializer]
     where += [
         f"attribute {a.name!r} of node {n.name or n.op_type!r}"
         for n in _nodes(proto.graph)

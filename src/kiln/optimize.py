@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from kiln.atomic_file import write_atomically
 from kiln.errors import KilnError
-from kiln.onnx_io import MAX_OPSETS, load_model_proto
+from kiln.onnx_io import MAX_OPSETS, graphs_of, load_model_proto
 from kiln.passes import PassContext, PassReport, op_counts, opset, run_passes, select_passes
 
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -133,12 +133,12 @@ def _drop_inferable_value_info(proto: onnx.ModelProto) -> bool:
     inference gives back as they are: a reader infers them anyway, and a file whose input had none
     must not grow by them. Entries inference cannot recompute (ai.kiln ops' outputs, say) stay.
     Returns whether anything was removed."""
-    graphs = list(_graphs(proto.graph))
+    graphs = list(graphs_of(proto.graph))
     entries = [list(g.value_info) for g in graphs]
     for g in graphs:
         del g.value_info[:]
     try:
-        inferred = list(_graphs(onnx.shape_inference.infer_shapes(proto).graph))
+        inferred = list(graphs_of(onnx.shape_inference.infer_shapes(proto).graph))
     except Exception:  # noqa: BLE001  (inference failing on some op: keep every entry)
         inferred = [onnx.GraphProto() for _ in graphs]
     removed = False
@@ -148,18 +148,6 @@ def _drop_inferable_value_info(proto: onnx.ModelProto) -> bool:
         g.value_info.extend(vi for vi in kept if known.get(vi.name) != vi.type and vi.name not in weights)
         removed |= len(g.value_info) < len(kept)
     return removed
-
-
-def _graphs(graph: onnx.GraphProto):
-    """``graph`` and its subgraphs, depth first, in node and attribute order."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _graphs(sub)
 
 
 def _check(model: onnx.ModelProto | str, name: str) -> None:

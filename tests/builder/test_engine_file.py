@@ -24,8 +24,6 @@ from kiln.compare import diff, run_onnxruntime
 from kiln.engine import _digest
 from tests.builder.graphs import tiny_model
 
-
-
 # -- models and helpers ---------------------------------------------------------------------------
 
 def feeds_for(batch: int = 2, seed: int = 1) -> dict[str, np.ndarray]:

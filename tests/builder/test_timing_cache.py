@@ -244,7 +244,7 @@ def test_oversized_file_is_refused_unread(tmp_path, monkeypatch):
     path.write_bytes(_json(_valid_document()))
     monkeypatch.setattr(timing_cache, "MAX_FILE_BYTES", 10)
     monkeypatch.setattr(timing_cache, "_parse", lambda data: pytest.fail("an oversized file was parsed"))
-    with pytest.warns(TimingCacheWarning, match="larger than") as record:
+    with pytest.warns(TimingCacheWarning, match="over the 10-byte limit") as record:
         cache = TimingCache(path, ENV)
     assert len(record) == 1 and len(cache) == 0
 

@@ -915,7 +915,6 @@ class _Builder:
         return tensors, records
 
     def _plan_json(self, planned: list[PlannedLayer], records, tensors: dict[str, torch.Tensor]) -> dict:
-        graph = self.model.graph
         declared = []
         for value in self.executor.inputs:
             declared.append({"name": value.name, "dtype": dtypes.onnx_name(value.dtype),

@@ -28,6 +28,7 @@ from typing import Any
 
 from kiln.atomic_file import write_atomically
 from kiln.errors import KilnError
+from kiln.regular_file import UnreadableFile, read_regular_file
 
 FORMAT = "kiln-timing-cache"
 VERSION = 1
@@ -112,25 +113,11 @@ def _parse(data: bytes) -> dict[str, dict[str, Any]]:
 def _read(path: str) -> dict[str, dict[str, Any]] | None:
     """The entries in the cache file at ``path``, or None if there is no file; raises ``_Refused``."""
     try:
-        # O_NONBLOCK: a FIFO put in the cache's place must not hang the build.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        data = read_regular_file(path, MAX_FILE_BYTES)
     except FileNotFoundError:
         return None
-    except OSError as error:
-        raise _Refused(f"it cannot be read ({error.strerror or error})") from None
-    try:
-        with os.fdopen(fd, "rb") as handle:
-            info = os.fstat(handle.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise _Refused("it is not a regular file")
-            limit = MAX_FILE_BYTES
-            if info.st_size > limit:
-                raise _Refused(f"it is {info.st_size} bytes, larger than the {limit}-byte limit")
-            data = handle.read(limit + 1)  # the file may grow after the fstat
-    except OSError as error:
-        raise _Refused(f"it cannot be read ({error.strerror or error})") from None
-    if len(data) > limit:
-        raise _Refused(f"it is larger than the {limit}-byte limit")
+    except UnreadableFile as error:
+        raise _Refused(error.reason) from None
     return _parse(data)
 
 
