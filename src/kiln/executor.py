@@ -193,8 +193,10 @@ class Executor:
     def _execute(self, plan: _GraphPlan, values: dict[str, Any], outer: Any) -> list[Any]:
         local: dict[str, Any] = {**plan.constants, **values}
         env = ChainMap(local, outer) if outer is not None else local
-        # the time limit is checked between main-graph nodes; loop ops check it at each iteration
-        deadline = deadlines.current() if plan is self._main else None
+        # the time limit is checked between main-graph nodes; loop ops check it at each iteration.
+        # Not while torch.compile traces the executor (bench's peer): a traced graph runs as one
+        # piece, and reading the context variable would break the graph inside this loop.
+        deadline = deadlines.current() if plan is self._main and not torch.compiler.is_compiling() else None
         for step in plan.steps:
             if deadline is not None and deadline.expired():
                 raise named(deadline.stopped(f"node {step.op.name!r} (op {step.op.op_type})"), self.name)
