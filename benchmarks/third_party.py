@@ -826,64 +826,19 @@ def loaded(context: dict[str, Any]):
     return context["model"].clone()
 
 
-def float64_copy(proto):
-    """The model with every float32 tensor, type and cast made float64 (subgraphs too): a referee
-    for "kiln or onnxruntime?" when the two disagree in float32 (float64 rounding is 1e-16)."""
-    import onnx
-    from onnx import TensorProto, numpy_helper
-
-    def tensor(t):
-        if t.data_type == TensorProto.FLOAT:
-            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name))
-
-    def value(v):
-        if v.type.tensor_type.elem_type == TensorProto.FLOAT:
-            v.type.tensor_type.elem_type = TensorProto.DOUBLE
-
-    def graph(g):
-        for t in g.initializer:
-            tensor(t)
-        for v in list(g.input) + list(g.output) + list(g.value_info):
-            value(v)
-        for node in g.node:
-            for a in node.attribute:
-                if a.name in ("to", "dtype") and a.type == onnx.AttributeProto.INT and a.i == TensorProto.FLOAT:
-                    a.i = TensorProto.DOUBLE
-                elif a.type == onnx.AttributeProto.TENSOR:
-                    tensor(a.t)
-                elif a.type == onnx.AttributeProto.GRAPH:
-                    graph(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sub in a.graphs:
-                        graph(sub)
-            if node.op_type == "Constant" and any(a.name == "value_float" for a in node.attribute):
-                number = next(a.f for a in node.attribute if a.name == "value_float")
-                del node.attribute[:]
-                node.attribute.append(onnx.helper.make_attribute("value", numpy_helper.from_array(np.array(number))))
-
-    copy = onnx.ModelProto()
-    copy.CopyFrom(proto)
-    graph(copy.graph)
-    return copy
-
-
 def referee(model: Model, args, context: dict[str, Any], got: Mapping[str, Any]) -> dict[str, Any]:
     """How far ``got`` (kiln) and onnxruntime each are from the model run in float64 by kiln's
     reference executor on the CPU (computed once per model): max |x - f64| / max |f64| over the
     float outputs."""
-    import onnx
-
     from kiln.dtypes import tensor_to_numpy
     from kiln.executor import Executor
-    from kiln.onnx_io import load_model_proto
+    from kiln.float64 import distance, float64_model, widen
 
-    path, feeds, reference = load_case(model, args, context)
+    _, feeds, reference = load_case(model, args, context)
     if "float64" not in context:
         try:
-            proto = float64_copy(onnx.load(str(path)))
-            executor = Executor(load_model_proto(proto, name=f"{model.name} (float64)", base_dir=path.parent), "cpu")
-            wide = {n: a.astype(np.float64) if a.dtype == np.float32 else a for n, a in feeds.items()}
-            context["float64"] = {n: tensor_to_numpy(v) for n, v in executor.run(wide).items()}
+            executor = Executor(float64_model(context["model"]), "cpu", f"{model.name} (float64)")
+            context["float64"] = {n: tensor_to_numpy(v) for n, v in executor.run(widen(feeds)).items()}
         except Exception as error:  # noqa: BLE001 - the referee is extra evidence; its failure is reported, not fatal
             context["float64"] = one_line(error)
     truth = context["float64"]
@@ -893,9 +848,8 @@ def referee(model: Model, args, context: dict[str, Any], got: Mapping[str, Any])
     for name, exact in truth.items():
         if name not in reference or exact.dtype.kind != "f" or not exact.size:
             continue
-        scale = float(np.abs(exact).max()) or 1.0
-        for who, values in (("kiln", tensor_to_numpy(got[name])), ("onnxruntime", reference[name])):
-            found[who] = max(found[who], float(np.abs(values.astype(np.float64) - exact).max()) / scale)
+        for who, values in (("kiln", got[name]), ("onnxruntime", reference[name])):
+            found[who] = max(found[who], distance(values, exact))
     return found
 
 

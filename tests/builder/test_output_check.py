@@ -9,6 +9,8 @@ but the outputs near zero are off by more than fp16's per-element tolerance (ato
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -159,3 +161,60 @@ def test_the_cli_exits_1_when_the_outputs_stay_over_tolerance_and_takes_atol(tmp
     assert "over the fp16 tolerance" in capsys.readouterr().err
     assert not (tmp_path / "strict.kiln").exists()
     assert main([*common, "-o", str(tmp_path / "loose.kiln"), "--atol", "0.05"]) == 0
+
+
+class _SummingInFloat64(GemmTorch):
+    """The GEMM summed in float64, then rounded once to fp32: more exact than the fp32 reference,
+    and so farther from it than fp32's per-element tolerance where the reference's sums cancel."""
+
+    name = "gemm.float64"
+    reference = False
+
+    def heuristic(self, layer, precision, device):
+        return 100
+
+    def runner(self, layer, prepared, precision, config, context):
+        w = prepared["w"].t().to(torch.float64)
+
+        def run(inputs):
+            return [(inputs[0].reshape(-1, w.shape[0]).to(torch.float64) @ w).to(inputs[0].dtype).reshape(
+                *inputs[0].shape[:-1], w.shape[1])]
+
+        return run
+
+
+def _cancelling_model():
+    """x (values near 1000) @ w, where w's last column is orthogonal to x's rows: that output is
+    near zero, and fp32's rounding of 64 products of ~1000 is large against it."""
+    rng = np.random.default_rng(5)
+    k = 64
+    x = (1000 + 10 * rng.standard_normal((4, k))).astype(np.float32)
+    w = rng.standard_normal((k, 8))
+    rows = x.astype(np.float64)
+    w[:, 7] -= rows.T @ np.linalg.lstsq(rows.T, w[:, 7], rcond=None)[0]  # the component x's rows span, removed
+    m = model([node("MatMul", ["x", "w"], ["y"])], [("x", [4, k])], [("y", [4, 8])], [("w", w.astype(np.float32))])
+    return m, {"x": x}
+
+
+def test_an_fp32_engine_more_exact_than_the_reference_is_accepted_by_the_float64_referee(monkeypatch):
+    registry._load()
+    monkeypatch.setitem(registry._REGISTRY, _SummingInFloat64.name, _SummingInFloat64())
+    m, feeds = _cancelling_model()
+    config = BuildConfig(device="cpu", opt_level=0, allow_tactics=["gemm.float64"])
+    reference = kiln.Executor(m).run(feeds)["y"].numpy()
+    engine = kiln.build(m, config, calibration=feeds)
+    got = engine.run(feeds)["y"].numpy()
+    assert not judge(got, reference, tolerance("fp32")).ok  # over fp32's tolerance of the fp32 reference ...
+    exact = feeds["x"].astype(np.float64) @ m.graph.initializers["w"].const_value.numpy().astype(np.float64)
+    assert np.abs(got - exact).max() < np.abs(reference - exact).max()  # ... because it is nearer the truth
+    log = "\n".join(engine.report.lines)
+    assert re.search(r"'y' [0-9.e-]+ from the model run in float64, the fp32 reference [0-9.e-]+: fp32 rounding the "
+                     r"network amplifies, accepted", log), log
+
+
+def test_the_drifting_kernel_is_farther_from_float64_than_the_reference_and_refused(monkeypatch):
+    registry._load()
+    monkeypatch.setitem(registry._REGISTRY, _Drifting.name, _Drifting())
+    m, feeds = _cancelling_model()
+    with pytest.raises(PrecisionError, match=r"'y' [0-9.e-]+ from the model run in float64, the fp32 reference "):
+        kiln.build(m, BuildConfig(device="cpu", opt_level=0, allow_tactics=["gemm.drifting"]), calibration=feeds)
