@@ -14,3 +14,12 @@ def model_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "tiny.onnx"
     onnx.save(tiny_model(), path)
     return path
+
+
+@pytest.fixture
+def reduced_precision_kept(monkeypatch):
+    """Layers allowed fp16/bf16 keep it even where the CPU runs them slower than fp32 (the builder
+    would choose fp32 for speed): for tests about the precision check and its fallbacks."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("kiln.builder.build"), "WIDE_MARGIN", 0.0)

@@ -98,6 +98,7 @@ def _check(engine, m, rng, tol):
         assert relative_error(got[name].float(), ref[name].float()) <= tol
 
 
+@pytest.mark.usefixtures("reduced_precision_kept")
 def test_fp16_overflow_falls_back_to_fp32_and_says_so(rng):
     m = _overflow_model(rng)
     engine = kiln.build(m, BuildConfig(device="cpu", fp16=True, opt_level=1))
@@ -107,6 +108,7 @@ def test_fp16_overflow_falls_back_to_fp32_and_says_so(rng):
     _check(engine, m, rng, 1e-2)
 
 
+@pytest.mark.usefixtures("reduced_precision_kept")
 def test_with_bf16_allowed_fp16_overflow_falls_back_to_bf16(rng):
     m = _overflow_model(rng)
     engine = kiln.build(m, BuildConfig(device="cpu", fp16=True, bf16=True, opt_level=1))
@@ -115,6 +117,7 @@ def test_with_bf16_allowed_fp16_overflow_falls_back_to_bf16(rng):
     _check(engine, m, rng, 1e-2)
 
 
+@pytest.mark.usefixtures("reduced_precision_kept")
 def test_without_the_check_fp16_overflows(rng):
     m = _overflow_model(rng)
     engine = kiln.build(m, BuildConfig(device="cpu", fp16=True, opt_level=1, precision_check=False))

@@ -45,6 +45,7 @@ def _within(engine, m, feeds, precision) -> bool:
     return all(judge(got[k].float().numpy(), ref[k].float().numpy(), tolerance(precision)).ok for k in ref)
 
 
+@pytest.mark.usefixtures("reduced_precision_kept")
 def test_without_the_end_to_end_check_the_drift_passes_every_layer_but_not_the_output():
     m, feeds = _model_and_inputs()
     engine = kiln.build(m, BuildConfig(device="cpu", fp16=True, opt_level=1, precision_check=False), calibration=feeds)
@@ -52,6 +53,7 @@ def test_without_the_end_to_end_check_the_drift_passes_every_layer_but_not_the_o
     assert not _within(engine, m, feeds, "fp16")
 
 
+@pytest.mark.usefixtures("reduced_precision_kept")
 def test_the_layer_that_drifts_most_moves_to_fp32_until_the_outputs_are_within_tolerance():
     m, feeds = _model_and_inputs()
     engine = kiln.build(m, BuildConfig(device="cpu", fp16=True, opt_level=1), calibration=feeds)
@@ -65,6 +67,7 @@ def test_the_layer_that_drifts_most_moves_to_fp32_until_the_outputs_are_within_t
     assert _within(engine, m, feeds, "fp16")
 
 
+@pytest.mark.usefixtures("reduced_precision_kept")
 def test_a_looser_tolerance_keeps_the_layers_where_they_are():
     m, feeds = _model_and_inputs()
     engine = kiln.build(m, BuildConfig(device="cpu", fp16=True, opt_level=1, atol=0.05), calibration=feeds)

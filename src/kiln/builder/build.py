@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import torch
 
@@ -78,6 +79,7 @@ def _layer_tolerance(precision: str) -> float:
 
 _REDUCED_TYPES = {ir.DataType.FLOAT16: "fp16", ir.DataType.BFLOAT16: "bf16"}
 REDUCED = ("fp16", "bf16", "tf32")  # the precisions the end-to-end check may move a layer out of
+WIDE_MARGIN = 0.9  # a layer runs wide when that is at least 10% faster (_prefer_faster_wide)
 
 
 def _has_subgraph(node: ir.Node) -> bool:
@@ -103,6 +105,7 @@ class PlannedLayer:
     shapes: dict[str, list[int]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     drift: float = 0.0  # its output's error against fp32 at its precision, as the walk measured it
+    widened_for_speed: bool = False  # fp16/bf16 was allowed, but fp32 (tf32) was faster
 
 
 @dataclass
@@ -123,7 +126,7 @@ class BuildReport:
 
 
 def build(
-    model: ir.Model | str | os.PathLike[str],
+    model: ir.Model | onnx.ModelProto | str | os.PathLike[str],
     config: BuildConfig | None = None,
     *,
     calibration: Mapping[str, Any] | None = None,
@@ -138,7 +141,12 @@ def build(
     bounds the build once the model is loaded (``kiln.deadline.RunStopped`` after)."""
     config = config or BuildConfig()
     config.validate()
-    if not isinstance(model, ir.Model):
+    if isinstance(model, onnx.ModelProto):  # checked as a file is, external data refused (no folder)
+        from kiln.onnx_io import load_model_proto
+
+        name = name or model.graph.name or "model"
+        model = load_model_proto(model, name=name)
+    elif not isinstance(model, ir.Model):
         from kiln.onnx_io import load_model
 
         name = name or str(model)
@@ -219,7 +227,12 @@ class _Builder:
             self.progress("tactics", index, len(planned))
             self._check_time(f"tactic selection for layer {item.layer.name!r} (op {'+'.join(item.layer.op_types)})")
             item.choices = [self._select(index, item, p) for p in range(len(self.profiles))]
+            self._prefer_faster_wide(index, item)
         self.progress("tactics", len(planned), len(planned))
+        widened = sum(1 for item in planned if item.widened_for_speed)
+        if widened:
+            self.report.log(f"{widened} layer(s) run in {'tf32' if self.config.tf32 else 'fp32'}: their tactics there were "
+                            f"faster than in {'/'.join(self.config.low_precisions)} (see their notes)")
         self._walk(planned)
         self._check_outputs(planned)
         tensors, layer_records = self._prepare_all(planned)
@@ -572,6 +585,32 @@ class _Builder:
         if best is None:
             raise KilnError(f"{self.name}: every tactic for layer {layer.name!r} ({layer.kind}) failed its check at {precision}")
         return best
+
+    def _prefer_faster_wide(self, index: int, item: PlannedLayer) -> None:
+        """TensorRT's reading of --fp16/--bf16: reduced precision is allowed, not imposed. A layer
+        whose timed fp32 tactics (tf32 where allowed) beat its fp16/bf16 ones by more than
+        ``WIDE_MARGIN`` runs wide: the margin stands for the casts at its edges, which timing one
+        layer does not see. On a CPU, which emulates fp16 convolutions and GEMMs, that is most of
+        them. Nothing changes at level 0 (nothing is timed), for pinned layers, Node layers and
+        strongly typed builds."""
+        if (self.level == 0 or item.constrained or self.config.strongly_typed or item.layer.kind == "Node"
+                or item.precision not in ("fp16", "bf16")):
+            return
+        wide = "tf32" if self.config.tf32 else "fp32"
+        try:
+            choices = [self._select(index, item, p, wide) for p in range(len(self.profiles))]
+        except deadlines.RunStopped:
+            raise
+        except KilnError:  # no tactic runs wide: the layer stays as it is
+            return
+        low_ms = [c.time_ms for c in item.choices]
+        wide_ms = [c.time_ms for c in choices]
+        if None in low_ms or None in wide_ms or not sum(wide_ms) < WIDE_MARGIN * sum(low_ms):
+            return
+        message = (f"layer {item.layer.name!r} ({'+'.join(item.layer.op_types)}): runs in {wide}, "
+                   f"{sum(wide_ms):.3g} ms against {sum(low_ms):.3g} ms in {item.precision}")
+        item.notes.append(message)
+        item.precision, item.choices, item.widened_for_speed = wide, choices, True
 
     def _heuristic_choice(self, index, item, candidates, precision, profile, key_fields) -> Choice:
         """Level 0: the heuristic's first pick that passes its correctness check; nothing is timed."""

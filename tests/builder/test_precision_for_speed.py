@@ -1,0 +1,85 @@
+"""--fp16 and --bf16 allow reduced precision; they do not impose it (TensorRT's reading). A layer
+whose timed fp32 tactics beat its fp16 ones by more than the margin runs in fp32, saying so in its
+notes and the log; pinned layers, level 0 and strongly typed builds keep what they were given.
+Times are set here (the builder's timing is replaced), so nothing depends on this machine's speed."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+
+import kiln
+from kiln.builder import BuildConfig
+from tests.builder.graphs import model, node
+
+build_module = importlib.import_module("kiln.builder.build")  # the module (kiln.builder.build is also the function)
+
+
+def _model():
+    rng = np.random.default_rng(3)
+    return model([node("MatMul", ["x", "w"], ["y"])], [("x", [4, 32])], [("y", [4, 16])],
+                 [("w", (rng.standard_normal((32, 16)) / 6).astype(np.float32))])
+
+
+@pytest.fixture
+def times(monkeypatch):
+    """Per precision, the milliseconds every tactic takes (after its correctness check passed)."""
+    table = {"fp32": 1.0, "tf32": 1.0, "fp16": 1.0, "bf16": 1.0}
+    real = build_module._Builder._time
+
+    def timed(self, t, cfg, item, index, inputs, reference, precision):
+        entry = real(self, t, cfg, item, index, inputs, reference, precision)
+        return {**entry, "ms": table[precision]} if entry["ok"] else entry
+
+    monkeypatch.setattr(build_module._Builder, "_time", timed)
+    return table
+
+
+def _precision(engine) -> str:
+    return engine.plan["layers"][0]["precision"]
+
+
+def test_a_layer_faster_in_fp32_runs_in_fp32_and_says_so(times):
+    times["fp16"] = 5.0
+    engine = kiln.build(_model(), BuildConfig(device="cpu", fp16=True, opt_level=1))
+    assert _precision(engine) == "fp32"
+    notes = engine.plan["layers"][0]["notes"]
+    assert any("runs in fp32, 1 ms against 5 ms in fp16" in note for note in notes), notes
+    assert any("1 layer(s) run in fp32: their tactics there were faster than in fp16" in line for line in engine.report.lines)
+
+
+def test_a_layer_faster_in_fp16_keeps_fp16(times):
+    times["fp32"] = 5.0
+    engine = kiln.build(_model(), BuildConfig(device="cpu", fp16=True, opt_level=1))
+    assert _precision(engine) == "fp16"
+
+
+def test_within_the_margin_the_reduced_precision_stays(times):
+    times["fp16"], times["fp32"] = 1.0, 0.95  # 5% faster: not worth the casts at the layer's edges
+    assert _precision(kiln.build(_model(), BuildConfig(device="cpu", fp16=True, opt_level=1))) == "fp16"
+
+
+def test_tf32_is_the_wide_precision_where_it_is_allowed(times):
+    times["fp16"] = 5.0
+    engine = kiln.build(_model(), BuildConfig(device="cpu", fp16=True, tf32=True, opt_level=1))
+    assert _precision(engine) == "tf32"
+
+
+@pytest.mark.parametrize("config", [dict(opt_level=0), dict(opt_level=1, layer_precisions={"MatMul": "fp16"})],
+                         ids=["level 0", "pinned"])
+def test_level_0_and_pinned_layers_keep_their_precision(times, config):
+    times["fp16"] = 5.0
+    assert _precision(kiln.build(_model(), BuildConfig(device="cpu", fp16=True, **config))) == "fp16"
+
+
+def test_a_build_from_an_onnx_model_proto():
+    import onnx
+
+    from tests.builder.graphs import tiny_model
+
+    proto = tiny_model()
+    assert isinstance(proto, onnx.ModelProto)
+    engine = kiln.build(proto, BuildConfig(device="cpu", opt_level=0))
+    assert engine.plan["layers"]
