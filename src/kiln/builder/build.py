@@ -79,7 +79,8 @@ def _layer_tolerance(precision: str) -> float:
 
 _REDUCED_TYPES = {ir.DataType.FLOAT16: "fp16", ir.DataType.BFLOAT16: "bf16"}
 REDUCED = ("fp16", "bf16", "tf32")  # the precisions the end-to-end check may move a layer out of
-WIDE_MARGIN = 0.9  # a layer runs wide when that is at least 10% faster (_prefer_faster_wide)
+WIDE_MARGIN = 0.9  # a layer runs wide when that is at least 10% faster (_prefer_faster_wide) ...
+WIDE_MIN_GAIN_MS = 0.02  # ... and saves more than two small kernels (the casts at its edges) would cost
 
 
 def _has_subgraph(node: ir.Node) -> bool:
@@ -588,9 +589,9 @@ class _Builder:
 
     def _prefer_faster_wide(self, index: int, item: PlannedLayer) -> None:
         """TensorRT's reading of --fp16/--bf16: reduced precision is allowed, not imposed. A layer
-        whose timed fp32 tactics (tf32 where allowed) beat its fp16/bf16 ones by more than
-        ``WIDE_MARGIN`` runs wide: the margin stands for the casts at its edges, which timing one
-        layer does not see. On a CPU, which emulates fp16 convolutions and GEMMs, that is most of
+        whose timed fp32 tactics (tf32 where allowed) beat its fp16/bf16 ones by more than 10% and
+        ``WIDE_MIN_GAIN_MS`` runs wide: the margins stand for the casts at its edges, which timing
+        one layer does not see, and for timing noise on small layers. On a CPU, which emulates fp16 convolutions and GEMMs, that is most of
         them. Nothing changes at level 0 (nothing is timed), for pinned layers, Node layers and
         strongly typed builds."""
         if (self.level == 0 or item.constrained or self.config.strongly_typed or item.layer.kind == "Node"
@@ -605,7 +606,8 @@ class _Builder:
             return
         low_ms = [c.time_ms for c in item.choices]
         wide_ms = [c.time_ms for c in choices]
-        if None in low_ms or None in wide_ms or not sum(wide_ms) < WIDE_MARGIN * sum(low_ms):
+        if (None in low_ms or None in wide_ms or not sum(wide_ms) < WIDE_MARGIN * sum(low_ms)
+                or sum(low_ms) - sum(wide_ms) <= WIDE_MIN_GAIN_MS):
             return
         message = (f"layer {item.layer.name!r} ({'+'.join(item.layer.op_types)}): runs in {wide}, "
                    f"{sum(wide_ms):.3g} ms against {sum(low_ms):.3g} ms in {item.precision}")
