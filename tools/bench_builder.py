@@ -89,6 +89,9 @@ class ModelSpec:
     outputs: list[str]
     large: int
     vocab: int = 30000
+    # the absolute tolerance its fp16 engine is built and judged with, where kiln.precision's (made
+    # for outputs near unit scale) is finer than fp16's spacing at the scale of the model's outputs
+    atol: float | None = None
 
 
 class VisionModel(nn.Module):
@@ -194,7 +197,9 @@ def text_inputs(seq: int) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 FULL_MODELS = {
-    "resnet50": ModelSpec("resnet50", make_resnet50, {"images": ((3, 224, 224), "image")}, ["logits"], 256),
+    # random-weight logits reach ~110, where fp16's spacing is 0.06: a 1e-2 atol no fp16 engine meets
+    # (the build would move every layer to fp32); 1.0 is fp16's 1e-2 at that scale
+    "resnet50": ModelSpec("resnet50", make_resnet50, {"images": ((3, 224, 224), "image")}, ["logits"], 256, atol=1.0),
     "bert": ModelSpec("bert", make_bert, text_inputs(128), ["last_hidden_state"], 64),
 }
 SMOKE_MODELS = {
@@ -314,9 +319,11 @@ def to_numpy(outputs: dict[str, Any]) -> dict[str, np.ndarray]:
             for name, value in outputs.items()}
 
 
-def compare_with_ort(outputs: dict[str, Any], reference: dict[str, np.ndarray], engine) -> dict[str, Any]:
+def compare_with_ort(outputs: dict[str, Any], reference: dict[str, np.ndarray], engine,
+                     atol: float | None = None) -> dict[str, Any]:
     """kiln against onnxruntime per output, judged per element at the tolerance of the engine's loosest
-    precision (kiln.precision), with the relative difference max|kiln - ort| / max|ort| beside it."""
+    precision (kiln.precision; ``atol`` overrides its absolute part, as the build was given it), with
+    the relative difference max|kiln - ort| / max|ort| beside it."""
     from kiln.compare import diff
     from kiln.precision import engine_precision
 
@@ -324,7 +331,7 @@ def compare_with_ort(outputs: dict[str, Any], reference: dict[str, np.ndarray], 
     got = to_numpy(outputs)
     per_output = {}
     for name, ref in reference.items():
-        d = diff(name, got[name], np.asarray(ref, dtype=np.float32) if ref.dtype.kind == "f" else ref, computed_in=precision)
+        d = diff(name, got[name], np.asarray(ref, dtype=np.float32) if ref.dtype.kind == "f" else ref, computed_in=precision, atol=atol)
         per_output[name] = {"shape": list(d.shape), "max_abs": d.max_abs, "rel": d.max_rel, "over": d.bad, "ok": d.ok,
                             "atol": d.tolerance.atol, "rtol": d.tolerance.rtol}
     return {"precision": precision, "max_rel": max(v["rel"] for v in per_output.values()),
@@ -513,7 +520,7 @@ def measure_model(spec: ModelSpec, args, out: Path, work: Path, state: dict[str,
     cache.unlink(missing_ok=True)
     opt_level = 1 if args.smoke else 3
     config = BuildConfig(fp16=True, device=device.type, opt_level=opt_level, timing_cache=str(cache),
-                         profiles=profiles_for(spec, large))
+                         profiles=profiles_for(spec, large), atol=spec.atol)
     state["build_config"] = {**config.to_json(), "device": config.device, "timing_cache": str(cache)}
     build = state.setdefault("build", {})
     t0 = time.perf_counter()
@@ -546,10 +553,10 @@ def measure_model(spec: ModelSpec, args, out: Path, work: Path, state: dict[str,
         reference = run_onnxruntime(onnx_path, feeds)
         torch_feeds = to_torch(feeds, device)
         kiln_out = engine.run(torch_feeds)
-        correctness[f"fp16_vs_ort_batch{b}"] = compare_with_ort(kiln_out, reference, engine)
+        correctness[f"fp16_vs_ort_batch{b}"] = compare_with_ort(kiln_out, reference, engine, spec.atol)
         # the second run captures a CUDA graph at this shape, the third replays it: both must match too
         for run_index in (2, 3):
-            correctness[f"fp16_vs_ort_batch{b}_run{run_index}"] = compare_with_ort(engine.run(torch_feeds), reference, engine)
+            correctness[f"fp16_vs_ort_batch{b}_run{run_index}"] = compare_with_ort(engine.run(torch_feeds), reference, engine, spec.atol)
         correctness[f"cuda_graph_errors_batch{b}"] = list(getattr(engine, "graph_errors", []))
         correctness[f"load_then_run_batch{b}"] = same_outputs(kiln_out, loaded.run(to_torch(feeds, device)))
         log(f"{spec.name}: fp16 vs ort at batch {b}: rel {correctness[f'fp16_vs_ort_batch{b}']['max_rel']:.2e}, "
@@ -710,7 +717,9 @@ def markdown(results: dict[str, Any]) -> str:
                      f"{_ratio(build.get('speedup_cold_over_warm'), '.1f')} | {build.get('identical', '-')} | "
                      + " | ".join(_fmt(x, '.1e') for x in rel) + f" | {all(loaded) if loaded else '-'} | {status} |")
     lines += ["", "Columns: max|kiln - ort| / max|ort| over each output. Verdicts per element, |kiln - ort| <= atol + rtol * "
-              f"|ort| at the engine's loosest precision (kiln.precision: fp16 {TOLERANCES['fp16']}; fp32 {TOLERANCES['fp32']})."]
+              f"|ort| at the engine's loosest precision (kiln.precision: fp16 {TOLERANCES['fp16']}; fp32 {TOLERANCES['fp32']})"
+              + "".join(f"; {n}'s fp16 engine is built and judged with atol {spec.atol} (see its spec)"
+                        for n, spec in {**FULL_MODELS, **SMOKE_MODELS}.items() if n in results.get("models", {}) and spec.atol is not None) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -810,6 +810,12 @@ class _Builder:
             diffs = ", ".join(f"{name!r} {j.max_rel:.3g}" for name, j in verdicts.items())
             self.report.log(f"end-to-end check on {on}: every float output within the {precision} tolerance of fp32 "
                             f"({tol}); max relative differences {diffs}")
+        moved = sum(1 for item in planned if any("end to end" in note for note in item.notes))
+        if moved:
+            self.report.log(f"end-to-end check: {moved} layer(s) moved towards fp32 to meet atol {tol.atol:g} + rtol "
+                            f"{tol.rtol:g} |fp32| per element; where outputs are large (logits, pixel coordinates) an "
+                            f"atol that fine is below {precision}'s spacing there: give the build --atol for your outputs' "
+                            f"scale to keep {precision}")
 
     def _fp32_rounding(self, got: Mapping[str, Any], over: Mapping[str, Any]) -> tuple[bool, str]:
         """With every layer in fp32, are the outputs over fp32's tolerance of the reference only
