@@ -80,7 +80,7 @@ def _layer_tolerance(precision: str) -> float:
 _REDUCED_TYPES = {ir.DataType.FLOAT16: "fp16", ir.DataType.BFLOAT16: "bf16"}
 REDUCED = ("fp16", "bf16", "tf32")  # the precisions the end-to-end check may move a layer out of
 WIDE_MARGIN = 0.9  # a layer runs wide when that is at least 10% faster (_prefer_faster_wide) ...
-WIDE_MIN_GAIN_MS = 0.02  # ... and saves more than two small kernels (the casts at its edges) would cost
+WIDE_MIN_GAIN_MS = 0.02  # ... and, on a GPU, saves more than two small kernels (the casts at its edges) cost
 
 
 def _has_subgraph(node: ir.Node) -> bool:
@@ -230,11 +230,11 @@ class _Builder:
             item.choices = [self._select(index, item, p) for p in range(len(self.profiles))]
             self._prefer_faster_wide(index, item)
         self.progress("tactics", len(planned), len(planned))
+        self._walk(planned)
         widened = sum(1 for item in planned if item.widened_for_speed)
         if widened:
             self.report.log(f"{widened} layer(s) run in {'tf32' if self.config.tf32 else 'fp32'}: their tactics there were "
                             f"faster than in {'/'.join(self.config.low_precisions)} (see their notes)")
-        self._walk(planned)
         self._check_outputs(planned)
         tensors, layer_records = self._prepare_all(planned)
         plan = self._plan_json(planned, layer_records, tensors)
@@ -590,8 +590,8 @@ class _Builder:
     def _prefer_faster_wide(self, index: int, item: PlannedLayer) -> None:
         """TensorRT's reading of --fp16/--bf16: reduced precision is allowed, not imposed. A layer
         whose timed fp32 tactics (tf32 where allowed) beat its fp16/bf16 ones by more than 10% and
-        ``WIDE_MIN_GAIN_MS`` runs wide: the margins stand for the casts at its edges, which timing
-        one layer does not see, and for timing noise on small layers. On a CPU, which emulates fp16 convolutions and GEMMs, that is most of
+        (on a GPU) ``WIDE_MIN_GAIN_MS`` runs wide: the margins stand for the casts at its edges,
+        which timing one layer does not see, and for timing noise on small GPU layers. On a CPU, which emulates fp16 convolutions and GEMMs, that is most of
         them. Nothing changes at level 0 (nothing is timed), for pinned layers, Node layers and
         strongly typed builds."""
         if (self.level == 0 or item.constrained or self.config.strongly_typed or item.layer.kind == "Node"
@@ -607,7 +607,7 @@ class _Builder:
         low_ms = [c.time_ms for c in item.choices]
         wide_ms = [c.time_ms for c in choices]
         if (None in low_ms or None in wide_ms or not sum(wide_ms) < WIDE_MARGIN * sum(low_ms)
-                or sum(low_ms) - sum(wide_ms) <= WIDE_MIN_GAIN_MS):
+                or sum(low_ms) - sum(wide_ms) <= (WIDE_MIN_GAIN_MS if self.device.type == "cuda" else 0.0)):
             return
         message = (f"layer {item.layer.name!r} ({'+'.join(item.layer.op_types)}): runs in {wide}, "
                    f"{sum(wide_ms):.3g} ms against {sum(low_ms):.3g} ms in {item.precision}")
@@ -724,6 +724,7 @@ class _Builder:
                 self._check_precision(index, item, ref_inputs, ref_out)
             if layer.kind == "Node" and self.level > 0 and item.choices:
                 item.choices[0].time_ms = self._time_node(index, item, ref_inputs)
+                self._prefer_faster_wide_node(index, item, ref_inputs)
             for name in layer.inputs + layer.outputs:
                 if last_read.get(name) == index:
                     held.pop(name, None)
@@ -947,20 +948,37 @@ class _Builder:
         item.drift = worst
         return None
 
-    def _time_node(self, index: int, item: PlannedLayer, ref_inputs: list[Any]) -> float | None:
+    def _prefer_faster_wide_node(self, index: int, item: PlannedLayer, ref_inputs: list[Any]) -> None:
+        """``_prefer_faster_wide`` for a Node layer, timed on the walk's real values: the reference
+        op on fp32 (tf32) inputs against fp16/bf16 ones."""
+        low_ms = item.choices[0].time_ms
+        if item.constrained or self.config.strongly_typed or item.precision not in ("fp16", "bf16") or low_ms is None:
+            return
+        wide = "tf32" if self.config.tf32 else "fp32"
+        wide_ms = self._time_node(index, item, ref_inputs, wide)
+        gain = WIDE_MIN_GAIN_MS if self.device.type == "cuda" else 0.0
+        if wide_ms is None or not wide_ms < WIDE_MARGIN * low_ms or low_ms - wide_ms <= gain:
+            return
+        item.notes.append(f"layer {item.layer.name!r} ({'+'.join(item.layer.op_types)}): runs in {wide}, "
+                          f"{wide_ms:.3g} ms against {low_ms:.3g} ms in {item.precision}")
+        item.precision, item.widened_for_speed = wide, True
+        item.choices = [Choice(c.tactic, c.config, wide_ms if p == 0 else c.time_ms) for p, c in enumerate(item.choices)]
+
+    def _time_node(self, index: int, item: PlannedLayer, ref_inputs: list[Any], precision: str | None = None) -> float | None:
+        precision = precision or item.precision
         facts = self.facts[0]
         key = self.cache.key({
             "kind": "Node", "op": item.layer.op_types[0], "node": _node_signature(self._steps[item.layer.nodes[0]].op.node),
             "inputs": [list(facts.shapes.get(n, ())) for n in item.layer.inputs],
-            "in_dtypes": [str(facts.dtypes.get(n)) for n in item.layer.inputs], "precision": item.precision,
+            "in_dtypes": [str(facts.dtypes.get(n)) for n in item.layer.inputs], "precision": precision,
             "tactic": "node.reference", "config": {},
         })
         entry = self.cache.get(key)
         if entry is None:
             try:
                 t = tactic_registry.get("node.reference")
-                run = self._runner(t, {}, item, index, item.precision)
-                values = self._cast_inputs(item, ref_inputs, item.precision)
+                run = self._runner(t, {}, item, index, precision)
+                values = self._cast_inputs(item, ref_inputs, precision)
                 with torch.inference_mode():
                     ms = measure(lambda: run(values), self.device, 3)
                 entry = {"ms": ms, "ok": True}
