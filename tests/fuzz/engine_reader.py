@@ -245,4 +245,4 @@ def check(seeds: list[bytes], case: bytes, folder: Path) -> None:
     shapes = {v.name: opt.get(v.name) or [d if isinstance(d, int) else 1 for d in (v.shape or [])] for v in values}
     if any(math.prod(s) > MAX_RUN_ELEMENTS for s in shapes.values()):
         return
-    engine.run(inputs.random_inputs(values, shapes))
+    engine.run(inputs.random_inputs(values, shapes), timeout_s=5.0)  # as --timeout-s: a plan can ask for a long loop

@@ -317,8 +317,13 @@ def _folder(work: Path) -> Path:
     return folder
 
 
+RUN_LIMIT_S = 5.0
+"""The time limit the runs have (``--timeout-s``): a mutated Loop trip count of 4e18 is a model that
+runs for ages, refused with RunStopped; a case over the harness's own limit is kiln not stopping."""
+
+
 def check(seeds: list[tuple[bytes, bytes]], case: tuple[bytes, bytes], work: Path) -> None:
-    """Load the model with its folder, then run it on random inputs under the tensor limit."""
+    """Load the model with its folder, then run it on random inputs under the tensor and time limits."""
     import kiln
     from kiln import limits
     from kiln.inputs import random_inputs
@@ -330,4 +335,4 @@ def check(seeds: list[tuple[bytes, bytes]], case: tuple[bytes, bytes], work: Pat
     with limits.max_tensor_bytes_set(TENSOR_LIMIT):
         model = kiln.load_model_proto(proto, name="case.onnx", base_dir=folder)
         executor = kiln.Executor(model, name="case.onnx")
-        executor.run(random_inputs(executor.inputs, model="case.onnx"))
+        executor.run(random_inputs(executor.inputs, model="case.onnx"), timeout_s=RUN_LIMIT_S)

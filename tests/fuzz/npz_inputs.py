@@ -257,4 +257,4 @@ def check(seeds: list[bytes], case: bytes, work: Path) -> None:
     with limits.max_tensor_bytes_set(TENSOR_LIMIT):
         feeds = read_npz(path)
         feeds.update(random_inputs([v for v in executor.inputs if v.name not in feeds], model="npz.onnx"))
-        executor.run(feeds)
+        executor.run(feeds, timeout_s=5.0)  # as --timeout-s
