@@ -227,14 +227,6 @@ MODELS: tuple[Model, ...] = (
 # Diagnosed causes of failures, by (model or "*", step, "build" or "*", device or "*"); shown beside
 # a failure of that step, never instead of running it. Numbers measured on one device are keyed to it.
 KNOWN: dict[tuple[str, str, str], str] = {
-    ("silero_vad_16k_sequence", "build-fp16", "cpu"):
-        "fp16 drift (known): the LSTM runs 64 frames in fp16 and its cell state cn drifts (5 of 128 elements over "
-        "fp16's bound, max abs 0.12 on values up to 21); speech_probs and hn stay within it. The precision check "
-        "kept every layer in fp16 on these inputs",
-    ("nudenet_320n", "build-fp16", "cpu"):
-        "fp16 drift (known): 13 of 46,200 values over fp16's per-element bound, max abs 1.0 on an output whose values "
-        "reach 316 (YOLOv8's decoded box coordinates in pixels beside class scores), 3.2e-3 of the output's scale; "
-        "onnxruntime is 1e-6 from float64, so the drift is the fp16 engine's",
     ("ppocr_v4_det", "reference", "*"):
         "fp32 rounding, not a wrong op: kiln, the fp32 engine and onnxruntime are each 1e-4 to 3e-4 from the model "
         "run in float64 at the sigmoid output (672 nodes of fp32 rounding add up). Node by node "
@@ -243,13 +235,6 @@ KNOWN: dict[tuple[str, str, str], str] = {
         "fp32 bound (atol 1e-5 + rtol 1e-4 |ref|) is tighter than fp32 reaches here (known: the tolerance rule)",
     ("ppocr_v4_det", "build-fp32", "*"): "as reference: fp32 rounding against a bound fp32 does not reach here; the "
                                            "engine is as close to float64 as onnxruntime or closer",
-    ("ppocr_v4_det", "build-fp16", "cpu"):
-        "fp16 drift (known), not one wrong layer: all 148 layers stayed fp16 (the per-layer precision check passed "
-        "each), yet 3,110 of 706,560 output probabilities are over fp16's bound (max abs 0.77). The network amplifies "
-        "small errors (in fp32, 1-ulp noise on one conv's weights moves the output 5e-6, and kiln, the fp32 engine "
-        "and onnxruntime part by 1e-4), so fp16's 1e-3 per layer reaches the sigmoid as whole flips. Not "
-        "fold_batchnorm's doing (it makes Conv.61's folded weights 95% fp16-subnormal): built without it, 2,843 "
-        "over, max abs 0.61. Its BatchNormalization.1 holds running variances up to 9.8e7, beyond fp16's range",
     ("ppocr_v4_det", "optimize", "*"):
         "fp32 rounding of an equal formula: fold_batchnorm folds 2 BatchNormalizations into their Convs (in float64, "
         "exactly); one of them scales by ~1e-4 after a conv whose outputs reach 1e4, and the folded conv's output is "
