@@ -580,3 +580,26 @@ def test_minus_one_model_runs_doctors_and_optimizes_from_the_command_line(tmp_pa
     optimized = onnx.load(tmp_path / "out.onnx")
     assert "Pad" in {n.op_type for n in optimized.graph.node}
     assert main(["run", str(tmp_path / "out.onnx"), "--shapes", "x:3x5x4x7", "--compare", "onnxruntime"]) == 0
+
+
+def _invalid_utf8_model_bytes() -> bytes:
+    """add_relu_model with a producer name that is not UTF-8 (ONNX is proto2: it parses, and fails when read)."""
+    model = add_relu_model()
+    model.producer_name = "QQQQ"
+    data = model.SerializeToString()
+    assert data.count(b"QQQQ") == 1
+    return data.replace(b"QQQQ", b"Q\xe9AQ")
+
+
+def test_a_string_that_is_not_utf8_is_refused_in_a_model_file(tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(_invalid_utf8_model_bytes())
+    with pytest.raises(ModelLoadError, match="not valid UTF-8"):
+        load_model(path)
+
+
+def test_a_string_that_is_not_utf8_is_refused_in_an_embedded_graph():
+    from kiln.onnx_io import load_embedded_model
+
+    with pytest.raises(ModelLoadError, match="engine graph: a string in the model .* is not valid UTF-8"):
+        load_embedded_model(_invalid_utf8_model_bytes(), "engine graph")

@@ -136,8 +136,19 @@ def load_model_proto(
     _native: _NativeChecks | None = None,
 ) -> ir.Model:
     """Check and convert a ModelProto already in memory. External data is read from ``base_dir``."""
-    with _onnx_notes(name):
+    with _onnx_notes(name), _utf8_strings(name):
         return _load_proto(proto, name, base_dir, default_max_bytes() if max_bytes is None else max_bytes, _native)
+
+
+@contextlib.contextmanager
+def _utf8_strings(name: str) -> Iterator[None]:
+    """ONNX is proto2: a string field holding bytes that are not UTF-8 parses, and fails only when
+    Python reads it (a name, an attribute, a doc string). That is a damaged model, not kiln's error."""
+    try:
+        yield
+    except UnicodeDecodeError as error:
+        raise ModelLoadError(f"{name}: a string in the model (a name, attribute or doc string) is not valid UTF-8 "
+                             f"({first_line(error)})") from None
 
 
 def _load_proto(proto: onnx.ModelProto, name: str, base_dir: str | os.PathLike[str] | None, max_bytes: int,
@@ -648,9 +659,10 @@ def load_embedded_model(data: bytes, name: str, *, max_bytes: int | None = None)
         raise ModelLoadError(f"{name}: the embedded graph is {len(data):,} bytes, over the {max_bytes:,}-byte limit")
     native = _NativeChecks()
     try:
-        proto = _parse(data, name)
-        external = next((where for tensor, where in _all_tensors(proto)
-                         if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data)), None)
+        with _utf8_strings(name):
+            proto = _parse(data, name)
+            external = next((where for tensor, where in _all_tensors(proto)
+                            if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data)), None)
         if external is not None:
             raise ModelLoadError(f"{name}: {external} references external data; an embedded graph must hold all its data")
         load_model_proto(proto, name=name, max_bytes=max_bytes, _native=native)
