@@ -233,7 +233,7 @@ class _Builder:
         self._walk(planned)
         widened = sum(1 for item in planned if item.widened_for_speed)
         if widened:
-            self.report.log(f"{widened} layer(s) run in {'tf32' if self.config.tf32 else 'fp32'}: their tactics there were "
+            self.report.log(f"{widened} layer(s) run in {self._wide_precision()}: their tactics there were "
                             f"faster than in {'/'.join(self.config.low_precisions)} (see their notes)")
         self._check_outputs(planned)
         tensors, layer_records = self._prepare_all(planned)
@@ -589,29 +589,48 @@ class _Builder:
 
     def _prefer_faster_wide(self, index: int, item: PlannedLayer) -> None:
         """TensorRT's reading of --fp16/--bf16: reduced precision is allowed, not imposed. A layer
-        whose timed fp32 tactics (tf32 where allowed) beat its fp16/bf16 ones by more than 10% and
-        (on a GPU) ``WIDE_MIN_GAIN_MS`` runs wide: the margins stand for the casts at its edges,
-        which timing one layer does not see, and for timing noise on small GPU layers. On a CPU, which emulates fp16 convolutions and GEMMs, that is most of
-        them. Nothing changes at level 0 (nothing is timed), for pinned layers, Node layers and
-        strongly typed builds."""
-        if (self.level == 0 or item.constrained or self.config.strongly_typed or item.layer.kind == "Node"
-                or item.precision not in ("fp16", "bf16")):
+        whose timed fp32 tactics (tf32 where allowed) beat its fp16/bf16 ones runs wide
+        (``_widen_if_faster``). On a CPU, which emulates fp16 convolutions and GEMMs, that is most
+        of them. Nothing changes at level 0 (nothing is timed); Node layers are timed, and so
+        decided, in the walk (``_prefer_faster_wide_node``)."""
+        if self.level == 0 or item.layer.kind == "Node" or not self._may_widen(item):
             return
-        wide = "tf32" if self.config.tf32 else "fp32"
         try:
-            choices = [self._select(index, item, p, wide) for p in range(len(self.profiles))]
+            choices = [self._select(index, item, p, self._wide_precision()) for p in range(len(self.profiles))]
         except deadlines.RunStopped:
             raise
         except KilnError:  # no tactic runs wide: the layer stays as it is
             return
-        low_ms = [c.time_ms for c in item.choices]
-        wide_ms = [c.time_ms for c in choices]
-        if (None in low_ms or None in wide_ms or not sum(wide_ms) < WIDE_MARGIN * sum(low_ms)
-                or sum(low_ms) - sum(wide_ms) <= (WIDE_MIN_GAIN_MS if self.device.type == "cuda" else 0.0)):
+        self._widen_if_faster(item, _total_ms(item.choices), _total_ms(choices), choices)
+
+    def _prefer_faster_wide_node(self, index: int, item: PlannedLayer, ref_inputs: list[Any]) -> None:
+        """``_prefer_faster_wide`` for a Node layer, timed on the walk's real values: the reference
+        op on fp32 (tf32) inputs against fp16/bf16 ones."""
+        low_ms = item.choices[0].time_ms
+        if not self._may_widen(item) or low_ms is None:
             return
-        message = (f"layer {item.layer.name!r} ({'+'.join(item.layer.op_types)}): runs in {wide}, "
-                   f"{sum(wide_ms):.3g} ms against {sum(low_ms):.3g} ms in {item.precision}")
-        item.notes.append(message)
+        wide_ms = self._time_node(index, item, ref_inputs, self._wide_precision())
+        choices = [Choice(c.tactic, c.config, wide_ms if p == 0 else c.time_ms) for p, c in enumerate(item.choices)]
+        self._widen_if_faster(item, low_ms, wide_ms, choices)
+
+    def _may_widen(self, item: PlannedLayer) -> bool:
+        """Pinned layers and strongly typed builds keep their precision; only fp16/bf16 can widen."""
+        return not item.constrained and not self.config.strongly_typed and item.precision in ("fp16", "bf16")
+
+    def _wide_precision(self) -> str:
+        return "tf32" if self.config.tf32 else "fp32"
+
+    def _widen_if_faster(self, item: PlannedLayer, low_ms: float | None, wide_ms: float | None,
+                         choices: list[Choice]) -> None:
+        """Run ``item`` wide (with ``choices``) when that is more than 10% faster and, on a GPU, saves
+        more than ``WIDE_MIN_GAIN_MS``: the margins stand for the casts at its edges, which timing one
+        layer does not see, and for timing noise on small GPU layers."""
+        gain = WIDE_MIN_GAIN_MS if self.device.type == "cuda" else 0.0
+        if low_ms is None or wide_ms is None or not wide_ms < WIDE_MARGIN * low_ms or low_ms - wide_ms <= gain:
+            return
+        wide = self._wide_precision()
+        item.notes.append(f"layer {item.layer.name!r} ({'+'.join(item.layer.op_types)}): runs in {wide}, "
+                          f"{wide_ms:.3g} ms against {low_ms:.3g} ms in {item.precision}")
         item.precision, item.choices, item.widened_for_speed = wide, choices, True
 
     def _heuristic_choice(self, index, item, candidates, precision, profile, key_fields) -> Choice:
@@ -907,7 +926,7 @@ class _Builder:
         chain = self.config.low_precisions
         if item.precision not in chain:
             return
-        order = chain[chain.index(item.precision):] + ["tf32" if self.config.tf32 else "fp32"]
+        order = chain[chain.index(item.precision):] + [self._wide_precision()]
         for position, precision in enumerate(order):
             if position > 0:
                 item.precision = precision
@@ -947,22 +966,6 @@ class _Builder:
                 return "integer output differs from fp32"
         item.drift = worst
         return None
-
-    def _prefer_faster_wide_node(self, index: int, item: PlannedLayer, ref_inputs: list[Any]) -> None:
-        """``_prefer_faster_wide`` for a Node layer, timed on the walk's real values: the reference
-        op on fp32 (tf32) inputs against fp16/bf16 ones."""
-        low_ms = item.choices[0].time_ms
-        if item.constrained or self.config.strongly_typed or item.precision not in ("fp16", "bf16") or low_ms is None:
-            return
-        wide = "tf32" if self.config.tf32 else "fp32"
-        wide_ms = self._time_node(index, item, ref_inputs, wide)
-        gain = WIDE_MIN_GAIN_MS if self.device.type == "cuda" else 0.0
-        if wide_ms is None or not wide_ms < WIDE_MARGIN * low_ms or low_ms - wide_ms <= gain:
-            return
-        item.notes.append(f"layer {item.layer.name!r} ({'+'.join(item.layer.op_types)}): runs in {wide}, "
-                          f"{wide_ms:.3g} ms against {low_ms:.3g} ms in {item.precision}")
-        item.precision, item.widened_for_speed = wide, True
-        item.choices = [Choice(c.tactic, c.config, wide_ms if p == 0 else c.time_ms) for p, c in enumerate(item.choices)]
 
     def _time_node(self, index: int, item: PlannedLayer, ref_inputs: list[Any], precision: str | None = None) -> float | None:
         precision = precision or item.precision
@@ -1073,6 +1076,12 @@ class _Builder:
 
 
 # -- helpers shared with the engine and the tests ---------------------------------------------
+
+def _total_ms(choices: list[Choice]) -> float | None:
+    """The choices' times over every profile; None where one was not timed."""
+    times = [c.time_ms for c in choices]
+    return None if None in times else sum(times)
+
 
 def ref_outputs(values: list[Any]) -> list[Any]:
     return [v.clone() if isinstance(v, torch.Tensor) else v for v in values]
