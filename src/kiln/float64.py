@@ -10,7 +10,7 @@ onnxruntime's distances from it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,7 @@ def float64_model(model: ir.Model) -> ir.Model:
     float64 too: feed them widened (``widen``)."""
     copy = model.clone()
     for graph in (copy.graph, *copy.functions.values()):
-        for sub in _graphs(graph):
+        for sub in (graph, *graph.subgraphs()):
             for value in (*sub.inputs, *sub.outputs, *sub.initializers.values()):
                 _widen_value(value)
             for node in sub:
@@ -55,17 +55,6 @@ def distance(value: Any, exact: Any) -> float:
         return 0.0
     scale = float(truth.abs().max()) or 1.0
     return float((got - truth).abs().max()) / scale
-
-
-def _graphs(graph: ir.Graph | ir.Function) -> Iterator[ir.Graph | ir.Function]:
-    yield graph
-    for node in graph:
-        for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.GRAPH:
-                yield from _graphs(attr.value)
-            elif attr.type == ir.AttributeType.GRAPHS:
-                for sub in attr.value:
-                    yield from _graphs(sub)
 
 
 def _wide_type(kind: ir.TypeProtocol | None) -> ir.TypeProtocol | None:
