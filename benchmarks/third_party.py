@@ -866,7 +866,7 @@ def step_reference(model: Model, args, context: dict[str, Any]) -> dict[str, Any
 def step_build(model: Model, args, context: dict[str, Any], fp16: bool) -> dict[str, Any]:
     """kiln.build at the npz's shapes (the npz as calibration inputs), the engine run on the npz,
     judged against onnxruntime at the engine's loosest layer precision."""
-    from kiln.builder import BuildConfig, Profile, build
+    from kiln import BuildConfig, Profile, build
 
     path, feeds, reference = load_case(model, args, context)
     shapes = dynamic_shapes(path, feeds)

@@ -248,7 +248,7 @@ def _parse_tactics(text: str | None) -> tuple[list[str], list[str]]:
 def _cmd_build(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from kiln.builder import BuildConfig, build
+    from kiln import BuildConfig, build
     from kiln.device import resolve_device
     from kiln.engine import configured_key, read_key
     from kiln.inputs import read_npz
@@ -604,7 +604,7 @@ def _tolerance_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _version() -> str:
-    from kiln import __version__
+    from kiln.versions import __version__
 
     return __version__
 

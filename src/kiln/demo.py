@@ -91,7 +91,7 @@ def run_demo(out_dir: Path) -> bool:
     print the report; True if every output is within tolerance."""
     from kiln import compare
     from kiln.atomic_file import write_atomically
-    from kiln.builder import BuildConfig, build
+    from kiln import BuildConfig, build
     from kiln.device import default_device
     from kiln.inputs import engine_input_values, random_inputs
     from kiln.precision import engine_precision

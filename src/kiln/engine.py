@@ -47,6 +47,7 @@ from kiln.atomic_file import write_atomically
 from kiln.builder.schedule import cross_stream_waits, static_layers
 from kiln.errors import InputError, KilnError
 from kiln.regular_file import UnreadableFile, read_regular_file
+from kiln.versions import environment
 
 FORMAT = "kiln-engine"
 VERSION = 1
@@ -64,6 +65,7 @@ MAX_KEY_BYTES = 4096
 
 
 if TYPE_CHECKING:
+    from kiln.builder.plan import BuiltPlan
     from kiln.runtime import ExecutionContext
 
 
@@ -117,6 +119,13 @@ class Engine:
         self.profiles = [Profile.from_json(p) for p in self.plan["profiles"]]
         self._context: ExecutionContext | None = None
         self._build_runtime()
+
+    @classmethod
+    def from_plan(cls, built: BuiltPlan) -> Engine:
+        """The engine of a finished build, carrying the build's report."""
+        engine = cls(built.plan, built.tensors, built.graph, device=built.device)
+        engine.report = built.report
+        return engine
 
     # -- runtime -----------------------------------------------------------------------------
     def _build_runtime(self) -> None:
@@ -683,25 +692,6 @@ def _layout(choice: Mapping) -> str:
     if tactic.startswith("conv."):
         return "NCHW"
     return "-"
-
-
-def environment(device: torch.device) -> dict[str, str]:
-    """What engines and timings depend on: kiln and torch versions, and on CUDA the GPU, its compute
-    capability and the triton version."""
-    from kiln import __version__
-
-    env = {"kiln": __version__, "torch": torch.__version__, "device": device.type}
-    if device.type == "cuda" and torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability(device)
-        env["gpu"] = torch.cuda.get_device_name(device)
-        env["capability"] = f"{major}.{minor}"
-        try:
-            import triton
-
-            env["triton"] = triton.__version__
-        except ImportError:
-            env["triton"] = "none"
-    return env
 
 
 def _storable(tensor: torch.Tensor) -> tuple[torch.Tensor, list[int] | None]:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -44,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from kiln.versions import versions
 from kiln.bench.measure import measure, measure_parallel, saturation, spread
 from kiln.bench.results import BenchResult, LayerTime, Row
 from kiln.bench.targets import KilnTarget, Target
@@ -136,7 +136,7 @@ def _run_bench(model, source, onnx_path, label: str, options: BenchOptions, modu
     feeds = {b: _feeds(engine, options, b, axes, label) for b in batches}
     batch_of = {b: b if b is not None else _batch_size(feeds[b], axes) for b in batches}
     result = BenchResult(model=label, device=device.type, gpu=_gpu_name(device), date=_now(), command=command,
-                         versions=_versions(), config=_config_json(options, axes, engine))
+                         versions=versions(), config=_config_json(options, axes, engine))
     if options.batches is not None:
         result.notes.append(axes_note)
     context_options = {"cuda_graph": options.cuda_graph, "aux_streams": options.aux_streams, "profile": options.profile}
@@ -292,7 +292,7 @@ def _build(model, path: Path, values, axes: Mapping[str, int], options: BenchOpt
     """The engine for an ONNX model: one optimization profile per batch size (min = opt = max). The
     ``inputs`` arrays are its calibration data too, so that the build runs the model on them (a
     sample rate the model branches on, say) rather than on random values."""
-    from kiln.builder import BuildConfig, Profile, build
+    from kiln import BuildConfig, Profile, build
     from kiln.inputs import concrete_shape
 
     config = options.build or BuildConfig()
@@ -526,18 +526,6 @@ def _gpu_name(device: torch.device) -> str | None:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def _versions() -> dict[str, str]:
-    from kiln import __version__
-
-    versions = {"kiln": __version__, "torch": torch.__version__, "python": platform.python_version()}
-    for name in ("triton", "onnx", "onnxruntime"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            continue
-    return versions
 
 
 def _config_json(options: BenchOptions, axes: Mapping[str, int], engine) -> dict[str, Any]:

@@ -1,6 +1,7 @@
-"""The builder: lowers an ONNX model to layers and picks the fastest correct tactic for each."""
+"""The builder: lowering, precision, tactic selection; it returns a plan (``BuiltPlan``)."""
 
-from kiln.builder.build import BuildReport, PrecisionError, build
+from kiln.builder.build import PrecisionError, build
 from kiln.builder.config import BuildConfig, Profile
+from kiln.builder.plan import BuildReport, BuiltPlan
 
-__all__ = ["BuildConfig", "BuildReport", "PrecisionError", "Profile", "build"]
+__all__ = ["BuildConfig", "BuildReport", "BuiltPlan", "PrecisionError", "Profile", "build"]

@@ -1,4 +1,4 @@
-"""The builder: ONNX model + BuildConfig -> Engine, choosing the fastest correct tactic per layer.
+"""The builder: ONNX model + BuildConfig -> plan (``kiln.build`` makes it an Engine), choosing the fastest correct tactic per layer.
 
 The steps, each visible in the build log:
 
@@ -44,6 +44,7 @@ from kiln import deadline as deadlines
 from kiln import dtypes
 from kiln.builder import tactics as tactic_registry
 from kiln.builder.config import BuildConfig, Profile
+from kiln.builder.plan import BuildReport, BuiltPlan
 from kiln.builder.layers import FLOAT_TYPES, GraphFacts, Layer, lower
 from kiln.builder.schedule import assign_streams
 from kiln.builder.tactics import PRECISION_DTYPES, Tactic
@@ -57,6 +58,7 @@ from kiln.inputs import random_array
 from kiln.passes import unique_node_names
 from kiln.precision import TOLERANCES, judge, loosest, tolerance
 from kiln.precision import scaled_error as relative_error
+from kiln.versions import environment
 
 # (op, input index) whose value is a shape, size, index or axis: the float arithmetic feeding
 # them stays fp32 in reduced-precision builds (a rounded size is a wrong size).
@@ -109,23 +111,6 @@ class PlannedLayer:
     widened_for_speed: bool = False  # fp16/bf16 was allowed, but fp32 (tf32) was faster
 
 
-@dataclass
-class BuildReport:
-    """What the build did, for the log and the summary (times are not part of the engine file)."""
-
-    lines: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    timed: int = 0
-    cache_hits: int = 0
-    cache_misses: int = 0
-    rejected: int = 0
-    fallbacks: list[str] = field(default_factory=list)
-    output_diffs: dict[str, float] = field(default_factory=dict)
-
-    def log(self, line: str) -> None:
-        self.lines.append(line)
-
-
 def build(
     model: ir.Model | onnx.ModelProto | str | os.PathLike[str],
     config: BuildConfig | None = None,
@@ -133,8 +118,8 @@ def build(
     calibration: Mapping[str, Any] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     name: str | None = None,
-):
-    """Build an engine. ``calibration``: representative inputs (name -> array) at the first profile's
+) -> BuiltPlan:
+    """Build a plan (``kiln.build`` turns it into an ``Engine``). ``calibration``: representative inputs (name -> array) at the first profile's
     opt shapes, for every run of the model the build makes (shape recording, the precision walk,
     the end-to-end check); seeded random ones (never zeros) for the inputs it lacks.
     ``progress(phase, done, total)`` is called as layers are processed. ``name``: what errors and
@@ -159,17 +144,13 @@ def build(
         return _build(model, name, config, calibration, progress)
 
 
-def _build(model: ir.Model, name: str, config: BuildConfig, calibration, progress):
-    from kiln.engine import Engine
-
+def _build(model: ir.Model, name: str, config: BuildConfig, calibration, progress) -> BuiltPlan:
     builder = _Builder(model, config, name, calibration, progress)
     # cuDNN picks each convolution's algorithm by timing it (cached per shape), as the engine does.
     with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False,
                                     allow_tf32=torch.backends.cudnn.allow_tf32):
         plan, tensors, graph_bytes = builder.run()
-    engine = Engine(plan, tensors, graph_bytes, device=config.device)
-    engine.report = builder.report
-    return engine
+    return BuiltPlan(plan, tensors, graph_bytes, config.device, builder.report)
 
 
 class _Builder:
@@ -183,8 +164,6 @@ class _Builder:
         self.calibration = calibration
         self.progress = progress or (lambda phase, done, total: None)
         self.report = BuildReport()
-        from kiln.engine import environment
-
         self.cache = TimingCache(config.timing_cache, environment(self.device),
                                  on_refusal=lambda message: self.report.log(f"warning: {message}"))
         self.opset = dict(model.opset_imports).get("", dict(model.opset_imports).get("ai.onnx", 1))
