@@ -89,9 +89,8 @@ def make_demo_model(batch: int = 2, seed: int = 0) -> onnx.ModelProto:
 def run_demo(out_dir: Path) -> bool:
     """Generate the demo model, build and save its engine, run it, check it against onnxruntime and
     print the report; True if every output is within tolerance."""
-    from kiln import compare
+    from kiln import BuildConfig, build, compare
     from kiln.atomic_file import write_atomically
-    from kiln import BuildConfig, build
     from kiln.device import default_device
     from kiln.inputs import engine_input_values, random_inputs
     from kiln.precision import engine_precision

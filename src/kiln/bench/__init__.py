@@ -43,12 +43,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from kiln.versions import versions
 from kiln.bench.measure import measure, measure_parallel, saturation, spread
 from kiln.bench.results import BenchResult, LayerTime, Row
 from kiln.bench.targets import KilnTarget, Target
 from kiln.deadline import RunStopped, time_limit
 from kiln.errors import KilnError, first_line
+from kiln.versions import versions
 
 if TYPE_CHECKING:
     from kiln.engine import Engine

@@ -44,8 +44,8 @@ from kiln import deadline as deadlines
 from kiln import dtypes
 from kiln.builder import tactics as tactic_registry
 from kiln.builder.config import BuildConfig, Profile
-from kiln.builder.plan import BuildReport, BuiltPlan
 from kiln.builder.layers import FLOAT_TYPES, GraphFacts, Layer, lower
+from kiln.builder.plan import BuildReport, BuiltPlan
 from kiln.builder.schedule import assign_streams
 from kiln.builder.tactics import PRECISION_DTYPES, Tactic
 from kiln.builder.tactics.conv import nhwc_region
