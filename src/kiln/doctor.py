@@ -388,8 +388,7 @@ def _recorded_shapes(model: ir.Model, sizes: Mapping[str, tuple[int, ...] | None
         feeds = random_inputs(executor.inputs, sizes, model=label)
         for name, array in feeds.items():
             recorded[name] = tuple(array.shape)
-        executor.observer = observe
-        executor.run(feeds)
+        executor.run(feeds, on_node=observe)
     except Exception as error:  # noqa: BLE001 - without the run the estimate stands on inferred shapes
         return None, (f"no reference run at {shown}{taken}: {type(error).__name__}: {' '.join(str(error).split())}"
                       f"{hint}; dims unknown to shape inference taken as 1")

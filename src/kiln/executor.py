@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import ChainMap
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,9 +38,14 @@ from kiln.errors import InputError, KilnError, OpError, UnsupportedModelError, n
 from kiln.ops import lookup, sizes
 from kiln.ops.registry import OpContext, canonical_domain
 
+OnNode = Callable[["NodeStep", tuple], "tuple | None"]  # Executor.run's per-node hook
+
 
 @dataclass
-class _Step:
+class NodeStep:
+    """One node bound to its op: ``fn(op, *inputs)`` computes the node's ``outputs`` from the values
+    named ``inputs``; ``free_after`` are the values the run drops once it has run."""
+
     fn: Any
     op: OpContext
     inputs: list[str | None]
@@ -59,7 +64,7 @@ class _GraphPlan:
         for name, value in graph.initializers.items():
             if value.const_value is not None:
                 self.constants[name] = executor.constant(value.const_value)
-        self.steps: list[_Step] = []
+        self.steps: list[NodeStep] = []
         last_use: dict[str, int] = {}
         for index, node in enumerate(graph):
             domain = canonical_domain(node.domain)
@@ -71,7 +76,7 @@ class _GraphPlan:
             op = OpContext(node, opset, executor.device, executor.run_subgraph)
             inputs = [v.name if v is not None and v.name else None for v in node.inputs]
             outputs = [v.name for v in node.outputs]
-            self.steps.append(_Step(fn, op, inputs, outputs, []))
+            self.steps.append(NodeStep(fn, op, inputs, outputs, []))
             for name in [n for n in inputs if n] + sorted(_captured_names(node)):
                 last_use[name] = index
         keep = set(self.output_names)
@@ -133,9 +138,7 @@ class Executor:
         self.opsets = {canonical_domain(d): v for d, v in model.opset_imports.items()}
         self._plans: dict[int, _GraphPlan] = {}
         self._running: deadlines.Deadline | None = None
-        # Called as observer(step, outputs) after each main-graph step (the builder
-        # records shapes and dtypes with it).
-        self.observer: Any = None
+        self._on_node: OnNode | None = None
         self._main = self._plan(model.graph)
         graph = model.graph
         self.inputs = [v for v in graph.inputs if v.name not in self._main.constants]
@@ -158,23 +161,36 @@ class Executor:
             plan = self._plans[id(graph)] = _GraphPlan(graph, self)
         return plan
 
-    def node_steps(self) -> dict[str, _Step]:
-        """The main graph's bound steps by node name (the builder's Node layers run them)."""
+    def node_steps(self) -> dict[str, NodeStep]:
+        """The main graph's bound steps by node name, in the order ``run`` runs them (the builder's
+        Node layers run them)."""
         return {step.op.node.name: step for step in self._main.steps}
 
+    @property
+    def constants(self) -> dict[str, Any]:
+        """The main graph's initializers with values, as the run holds them (name -> tensor)."""
+        return dict(self._main.constants)
+
     # -- running ----------------------------------------------------------------------------
-    def run(self, feeds: Mapping[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
+    def run(self, feeds: Mapping[str, Any], timeout_s: float | None = None, *,
+            on_node: OnNode | None = None) -> dict[str, Any]:
         """Run the model on ``feeds`` (name -> numpy array or torch tensor); returns name -> value.
         ``timeout_s``: stop with ``kiln.deadline.RunStopped`` after that many seconds (the time
-        limit in effect, ``kiln.deadline.time_limit``, applies too)."""
+        limit in effect, ``kiln.deadline.time_limit``, applies too).
+
+        ``on_node(step, outputs)`` is called after each main-graph node (not inside subgraphs) with
+        the values it computed; when it returns a tuple, the rest of the run sees those values as
+        the node's outputs instead. The builder records shapes with it and walks the network with
+        its chosen tactics beside fp32; ``kiln doctor`` records shapes. An error it raises ends the
+        run and passes through as it is."""
         values = self._check_feeds(feeds)
         deadline = deadlines.begin(timeout_s)
-        self._running = deadline
+        self._running, self._on_node = deadline, on_node
         try:
             with deadlines.running(deadline), torch.inference_mode(), _exact_fp32(self.device):
                 outputs = self._execute(self._main, values, None)
         finally:
-            self._running = None
+            self._running = self._on_node = None
         return dict(zip(self._main.output_names, outputs))
 
     def cancel(self) -> bool:
@@ -222,8 +238,9 @@ class Executor:
                 step.op._outer = None
             if not isinstance(result, tuple):
                 result = (result,)
-            if self.observer is not None and plan is self._main:
-                self.observer(step, result)
+            if self._on_node is not None and plan is self._main:
+                replaced = self._on_node(step, result)
+                result = result if replaced is None else tuple(replaced)
             for name, value in zip(step.outputs, result):
                 if name:
                     local[name] = value

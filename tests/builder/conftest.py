@@ -20,6 +20,6 @@ def model_path(tmp_path_factory):
 def reduced_precision_kept(monkeypatch):
     """Layers allowed fp16/bf16 keep it even where the CPU runs them slower than fp32 (the builder
     would choose fp32 for speed): for tests about the precision check and its fallbacks."""
-    import importlib
+    from kiln.builder import choose_tactic
 
-    monkeypatch.setattr(importlib.import_module("kiln.builder.build"), "WIDE_MARGIN", 0.0)
+    monkeypatch.setattr(choose_tactic, "WIDE_MARGIN", 0.0)

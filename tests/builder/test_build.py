@@ -13,10 +13,10 @@ from families import TEXT, VISION, example_inputs, export_family
 import kiln
 from kiln.builder import BuildConfig, Profile
 from kiln.builder import tactics as registry
-from kiln.builder.build import relative_error
 from kiln.builder.tactics import Tactic
 from kiln.compare import run_onnxruntime
 from kiln.errors import InputError, KilnError
+from kiln.precision import scaled_error
 from tests.builder.graphs import model, node, weights
 
 
@@ -41,7 +41,7 @@ def test_fp32_engine_matches_onnxruntime(tmp_path, family, exporter):
     engine = kiln.build(path, BuildConfig(device="cpu", opt_level=1, profiles=[_profile(feeds)]))
     got = engine.run(feeds)
     for name, ref in run_onnxruntime(path, feeds).items():
-        assert relative_error(got[name].float(), torch.from_numpy(ref).float()) <= 1e-4, name
+        assert scaled_error(got[name].float(), torch.from_numpy(ref).float()) <= 1e-4, name
 
 
 LOW = [("resnet", "torchscript", "fp16"), ("mobilenet_v3", "dynamo", "fp16"), ("bert", "torchscript", "fp16"),
@@ -58,7 +58,7 @@ def test_reduced_precision_engine_within_1e_2(tmp_path, family, exporter, precis
     assert any(layer["precision"] == precision for layer in engine.plan["layers"])
     got = engine.run(feeds)
     for name, ref in run_onnxruntime(path, feeds).items():
-        assert relative_error(got[name].float(), torch.from_numpy(ref).float()) <= 1e-2, name
+        assert scaled_error(got[name].float(), torch.from_numpy(ref).float()) <= 1e-2, name
 
 
 def test_dynamic_profiles_pick_tactics_per_profile_and_run_any_shape_inside(tmp_path):
@@ -71,7 +71,7 @@ def test_dynamic_profiles_pick_tactics_per_profile_and_run_any_shape_inside(tmp_
     for feeds in (small, _feeds("bert", 3, 7), small, _feeds("bert", 6, 8), _feeds("bert", 3, 7)):
         got = engine.run(feeds)  # the repeats run on cached shape values
         for name, ref in run_onnxruntime(path, feeds).items():
-            assert relative_error(got[name].float(), torch.from_numpy(ref).float()) <= 1e-4
+            assert scaled_error(got[name].float(), torch.from_numpy(ref).float()) <= 1e-4
     with pytest.raises(InputError, match="profile"):
         engine.run(_feeds("bert", 7, 8))
 
@@ -95,7 +95,7 @@ def _check(engine, m, rng, tol):
     feeds = {"x": rng.standard_normal((4, 8)).astype(np.float32)}
     got, ref = engine.run(feeds), kiln.Executor(m).run(feeds)
     for name in ref:
-        assert relative_error(got[name].float(), ref[name].float()) <= tol
+        assert scaled_error(got[name].float(), ref[name].float()) <= tol
 
 
 @pytest.mark.usefixtures("reduced_precision_kept")
@@ -148,7 +148,7 @@ def test_strongly_typed_fp16_model_runs_in_fp16(rng):
     feeds = {"x": rng.standard_normal((4, 8)).astype(np.float16)}
     got, ref = engine.run(feeds), kiln.Executor(m).run(feeds)
     assert got["y"].dtype == torch.float16
-    assert relative_error(got["y"].float(), ref["y"].float()) <= 1e-2
+    assert scaled_error(got["y"].float(), ref["y"].float()) <= 1e-2
     with pytest.raises(KilnError, match="strongly typed"):
         kiln.build(m, BuildConfig(device="cpu", strongly_typed=True, fp16=True))
 
@@ -201,7 +201,7 @@ def test_a_wrong_fast_tactic_is_never_chosen(rng, monkeypatch, level):
     assert layer["choices"][0]["tactic"] != "conv.fast_but_wrong"
     assert any("conv.fast_but_wrong" in note and "rejected" in note for note in layer["notes"])
     feeds = {"x": rng.standard_normal((2, 4, 6, 6)).astype(np.float32)}
-    assert relative_error(engine.run(feeds)["y"], kiln.Executor(m).run(feeds)["y"]) <= 1e-4
+    assert scaled_error(engine.run(feeds)["y"], kiln.Executor(m).run(feeds)["y"]) <= 1e-4
 
 
 def test_corrupt_timing_cache_is_ignored_with_a_warning(rng, tmp_path):
@@ -235,7 +235,7 @@ def test_a_minus_one_batch_builds_with_a_profile_and_runs_in_its_range(tmp_path)
     assert [spec["shape"] for spec in engine.inputs] == [[None, 3, 6, 8], [None, 4, 6, 8]]
     rng = np.random.default_rng(3)
     feeds = {"x": rng.standard_normal((3, 3, 6, 8)).astype(np.float32), "r": rng.standard_normal((3, 4, 6, 8)).astype(np.float32)}
-    assert relative_error(engine.run(feeds)["y"], run_onnxruntime(path, feeds)["y"]) <= 1e-4
+    assert scaled_error(engine.run(feeds)["y"], run_onnxruntime(path, feeds)["y"]) <= 1e-4
     with pytest.raises(InputError, match="optimization profile"):
         engine.run({k: np.concatenate([v, v]) for k, v in feeds.items()})
 
@@ -257,9 +257,9 @@ def test_a_rank_0_input_builds_and_runs_with_or_without_a_profile_entry(named):
     assert engine.profiles[0].shapes["sr"] == ((), (), ())
     x = np.random.default_rng(6).standard_normal((3, 4)).astype(np.float32)
     feeds = {"x": x, "sr": np.array(16000, np.int64)}
-    assert relative_error(engine.run(feeds)["y"], kiln.Executor(m).run(feeds)["y"]) <= 1e-4
+    assert scaled_error(engine.run(feeds)["y"], kiln.Executor(m).run(feeds)["y"]) <= 1e-4
     context = engine.create_context(profile=0)
-    assert relative_error(context.run(feeds)["y"], kiln.Executor(m).run(feeds)["y"]) <= 1e-4
+    assert scaled_error(context.run(feeds)["y"], kiln.Executor(m).run(feeds)["y"]) <= 1e-4
     with pytest.raises(InputError, match="sr"):
         engine.run({"x": x, "sr": np.array([16000], np.int64)})
 

@@ -10,8 +10,8 @@ from families import example_inputs, export_family
 
 import kiln
 from kiln.builder import BuildConfig, Profile
-from kiln.builder.build import relative_error
 from kiln.compare import run_onnxruntime
+from kiln.precision import scaled_error
 from tests.builder.graphs import model, node, weights
 
 pytestmark = pytest.mark.cuda
@@ -33,7 +33,7 @@ def test_engine_matches_onnxruntime_on_every_run(tmp_path, family, exporter, pre
     for _ in range(3):
         got = engine.run(feeds)
         for name, ref in reference.items():
-            assert relative_error(got[name].float().cpu(), torch.from_numpy(ref).float()) <= tol, name
+            assert scaled_error(got[name].float().cpu(), torch.from_numpy(ref).float()) <= tol, name
     assert engine.graph_errors == []  # every layer, the passes' Pad and Slice nodes included, was captured
 
 
@@ -85,7 +85,7 @@ def test_each_tactic_alone_is_chosen_and_correct(rng, tactic, precision, tol):
              else rng.standard_normal(list(v.shape)).astype(np.float32) for v in m.graph.inputs}
     got, ref = engine.run(feeds), kiln.Executor(m).run(feeds)
     for name in ref:
-        assert relative_error(got[name].float().cpu(), ref[name].float()) <= tol
+        assert scaled_error(got[name].float().cpu(), ref[name].float()) <= tol
 
 
 def test_memory_limit_rejects_tactics_that_need_scratch(rng):
@@ -93,6 +93,6 @@ def test_memory_limit_rejects_tactics_that_need_scratch(rng):
     engine = kiln.build(m, BuildConfig(device="cuda", opt_level=4, fp16=True, memory_limit=0))
     feeds = {v.name: rng.standard_normal([d for d in v.shape]).astype(np.float32) for v in m.graph.inputs}
     got, ref = engine.run(feeds), kiln.Executor(m).run(feeds)
-    assert relative_error(got["y"].float().cpu(), ref["y"].float()) <= 1e-2
+    assert scaled_error(got["y"].float().cpu(), ref["y"].float()) <= 1e-2
     notes = [n for layer in engine.plan["layers"] for n in layer["notes"]]
     assert all("scratch memory" in n for n in notes if "rejected" in n and "relative error" not in n)

@@ -9,7 +9,7 @@ import torch
 
 import kiln
 from kiln.builder import BuildConfig
-from kiln.builder.build import relative_error
+from kiln.precision import scaled_error
 from tests.builder.graphs import model, node, weights
 
 
@@ -22,7 +22,7 @@ def build_and_check(m, rng, **config):
     got = engine.run(feeds)
     ref = kiln.Executor(m).run(feeds)
     for name in ref:
-        assert relative_error(got[name].float(), ref[name].float()) <= 1e-4, name
+        assert scaled_error(got[name].float(), ref[name].float()) <= 1e-4, name
     return [(layer["kind"], [op for _, op in layer["origins"]]) for layer in engine.plan["layers"]]
 
 
@@ -200,7 +200,7 @@ def test_attention_becomes_one_layer(rng, cleanup, post_scale):
         engine = kiln.build(m, BuildConfig(device="cpu", opt_level=1, allow_tactics=[tactic],
                                            deny_tactics=[] if tactic == "attention.torch" else ["attention.torch"]))
         got, ref = engine.run(feeds)["y"], kiln.Executor(m).run(feeds)["y"]
-        assert relative_error(got, ref) <= 1e-4, tactic
+        assert scaled_error(got, ref) <= 1e-4, tactic
         assert bool(torch.isnan(got[1]).all()) == (not cleanup)
 
 
@@ -225,7 +225,7 @@ def test_attention_with_a_constant_mask_reads_it_as_a_weight(rng, tmp_path, tact
     ref = kiln.Executor(m).run(feeds)["y"]
     engine.save(tmp_path / "causal.kiln")
     for e in (engine, kiln.load_engine(tmp_path / "causal.kiln")):
-        assert relative_error(e.run(feeds)["y"], ref) <= 1e-4
+        assert scaled_error(e.run(feeds)["y"], ref) <= 1e-4
 
 
 def test_attention_probabilities_read_elsewhere_stay_unfused(rng):
@@ -307,4 +307,4 @@ def test_dynamo_export_at_static_shapes_with_a_causal_mask_builds(tmp_path):
     feeds = {"x": x.numpy()}
     got, ref = engine.run(feeds), run_onnxruntime(path, feeds)
     for name in ref:
-        assert relative_error(got[name].float(), torch.from_numpy(ref[name])) <= 1e-4, name
+        assert scaled_error(got[name].float(), torch.from_numpy(ref[name])) <= 1e-4, name

@@ -5,16 +5,12 @@ Times are set here (the builder's timing is replaced), so nothing depends on thi
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
 
 import kiln
-from kiln.builder import BuildConfig
+from kiln.builder import BuildConfig, choose_tactic
 from tests.builder.graphs import model, node
-
-build_module = importlib.import_module("kiln.builder.build")  # the module (kiln.builder.build is also the function)
 
 
 def _model():
@@ -27,13 +23,13 @@ def _model():
 def times(monkeypatch):
     """Per precision, the milliseconds every tactic takes (after its correctness check passed)."""
     table = {"fp32": 1.0, "tf32": 1.0, "fp16": 1.0, "bf16": 1.0}
-    real = build_module._Builder._time
+    real = choose_tactic.time_tactic
 
-    def timed(self, t, cfg, item, index, inputs, reference, precision):
-        entry = real(self, t, cfg, item, index, inputs, reference, precision)
+    def timed(state, t, cfg, item, index, inputs, reference, precision):
+        entry = real(state, t, cfg, item, index, inputs, reference, precision)
         return {**entry, "ms": table[precision]} if entry["ok"] else entry
 
-    monkeypatch.setattr(build_module._Builder, "_time", timed)
+    monkeypatch.setattr(choose_tactic, "time_tactic", timed)
     return table
 
 
@@ -97,13 +93,13 @@ def test_on_a_cpu_small_gains_count(times):
 
 
 def test_a_node_layer_faster_in_fp32_runs_in_fp32(monkeypatch):
-    real = build_module._Builder._time_node
+    real = choose_tactic.time_node
 
-    def timed(self, index, item, ref_inputs, precision=None):
-        ms = real(self, index, item, ref_inputs, precision)
+    def timed(state, index, item, ref_inputs, precision=None):
+        ms = real(state, index, item, ref_inputs, precision)
         return None if ms is None else {"fp16": 5.0, "fp32": 1.0}[precision or item.precision]
 
-    monkeypatch.setattr(build_module._Builder, "_time_node", timed)
+    monkeypatch.setattr(choose_tactic, "time_node", timed)
     m = model([node("Erf", ["x"], ["y"])], [("x", [4, 32])], [("y", [4, 32])])
     engine = kiln.build(m, BuildConfig(device="cpu", fp16=True, opt_level=1))
     layer = engine.plan["layers"][0]

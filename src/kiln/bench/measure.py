@@ -8,6 +8,9 @@ in chunks (the stream is synchronized every ``CHUNK`` iterations), which keeps a
 iterations in flight. Throughput is iterations over the wall time of the timed loop. A host-timed
 target is timed by the host clock around each whole iteration.
 
+``time_calls(fn, device)`` times one call the way the builder times a tactic (``kiln.timing``):
+repetitions of back-to-back calls after a warm-up, with statistics over the repetitions.
+
 ``measure_parallel`` runs several targets at once (one thread each, each on its own stream), as
 several execution contexts serve one engine, and reports their combined throughput.
 
@@ -25,12 +28,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from kiln import deadline as deadlines
 from kiln.bench.results import Run, Saturation, Stats
 from kiln.bench.targets import Target
+from kiln.timing import repeat_ms, warm_up
 
 CHUNK = 64  # GPU iterations queued before the events are read back
 SATURATION_THRESHOLD = 0.5
@@ -98,9 +103,7 @@ def _done(target: Target, count: int, start: float, duration_s: float | None, it
 
 def _measure_host(target: Target, warmup_ms: float, duration_s: float | None, iterations: int | None,
                   tick: Callable[[], None] | None) -> _Samples:
-    start = time.perf_counter()
-    while (time.perf_counter() - start) * 1e3 < warmup_ms:
-        _iteration(target)
+    warm_up(lambda: _iteration(target), warmup_ms)
     samples: list[float] = []
     begin = time.perf_counter()
     while not _done(target, len(samples), begin, duration_s, iterations):
@@ -122,10 +125,7 @@ def _measure_gpu(target: Target, warmup_ms: float, duration_s: float | None, ite
         torch.cuda.reset_peak_memory_stats(device)
     baseline = torch.cuda.memory_allocated(device)
     with torch.cuda.stream(stream):
-        start = time.perf_counter()
-        while (time.perf_counter() - start) * 1e3 < warmup_ms:
-            _iteration(target)
-            stream.synchronize()
+        warm_up(lambda: _iteration(target), warmup_ms, stream.synchronize)
         out = _Samples([], 0.0, [], [], [], [])
         begin = time.perf_counter()
         while not _done(target, len(out.total), begin, duration_s, iterations):
@@ -203,6 +203,16 @@ def measure_parallel(targets: Sequence[Target], batch: int, *, warmup_ms: float 
     merged = _Samples(pooled("total"), wall, pooled("compute"), pooled("h2d"), pooled("d2h"), pooled("enqueue"), peak)
     # the timed loops overlap but their warm-ups add to the wall time: count the slowest loop's span
     return merged.run(batch, wall_s=max(r.wall_s for r in done))
+
+
+def time_calls(fn: Callable[[], Any], device: torch.device | str, *, reps: int = 7, warmup_calls: int = 10,
+               estimate_calls: int = 3, target_ms: float = 20.0, max_calls: int = 1000) -> tuple[Stats, int]:
+    """Milliseconds per call of ``fn`` over ``reps`` repetitions of N back-to-back calls (``kiln.timing.repeat_ms``:
+    on CUDA CUDA events on a side stream, on a CPU perf_counter), and N. A repetition lasts about
+    ``target_ms``; ``warmup_calls`` calls (the last ``estimate_calls`` of them timed to choose N) come first."""
+    times, calls = repeat_ms(fn, torch.device(device), reps, warmup_calls=max(0, warmup_calls - estimate_calls),
+                             estimate_calls=estimate_calls, target_ms=target_ms, max_calls=max_calls, hide_launch=False)
+    return Stats.of(times), calls
 
 
 def spread(a: Run, b: Run) -> float:

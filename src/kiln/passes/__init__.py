@@ -76,7 +76,7 @@ class PassContext:
     # symbolic dimension name -> value, for passes that need concrete sizes (from the opt shapes)
     dims: dict[str, int] = field(default_factory=dict)
     # measuring passes call this with two zero-argument callables and get (ms_a, ms_b), or None to
-    # decide by rule; the builder sets it on CUDA (kiln.builder.build.measure)
+    # decide by rule; the builder sets it on CUDA (kiln.timing.median_ms)
     measure: Callable[[Callable[[], Any], Callable[[], Any]], tuple[float, float]] | None = None
     log: list[str] = field(default_factory=list)
 
