@@ -155,3 +155,29 @@ def test_tf32_is_off_while_running_and_settings_are_restored():
     executor.run({"image": np.ones((2, 3, 32, 32), np.float32)})
     assert seen == {"matmul_tf32": False, "cudnn_tf32": False, "benchmark": True}
     assert torch.backends.cuda.matmul.allow_tf32 is True and torch.backends.cudnn.allow_tf32 is True
+
+
+def test_on_node_sees_every_main_graph_node_and_can_replace_its_outputs():
+    ex = _executor(add_relu_model())
+    x = np.full((2, 3), -10.0, np.float32)
+    seen = []
+
+    def on_node(step, outputs):
+        seen.append((step.op.name, tuple(outputs[0].shape)))
+        if step.op.name == "add":
+            return (torch.ones(2, 3),)  # the relu then reads ones instead of x + w
+        return None
+
+    y = ex.run({"x": x}, on_node=on_node)["y"]
+    assert seen == [("add", (2, 3)), ("relu", (2, 3))]
+    assert torch.equal(y, torch.ones(2, 3))
+    assert float(ex.run({"x": x})["y"].max()) == 0.0  # the hook was for that run only
+    assert set(ex.constants) == {"w"} and list(ex.node_steps()) == ["add", "relu"]
+
+
+def test_an_error_the_hook_raises_passes_through():
+    def on_node(step, outputs):
+        raise KeyError("from the hook")
+
+    with pytest.raises(KeyError, match="from the hook"):
+        _executor(add_relu_model()).run({"x": np.ones((2, 3), np.float32)}, on_node=on_node)

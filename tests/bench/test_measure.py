@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kiln.bench.measure import measure, measure_parallel, saturation, spread
+from kiln.bench.measure import measure, measure_parallel, saturation, spread, time_calls
 from kiln.bench.results import Stats
 from kiln.bench.targets import Target
 
@@ -141,3 +141,16 @@ def test_gpu_loop_times_each_part_with_events():
     assert run.h2d_ms.median > 0 and run.d2h_ms.median > 0 and run.enqueue_ms is not None
     assert run.latency_ms.median >= run.compute_ms.median
     np.testing.assert_allclose(target.outputs()["y"], target.host.numpy() * 2)
+
+
+def test_time_calls_times_back_to_back_calls_on_the_host():
+    calls = []
+
+    def sleep():
+        calls.append(1)
+        time.sleep(0.002)
+
+    stats, per_repetition = time_calls(sleep, "cpu", reps=3, warmup_calls=2, estimate_calls=1, target_ms=5.0)
+    assert stats.count == 3 and stats.min >= 2.0
+    assert 1 <= per_repetition <= 2  # 5 ms of 2 ms calls
+    assert len(calls) == 2 + 3 * per_repetition

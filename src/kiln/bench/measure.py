@@ -206,7 +206,7 @@ def measure_parallel(targets: Sequence[Target], batch: int, *, warmup_ms: float 
 
 
 def time_calls(fn: Callable[[], Any], device: torch.device | str, *, reps: int = 7, warmup_calls: int = 10,
-               estimate_calls: int = 3, target_ms: float = 20.0, max_calls: int = 1000) -> tuple[Stats, int]:
+               estimate_calls: int = 5, target_ms: float = 100.0, max_calls: int = 200) -> tuple[Stats, int]:
     """Milliseconds per call of ``fn`` over ``reps`` repetitions of N back-to-back calls (``kiln.timing.repeat_ms``:
     on CUDA CUDA events on a side stream, on a CPU perf_counter), and N. A repetition lasts about
     ``target_ms``; ``warmup_calls`` calls (the last ``estimate_calls`` of them timed to choose N) come first."""
