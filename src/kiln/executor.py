@@ -10,6 +10,10 @@ Example::
     model = kiln.load_model("resnet50.onnx")
     outputs = Executor(model, device="cuda").run({"input": images})
 
+``run(feeds, on_node=hook)`` calls ``hook(step, outputs)`` after each main-graph node, and a tuple
+it returns replaces the node's outputs: the builder records shapes and walks its chosen tactics
+beside fp32 with it, so this loop is the one that runs a model node by node.
+
 float32 means float32: while a model runs, TF32 is switched off in cuBLAS and cuDNN so results match
 onnxruntime's fp32 within 1e-4. Faster precisions are the builder's job, chosen per layer.
 
@@ -38,8 +42,6 @@ from kiln.errors import InputError, KilnError, OpError, UnsupportedModelError, n
 from kiln.ops import lookup, sizes
 from kiln.ops.registry import OpContext, canonical_domain
 
-OnNode = Callable[["NodeStep", tuple], "tuple | None"]  # Executor.run's per-node hook
-
 
 @dataclass
 class NodeStep:
@@ -51,6 +53,9 @@ class NodeStep:
     inputs: list[str | None]
     outputs: list[str]
     free_after: list[str]
+
+
+OnNode = Callable[[NodeStep, tuple], "tuple | None"]  # Executor.run's per-node hook (see its docstring)
 
 
 class _GraphPlan:
@@ -275,7 +280,8 @@ class Executor:
         try:
             return dtypes.tensor_from_numpy(np.asarray(given), self.device)
         except KeyError as error:
-            raise InputError(f"{self.name}: input {name!r} has dtype {np.asarray(given).dtype}, which kiln cannot hold") from error
+            raise InputError(f"{self.name}: input {name!r} has dtype {np.asarray(given).dtype}, "
+                             f"which kiln cannot hold") from error
 
 
 def _check_against_spec(model_name: str, spec: ir.Value, value: Any) -> Any:

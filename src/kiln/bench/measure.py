@@ -8,8 +8,9 @@ in chunks (the stream is synchronized every ``CHUNK`` iterations), which keeps a
 iterations in flight. Throughput is iterations over the wall time of the timed loop. A host-timed
 target is timed by the host clock around each whole iteration.
 
-``time_calls(fn, device)`` times one call the way the builder times a tactic (``kiln.timing``):
-repetitions of back-to-back calls after a warm-up, with statistics over the repetitions.
+``time_calls(fn, device)`` times one call (a layer, a kernel, a whole model in a script) with
+``kiln.timing``, which the builder times its tactics with: repetitions of back-to-back calls after a
+warm-up, with statistics over the repetitions.
 
 ``measure_parallel`` runs several targets at once (one thread each, each on its own stream), as
 several execution contexts serve one engine, and reports their combined throughput.

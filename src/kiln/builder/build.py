@@ -1,4 +1,5 @@
-"""The builder: ONNX model + BuildConfig -> plan (``kiln.build`` makes it an Engine), choosing the fastest correct tactic per layer.
+"""The builder: ONNX model + BuildConfig -> plan (``kiln.build`` makes it an Engine), choosing the fastest
+correct tactic per layer.
 
 The steps, each visible in the build log:
 
@@ -120,7 +121,8 @@ def _build(state: BuildState) -> BuiltPlan:
     layers = lower(graph, facts, state.opset)
     fused = sum(1 for layer in layers if layer.fused)
     before = sum(state.pass_report.ops_before.values())
-    report.log(f"{state.name}: {before} nodes -> {len(list(graph))} after passes -> {len(layers)} layers ({fused} fused)")
+    report.log(f"{state.name}: {before} nodes -> {len(list(graph))} after passes -> {len(layers)} layers "
+               f"({fused} fused)")
     planned = assign_precisions(state, layers)
     for index, item in enumerate(planned):
         state.progress("tactics", index, len(planned))

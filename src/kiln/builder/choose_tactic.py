@@ -102,7 +102,8 @@ def select(state: BuildState, index: int, item: PlannedLayer, profile: int, prec
         if best is not None:  # a cache may only speed a build up: its failures are checked before giving up
             break
     if best is None:
-        raise KilnError(f"{state.name}: every tactic for layer {layer.name!r} ({layer.kind}) failed its check at {precision}")
+        raise KilnError(f"{state.name}: every tactic for layer {layer.name!r} ({layer.kind}) failed its check "
+                        f"at {precision}")
     return best
 
 
@@ -227,7 +228,8 @@ def time_tactic(state: BuildState, t: Tactic, cfg: dict, item: PlannedLayer, ind
         return {"ms": None, "ok": False, "reason": reason}
     limit = state.config.memory_limit
     if limit is not None and workspace is not None and workspace > limit:
-        return {"ms": None, "ok": False, "reason": f"needs {workspace} bytes of scratch memory, over the limit of {limit}"}
+        return {"ms": None, "ok": False,
+                "reason": f"needs {workspace} bytes of scratch memory, over the limit of {limit}"}
     with _tf32(precision == "tf32"), torch.inference_mode():
         ms = median_ms(lambda: run(list(inputs)), state.device, state.reps)
     return {"ms": ms, "ok": True, "workspace": workspace}

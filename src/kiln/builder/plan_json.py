@@ -91,7 +91,8 @@ def _outputs_json(state: BuildState, planned: list[PlannedLayer], tensors: dict[
     that no layer computes and that is no input, an initializer or a value folded from
     constants alone, is stored as a tensor of the engine (``constant``: its name)."""
     facts = state.facts[0]
-    produced = {name for item in planned for name in item.layer.outputs if name} | {v.name for v in state.executor.inputs}
+    produced = {name for item in planned for name in item.layer.outputs if name}
+    produced |= {v.name for v in state.executor.inputs}
     outputs = []
     for value in state.model.graph.outputs:
         if any(spec["name"] == value.name for spec in outputs):

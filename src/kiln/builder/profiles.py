@@ -72,7 +72,8 @@ def full_profiles(state: BuildState) -> list[Profile]:
     return profiles
 
 
-def random_feeds(state: BuildState, shapes: Mapping[str, tuple[int, ...]], strict: bool = True) -> dict[str, torch.Tensor]:
+def random_feeds(state: BuildState, shapes: Mapping[str, tuple[int, ...]],
+                 strict: bool = True) -> dict[str, torch.Tensor]:
     """Inputs at ``shapes``: the calibration arrays where given, seeded random values for the rest
     (floats standard normal, integers in [0, 2), bools coin flips; see ``record.failed_run``), noted
     in ``state.made_up``. ``strict``: a calibration array must have its shape (the first profile's
