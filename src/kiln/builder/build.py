@@ -42,12 +42,12 @@ import torch
 
 from kiln import deadline as deadlines
 from kiln import dtypes
-from kiln.builder import tactics as tactic_registry
 from kiln.builder.config import BuildConfig, Profile
 from kiln.builder.layers import FLOAT_TYPES, GraphFacts, Layer, lower
 from kiln.builder.plan import BuildReport, BuiltPlan
 from kiln.builder.schedule import assign_streams
-from kiln.builder.tactics import PRECISION_DTYPES, Tactic
+from kiln.builder.tactics import registry as tactic_registry
+from kiln.builder.tactics.base import Tactic
 from kiln.builder.tactics.conv import nhwc_region
 from kiln.builder.tactics.node import castable
 from kiln.builder.timing_cache import TimingCache
@@ -56,7 +56,7 @@ from kiln.executor import Executor
 from kiln.float64 import distance, float64_model, widen
 from kiln.inputs import random_array
 from kiln.passes import unique_node_names
-from kiln.precision import TOLERANCES, judge, loosest, tolerance
+from kiln.precision import PRECISION_DTYPES, TOLERANCES, judge, loosest, tolerance
 from kiln.precision import scaled_error as relative_error
 from kiln.versions import environment
 
