@@ -129,14 +129,14 @@ def _zeros_like(x: Any, shape: tuple[int, ...]) -> Any:
 
 
 # -- If / Loop / Scan ---------------------------------------------------------------------------
-@register("If", since=1)
+@register("If", since=1, reads_torch_flags=True)
 def if_(op, cond):
     """Runs then_branch or else_branch; its outputs (tensors, sequences, optionals) are If's."""
     branch = op.attr("then_branch") if _flag(op, cond, "cond") else op.attr("else_branch")
     return tuple(op.run_graph(branch, []))
 
 
-@register("Loop", since=1)
+@register("Loop", since=1, reads_torch_flags=True)
 def loop(op, max_trip_count, cond, *initial):
     """Body (iteration_num, cond, carried...) -> (cond, carried..., scan...); scans stack on axis 0."""
     body: ir.Graph = op.attr("body")
@@ -201,7 +201,7 @@ def _scan_arity(op, inputs) -> tuple[ir.Graph, int, int, int]:
     return body, m, n_state, len(body.outputs) - n_state
 
 
-@register("Scan", since=9)
+@register("Scan", since=9, reads_torch_flags=True)
 def scan(op, *inputs):
     """Body (state..., scan_elem...) -> (state..., scan_out_elem...), per position along each scan axis."""
     body, m, n_state, k = _scan_arity(op, inputs)
@@ -285,7 +285,7 @@ def scan_8(op, sequence_lens, *inputs):
 
 
 # -- sequences ----------------------------------------------------------------------------------
-@register("SequenceMap", since=17)
+@register("SequenceMap", since=17, reads_torch_flags=True)
 def sequence_map(op, sequence, *extra):
     """Runs body once per element; extra sequence inputs are zipped, extra tensors given each time."""
     body: ir.Graph = op.attr("body")

@@ -47,12 +47,12 @@ def _matmul(a, b):
     return restore(y, dtype)
 
 
-@register("MatMul", since=1)
+@register("MatMul", since=1, reads_torch_flags=True)
 def matmul(op: OpContext, a, b):
     return _matmul(a, b)
 
 
-@register("Gemm", since=1)
+@register("Gemm", since=1, reads_torch_flags=True)
 def gemm(op: OpContext, a, b, c=None):
     """alpha * A' @ B' + beta * C through torch.addmm (C broadcast to [M, N]); the opset < 7 'broadcast' flag
     only allowed what broadcasting does anyway."""
@@ -134,7 +134,7 @@ def _expand_channels(t, ndim: int):
 # -- Conv / ConvTranspose ---------------------------------------------------------------------
 
 
-@register("Conv", since=1)
+@register("Conv", since=1, reads_torch_flags=True)
 def conv(op: OpContext, x, w, b=None):
     """F.convNd; asymmetric or auto pads are applied with F.pad first (torch only pads symmetrically)."""
     nd = w.ndim - 2
@@ -154,7 +154,7 @@ def conv(op: OpContext, x, w, b=None):
     return _CONV[nd](x, w, b, stride=strides, padding=padding, dilation=dilations, groups=op.attr("group", 1))
 
 
-@register("ConvTranspose", since=1)
+@register("ConvTranspose", since=1, reads_torch_flags=True)
 def conv_transpose(op: OpContext, x, w, b=None):
     """The full transposed convolution (no padding) cropped or zero-extended to ONNX's output window, so asymmetric
     pads, output_padding and output_shape all follow the spec's formulas."""
@@ -548,7 +548,7 @@ def dropout_v10(op: OpContext, x):
     return _dropout(op, x, torch.bool)
 
 
-@register("Dropout", since=12)
+@register("Dropout", since=12, random=True)
 def dropout(op: OpContext, x, ratio=None, training_mode=None):
     """Identity unless training_mode is true and ratio > 0; random masks are not reproduced (op.fail)."""
     if training_mode is not None and bool(training_mode.reshape(-1)[0]):

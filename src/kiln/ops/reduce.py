@@ -144,7 +144,7 @@ def _reduce(op: OpContext, x, axes, kind: str):
     return fn(x, dims, keep)
 
 
-def _register_reduce(name: str, kind: str, input_since: int) -> None:
+def _register_reduce(name: str, kind: str, input_since: int, shape_axes: bool) -> None:
     def axes_attribute(op: OpContext, x):
         return _reduce(op, x, op.attr("axes"), kind)
 
@@ -153,22 +153,23 @@ def _register_reduce(name: str, kind: str, input_since: int) -> None:
 
     axes_attribute.__doc__ = axes_input.__doc__ = f"ONNX {name}: torch reduction '{kind}' over the given axes."
     register(name, since=1)(axes_attribute)
-    register(name, since=input_since)(axes_input)
+    # the axes input is read on the host; the builder follows it as shape arithmetic where ``shape_axes``
+    register(name, since=input_since, shape_inputs=(1,) if shape_axes else (), host_inputs=(1,))(axes_input)
 
 
-for _name, _kind, _since in [
-    ("ReduceSum", "sum", 13),
-    ("ReduceMean", "mean", 18),
-    ("ReduceMax", "max", 18),
-    ("ReduceMin", "min", 18),
-    ("ReduceProd", "prod", 18),
-    ("ReduceL1", "l1", 18),
-    ("ReduceL2", "l2", 18),
-    ("ReduceLogSum", "log_sum", 18),
-    ("ReduceLogSumExp", "log_sum_exp", 18),
-    ("ReduceSumSquare", "sum_square", 18),
+for _name, _kind, _since, _shape_axes in [
+    ("ReduceSum", "sum", 13, True),
+    ("ReduceMean", "mean", 18, True),
+    ("ReduceMax", "max", 18, True),
+    ("ReduceMin", "min", 18, True),
+    ("ReduceProd", "prod", 18, True),
+    ("ReduceL1", "l1", 18, False),
+    ("ReduceL2", "l2", 18, False),
+    ("ReduceLogSum", "log_sum", 18, False),
+    ("ReduceLogSumExp", "log_sum_exp", 18, False),
+    ("ReduceSumSquare", "sum_square", 18, False),
 ]:
-    _register_reduce(_name, _kind, _since)
+    _register_reduce(_name, _kind, _since, _shape_axes)
 
 
 # -- ArgMax / ArgMin --------------------------------------------------------------------------
@@ -280,7 +281,7 @@ def _cumulative(op: OpContext, x, axis, fn, identity: int):
     return restore(y, x.dtype)
 
 
-@register("CumSum", since=11)
+@register("CumSum", since=11, shape_inputs=(1,), host_inputs=(1,))
 def cum_sum(op: OpContext, x, axis):
     return _cumulative(op, x, axis, torch.cumsum, 0)
 
@@ -313,6 +314,6 @@ def top_k_v1(op: OpContext, x):
     return _top_k(op, x, int(op.attr("k")), True)
 
 
-@register("TopK", since=10)
+@register("TopK", since=10, shape_inputs=(1,), host_inputs=(1,))
 def top_k(op: OpContext, x, k):
     return _top_k(op, x, int(k.reshape(-1)[0]), bool(op.attr("largest", 1)))

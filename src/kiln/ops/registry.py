@@ -14,6 +14,12 @@ an omitted optional input). It returns one value, or a ``tuple`` with one value 
 A function registered ``since=N`` serves opsets N and up, until the next registration of the same
 op. Where an op's inputs or attributes changed between opsets (Split, Reduce*, Pad, Clip, ...), it
 has one registration per version range.
+
+A registration also declares the op's *facts*, what the builder, the engine, the passes and the
+doctor need to know about it besides running it (:class:`OpFacts`): ``register("Reshape", since=5,
+shape_inputs=(1,), host_inputs=(1,))``. Facts belong to the op, whatever its opset: declare them
+once, at the op's newest registration, and read them with :func:`op_facts` (after
+``import kiln.ops``, which registers every op).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import bisect
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,17 +49,66 @@ def canonical_domain(domain: str) -> str:
     return "" if domain in DEFAULT_DOMAINS else domain
 
 
-def register(op_type: str, since: int = 1, domain: str = "") -> Callable[[OpFunction], OpFunction]:
-    """Register ``fn`` as the implementation of ``domain::op_type`` from opset ``since`` on."""
+@dataclass(frozen=True)
+class OpFacts:
+    """What is known about an op besides how to run it (input positions count from 0).
+
+    ``shape_inputs``: inputs whose values decide the output's shape (the builder follows them back
+    to find the shape arithmetic it computes once per input shape). ``host_inputs``: inputs the
+    reference op reads with ``tolist()``; constants there stay on the CPU, so reading them neither
+    waits for the GPU nor breaks CUDA-graph capture. ``host_reads``: every input the reference op
+    reads on the host as Python numbers (``host_inputs`` and those read with ``item()``), which the
+    doctor flags when data-dependent. ``metadata``: reads only its input's shape and type, never its
+    values (Shape, Size). ``random``: may draw random numbers, so it is never folded into a
+    constant. ``reads_torch_flags``: its torch kernels (or its subgraphs) read the TF32/cuDNN switches.
+    """
+
+    shape_inputs: tuple[int, ...] = ()
+    host_inputs: tuple[int, ...] = ()
+    host_reads: tuple[int, ...] = ()
+    metadata: bool = False
+    random: bool = False
+    reads_torch_flags: bool = False
+
+
+_FACTS: dict[tuple[str, str], OpFacts] = {}
+_NO_FACTS = OpFacts()
+
+
+def register(op_type: str, since: int = 1, domain: str = "", *, shape_inputs: Sequence[int] = (),
+             host_inputs: Sequence[int] = (), host_reads: Sequence[int] = (), metadata: bool = False,
+             random: bool = False, reads_torch_flags: bool = False) -> Callable[[OpFunction], OpFunction]:
+    """Register ``fn`` as the implementation of ``domain::op_type`` from opset ``since`` on, with the
+    op's facts where this registration declares them (see :class:`OpFacts`; ``host_reads`` always
+    includes ``host_inputs``)."""
+    facts = OpFacts(tuple(shape_inputs), tuple(host_inputs), tuple(sorted({*host_reads, *host_inputs})), metadata,
+                    random, reads_torch_flags)
 
     def decorate(fn: OpFunction) -> OpFunction:
-        versions = _TABLE.setdefault((canonical_domain(domain), op_type), [])
+        key = (canonical_domain(domain), op_type)
+        versions = _TABLE.setdefault(key, [])
         if any(v == since for v, _ in versions):
             raise ValueError(f"{domain or 'ai.onnx'}::{op_type} since {since} registered twice")
+        if facts != _NO_FACTS:
+            if _FACTS.get(key, facts) != facts:
+                raise ValueError(f"{domain or 'ai.onnx'}::{op_type}: facts declared twice, differently")
+            _FACTS[key] = facts
         bisect.insort(versions, (since, fn), key=lambda item: item[0])
         return fn
 
     return decorate
+
+
+def op_facts(op_type: str, domain: str | None = "") -> OpFacts:
+    """The facts declared for ``domain::op_type`` (none declared: all empty). ``domain=None``: the op
+    of that name in the default domain, else in whichever domain registers one (for callers that
+    keep only op types, such as an engine plan's layers)."""
+    if domain is not None:
+        return _FACTS.get((canonical_domain(domain), op_type), _NO_FACTS)
+    found = _FACTS.get(("", op_type))
+    if found is None:
+        found = next((f for (_, name), f in sorted(_FACTS.items()) if name == op_type), _NO_FACTS)
+    return found
 
 
 def lookup(domain: str, op_type: str, opset: int) -> OpFunction | None:
