@@ -1,6 +1,7 @@
 """Op facts are declared at registration (kiln.ops.registry) with the values the builder, engine and
 doctor tabled before (builder/build.py SHAPE_INPUTS, METADATA_OPS, _NOT_FOLDABLE; engine.py _FLAG_OPS;
-tactics/node.py HOST_INPUTS; doctor.py HOST_READS)."""
+tactics/node.py HOST_INPUTS, ACCUMULATE_FP32, PARAMETER_INPUTS; doctor.py HOST_READS, CONTROL_FLOW,
+SEQUENCE_OPS, DATA_DEPENDENT; passes/fold_constants.py's sequence ops)."""
 
 import pytest
 
@@ -10,11 +11,14 @@ from kiln.ops import OpFacts, op_facts, registry
 @pytest.mark.parametrize("op, expected", [
     ("Reshape", OpFacts(shape_inputs=(1,), host_inputs=(1,), host_reads=(1,))),
     ("Slice", OpFacts(shape_inputs=(1, 2, 3, 4), host_inputs=(1, 2, 3, 4), host_reads=(1, 2, 3, 4))),
-    ("Resize", OpFacts(shape_inputs=(1, 2, 3), host_inputs=(2, 3), host_reads=(1, 2, 3))),
-    ("Range", OpFacts(shape_inputs=(0, 1, 2), host_reads=(0, 1, 2))),
+    ("Resize", OpFacts(shape_inputs=(1, 2, 3), host_inputs=(2, 3), host_reads=(1, 2, 3), parameter_inputs=(1, 2))),
+    ("Range", OpFacts(shape_inputs=(0, 1, 2), host_reads=(0, 1, 2), parameter_inputs=(0, 1, 2))),
     ("Gather", OpFacts(shape_inputs=(1,))),
     ("ReduceSum", OpFacts(shape_inputs=(1,), host_inputs=(1,), host_reads=(1,))),
-    ("ReduceL2", OpFacts(host_inputs=(1,), host_reads=(1,))),
+    ("ReduceL2", OpFacts(host_inputs=(1,), host_reads=(1,), accumulate_fp32=True)),
+    ("ReduceProd", OpFacts(shape_inputs=(1,), host_inputs=(1,), host_reads=(1,), accumulate_fp32=True)),
+    ("Softmax", OpFacts(accumulate_fp32=True)),
+    ("Einsum", OpFacts(reads_torch_flags=True, accumulate_fp32=True)),
     ("Trilu", OpFacts(host_inputs=(1,), host_reads=(1,))),
     ("Shape", OpFacts(metadata=True)),
     ("Size", OpFacts(metadata=True)),
@@ -22,7 +26,11 @@ from kiln.ops import OpFacts, op_facts, registry
     ("Dropout", OpFacts(random=True)),
     ("MatMul", OpFacts(reads_torch_flags=True)),
     ("Conv", OpFacts(reads_torch_flags=True)),
-    ("Loop", OpFacts(reads_torch_flags=True)),
+    ("Loop", OpFacts(reads_torch_flags=True, control_flow=True)),
+    ("SequenceMap", OpFacts(reads_torch_flags=True, control_flow=True, sequence=True)),
+    ("SplitToSequence", OpFacts(sequence=True)),
+    ("OptionalGetElement", OpFacts(optional=True)),
+    ("NonZero", OpFacts(data_dependent=True)),
     ("Relu", OpFacts()),
     ("Add", OpFacts()),
 ])

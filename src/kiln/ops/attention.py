@@ -194,7 +194,7 @@ def rotary_embedding(op: OpContext, x, cos_cache, sin_cache, position_ids=None):
     return y.reshape(shape) if len(shape) == 3 else y.transpose(1, 2)
 
 
-@register("RMSNormalization", since=23)
+@register("RMSNormalization", since=23, accumulate_fp32=True)
 def rms_normalization(op: OpContext, x, scale):
     """x / sqrt(mean(x^2 over axis..-1) + eps) in stash_type precision, then * scale in x's type."""
     axis = op.attr("axis", -1)

@@ -61,6 +61,11 @@ class OpFacts:
     doctor flags when data-dependent. ``metadata``: reads only its input's shape and type, never its
     values (Shape, Size). ``random``: may draw random numbers, so it is never folded into a
     constant. ``reads_torch_flags``: its torch kernels (or its subgraphs) read the TF32/cuDNN switches.
+    ``control_flow``: runs subgraphs (If, Loop, Scan, SequenceMap). ``sequence``: makes or reads an
+    ONNX sequence. ``optional``: makes or reads an ONNX optional. ``data_dependent``: its output's size
+    is known only once its input's values are (NonZero, Unique, ...). ``accumulate_fp32``: computes in
+    fp32 inside a reduced-precision layer (sums of squares, products, norms: the "statistics in fp32"
+    rule). ``parameter_inputs``: inputs that carry parameters, not data, never cast to a reduced precision.
     """
 
     shape_inputs: tuple[int, ...] = ()
@@ -69,30 +74,35 @@ class OpFacts:
     metadata: bool = False
     random: bool = False
     reads_torch_flags: bool = False
+    control_flow: bool = False
+    sequence: bool = False
+    optional: bool = False
+    data_dependent: bool = False
+    accumulate_fp32: bool = False
+    parameter_inputs: tuple[int, ...] = ()
 
 
 _FACTS: dict[tuple[str, str], OpFacts] = {}
 _NO_FACTS = OpFacts()
 
 
-def register(op_type: str, since: int = 1, domain: str = "", *, shape_inputs: Sequence[int] = (),
-             host_inputs: Sequence[int] = (), host_reads: Sequence[int] = (), metadata: bool = False,
-             random: bool = False, reads_torch_flags: bool = False) -> Callable[[OpFunction], OpFunction]:
+def register(op_type: str, since: int = 1, domain: str = "", **facts: Any) -> Callable[[OpFunction], OpFunction]:
     """Register ``fn`` as the implementation of ``domain::op_type`` from opset ``since`` on, with the
-    op's facts where this registration declares them (see :class:`OpFacts`; ``host_reads`` always
-    includes ``host_inputs``)."""
-    facts = OpFacts(tuple(shape_inputs), tuple(host_inputs), tuple(sorted({*host_reads, *host_inputs})), metadata,
-                    random, reads_torch_flags)
+    op's facts where this registration declares them (keywords of :class:`OpFacts`; input positions
+    as tuples; ``host_reads`` always includes ``host_inputs``)."""
+    if "host_inputs" in facts:
+        facts["host_reads"] = tuple(sorted({*facts.get("host_reads", ()), *facts["host_inputs"]}))
+    declared = OpFacts(**facts)
 
     def decorate(fn: OpFunction) -> OpFunction:
         key = (canonical_domain(domain), op_type)
         versions = _TABLE.setdefault(key, [])
         if any(v == since for v, _ in versions):
             raise ValueError(f"{domain or 'ai.onnx'}::{op_type} since {since} registered twice")
-        if facts != _NO_FACTS:
-            if _FACTS.get(key, facts) != facts:
+        if declared != _NO_FACTS:
+            if _FACTS.get(key, declared) != declared:
                 raise ValueError(f"{domain or 'ai.onnx'}::{op_type}: facts declared twice, differently")
-            _FACTS[key] = facts
+            _FACTS[key] = declared
         bisect.insort(versions, (since, fn), key=lambda item: item[0])
         return fn
 

@@ -267,7 +267,7 @@ def _text(s):
     return s.decode("utf-8") if isinstance(s, bytes) else s
 
 
-@register("Range", since=11, shape_inputs=(0, 1, 2), host_reads=(0, 1, 2))
+@register("Range", since=11, shape_inputs=(0, 1, 2), host_reads=(0, 1, 2), parameter_inputs=(0, 1, 2))
 def range_(op: OpContext, start, limit, delta):
     """start + i*delta for i < max(ceil((limit-start)/delta), 0); floats are computed in float64
     and rounded once (at least the precision stash_type=1 asks for float16/bfloat16)."""
@@ -633,7 +633,7 @@ def tensor_scatter(op: OpContext, past, update, write_indices=None):
 # -- selection -----------------------------------------------------------------------------------
 
 
-@register("Compress", since=9)
+@register("Compress", since=9, data_dependent=True)
 @_strings
 def compress(op: OpContext, x, condition):
     """Keep slices where condition is true (condition may be shorter: the rest count as false);
@@ -649,7 +649,7 @@ def compress(op: OpContext, x, condition):
     return x.index_select(axis, keep)
 
 
-@register("NonZero", since=9)
+@register("NonZero", since=9, data_dependent=True)
 def nonzero(op: OpContext, x):
     """(rank, count) int64 indices in row-major order: torch.nonzero transposed."""
     if isinstance(x, np.ndarray):
@@ -657,7 +657,7 @@ def nonzero(op: OpContext, x):
     return torch.nonzero(_widen(x)).T.contiguous()
 
 
-@register("Unique", since=11)
+@register("Unique", since=11, data_dependent=True)
 def unique(op: OpContext, x):
     """torch.unique (sorted, with inverse and counts); first-occurrence indices by scatter_reduce
     amin; sorted=0 reorders everything by first occurrence."""
@@ -775,7 +775,7 @@ def _mode_of(op: OpContext, default: str) -> str:
     return mode
 
 
-@register("Einsum", since=12, reads_torch_flags=True)
+@register("Einsum", since=12, reads_torch_flags=True, accumulate_fp32=True)
 def einsum(op: OpContext, *xs):
     """torch.einsum has numpy's rules (ellipsis, implicit output in alphabetical order). CUDA has
     no integer matmul, so integer einsums run on the CPU there."""
