@@ -26,7 +26,7 @@ from pathlib import Path
 
 from kiln import limits
 from kiln.errors import KilnError, PrecisionError, first_line
-from kiln.precision import ALL_PRECISIONS
+from kiln.precision import ALL_PRECISIONS, TOLERANCES
 
 EXIT_MISMATCH = 1
 EXIT_BAD_INPUT = 2
@@ -598,10 +598,11 @@ def _timeout_argument(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def _tolerance_arguments(parser: argparse.ArgumentParser) -> None:
+    fp32 = TOLERANCES["fp32"]
     parser.add_argument("--atol", type=float, help="absolute tolerance per element (default: kiln.precision's table "
-                        "for each output's precision, fp32 1e-05)")
+                        f"for each output's precision, fp32 {fp32.atol:g})")
     parser.add_argument("--rtol", type=float, help="relative tolerance per element: an element passes when "
-                        "|out - ref| <= atol + rtol * |ref| (default: the table's, fp32 1e-04)")
+                        f"|out - ref| <= atol + rtol * |ref| (default: the table's, fp32 {fp32.rtol:g})")
 
 
 def _version() -> str:
