@@ -5,7 +5,7 @@ SEQUENCE_OPS, DATA_DEPENDENT; passes/fold_constants.py's sequence ops)."""
 
 import pytest
 
-from kiln.ops import OpFacts, op_facts, registry
+from kiln.ops import OpFacts, op_facts, registered_ops, registry
 
 
 @pytest.mark.parametrize("op, expected", [
@@ -46,6 +46,16 @@ def test_unknown_op_has_no_facts():
 
 def test_domain_none_finds_the_op_in_any_domain():
     assert op_facts("Reshape", None) == op_facts("Reshape")
+    assert op_facts("FusedConv", None) == op_facts("FusedConv", "ai.kiln") == OpFacts(reads_torch_flags=True)
+    assert op_facts("FusedAttention", None).reads_torch_flags
+    assert op_facts("FusedConv") == OpFacts()  # not an ai.onnx op
+
+
+def test_reads_torch_flags_equals_the_engines_former_table():
+    former = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "Attention", "RNN", "GRU", "LSTM", "MatMulInteger",
+              "ConvInteger", "QLinearMatMul", "QLinearConv", "If", "Loop", "Scan", "SequenceMap", "DFT", "STFT",
+              "FusedConv", "FusedAttention"}
+    assert {name for _, name in registered_ops() if op_facts(name, None).reads_torch_flags} == former
 
 
 def test_facts_declared_twice_differently_are_refused(monkeypatch):

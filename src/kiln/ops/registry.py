@@ -113,12 +113,10 @@ def op_facts(op_type: str, domain: str | None = "") -> OpFacts:
     """The facts declared for ``domain::op_type`` (none declared: all empty). ``domain=None``: the op
     of that name in the default domain, else in whichever domain registers one (for callers that
     keep only op types, such as an engine plan's layers)."""
-    if domain is not None:
-        return _FACTS.get((canonical_domain(domain), op_type), _NO_FACTS)
-    found = _FACTS.get(("", op_type))
-    if found is None:
-        found = next((f for (_, name), f in sorted(_FACTS.items()) if name == op_type), _NO_FACTS)
-    return found
+    if domain is None:
+        domains = sorted(d for d, name in _TABLE if name == op_type)  # the default domain "" sorts first
+        domain = domains[0] if domains else ""
+    return _FACTS.get((canonical_domain(domain), op_type), _NO_FACTS)
 
 
 def lookup(domain: str, op_type: str, opset: int) -> OpFunction | None:
