@@ -26,6 +26,7 @@ from pathlib import Path
 
 from kiln import limits
 from kiln.errors import KilnError, PrecisionError, first_line
+from kiln.precision import ALL_PRECISIONS, TOLERANCES
 
 EXIT_MISMATCH = 1
 EXIT_BAD_INPUT = 2
@@ -477,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("-o", "--output", type=Path, required=True, help="the optimized .onnx file to write")
     optimize.add_argument("--passes", help="run only these passes, a,b,... (default: all)")
     optimize.add_argument("--skip", help="passes not to run, a,b,...")
-    optimize.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "fp16", "bf16", "int8", "fp8"],
+    optimize.add_argument("--precision", default="fp32", choices=ALL_PRECISIONS,
                           help="the precision the model will run at (alignment and layout passes follow it)")
     optimize.add_argument("--kiln-ops", action="store_true", help="allow ai.kiln fused ops (a kiln-only file)")
     optimize.add_argument("--dims", help="sizes of symbolic dimensions for passes that need them, NAME:SIZE,...")
@@ -490,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Report, node by node, where the performance rules apply (with the pass that fixes each, or what to change), "
         "sorted by the estimated share of the model's FLOPs or bytes."))
     doctor.add_argument("model", type=Path, help="the .onnx file")
-    doctor.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "fp16", "bf16", "int8", "fp8"],
+    doctor.add_argument("--precision", default="fp32", choices=ALL_PRECISIONS,
                         help="the precision the model will run at (alignment and layout rules follow it)")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
     doctor.add_argument("--shapes", help="input shapes for the estimates and the reference run, NAME:1x3x224x224,... "
@@ -597,10 +598,11 @@ def _timeout_argument(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def _tolerance_arguments(parser: argparse.ArgumentParser) -> None:
+    fp32 = TOLERANCES["fp32"]
     parser.add_argument("--atol", type=float, help="absolute tolerance per element (default: kiln.precision's table "
-                        "for each output's precision, fp32 1e-05)")
+                        f"for each output's precision, fp32 {fp32.atol:g})")
     parser.add_argument("--rtol", type=float, help="relative tolerance per element: an element passes when "
-                        "|out - ref| <= atol + rtol * |ref| (default: the table's, fp32 1e-04)")
+                        f"|out - ref| <= atol + rtol * |ref| (default: the table's, fp32 {fp32.rtol:g})")
 
 
 def _version() -> str:

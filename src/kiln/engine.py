@@ -132,10 +132,10 @@ class Engine:
         import onnx
         import onnx_ir as ir
 
-        from kiln.builder import tactics as registry
         from kiln.builder.layers import Layer
-        from kiln.builder.tactics import PRECISION_DTYPES
+        from kiln.builder.tactics import registry
         from kiln.executor import Executor
+        from kiln.precision import PRECISION_DTYPES
 
         try:
             proto = onnx.load_from_string(self.graph)

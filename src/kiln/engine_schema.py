@@ -441,8 +441,8 @@ def _check_profiles(plan: dict, inputs: dict[str, list | None]) -> int:
 
 
 def _check_choices(layer: dict, where: str, profiles: int, device: str, tensors: _Tensors) -> None:
-    from kiln.builder import tactics as registry
     from kiln.builder.layers import Layer
+    from kiln.builder.tactics import registry
 
     kind, precision = layer["kind"], layer["precision"]
     as_layer = Layer(name=layer["name"], kind=kind, nodes=layer["nodes"], inputs=layer["inputs"], outputs=layer["outputs"],
@@ -472,7 +472,7 @@ def _check_choices(layer: dict, where: str, profiles: int, device: str, tensors:
 
 def _check_weights(layer: dict, where: str, held: dict[str, torch.Tensor]) -> None:
     """The prepared weights' dtypes and shapes, where the kind fixes them."""
-    from kiln.builder.tactics import PRECISION_DTYPES
+    from kiln.precision import PRECISION_DTYPES
 
     kind, attrs = layer["kind"], layer["attrs"]
     if kind in _KIND_WEIGHTS:

@@ -41,6 +41,7 @@ from kiln import dtypes
 from kiln.errors import InputError, KilnError, OpError, UnsupportedModelError, named
 from kiln.ops import lookup, sizes
 from kiln.ops.registry import OpContext, canonical_domain
+from kiln.precision import tf32_for
 
 
 @dataclass
@@ -116,15 +117,8 @@ def _exact_fp32(device: torch.device) -> Iterator[None]:
     if device.type != "cuda":
         yield
         return
-    matmul = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        cudnn = torch.backends.cudnn
-        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
-                         allow_tf32=False):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = matmul
+    with tf32_for("fp32"):
+        yield
 
 
 class Executor:

@@ -11,17 +11,74 @@ infinity. Integer, bool and string outputs must match exactly.
 
 The builder's per-layer checks (a tactic against the reference tactic, a reduced-precision layer
 against fp32, on random inputs whose scale varies from layer to layer) use the same table's
-``rtol`` against the layer output's own scale: see :func:`scaled_error`.
+``rtol`` against the layer output's own scale: see :func:`layer_rtol` and :func:`scaled_error`.
+
+The same module is the one table of precisions (:data:`PRECISION_TABLE`: each one's torch dtype and
+tensor-core alignment) and holds the one TF32 switch (:func:`tf32_for`, :func:`set_tf32`). INT8 and
+FP8 are in the table for the passes (alignment, layout) before any layer runs at them; their tactics
+extend it by marking them ``layers``.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
+
+@dataclass(frozen=True)
+class Precision:
+    """One precision: the torch dtype its layers compute in (tf32 is float32 on TF32 tensor cores),
+    the multiple tensor cores need K, N and channels to be (TF32 x4, FP16/BF16 x8, INT8/FP8 x16), whether
+    it is *low* (narrower than 32 bits: NHWC convs, RGB padded to 4 channels) and whether a builder
+    layer can run at it yet."""
+
+    name: str
+    dtype: torch.dtype
+    alignment: int
+    low: bool
+    layers: bool
+
+
+# The one table of precisions, tighter to looser.
+PRECISION_TABLE: dict[str, Precision] = {p.name: p for p in (
+    Precision("fp32", torch.float32, alignment=1, low=False, layers=True),
+    Precision("tf32", torch.float32, alignment=4, low=False, layers=True),
+    Precision("fp16", torch.float16, alignment=8, low=True, layers=True),
+    Precision("bf16", torch.bfloat16, alignment=8, low=True, layers=True),
+    Precision("int8", torch.int8, alignment=16, low=True, layers=False),
+    Precision("fp8", torch.float8_e4m3fn, alignment=16, low=True, layers=False),
+)}
+# Every precision the passes and ``kiln doctor``/``kiln optimize`` plan for.
+ALL_PRECISIONS = tuple(PRECISION_TABLE)
 # Precisions a layer can run at; ``native`` is a strongly typed layer running in the model's own types.
-PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+PRECISIONS = tuple(name for name, p in PRECISION_TABLE.items() if p.layers)
+LOW_PRECISIONS = tuple(name for name, p in PRECISION_TABLE.items() if p.low)
+# Tensor-core alignment (elements) per precision.
+ALIGNMENT = {name: p.alignment for name, p in PRECISION_TABLE.items()}
+# The torch dtype a layer at each of :data:`PRECISIONS` computes in.
+PRECISION_DTYPES = {name: PRECISION_TABLE[name].dtype for name in PRECISIONS}
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 on or off for cuBLAS matmuls and cuDNN convolutions, the two switches torch reads."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+@contextlib.contextmanager
+def tf32_for(precision: str) -> Iterator[None]:
+    """TF32 on while a ``tf32`` layer runs, off for every other precision (an fp32 layer stays IEEE
+    fp32); the switches come back as they were after."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    set_tf32(precision == "tf32")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @dataclass(frozen=True)
@@ -65,6 +122,12 @@ def loosest(precisions) -> str:
     the model's own reduced types). An empty set is fp32."""
     found = {"fp16" if p == "native" else p for p in precisions} & set(_ORDER)
     return max(found, key=_ORDER.index) if found else "fp32"
+
+
+def layer_rtol(precision: str) -> float:
+    """A layer's allowed error against its own output's scale (:func:`scaled_error`): the table's
+    rtol for the precision it runs at (a strongly typed layer's own types count as fp16)."""
+    return TOLERANCES[loosest([precision])].rtol
 
 
 def tolerance(precision: str, atol: float | None = None, rtol: float | None = None) -> Tolerance:
@@ -135,8 +198,6 @@ def scaled_error(got, ref) -> float:
     """``max|got - ref| / max|ref|`` over finite reference values (torch tensors or arrays): a layer's
     error against its own output's scale, for checks on random inputs. NaN and infinities must sit
     where the reference has them, else the error is infinite."""
-    import torch
-
     if not isinstance(got, torch.Tensor):
         got = torch.as_tensor(np.asarray(got))
     if not isinstance(ref, torch.Tensor):

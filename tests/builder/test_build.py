@@ -12,8 +12,8 @@ from families import TEXT, VISION, example_inputs, export_family
 
 import kiln
 from kiln.builder import BuildConfig, Profile
-from kiln.builder import tactics as registry
-from kiln.builder.tactics import Tactic
+from kiln.builder.tactics import base, registry
+from kiln.builder.tactics.base import Tactic
 from kiln.compare import run_onnxruntime
 from kiln.errors import InputError, KilnError
 from kiln.precision import scaled_error
@@ -193,8 +193,8 @@ class _FastButWrong(Tactic):
 
 @pytest.mark.parametrize("level", [0, 3])
 def test_a_wrong_fast_tactic_is_never_chosen(rng, monkeypatch, level):
-    registry._load()
-    monkeypatch.setitem(registry._REGISTRY, "conv.fast_but_wrong", _FastButWrong())
+    registry.load_families()
+    monkeypatch.setitem(base.TACTICS, "conv.fast_but_wrong", _FastButWrong())
     m = _conv_model(rng)
     engine = kiln.build(m, BuildConfig(device="cpu", opt_level=level))
     layer = engine.plan["layers"][0]

@@ -69,7 +69,7 @@ def test_each_tactic_alone_is_chosen_and_correct(rng, tactic, precision, tol):
     """Only this tactic (and the kind's reference, which checks it) allowed: it wins and matches."""
     m = _models(rng)[tactic]
     kind = tactic.split(".")[0]
-    from kiln.builder import tactics as registry
+    from kiln.builder.tactics import registry
 
     reference = next(t.name for t in registry.all_tactics() if t.reference and t.name.startswith(kind + "."))
     deny = [] if tactic == reference else [reference]

@@ -17,7 +17,7 @@ import torch
 
 import kiln
 from kiln.builder import BuildConfig, PrecisionError
-from kiln.builder import tactics as registry
+from kiln.builder.tactics import base, registry
 from kiln.builder.tactics.gemm import GemmTorch
 from kiln.precision import TOLERANCES, judge, tolerance
 from tests.builder.graphs import model, node
@@ -102,8 +102,8 @@ class _Drifting(GemmTorch):
 
 
 def test_an_engine_over_tolerance_even_in_fp32_fails_the_build(monkeypatch):
-    registry._load()
-    monkeypatch.setitem(registry._REGISTRY, _Drifting.name, _Drifting())
+    registry.load_families()
+    monkeypatch.setitem(base.TACTICS, _Drifting.name, _Drifting())
     rng = np.random.default_rng(2)
     m = model([node("MatMul", ["x", "w"], ["y"])], [("x", [4, K])], [("y", [4, 8])],
               [("w", rng.standard_normal((K, 8)).astype(np.float32))])
@@ -200,8 +200,8 @@ def _cancelling_model():
 
 
 def test_an_fp32_engine_more_exact_than_the_reference_is_accepted_by_the_float64_referee(monkeypatch):
-    registry._load()
-    monkeypatch.setitem(registry._REGISTRY, _SummingInFloat64.name, _SummingInFloat64())
+    registry.load_families()
+    monkeypatch.setitem(base.TACTICS, _SummingInFloat64.name, _SummingInFloat64())
     m, feeds = _cancelling_model()
     config = BuildConfig(device="cpu", opt_level=0, allow_tactics=["gemm.float64"])
     reference = kiln.Executor(m).run(feeds)["y"].numpy()
@@ -216,8 +216,8 @@ def test_an_fp32_engine_more_exact_than_the_reference_is_accepted_by_the_float64
 
 
 def test_the_drifting_kernel_is_farther_from_float64_than_the_reference_and_refused(monkeypatch):
-    registry._load()
-    monkeypatch.setitem(registry._REGISTRY, _Drifting.name, _Drifting())
+    registry.load_families()
+    monkeypatch.setitem(base.TACTICS, _Drifting.name, _Drifting())
     m, feeds = _cancelling_model()
     with pytest.raises(PrecisionError, match=r"'y' [0-9.e-]+ from the model run in float64, the fp32 reference "):
         kiln.build(m, BuildConfig(device="cpu", opt_level=0, allow_tactics=["gemm.drifting"]), calibration=feeds)

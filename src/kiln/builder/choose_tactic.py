@@ -18,38 +18,17 @@ import onnx_ir as ir
 import torch
 
 from kiln import deadline as deadlines
-from kiln.builder import tactics as tactic_registry
 from kiln.builder.layers import FLOAT_TYPES, Layer
 from kiln.builder.state import BuildState, Choice, PlannedLayer
-from kiln.builder.tactics import PRECISION_DTYPES, Tactic
+from kiln.builder.tactics import registry as tactic_registry
+from kiln.builder.tactics.base import Tactic
 from kiln.builder.tactics.conv import nhwc_region
 from kiln.errors import KilnError
-from kiln.precision import TOLERANCES, loosest, scaled_error
+from kiln.precision import PRECISION_DTYPES, layer_rtol, scaled_error, tf32_for
 from kiln.timing import median_ms
 
 WIDE_MARGIN = 0.9  # a layer runs wide when that is at least 10% faster (prefer_faster_wide) ...
 WIDE_MIN_GAIN_MS = 0.02  # ... and, on a GPU, saves more than two small kernels (the casts at its edges) cost
-
-
-def layer_tolerance(precision: str) -> float:
-    """A layer's allowed error against its own output's scale (``kiln.precision.scaled_error``): the
-    table's rtol for the precision it runs at (a strongly typed layer's own types count as fp16)."""
-    return TOLERANCES[loosest([precision])].rtol
-
-
-class _tf32:
-    """TF32 on for the duration (cuBLAS and cuDNN), off otherwise: fp32 layers stay IEEE fp32."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-
-    def __enter__(self):
-        self.saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        torch.backends.cuda.matmul.allow_tf32 = self.enabled
-        torch.backends.cudnn.allow_tf32 = self.enabled
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
 
 
 def select_all(state: BuildState, index: int, item: PlannedLayer, precision: str | None = None) -> list[Choice]:
@@ -179,7 +158,7 @@ def _runner(state: BuildState, t: Tactic, cfg: dict, item: PlannedLayer, index: 
 
 def _reference_output(state: BuildState, index: int, item: PlannedLayer, inputs, precision: str) -> list[Any]:
     ref = tactic_registry.reference_for(item.layer.kind)
-    with _tf32(precision == "tf32"), torch.inference_mode():
+    with tf32_for(precision), torch.inference_mode():
         got = _runner(state, ref, {}, item, index, precision)(list(inputs))
         return [v.clone() if isinstance(v, torch.Tensor) else v for v in got]
 
@@ -192,15 +171,15 @@ def _mismatch(got, reference, precision: str) -> str | None:
     """Why ``got`` is not the reference's output at ``precision`` (None: it is, within tolerance)."""
     for a, b in zip(got, reference):
         err = scaled_error(a, b)
-        if not err <= layer_tolerance(precision):
-            return f"relative error {err:.3g} over {layer_tolerance(precision):g}"
+        if not err <= layer_rtol(precision):
+            return f"relative error {err:.3g} over {layer_rtol(precision):g}"
     return None
 
 
 def _check(state: BuildState, t, cfg, item, index, inputs, reference, precision) -> tuple[bool, str]:
     try:
         run = _runner(state, t, cfg, item, index, precision)
-        with _tf32(precision == "tf32"), torch.inference_mode():
+        with tf32_for(precision), torch.inference_mode():
             got = run(list(inputs))
     except deadlines.RunStopped:
         raise
@@ -216,7 +195,7 @@ def time_tactic(state: BuildState, t: Tactic, cfg: dict, item: PlannedLayer, ind
     (``ok``, ``ms``, ``workspace`` or the ``reason`` it was rejected)."""
     try:
         run = _runner(state, t, cfg, item, index, precision)
-        with _tf32(precision == "tf32"), torch.inference_mode():
+        with tf32_for(precision), torch.inference_mode():
             workspace = _workspace(run, inputs, state.device)
             got = run(list(inputs))
     except deadlines.RunStopped:
@@ -230,7 +209,7 @@ def time_tactic(state: BuildState, t: Tactic, cfg: dict, item: PlannedLayer, ind
     if limit is not None and workspace is not None and workspace > limit:
         return {"ms": None, "ok": False,
                 "reason": f"needs {workspace} bytes of scratch memory, over the limit of {limit}"}
-    with _tf32(precision == "tf32"), torch.inference_mode():
+    with tf32_for(precision), torch.inference_mode():
         ms = median_ms(lambda: run(list(inputs)), state.device, state.reps)
     return {"ms": ms, "ok": True, "workspace": workspace}
 
@@ -273,7 +252,7 @@ def run_choice(state: BuildState, index: int, item: PlannedLayer, choice: Choice
         run = _runner(state, tactic_registry.get(choice.tactic), choice.config, item, index, precision)
         if runners is not None:
             runners[key] = run
-    with _tf32(precision == "tf32"), torch.inference_mode():
+    with tf32_for(precision), torch.inference_mode():
         return run(cast_inputs(item, values, precision))
 
 

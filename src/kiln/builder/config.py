@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 from kiln.device import DEVICES, default_device
 from kiln.errors import KilnError
+from kiln.precision import PRECISIONS
 
-PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 OPT_LEVELS = range(0, 6)
 DEFAULT_OPT_LEVEL = 3
 

@@ -14,9 +14,9 @@ import onnx_ir as ir
 import torch
 
 from kiln import dtypes
-from kiln.builder import tactics as tactic_registry
 from kiln.builder.schedule import assign_streams
 from kiln.builder.state import BuildState, PlannedLayer
+from kiln.builder.tactics import registry as tactic_registry
 from kiln.errors import UnsupportedModelError
 
 

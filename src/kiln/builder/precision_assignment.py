@@ -17,17 +17,9 @@ from kiln.builder.record import has_subgraph
 from kiln.builder.state import BuildState, PlannedLayer
 from kiln.builder.tactics.node import castable
 from kiln.errors import KilnError
+from kiln.ops.registry import op_facts
 from kiln.precision import loosest
 
-# (op, input index) whose value is a shape, size, index or axis: the float arithmetic feeding
-# them stays fp32 in reduced-precision builds (a rounded size is a wrong size).
-SHAPE_INPUTS = {
-    "Reshape": (1,), "Expand": (1,), "Tile": (1,), "Slice": (1, 2, 3, 4), "Resize": (1, 2, 3), "Upsample": (1,),
-    "ConstantOfShape": (0,), "Range": (0, 1, 2), "Pad": (1, 3), "TopK": (1,), "OneHot": (1,), "Squeeze": (1,),
-    "Unsqueeze": (1,), "Split": (1,), "ReduceSum": (1,), "ReduceMean": (1,), "ReduceMax": (1,), "ReduceMin": (1,),
-    "ReduceProd": (1,), "CumSum": (1,), "Gather": (1,), "GatherElements": (1,), "GatherND": (1,),
-}
-METADATA_OPS = {"Shape", "Size"}
 _REDUCED_TYPES = {ir.DataType.FLOAT16: "fp16", ir.DataType.BFLOAT16: "bf16"}
 
 
@@ -43,11 +35,12 @@ def assign_precisions(state: BuildState, layers: list[Layer]) -> list[PlannedLay
 
 
 def _shape_nodes(graph: ir.Graph) -> set[str]:
-    """The nodes computing a shape, size, index or axis (``SHAPE_INPUTS``), back to ``Shape``/``Size``."""
+    """The nodes computing a shape, size, index or axis (the ops' ``shape_inputs`` facts), back to the
+    metadata ops (``Shape``/``Size``)."""
     names: set[str] = set()
     stack = []
     for node in graph:
-        for index in SHAPE_INPUTS.get(node.op_type, ()):
+        for index in op_facts(node.op_type).shape_inputs:
             if index < len(node.inputs) and node.inputs[index] is not None:
                 stack.append(node.inputs[index])
     seen: set[int] = set()
@@ -58,7 +51,7 @@ def _shape_nodes(graph: ir.Graph) -> set[str]:
             continue
         seen.add(id(producer))
         names.add(producer.name)
-        if producer.op_type in METADATA_OPS:
+        if op_facts(producer.op_type).metadata:
             continue
         stack.extend(v for v in producer.inputs if v is not None)
     return names

@@ -18,9 +18,7 @@ from kiln.builder.layers import GraphFacts
 from kiln.builder.state import BuildState
 from kiln.errors import KilnError, OpError
 from kiln.executor import NodeStep
-
-_NOT_FOLDABLE = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial",
-                 "Dropout"}
+from kiln.ops.registry import op_facts
 
 
 def has_subgraph(node: ir.Node) -> bool:
@@ -43,7 +41,7 @@ def record(state: BuildState, feeds: Mapping[str, torch.Tensor]) -> GraphFacts:
         # A node computed from constants alone is a constant (the builder's constant folding);
         # random ops are not, and neither is anything reading a subgraph.
         op = step.op
-        folded = op.domain == "" and op.op_type not in _NOT_FOLDABLE and not has_subgraph(op.node) and (
+        folded = op.domain == "" and not op_facts(op.op_type).random and not has_subgraph(op.node) and (
             op.op_type == "Constant" or (any(step.inputs) and all(n in constants for n in step.inputs if n)))
         for out_name, value in zip(step.outputs, outputs):
             if out_name and isinstance(value, torch.Tensor):

@@ -15,10 +15,10 @@ import onnx_ir as ir
 import torch
 
 from kiln import deadline as deadlines
-from kiln.builder import tactics as tactic_registry
 from kiln.builder.config import BuildConfig, Profile
 from kiln.builder.layers import GraphFacts, Layer
 from kiln.builder.plan import BuildReport
+from kiln.builder.tactics import registry as tactic_registry
 from kiln.builder.timing_cache import TimingCache
 from kiln.errors import KilnError, named
 from kiln.executor import Executor, NodeStep

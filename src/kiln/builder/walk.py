@@ -12,11 +12,11 @@ from typing import Any
 import torch
 
 from kiln import deadline as deadlines
-from kiln.builder.choose_tactic import layer_tolerance, run_choice, select_all, time_node_layer
+from kiln.builder.choose_tactic import run_choice, select_all, time_node_layer
 from kiln.builder.record import run_reference
 from kiln.builder.state import BuildState, PlannedLayer
 from kiln.executor import NodeStep
-from kiln.precision import scaled_error
+from kiln.precision import layer_rtol, scaled_error
 
 
 def walk(state: BuildState, planned: list[PlannedLayer]) -> None:
@@ -101,7 +101,7 @@ def _precision_problem(state: BuildState, index: int, item: PlannedLayer, precis
             if bool((finite & ~torch.isfinite(a.float())).any()):
                 return "output overflows"
             err = scaled_error(a, b)
-            if err > layer_tolerance(precision):
+            if err > layer_rtol(precision):
                 return f"output drifts from fp32 by {err:.3g}"
             worst = max(worst, err)
         elif a.shape != b.shape or not torch.equal(a, b.to(a.dtype)):

@@ -18,6 +18,6 @@ from kiln.ops import (  # noqa: F401 - importing registers the ops
     strings,
     tensor,
 )
-from kiln.ops.registry import OpContext, lookup, register, registered_ops
+from kiln.ops.registry import OpContext, OpFacts, lookup, op_facts, register, registered_ops
 
-__all__ = ["OpContext", "lookup", "register", "registered_ops"]
+__all__ = ["OpContext", "OpFacts", "lookup", "op_facts", "register", "registered_ops"]

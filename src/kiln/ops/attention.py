@@ -151,7 +151,7 @@ def attention_24(op: OpContext, q, k, v, attn_mask=None, past_key=None, past_val
     return _attention(op, q, k, v, attn_mask, past_key, past_value, nonpad_kv_seqlen)
 
 
-@register("Attention", since=25)
+@register("Attention", since=25, reads_torch_flags=True)
 def attention_25(op: OpContext, q, k, v, attn_mask=None, past_key=None, past_value=None, nonpad_kv_seqlen=None):
     """Adds left/right sliding windows (offset-aligned like is_causal); q/kv_num_heads only for 3-D inputs."""
     if q.dim() == 4 and (op.attr("q_num_heads") is not None or op.attr("kv_num_heads") is not None):
@@ -194,7 +194,7 @@ def rotary_embedding(op: OpContext, x, cos_cache, sin_cache, position_ids=None):
     return y.reshape(shape) if len(shape) == 3 else y.transpose(1, 2)
 
 
-@register("RMSNormalization", since=23)
+@register("RMSNormalization", since=23, accumulate_fp32=True)
 def rms_normalization(op: OpContext, x, scale):
     """x / sqrt(mean(x^2 over axis..-1) + eps) in stash_type precision, then * scale in x's type."""
     axis = op.attr("axis", -1)

@@ -129,14 +129,14 @@ def _zeros_like(x: Any, shape: tuple[int, ...]) -> Any:
 
 
 # -- If / Loop / Scan ---------------------------------------------------------------------------
-@register("If", since=1)
+@register("If", since=1, reads_torch_flags=True, control_flow=True)
 def if_(op, cond):
     """Runs then_branch or else_branch; its outputs (tensors, sequences, optionals) are If's."""
     branch = op.attr("then_branch") if _flag(op, cond, "cond") else op.attr("else_branch")
     return tuple(op.run_graph(branch, []))
 
 
-@register("Loop", since=1)
+@register("Loop", since=1, reads_torch_flags=True, control_flow=True)
 def loop(op, max_trip_count, cond, *initial):
     """Body (iteration_num, cond, carried...) -> (cond, carried..., scan...); scans stack on axis 0."""
     body: ir.Graph = op.attr("body")
@@ -201,7 +201,7 @@ def _scan_arity(op, inputs) -> tuple[ir.Graph, int, int, int]:
     return body, m, n_state, len(body.outputs) - n_state
 
 
-@register("Scan", since=9)
+@register("Scan", since=9, reads_torch_flags=True, control_flow=True)
 def scan(op, *inputs):
     """Body (state..., scan_elem...) -> (state..., scan_out_elem...), per position along each scan axis."""
     body, m, n_state, k = _scan_arity(op, inputs)
@@ -285,7 +285,7 @@ def scan_8(op, sequence_lens, *inputs):
 
 
 # -- sequences ----------------------------------------------------------------------------------
-@register("SequenceMap", since=17)
+@register("SequenceMap", since=17, reads_torch_flags=True, control_flow=True, sequence=True)
 def sequence_map(op, sequence, *extra):
     """Runs body once per element; extra sequence inputs are zipped, extra tensors given each time."""
     body: ir.Graph = op.attr("body")
@@ -303,7 +303,7 @@ def sequence_map(op, sequence, *extra):
     return tuple(outputs)
 
 
-@register("SequenceEmpty", since=11)
+@register("SequenceEmpty", since=11, sequence=True)
 def sequence_empty(op):
     return []
 
@@ -319,7 +319,7 @@ def _check_elements(op: OpContext, xs: list[Any]) -> None:
         raise op.fail(f"sequence elements must share one element type, got {sorted(map(str, kinds))}")
 
 
-@register("SequenceConstruct", since=11)
+@register("SequenceConstruct", since=11, sequence=True)
 def sequence_construct(op, *xs):
     _check_elements(op, list(xs))
     return list(xs)
@@ -334,7 +334,7 @@ def _position(op: OpContext, position: Any, size: int, inclusive_end: bool) -> i
     return pos + size if pos < 0 else pos
 
 
-@register("SequenceInsert", since=11)
+@register("SequenceInsert", since=11, sequence=True)
 def sequence_insert(op, sequence, tensor, position=None):
     out = list(sequence)
     _check_elements(op, [*out[:1], tensor])
@@ -345,7 +345,7 @@ def sequence_insert(op, sequence, tensor, position=None):
     return out
 
 
-@register("SequenceErase", since=11)
+@register("SequenceErase", since=11, sequence=True)
 def sequence_erase(op, sequence, position=None):
     out = list(sequence)
     if not out:
@@ -354,17 +354,17 @@ def sequence_erase(op, sequence, position=None):
     return out
 
 
-@register("SequenceAt", since=11)
+@register("SequenceAt", since=11, sequence=True)
 def sequence_at(op, sequence, position):
     return sequence[_position(op, position, len(sequence), False)]
 
 
-@register("SequenceLength", since=11)
+@register("SequenceLength", since=11, sequence=True)
 def sequence_length(op, sequence):
     return torch.tensor(len(sequence), dtype=torch.int64, device=op.device)
 
 
-@register("SplitToSequence", since=11)
+@register("SplitToSequence", since=11, sequence=True)
 def split_to_sequence(op, x, split=None):
     """Split into a list: scalar split = chunks of that size (last may be short), 1-D = sizes."""
     axis = _axis(op, op.attr("axis", 0), x.ndim)
@@ -391,7 +391,7 @@ def split_to_sequence(op, x, split=None):
     return parts
 
 
-@register("ConcatFromSequence", since=11)
+@register("ConcatFromSequence", since=11, sequence=True)
 def concat_from_sequence(op, sequence):
     """torch.cat along axis, or torch.stack when new_axis=1 (axis may then be rank)."""
     if not sequence:
@@ -411,7 +411,7 @@ def concat_from_sequence(op, sequence):
 
 
 # -- optionals ----------------------------------------------------------------------------------
-@register("Optional", since=15)
+@register("Optional", since=15, optional=True)
 def optional(op, x=None):
     """A full optional is its value; with no input (only a type attribute) it is empty (None)."""
     if x is None and op.attr("type") is None:
@@ -419,12 +419,12 @@ def optional(op, x=None):
     return x
 
 
-@register("OptionalHasElement", since=15)
+@register("OptionalHasElement", since=15, optional=True)
 def optional_has_element(op, x=None):
     return torch.tensor(x is not None, device=op.device)
 
 
-@register("OptionalGetElement", since=15)
+@register("OptionalGetElement", since=15, optional=True)
 def optional_get_element(op, x):
     """Opset 18 also accepts a plain tensor or sequence, which is already its own element."""
     if x is None:

@@ -204,7 +204,7 @@ def upsample_7(op: OpContext, x):
     return _by_scales(op, x, [float(s) for s in op.attr("scales")], cfg)
 
 
-@register("Upsample", since=9)
+@register("Upsample", since=9, shape_inputs=(1,), host_inputs=(1,), parameter_inputs=(1,))
 def upsample_9(op: OpContext, x, scales):
     mode = op.attr("mode", "nearest")
     cfg = _resize_config(op, x.dim(), mode, "asymmetric", "simple")
@@ -219,7 +219,7 @@ def resize_10(op: OpContext, x, scales):
     return _by_scales(op, x, _values(scales) or [], cfg)
 
 
-@register("Resize", since=11)
+@register("Resize", since=11, shape_inputs=(1, 2, 3), host_inputs=(2, 3), host_reads=(1,), parameter_inputs=(1, 2))
 def resize_11(op: OpContext, x, roi=None, scales=None, sizes=None):
     """The general Resize (opsets 11-19): scales or sizes, optional axes and keep_aspect_ratio_policy."""
     rank = x.dim()
@@ -618,7 +618,7 @@ def _scalar(t, default):
     return default if t is None or t.numel() == 0 else t.reshape(-1)[0].item()
 
 
-@register("NonMaxSuppression", since=10)
+@register("NonMaxSuppression", since=10, data_dependent=True)
 def non_max_suppression(op: OpContext, boxes, scores, max_output=None, iou_threshold=None, score_threshold=None):
     """Greedy per (batch, class): highest score first (ties: lower index), drop boxes whose IoU with a
     kept box is > iou_threshold. Runs on the CPU (it is sequential); output [num, 3] int64."""

@@ -59,7 +59,7 @@ def _param(params: list[float], index: int, default: float) -> float:
     return params[index] if len(params) > index else default
 
 
-@register("FusedConv", since=1, domain=DOMAIN)
+@register("FusedConv", since=1, domain=DOMAIN, reads_torch_flags=True)
 def fused_conv(op: OpContext, x, w, b=None, z=None):
     y = onnx_nn.conv(op, x, w, b)
     if z is not None:
@@ -71,7 +71,7 @@ def fused_conv(op: OpContext, x, w, b=None, z=None):
     return apply_activation(name, [float(p) for p in op.attr("activation_params", [])], y)
 
 
-@register("FusedAttention", since=1, domain=DOMAIN)
+@register("FusedAttention", since=1, domain=DOMAIN, reads_torch_flags=True)
 def fused_attention(op: OpContext, q, k_t, v, mask=None):
     """In q's dtype, as the decomposition it replaces runs."""
     scores = torch.matmul(q, k_t) * float(op.attr("scale", 1.0))

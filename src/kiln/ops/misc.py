@@ -120,13 +120,13 @@ def dft_17(op: OpContext, x, dft_length=None):
     return _dft(op, x, dft_length, op.attr("axis", 1))
 
 
-@register("DFT", since=20)
+@register("DFT", since=20, reads_torch_flags=True)
 def dft_20(op: OpContext, x, dft_length=None, axis=None):
     """As DFT-17 with the axis an input (default -2)."""
     return _dft(op, x, dft_length, int(axis) if axis is not None else -2)
 
 
-@register("STFT", since=17)
+@register("STFT", since=17, reads_torch_flags=True)
 def stft(op: OpContext, signal, frame_step, window=None, frame_length=None):
     """Frames by Tensor.unfold, each multiplied by the window and transformed by torch.fft.fft."""
     onesided = op.attr("onesided", 1)
@@ -239,12 +239,12 @@ def _normal(op: OpContext, shape, dtype: torch.dtype) -> torch.Tensor:
     return (z * scale + mean).to(dtype)
 
 
-@register("RandomUniform", since=1)
+@register("RandomUniform", since=1, random=True)
 def random_uniform(op: OpContext):
     return _uniform(op, list(op.attr("shape")), _float_dtype(op, torch.float32))
 
 
-@register("RandomNormal", since=1)
+@register("RandomNormal", since=1, random=True)
 def random_normal(op: OpContext):
     return _normal(op, list(op.attr("shape")), _float_dtype(op, torch.float32))
 
@@ -256,17 +256,17 @@ def _like_dtype(op: OpContext, x) -> torch.dtype:
     return dtype
 
 
-@register("RandomUniformLike", since=1)
+@register("RandomUniformLike", since=1, random=True)
 def random_uniform_like(op: OpContext, x):
     return _uniform(op, list(x.shape), _like_dtype(op, x))
 
 
-@register("RandomNormalLike", since=1)
+@register("RandomNormalLike", since=1, random=True)
 def random_normal_like(op: OpContext, x):
     return _normal(op, list(x.shape), _like_dtype(op, x))
 
 
-@register("Bernoulli", since=15)
+@register("Bernoulli", since=15, random=True)
 def bernoulli(op: OpContext, x):
     """torch.bernoulli on the probabilities; output in the dtype attribute or the input's type."""
     dtype = _float_dtype(op, x.dtype)
@@ -274,7 +274,7 @@ def bernoulli(op: OpContext, x):
     return sample.to(dtype)
 
 
-@register("Multinomial", since=7)
+@register("Multinomial", since=7, random=True)
 def multinomial(op: OpContext, x):
     """Samples class indices from unnormalized log-probabilities [batch, classes], with replacement."""
     dtype = _float_dtype(op, torch.int32)

@@ -47,12 +47,12 @@ def _matmul(a, b):
     return restore(y, dtype)
 
 
-@register("MatMul", since=1)
+@register("MatMul", since=1, reads_torch_flags=True)
 def matmul(op: OpContext, a, b):
     return _matmul(a, b)
 
 
-@register("Gemm", since=1)
+@register("Gemm", since=1, reads_torch_flags=True)
 def gemm(op: OpContext, a, b, c=None):
     """alpha * A' @ B' + beta * C through torch.addmm (C broadcast to [M, N]); the opset < 7 'broadcast' flag
     only allowed what broadcasting does anyway."""
@@ -134,7 +134,7 @@ def _expand_channels(t, ndim: int):
 # -- Conv / ConvTranspose ---------------------------------------------------------------------
 
 
-@register("Conv", since=1)
+@register("Conv", since=1, reads_torch_flags=True)
 def conv(op: OpContext, x, w, b=None):
     """F.convNd; asymmetric or auto pads are applied with F.pad first (torch only pads symmetrically)."""
     nd = w.ndim - 2
@@ -154,7 +154,7 @@ def conv(op: OpContext, x, w, b=None):
     return _CONV[nd](x, w, b, stride=strides, padding=padding, dilation=dilations, groups=op.attr("group", 1))
 
 
-@register("ConvTranspose", since=1)
+@register("ConvTranspose", since=1, reads_torch_flags=True)
 def conv_transpose(op: OpContext, x, w, b=None):
     """The full transposed convolution (no padding) cropped or zero-extended to ONNX's output window, so asymmetric
     pads, output_padding and output_shape all follow the spec's formulas."""
@@ -342,7 +342,7 @@ def _lp_norm(x, p: float, dims):
     return torch.pow(torch.sum(torch.pow(x.abs(), p), dim=dims, keepdim=True), 1.0 / p)
 
 
-@register("LpPool", since=1)
+@register("LpPool", since=1, accumulate_fp32=True)
 def lp_pool(op: OpContext, x):
     """(sum over each window of |x|^p)^(1/p), pads counting as zeros."""
     kernel = list(op.attr("kernel_shape"))
@@ -362,7 +362,7 @@ def global_max_pool(op: OpContext, x):
     return torch.amax(x, dim=tuple(range(2, x.ndim)), keepdim=True)
 
 
-@register("GlobalLpPool", since=1)
+@register("GlobalLpPool", since=1, accumulate_fp32=True)
 def global_lp_pool(op: OpContext, x):
     return _lp_norm(x, _lp_p(op), tuple(range(2, x.ndim)))
 
@@ -404,7 +404,7 @@ def _param(t, ndim: int):
     return t.unsqueeze(0)
 
 
-@register("BatchNormalization", since=1)
+@register("BatchNormalization", since=1, accumulate_fp32=True)
 def batch_normalization(op: OpContext, x, scale, bias, mean, var):
     """Inference form: (x - mean) / sqrt(var + eps) * scale + bias. training_mode=1 (opset >= 14), or asking for
     the running statistics (opset < 14), normalizes with the batch statistics and updates the running ones."""
@@ -427,7 +427,7 @@ def batch_normalization(op: OpContext, x, scale, bias, mean, var):
     return y, running_mean, running_var, batch_mean, batch_var
 
 
-@register("InstanceNormalization", since=1)
+@register("InstanceNormalization", since=1, accumulate_fp32=True)
 def instance_normalization(op: OpContext, x, scale, bias):
     eps = float(op.attr("epsilon", 1e-5))
     dims = tuple(range(2, x.ndim))
@@ -487,13 +487,13 @@ def group_normalization_v18(op: OpContext, x, scale, bias):
     return _group_norm(op, x, scale, bias, per_channel=False, stash_default=None)
 
 
-@register("GroupNormalization", since=21)
+@register("GroupNormalization", since=21, accumulate_fp32=True)
 def group_normalization(op: OpContext, x, scale, bias):
     """Opset 21: scale and bias hold one value per channel; statistics in stash_type."""
     return _group_norm(op, x, scale, bias, per_channel=True, stash_default=1)
 
 
-@register("LpNormalization", since=1)
+@register("LpNormalization", since=1, accumulate_fp32=True)
 def lp_normalization(op: OpContext, x):
     """x / ||x||_p along axis; a zero norm gives 0, as onnx's reference does."""
     p = op.attr("p", 2)
@@ -503,7 +503,7 @@ def lp_normalization(op: OpContext, x):
     return torch.where(norm == 0, torch.zeros_like(x), x / norm)
 
 
-@register("MeanVarianceNormalization", since=9)
+@register("MeanVarianceNormalization", since=9, accumulate_fp32=True)
 def mean_variance_normalization(op: OpContext, x):
     """(x - mean) / (std + 1e-9) over axes (default [0, 2, 3]), as the function body defines it."""
     axes = op.attr("axes", [0, 2, 3])
@@ -513,7 +513,7 @@ def mean_variance_normalization(op: OpContext, x):
     return (x - mean) / (torch.sqrt(var) + 1e-9)
 
 
-@register("LRN", since=1)
+@register("LRN", since=1, accumulate_fp32=True)
 def lrn(op: OpContext, x):
     """Square sums over channels c - floor((size-1)/2) .. c + ceil((size-1)/2) (torch's local_response_norm
     centres even sizes the other way)."""
@@ -548,7 +548,7 @@ def dropout_v10(op: OpContext, x):
     return _dropout(op, x, torch.bool)
 
 
-@register("Dropout", since=12)
+@register("Dropout", since=12, random=True)
 def dropout(op: OpContext, x, ratio=None, training_mode=None):
     """Identity unless training_mode is true and ratio > 0; random masks are not reproduced (op.fail)."""
     if training_mode is not None and bool(training_mode.reshape(-1)[0]):

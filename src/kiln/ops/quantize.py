@@ -182,7 +182,7 @@ def _exact_int32(v: torch.Tensor) -> torch.Tensor:
     return torch.round(v).to(torch.int64).to(torch.int32)
 
 
-@register("MatMulInteger", since=10)
+@register("MatMulInteger", since=10, reads_torch_flags=True)
 def matmul_integer(op: OpContext, a, b, a_zero_point=None, b_zero_point=None):
     """Exact int32 matmul of zero-point-centred int8/uint8 operands (float64 holds the sums exactly)."""
     return _exact_int32(torch.matmul(_centered(a, a_zero_point, True), _centered(b, b_zero_point, False)))
@@ -195,7 +195,7 @@ def _requantize(op: OpContext, acc: torch.Tensor, multiplier: torch.Tensor, y_ze
     return _saturate(op, v, dtype)
 
 
-@register("QLinearMatMul", since=10)
+@register("QLinearMatMul", since=10, reads_torch_flags=True)
 def qlinear_matmul(op: OpContext, a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point):
     """Integer matmul of centred operands, then requantized by a_scale*b_scale/y_scale (computed in float64)."""
     acc = torch.matmul(_centered(a, a_zero_point, True), _centered(b, b_zero_point, False))
@@ -249,7 +249,7 @@ def _weight_zero_point(w_zero_point, w: torch.Tensor):
     return w_zero_point.reshape([-1] + [1] * (w.ndim - 1))
 
 
-@register("ConvInteger", since=10)
+@register("ConvInteger", since=10, reads_torch_flags=True)
 def conv_integer(op: OpContext, x, w, x_zero_point=None, w_zero_point=None):
     """Exact int32 convolution of zero-point-centred inputs (padding contributes zero point values)."""
     xc = _centered(x, x_zero_point, False)
@@ -257,7 +257,7 @@ def conv_integer(op: OpContext, x, w, x_zero_point=None, w_zero_point=None):
     return _exact_int32(_conv_exact(op, xc, wc))
 
 
-@register("QLinearConv", since=10)
+@register("QLinearConv", since=10, reads_torch_flags=True)
 def qlinear_conv(op: OpContext, x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point, bias=None):
     """Exact integer convolution plus int32 bias, requantized by x_scale*w_scale/y_scale per output channel."""
     xc = _centered(x, x_zero_point, False)

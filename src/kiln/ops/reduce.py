@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -144,7 +145,7 @@ def _reduce(op: OpContext, x, axes, kind: str):
     return fn(x, dims, keep)
 
 
-def _register_reduce(name: str, kind: str, input_since: int) -> None:
+def _register_reduce(name: str, kind: str, input_since: int, **facts: Any) -> None:
     def axes_attribute(op: OpContext, x):
         return _reduce(op, x, op.attr("axes"), kind)
 
@@ -153,22 +154,22 @@ def _register_reduce(name: str, kind: str, input_since: int) -> None:
 
     axes_attribute.__doc__ = axes_input.__doc__ = f"ONNX {name}: torch reduction '{kind}' over the given axes."
     register(name, since=1)(axes_attribute)
-    register(name, since=input_since)(axes_input)
+    register(name, since=input_since, host_inputs=(1,), **facts)(axes_input)  # axes: read on the host
 
 
-for _name, _kind, _since in [
-    ("ReduceSum", "sum", 13),
-    ("ReduceMean", "mean", 18),
-    ("ReduceMax", "max", 18),
-    ("ReduceMin", "min", 18),
-    ("ReduceProd", "prod", 18),
-    ("ReduceL1", "l1", 18),
-    ("ReduceL2", "l2", 18),
-    ("ReduceLogSum", "log_sum", 18),
-    ("ReduceLogSumExp", "log_sum_exp", 18),
-    ("ReduceSumSquare", "sum_square", 18),
+for _name, _kind, _since, _facts in [
+    ("ReduceSum", "sum", 13, {"shape_inputs": (1,)}),
+    ("ReduceMean", "mean", 18, {"shape_inputs": (1,)}),
+    ("ReduceMax", "max", 18, {"shape_inputs": (1,)}),
+    ("ReduceMin", "min", 18, {"shape_inputs": (1,)}),
+    ("ReduceProd", "prod", 18, {"shape_inputs": (1,), "accumulate_fp32": True}),
+    ("ReduceL1", "l1", 18, {"accumulate_fp32": True}),
+    ("ReduceL2", "l2", 18, {"accumulate_fp32": True}),
+    ("ReduceLogSum", "log_sum", 18, {"accumulate_fp32": True}),
+    ("ReduceLogSumExp", "log_sum_exp", 18, {"accumulate_fp32": True}),
+    ("ReduceSumSquare", "sum_square", 18, {"accumulate_fp32": True}),
 ]:
-    _register_reduce(_name, _kind, _since)
+    _register_reduce(_name, _kind, _since, **_facts)
 
 
 # -- ArgMax / ArgMin --------------------------------------------------------------------------
@@ -232,7 +233,7 @@ def softmax_v1(op: OpContext, x):
     return _as_2d(op, x, torch.softmax)
 
 
-@register("Softmax", since=13)
+@register("Softmax", since=13, accumulate_fp32=True)
 def softmax(op: OpContext, x):
     return _along_axis(op, x, torch.softmax)
 
@@ -242,7 +243,7 @@ def log_softmax_v1(op: OpContext, x):
     return _as_2d(op, x, torch.log_softmax)
 
 
-@register("LogSoftmax", since=13)
+@register("LogSoftmax", since=13, accumulate_fp32=True)
 def log_softmax(op: OpContext, x):
     return _along_axis(op, x, torch.log_softmax)
 
@@ -253,7 +254,7 @@ def hardmax_v1(op: OpContext, x):
     return _as_2d(op, x, _hardmax)
 
 
-@register("Hardmax", since=13)
+@register("Hardmax", since=13, accumulate_fp32=True)
 def hardmax(op: OpContext, x):
     """One-hot of the first maximum along the axis."""
     return _along_axis(op, x, _hardmax)
@@ -280,7 +281,7 @@ def _cumulative(op: OpContext, x, axis, fn, identity: int):
     return restore(y, x.dtype)
 
 
-@register("CumSum", since=11)
+@register("CumSum", since=11, shape_inputs=(1,), host_inputs=(1,), accumulate_fp32=True)
 def cum_sum(op: OpContext, x, axis):
     return _cumulative(op, x, axis, torch.cumsum, 0)
 
@@ -313,6 +314,6 @@ def top_k_v1(op: OpContext, x):
     return _top_k(op, x, int(op.attr("k")), True)
 
 
-@register("TopK", since=10)
+@register("TopK", since=10, shape_inputs=(1,), host_inputs=(1,))
 def top_k(op: OpContext, x, k):
     return _top_k(op, x, int(k.reshape(-1)[0]), bool(op.attr("largest", 1)))

@@ -14,6 +14,12 @@ an omitted optional input). It returns one value, or a ``tuple`` with one value 
 A function registered ``since=N`` serves opsets N and up, until the next registration of the same
 op. Where an op's inputs or attributes changed between opsets (Split, Reduce*, Pad, Clip, ...), it
 has one registration per version range.
+
+A registration also declares the op's *facts*, what the builder, the engine, the passes and the
+doctor need to know about it besides running it (:class:`OpFacts`): ``register("Reshape", since=5,
+shape_inputs=(1,), host_inputs=(1,))``. Facts belong to the op, whatever its opset: declare them
+once, at the op's newest registration, and read them with :func:`op_facts` (after
+``import kiln.ops``, which registers every op).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import bisect
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,17 +49,74 @@ def canonical_domain(domain: str) -> str:
     return "" if domain in DEFAULT_DOMAINS else domain
 
 
-def register(op_type: str, since: int = 1, domain: str = "") -> Callable[[OpFunction], OpFunction]:
-    """Register ``fn`` as the implementation of ``domain::op_type`` from opset ``since`` on."""
+@dataclass(frozen=True)
+class OpFacts:
+    """What is known about an op besides how to run it (input positions count from 0).
+
+    ``shape_inputs``: inputs whose values decide the output's shape (the builder follows them back
+    to find the shape arithmetic it computes once per input shape). ``host_inputs``: inputs the
+    reference op reads with ``tolist()``; constants there stay on the CPU, so reading them neither
+    waits for the GPU nor breaks CUDA-graph capture. ``host_reads``: every input the reference op
+    reads on the host as Python numbers (``host_inputs`` and those read with ``item()``), which the
+    doctor flags when data-dependent. ``metadata``: reads only its input's shape and type, never its
+    values (Shape, Size). ``random``: may draw random numbers, so it is never folded into a
+    constant. ``reads_torch_flags``: its torch kernels (or its subgraphs) read the TF32/cuDNN switches.
+    ``control_flow``: runs subgraphs (If, Loop, Scan, SequenceMap). ``sequence``: makes or reads an
+    ONNX sequence. ``optional``: makes or reads an ONNX optional. ``data_dependent``: its output's size
+    is known only once its input's values are (NonZero, Unique, ...). ``accumulate_fp32``: computes in
+    fp32 inside a reduced-precision layer (sums of squares, products, norms: the "statistics in fp32"
+    rule). ``parameter_inputs``: inputs that carry parameters, not data, never cast to a reduced precision.
+    """
+
+    shape_inputs: tuple[int, ...] = ()
+    host_inputs: tuple[int, ...] = ()
+    host_reads: tuple[int, ...] = ()
+    metadata: bool = False
+    random: bool = False
+    reads_torch_flags: bool = False
+    control_flow: bool = False
+    sequence: bool = False
+    optional: bool = False
+    data_dependent: bool = False
+    accumulate_fp32: bool = False
+    parameter_inputs: tuple[int, ...] = ()
+
+
+_FACTS: dict[tuple[str, str], OpFacts] = {}
+_NO_FACTS = OpFacts()
+
+
+def register(op_type: str, since: int = 1, domain: str = "", **facts: Any) -> Callable[[OpFunction], OpFunction]:
+    """Register ``fn`` as the implementation of ``domain::op_type`` from opset ``since`` on, with the
+    op's facts where this registration declares them (keywords of :class:`OpFacts`; input positions
+    as tuples; ``host_reads`` always includes ``host_inputs``)."""
+    if "host_inputs" in facts:
+        facts["host_reads"] = tuple(sorted({*facts.get("host_reads", ()), *facts["host_inputs"]}))
+    declared = OpFacts(**facts)
 
     def decorate(fn: OpFunction) -> OpFunction:
-        versions = _TABLE.setdefault((canonical_domain(domain), op_type), [])
+        key = (canonical_domain(domain), op_type)
+        versions = _TABLE.setdefault(key, [])
         if any(v == since for v, _ in versions):
             raise ValueError(f"{domain or 'ai.onnx'}::{op_type} since {since} registered twice")
+        if declared != _NO_FACTS:
+            if _FACTS.get(key, declared) != declared:
+                raise ValueError(f"{domain or 'ai.onnx'}::{op_type}: facts declared twice, differently")
+            _FACTS[key] = declared
         bisect.insort(versions, (since, fn), key=lambda item: item[0])
         return fn
 
     return decorate
+
+
+def op_facts(op_type: str, domain: str | None = "") -> OpFacts:
+    """The facts declared for ``domain::op_type`` (none declared: all empty). ``domain=None``: the op
+    of that name in the default domain, else in whichever domain registers one (for callers that
+    keep only op types, such as an engine plan's layers)."""
+    if domain is None:
+        domains = sorted(d for d, name in _TABLE if name == op_type)  # the default domain "" sorts first
+        domain = domains[0] if domains else ""
+    return _FACTS.get((canonical_domain(domain), op_type), _NO_FACTS)
 
 
 def lookup(domain: str, op_type: str, opset: int) -> OpFunction | None:

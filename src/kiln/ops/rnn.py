@@ -199,21 +199,21 @@ def _stack(ys: list, xw: torch.Tensor, hidden: int) -> torch.Tensor:
 _STEPPERS = {"RNN": _rnn_steps, "GRU": _gru_steps, "LSTM": _lstm_steps}
 
 
-@register("RNN", since=1)
+@register("RNN", since=1, reads_torch_flags=True)
 def rnn(op: OpContext, x, w, r, b=None, sequence_lens=None, initial_h=None):
     """Elman RNN: Ht = f(Xt*W^T + Ht-1*R^T + Wb + Rb); layout (opset 14) read as an attribute."""
     y, y_h, _ = _run(op, "RNN", x, w, r, b, sequence_lens, initial_h)
     return y, y_h
 
 
-@register("GRU", since=1)
+@register("GRU", since=1, reads_torch_flags=True)
 def gru(op: OpContext, x, w, r, b=None, sequence_lens=None, initial_h=None):
     """GRU with gates z, r, h; linear_before_reset applies the reset gate after the R projection."""
     y, y_h, _ = _run(op, "GRU", x, w, r, b, sequence_lens, initial_h)
     return y, y_h
 
 
-@register("LSTM", since=1)
+@register("LSTM", since=1, reads_torch_flags=True)
 def lstm(op: OpContext, x, w, r, b=None, sequence_lens=None, initial_h=None, initial_c=None, p=None):
     """LSTM with gates i, o, f, c, optional peepholes P (i, o, f) and coupled input/forget gates."""
     return _run(op, "LSTM", x, w, r, b, sequence_lens, initial_h, initial_c, p)

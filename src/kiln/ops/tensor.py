@@ -114,7 +114,7 @@ def identity(op: OpContext, x):
     return x
 
 
-@register("Shape", since=1)
+@register("Shape", since=1, metadata=True)
 def shape(op: OpContext, x):
     """The shape as int64; opset 15 adds start/end, clamped to [0, rank] like a Python slice."""
     dims = list(x.shape)
@@ -123,7 +123,7 @@ def shape(op: OpContext, x):
     return torch.tensor(dims, dtype=torch.int64, device=op.device)
 
 
-@register("Size", since=1)
+@register("Size", since=1, metadata=True)
 def size(op: OpContext, x):
     return torch.tensor(math.prod(x.shape), dtype=torch.int64, device=op.device)
 
@@ -144,7 +144,7 @@ def reshape_1(op: OpContext, x):
     return _reshape(op, x, _ints(op.attr("shape", [])), 0)
 
 
-@register("Reshape", since=5)
+@register("Reshape", since=5, shape_inputs=(1,), host_inputs=(1,))
 @_strings
 def reshape_5(op: OpContext, x, shape):
     """0 copies the input dimension (unless allowzero=1, opset 14), -1 is inferred."""
@@ -168,7 +168,7 @@ def squeeze_1(op: OpContext, x):
     return _squeeze(op, x, op.attr("axes"))
 
 
-@register("Squeeze", since=13)
+@register("Squeeze", since=13, shape_inputs=(1,), host_inputs=(1,))
 @_strings
 def squeeze_13(op: OpContext, x, axes=None):
     return _squeeze(op, x, None if axes is None else _ints(axes))
@@ -191,7 +191,7 @@ def unsqueeze_1(op: OpContext, x):
     return _unsqueeze(op, x, op.attr("axes", []))
 
 
-@register("Unsqueeze", since=13)
+@register("Unsqueeze", since=13, shape_inputs=(1,), host_inputs=(1,))
 @_strings
 def unsqueeze_13(op: OpContext, x, axes):
     return _unsqueeze(op, x, _ints(axes))
@@ -218,7 +218,7 @@ def transpose(op: OpContext, x):
     return x.permute([_axis(op, p, x.dim()) for p in perm])
 
 
-@register("Expand", since=8)
+@register("Expand", since=8, shape_inputs=(1,), host_inputs=(1,))
 @_strings
 def expand(op: OpContext, x, shape):
     """Bidirectional (numpy) broadcast of x with ``shape``: a stride-0 view, like numpy's."""
@@ -226,7 +226,7 @@ def expand(op: OpContext, x, shape):
     return x.expand(out)
 
 
-@register("ConstantOfShape", since=9)
+@register("ConstantOfShape", since=9, shape_inputs=(0,), host_inputs=(0,))
 def constant_of_shape(op: OpContext, shape):
     dims = _ints(shape)
     value = op.attr("value")
@@ -267,7 +267,7 @@ def _text(s):
     return s.decode("utf-8") if isinstance(s, bytes) else s
 
 
-@register("Range", since=11)
+@register("Range", since=11, shape_inputs=(0, 1, 2), host_reads=(0, 1, 2), parameter_inputs=(0, 1, 2))
 def range_(op: OpContext, start, limit, delta):
     """start + i*delta for i < max(ceil((limit-start)/delta), 0); floats are computed in float64
     and rounded once (at least the precision stash_type=1 asks for float16/bfloat16)."""
@@ -334,7 +334,7 @@ def split_13(op: OpContext, x, split=None):
     return _split(op, x, op.attr("axis", 0), _ints(split) if split is not None else None)
 
 
-@register("Split", since=18)
+@register("Split", since=18, shape_inputs=(1,), host_inputs=(1,))
 @_strings
 def split_18(op: OpContext, x, split=None):
     return _split(op, x, op.attr("axis", 0), _ints(split) if split is not None else None, op.attr("num_outputs"))
@@ -348,7 +348,7 @@ def tile_1(op: OpContext, x, tiles, axis):
     return x.repeat(repeats)
 
 
-@register("Tile", since=6)
+@register("Tile", since=6, shape_inputs=(1,), host_inputs=(1,))
 @_strings
 def tile_6(op: OpContext, x, repeats):
     repeats = _ints(repeats)
@@ -400,7 +400,7 @@ def slice_1(op: OpContext, x):
     return _slice(op, x, op.attr("starts"), op.attr("ends"), op.attr("axes"), None)
 
 
-@register("Slice", since=10)
+@register("Slice", since=10, shape_inputs=(1, 2, 3, 4), host_inputs=(1, 2, 3, 4))
 @_strings
 def slice_10(op: OpContext, x, starts, ends, axes=None, steps=None):
     return _slice(
@@ -490,13 +490,13 @@ def pad_11(op: OpContext, x, pads, value=None):
     return _pad(op, x, _ints(pads), _mode(op), value, None)
 
 
-@register("Pad", since=18)
+@register("Pad", since=18, shape_inputs=(1, 3), host_inputs=(1, 3))
 @_strings
 def pad_18(op: OpContext, x, pads, value=None, axes=None):
     return _pad(op, x, _ints(pads), _mode(op), value, None if axes is None else _ints(axes))
 
 
-@register("CenterCropPad", since=18)
+@register("CenterCropPad", since=18, host_inputs=(1,))
 @_strings
 def center_crop_pad(op: OpContext, x, shape):
     """Crop starts at floor((dim-target)/2); padding puts the odd pixel at the end, zeros."""
@@ -519,7 +519,7 @@ def center_crop_pad(op: OpContext, x, shape):
 # -- gathers and scatters ------------------------------------------------------------------------
 
 
-@register("Gather", since=1)
+@register("Gather", since=1, shape_inputs=(1,))
 @_strings
 def gather(op: OpContext, x, indices):
     """index_select along axis with the index flattened, then the indices' shape put in its place."""
@@ -529,7 +529,7 @@ def gather(op: OpContext, x, indices):
     return out.reshape(x.shape[:axis] + idx.shape + x.shape[axis + 1 :])
 
 
-@register("GatherElements", since=11)
+@register("GatherElements", since=11, shape_inputs=(1,))
 @_strings
 def gather_elements(op: OpContext, x, indices):
     axis = _axis(op, op.attr("axis", 0), x.dim())
@@ -547,7 +547,7 @@ def _nd_linear(data_shape, indices: torch.Tensor, batch: int):
     return (idx * torch.tensor(strides, dtype=torch.int64, device=idx.device)).sum(-1), math.prod(dims)
 
 
-@register("GatherND", since=11)
+@register("GatherND", since=11, shape_inputs=(1,))
 @_strings
 def gather_nd(op: OpContext, x, indices):
     """Batch axes flattened to one; index tuples become linear positions into the next k axes."""
@@ -633,7 +633,7 @@ def tensor_scatter(op: OpContext, past, update, write_indices=None):
 # -- selection -----------------------------------------------------------------------------------
 
 
-@register("Compress", since=9)
+@register("Compress", since=9, data_dependent=True)
 @_strings
 def compress(op: OpContext, x, condition):
     """Keep slices where condition is true (condition may be shorter: the rest count as false);
@@ -649,7 +649,7 @@ def compress(op: OpContext, x, condition):
     return x.index_select(axis, keep)
 
 
-@register("NonZero", since=9)
+@register("NonZero", since=9, data_dependent=True)
 def nonzero(op: OpContext, x):
     """(rank, count) int64 indices in row-major order: torch.nonzero transposed."""
     if isinstance(x, np.ndarray):
@@ -657,7 +657,7 @@ def nonzero(op: OpContext, x):
     return torch.nonzero(_widen(x)).T.contiguous()
 
 
-@register("Unique", since=11)
+@register("Unique", since=11, data_dependent=True)
 def unique(op: OpContext, x):
     """torch.unique (sorted, with inverse and counts); first-occurrence indices by scatter_reduce
     amin; sorted=0 reorders everything by first occurrence."""
@@ -683,14 +683,14 @@ def unique(op: OpContext, x):
     return _narrow(y, dtype, ordered=True), first, inverse, counts
 
 
-@register("Trilu", since=14)
+@register("Trilu", since=14, host_inputs=(1,))
 def trilu(op: OpContext, x, k=None):
     k = 0 if k is None else int(k)
     fn = torch.triu if op.attr("upper", 1) else torch.tril
     return _cooked(fn(_raw(x), k), x.dtype)
 
 
-@register("OneHot", since=9)
+@register("OneHot", since=9, shape_inputs=(1,), host_inputs=(1,))
 def one_hot(op: OpContext, indices, depth, values):
     """Indices (cast to int64) in [-depth, depth) light up their position; others are all off."""
     depth = int(depth.reshape(-1)[0].item())
@@ -775,7 +775,7 @@ def _mode_of(op: OpContext, default: str) -> str:
     return mode
 
 
-@register("Einsum", since=12)
+@register("Einsum", since=12, reads_torch_flags=True, accumulate_fp32=True)
 def einsum(op: OpContext, *xs):
     """torch.einsum has numpy's rules (ellipsis, implicit output in alphabetical order). CUDA has
     no integer matmul, so integer einsums run on the CPU there."""

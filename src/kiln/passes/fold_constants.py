@@ -53,6 +53,7 @@ from typing import ClassVar
 import onnx_ir as ir
 import onnxscript.optimizer
 
+from kiln.ops import op_facts
 from kiln.passes import Finding, Pass, PassContext, connected_components, register_pass, unique_node_names
 from kiln.passes._cleanup import remove_dead_code
 from kiln.passes._shuffles import shape_bytes
@@ -127,12 +128,6 @@ def _lift_new_constants(graph: ir.Graph, existing: set[int]) -> None:
         graph.register_initializer(value)
 
 
-# Ops whose results are sequences: nothing to gain from folding them, and onnxscript's folder
-# cannot evaluate some of them (SplitToSequence raises); kiln's executor runs them as they are.
-_SEQUENCE_OPS = frozenset({"SequenceEmpty", "SequenceConstruct", "SequenceInsert", "SequenceErase", "SequenceAt",
-                           "SequenceLength", "SplitToSequence", "ConcatFromSequence", "SequenceMap"})
-
-
 _HIDDEN_DOMAIN = "kiln.not_folded"
 
 
@@ -143,10 +138,11 @@ def _fold(model: ir.Model) -> list[_Group]:
     folder = logging.getLogger("onnxscript.optimizer._constant_folding")
     level = folder.level
     folder.setLevel(logging.ERROR)  # its "skipping op X" notes are not the user's business
-    # The folder's partial evaluators run on sequence ops whatever should_fold says, and some raise
-    # (SplitToSequence): those nodes sit in a domain the model does not import while it runs, which
-    # the folder skips, and get their own domain back afterwards.
-    hidden = [n for n in model.graph.all_nodes() if n.op_type in _SEQUENCE_OPS and n.domain in ("", "ai.onnx")]
+    # The folder's partial evaluators run on sequence ops (kiln.ops' ``sequence`` fact) whatever
+    # should_fold says, and some raise (SplitToSequence); folding a sequence gains nothing, and kiln's
+    # executor runs them as they are. Those nodes sit in a domain the model does not import while it
+    # runs, which the folder skips, and get their own domain back afterwards.
+    hidden = [n for n in model.graph.all_nodes() if n.domain in ("", "ai.onnx") and op_facts(n.op_type).sequence]
     domains = [n.domain for n in hidden]
     for node in hidden:
         node.domain = _HIDDEN_DOMAIN

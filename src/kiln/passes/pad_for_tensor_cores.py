@@ -40,8 +40,6 @@ misaligned GEMMs it cannot fix (both operands computed, grouped convs), saying w
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,8 +74,8 @@ from kiln.passes._conv import (
     remove_dead_constants,
     with_dim,
 )
+from kiln.precision import PRECISION_DTYPES, tf32_for
 
-TORCH_DTYPE = {"tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FOLD_DEPTH = 8  # pointwise ops a padded value may pass through between a Slice and its consumer
 
 # Pointwise ops a padded tensor may flow through: finite on finite input, one computed input.
@@ -452,7 +450,7 @@ def _measured(site: _Site, model: ir.Model, ctx: PassContext, padded_weights: di
     """(keep, log text): time the original op against the padded one (with its Pad and Slice copies)."""
     if ctx.measure is None:
         return True, "not measured (no measure hook): padded by rule"
-    dtype = TORCH_DTYPE.get(ctx.precision)
+    dtype = PRECISION_DTYPES.get(ctx.precision)  # none for int8/fp8: no layer runs at them yet
     if dtype is None:
         return True, f"not measured (torch has no general {ctx.precision} kernel at misaligned shapes): padded by rule"
     node = site.node
@@ -501,7 +499,7 @@ def _measured(site: _Site, model: ir.Model, ctx: PassContext, padded_weights: di
         y = fn(op, *args)
         return y.narrow(site.out_axis, 0, site.n).contiguous() if site.out_axis >= 0 else y
 
-    with _tf32(ctx.precision == "tf32"):
+    with tf32_for(ctx.precision):
         ms_original, ms_padded = ctx.measure(run_original, run_padded)
     keep = ms_padded < ms_original
     verdict = "kept" if keep else "dropped"
@@ -511,18 +509,6 @@ def _measured(site: _Site, model: ir.Model, ctx: PassContext, padded_weights: di
 def _pad_tensor(t: torch.Tensor, axis: int, amount: int) -> torch.Tensor:
     widths = [0, 0] * (t.ndim - 1 - axis) + [0, amount]
     return F.pad(t, widths)
-
-
-@contextlib.contextmanager
-def _tf32(enabled: bool) -> Iterator[None]:
-    """TF32 matmul/conv for the timing of a tf32 build; the previous flags come back after."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    if enabled:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 # --- the pass ----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kiln.builder.tactics import Tactic, tactic
+from kiln.builder.tactics.base import Tactic, tactic
 
 
 def _nan_to_zero(y: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from kiln.builder.tactics import PRECISION_DTYPES, Tactic, tactic
+from kiln.builder.tactics.base import Tactic, tactic
+from kiln.precision import PRECISION_DTYPES
 
 # Ops that compute in fp32 inside a reduced-precision layer (the "statistics in fp32" rule).
 ACCUMULATE_FP32 = frozenset({

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from kiln.builder.layers import Layer
-from kiln.builder.tactics import PRECISION_DTYPES, Tactic, canonical_weights, tactic
+from kiln.builder.tactics.base import Tactic, canonical_weights, tactic
+from kiln.precision import PRECISION_DTYPES
 
 
 @canonical_weights("LayerNorm")

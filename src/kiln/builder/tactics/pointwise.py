@@ -11,7 +11,8 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from kiln.builder.tactics import PRECISION_DTYPES, Tactic, tactic
+from kiln.builder.tactics.base import Tactic, tactic
+from kiln.precision import PRECISION_DTYPES
 
 _SELU_ALPHA = 1.67326319217681884765625
 _SELU_GAMMA = 1.05070102214813232421875
