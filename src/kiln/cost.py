@@ -361,7 +361,7 @@ def node_cost(node: ir.Node, dims: Mapping[str, int] | None = None,
 def model_cost(model: ir.Model, dims: Mapping[str, int] | None = None,
                shapes: Mapping[str, Sequence[int]] | None = None) -> ModelCost:
     """Every main-graph node's cost by name, the totals, and the dims and values the estimate assumed.
-    Node names should be unique (``kiln.passes.unique_node_names``); a repeated name keeps the sum."""
+    Node names should be unique (``kiln.passes.rewriting.unique_node_names``); a repeated name keeps the sum."""
     dims = dims or {}
     notes = _Notes(shapes)
     result = ModelCost()

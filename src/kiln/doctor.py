@@ -77,7 +77,8 @@ from kiln.builder.schedule import NOT_STATIC, SHAPE_SOURCES
 from kiln.builder.tactics.node import HOST_INPUTS
 from kiln.cost import ModelCost, model_cost, symbol_value
 from kiln.errors import InputError
-from kiln.passes import Finding, PassContext, registered_passes, shape_of, unique_node_names
+from kiln.passes.framework import Finding, PassContext, registered_passes
+from kiln.passes.rewriting import shape_of, unique_node_names
 from kiln.tables import Column, plain_lines
 
 DYNAMIC_INPUT = "dynamic-input-without-profile"

@@ -12,7 +12,7 @@ import onnx
 import onnx_ir as ir
 
 import kiln
-from kiln.passes import KILN_DOMAIN, PassContext, PassReport, get_pass, op_counts, run_passes
+from kiln.passes.framework import KILN_DOMAIN, PassContext, PassReport, get_pass, op_counts, run_passes
 
 FP32_RTOL = 1e-4
 

@@ -9,7 +9,7 @@ import pytest
 from families import export_family
 from onnx import TensorProto, helper, numpy_helper
 
-from kiln.passes import PassContext, get_pass
+from kiln.passes.framework import PassContext, get_pass
 from tests.passes.checks import assert_same, load, run_pass, to_proto
 
 F = TensorProto.FLOAT

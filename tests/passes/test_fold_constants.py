@@ -14,7 +14,7 @@ from families import build, example_inputs, export_family
 from onnx import TensorProto, helper, numpy_helper
 
 import kiln.passes.fold_constants as fold_constants
-from kiln.passes import PassContext, get_pass
+from kiln.passes.framework import PassContext, get_pass
 from tests.passes.checks import assert_same, load, ops, run_pass
 
 F = TensorProto.FLOAT

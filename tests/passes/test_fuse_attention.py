@@ -13,7 +13,7 @@ from families import export_family
 from onnx import TensorProto, helper, numpy_helper
 
 import kiln
-from kiln.passes import PassContext, get_pass
+from kiln.passes.framework import PassContext, get_pass
 from tests.passes.checks import assert_same, counts, load, ops, random_feeds, run_pass, to_proto
 
 B, H, L, S, D = 2, 4, 5, 6, 8

@@ -10,7 +10,7 @@ from families import export_family
 from onnx import TensorProto, helper, numpy_helper
 
 from kiln.errors import KilnError
-from kiln.passes import PassContext, get_pass
+from kiln.passes.framework import PassContext, get_pass
 from tests.passes.checks import assert_same, load, ops, run_pass, to_proto
 
 C_IN, C_OUT, HW = 4, 8, 6

@@ -12,7 +12,7 @@ import pytest
 from families import build, example_inputs, export, export_family
 from onnx import TensorProto, helper, numpy_helper
 
-from kiln.passes import PassContext, get_pass
+from kiln.passes.framework import PassContext, get_pass
 from tests.passes.checks import assert_same, counts, load, ops, run_pass
 
 RNG = np.random.default_rng(7)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from kiln.passes import PassContext, get_pass
+from kiln.passes.framework import PassContext, get_pass
 from tests.passes.checks import assert_same, load, ops, run_pass
 
 F = TensorProto.FLOAT

@@ -11,7 +11,7 @@ import torch
 from families import export_family
 from onnx import TensorProto, helper, numpy_helper
 
-from kiln.passes import PassContext, get_pass
+from kiln.passes.framework import PassContext, get_pass
 from kiln.passes.reduce_to_last_axis import MAX_RUN_BYTES, REDUCE_OPS
 from tests.passes.checks import assert_same, load, ops, run_pass
 

@@ -55,7 +55,7 @@ from kiln.errors import InputError, KilnError, OpError, PrecisionError, Unsuppor
 from kiln.executor import Executor
 from kiln.float64 import distance, float64_model, widen
 from kiln.inputs import random_array
-from kiln.passes import unique_node_names
+from kiln.passes.rewriting import unique_node_names
 from kiln.precision import TOLERANCES, judge, loosest, tolerance
 from kiln.precision import scaled_error as relative_error
 from kiln.versions import environment
@@ -236,7 +236,7 @@ class _Builder:
         """The graph passes, before lowering: fusions into ai.kiln ops the layers lower one to one,
         and rewrites for the GPU. Measuring passes time their alternatives at the first profile's
         opt shapes on CUDA from level 1 on; level 0 times nothing and they decide by rule."""
-        from kiln.passes import PassContext, run_passes
+        from kiln.passes.framework import PassContext, run_passes
 
         measure_both = None
         if self.device.type == "cuda" and self.level >= 1:

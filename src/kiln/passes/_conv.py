@@ -9,7 +9,8 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from kiln.passes import KILN_DOMAIN, Names, PassContext, add_initializer, opset
+from kiln.passes.framework import KILN_DOMAIN, PassContext
+from kiln.passes.rewriting import Names, add_initializer, opset
 
 
 def is_conv(node: ir.Node) -> bool:

@@ -13,7 +13,8 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRule
 
-from kiln.passes import Names, PassContext, record_fusion
+from kiln.passes.framework import PassContext
+from kiln.passes.rewriting import Names, record_fusion
 
 Dim = int | ir.SymbolicDim | None
 

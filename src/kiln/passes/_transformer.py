@@ -33,7 +33,8 @@ import onnx_ir as ir
 from onnxscript.rewriter import _matcher, _pattern_ir
 from onnxscript.rewriter._rewrite_rule import RewriteRule, RewriteRuleClassBase
 
-from kiln.passes import PassContext, record_fusion
+from kiln.passes.framework import PassContext
+from kiln.passes.rewriting import record_fusion
 
 # Relative tolerance for constants a pattern names (0.5, sqrt(2), 0.044715, ...): float32
 # rounding moves them by at most 6e-8, so 1e-6 accepts every exporter's spelling and rejects

@@ -37,18 +37,9 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from kiln.passes import (
-    KILN_DOMAIN,
-    Finding,
-    Pass,
-    PassContext,
-    attrs_of,
-    connected_components,
-    register_pass,
-    shapes_of,
-    unique_node_names,
-)
 from kiln.passes._conv import conv_flops, elements, is_conv, itemsize
+from kiln.passes.framework import KILN_DOMAIN, Finding, Pass, PassContext, register_pass
+from kiln.passes.rewriting import attrs_of, connected_components, shapes_of, unique_node_names
 
 LAYOUT = "kiln.layout"
 LAYOUT_CHANGE = "kiln.layout_change"

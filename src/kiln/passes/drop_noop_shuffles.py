@@ -53,18 +53,6 @@ from typing import ClassVar
 
 import onnx_ir as ir
 
-from kiln.passes import (
-    Finding,
-    Names,
-    Pass,
-    PassContext,
-    add_initializer,
-    opset,
-    record_fusion,
-    register_pass,
-    shapes_of,
-    unique_node_names,
-)
 from kiln.passes._shuffles import (
     compose,
     drop_dead_producers,
@@ -75,6 +63,8 @@ from kiln.passes._shuffles import (
     reshape_target,
     same_shape,
 )
+from kiln.passes.framework import Finding, Pass, PassContext, register_pass
+from kiln.passes.rewriting import Names, add_initializer, opset, record_fusion, shapes_of, unique_node_names
 
 SHUFFLES = ("Identity", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
 

@@ -48,18 +48,9 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
 
-from kiln.passes import (
-    Finding,
-    Names,
-    Pass,
-    PassContext,
-    opset,
-    register_pass,
-    shapes_of,
-    single_consumer,
-    unique_node_names,
-)
 from kiln.passes._shuffles import apply_rules, int64s, nbytes, numel, rule_matches
+from kiln.passes.framework import Finding, Pass, PassContext, register_pass
+from kiln.passes.rewriting import Names, opset, shapes_of, single_consumer, unique_node_names
 
 
 def _plan(model_opset: int, a: ir.Value, b: ir.Value) -> dict | str:

@@ -44,8 +44,9 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
 
-from kiln.passes import Finding, Names, Pass, PassContext, register_pass, shapes_of, unique_node_names
 from kiln.passes._shuffles import apply_rules, nbytes, numel, rule_matches
+from kiln.passes.framework import Finding, Pass, PassContext, register_pass
+from kiln.passes.rewriting import Names, shapes_of, unique_node_names
 
 PRODUCERS = ("Conv", "ConvTranspose", "Gemm")
 FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)

@@ -53,9 +53,10 @@ from typing import ClassVar
 import onnx_ir as ir
 import onnxscript.optimizer
 
-from kiln.passes import Finding, Pass, PassContext, connected_components, register_pass, unique_node_names
 from kiln.passes._cleanup import remove_dead_code
 from kiln.passes._shuffles import shape_bytes
+from kiln.passes.framework import Finding, Pass, PassContext, register_pass
+from kiln.passes.rewriting import connected_components, unique_node_names
 
 INPUT_SIZE_LIMIT = 1 << 24  # elements of a constant input above which folding is not tried
 OUTPUT_SIZE_LIMIT = 1 << 20  # elements of a folded result above which it must free as much as it adds

@@ -72,7 +72,6 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from kiln.passes import KILN_DOMAIN, Finding, Pass, PassContext, opset, register_pass, shape_of, shapes_of
 from kiln.passes._transformer import (
     FLOAT_TYPES,
     FusionRule,
@@ -86,6 +85,8 @@ from kiln.passes._transformer import (
     rewrite_sites,
     same_dim,
 )
+from kiln.passes.framework import KILN_DOMAIN, Finding, Pass, PassContext, register_pass
+from kiln.passes.rewriting import opset, shape_of, shapes_of
 
 _MASK_SAFE_FILL = {ir.DataType.FLOAT: np.float32, ir.DataType.DOUBLE: np.float64}
 _NEEDS_OP = "no fused attention op to emit"

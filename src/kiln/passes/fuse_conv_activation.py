@@ -42,26 +42,21 @@ import onnx_ir as ir
 from onnxscript.rewriter.pattern import Pattern
 
 from kiln.errors import KilnError
-from kiln.passes import (
-    KILN_DOMAIN,
-    KILN_DOMAIN_VERSION,
-    Finding,
-    Names,
-    Pass,
-    PassContext,
-    add_initializer,
-    constant_array,
-    opset,
-    record_fusion,
-    register_pass,
-    shapes_of,
-    unique_node_names,
-)
 from kiln.passes._conv import (
     conv_flops,
     elements,
     itemsize,
     remove_dead_constants,
+)
+from kiln.passes.framework import KILN_DOMAIN, KILN_DOMAIN_VERSION, Finding, Pass, PassContext, register_pass
+from kiln.passes.rewriting import (
+    Names,
+    add_initializer,
+    constant_array,
+    opset,
+    record_fusion,
+    shapes_of,
+    unique_node_names,
 )
 
 CONV_ATTRIBUTES = {"auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"}

@@ -39,7 +39,6 @@ from typing import Any
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from kiln.passes import Finding, Pass, PassContext, fused_op, opset, register_pass, shapes_of
 from kiln.passes._transformer import (
     FLOAT_TYPES,
     FusionRule,
@@ -51,6 +50,8 @@ from kiln.passes._transformer import (
     rewrite_sites,
     traffic,
 )
+from kiln.passes.framework import Finding, Pass, PassContext, fused_op, register_pass
+from kiln.passes.rewriting import opset, shapes_of
 
 _SQRT2 = math.sqrt(2.0)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)

@@ -51,7 +51,6 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from kiln.passes import Finding, Pass, PassContext, fused_op, opset, register_pass, shapes_of
 from kiln.passes._transformer import (
     FLOAT_TYPES,
     FusionRule,
@@ -65,6 +64,8 @@ from kiln.passes._transformer import (
     same_dim,
     traffic,
 )
+from kiln.passes.framework import Finding, Pass, PassContext, fused_op, register_pass
+from kiln.passes.rewriting import opset, shapes_of
 
 _LN_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 # root forms: the op whose output is the result, and whether its operands are written swapped

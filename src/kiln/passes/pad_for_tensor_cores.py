@@ -51,20 +51,6 @@ import torch
 import torch.nn.functional as F
 
 from kiln.ops import OpContext, lookup
-from kiln.passes import (
-    KILN_DOMAIN,
-    Finding,
-    Names,
-    Pass,
-    PassContext,
-    add_initializer,
-    attrs_of,
-    constant_array,
-    opset,
-    register_pass,
-    shapes_of,
-    unique_node_names,
-)
 from kiln.passes._conv import (
     can_pad,
     conv_flops,
@@ -76,6 +62,8 @@ from kiln.passes._conv import (
     remove_dead_constants,
     with_dim,
 )
+from kiln.passes.framework import KILN_DOMAIN, Finding, Pass, PassContext, register_pass
+from kiln.passes.rewriting import Names, add_initializer, attrs_of, constant_array, opset, shapes_of, unique_node_names
 
 TORCH_DTYPE = {"tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FOLD_DEPTH = 8  # pointwise ops a padded value may pass through between a Slice and its consumer

@@ -27,18 +27,6 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from kiln.passes import (
-    Finding,
-    Names,
-    Pass,
-    PassContext,
-    add_initializer,
-    attrs_of,
-    constant_array,
-    register_pass,
-    shapes_of,
-    unique_node_names,
-)
 from kiln.passes._conv import (
     can_pad,
     conv_flops,
@@ -49,6 +37,8 @@ from kiln.passes._conv import (
     pad_array,
     remove_dead_constants,
 )
+from kiln.passes.framework import Finding, Pass, PassContext, register_pass
+from kiln.passes.rewriting import Names, add_initializer, attrs_of, constant_array, shapes_of, unique_node_names
 
 
 @dataclass

@@ -53,8 +53,9 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
 
-from kiln.passes import Finding, Names, Pass, PassContext, opset, register_pass, shapes_of, unique_node_names
 from kiln.passes._shuffles import apply_rules, int64s, nbytes, numel
+from kiln.passes.framework import Finding, Pass, PassContext, register_pass
+from kiln.passes.rewriting import Names, opset, shapes_of, unique_node_names
 
 REDUCE_OPS = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
               "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
