@@ -246,7 +246,7 @@ def diagnose(
     """
     label = name or model.graph.name or "model"
     PassContext(precision=precision).validate()
-    unique_node_names(model.graph)
+    unique_node_names(model)
     dims: dict[str, int] = {}
     if shapes:
         dims.update(dims_from_shapes(model, shapes, label))

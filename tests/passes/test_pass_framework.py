@@ -45,7 +45,7 @@ def test_unique_node_names_fills_empty_and_repeated_names():
     model = load(_model())
     nodes = list(model.graph)
     nodes[0].name, nodes[1].name, nodes[2].name = "", "same", "same"
-    unique_node_names(model.graph)
+    unique_node_names(model)
     names = [n.name for n in model.graph]
     assert len(set(names)) == 3 and all(names) and names[1] == "same"
 

@@ -176,7 +176,7 @@ class _Builder:
     def run(self):
         start = time.perf_counter()
         graph = self.model.graph
-        unique_node_names(graph)  # layers, constraints and the engine refer to nodes by name
+        unique_node_names(self.model)  # layers, constraints and the engine refer to nodes by name
         self._run_passes()
         self.executor = Executor(self.model, self.device, self.name)
         self._steps = self.executor.node_steps()

@@ -35,11 +35,6 @@ def elements(shape: ir.Shape | None, ctx: PassContext) -> tuple[int, bool]:
     return total, known
 
 
-def itemsize(value: ir.Value) -> float:
-    dtype = value.dtype
-    return float(dtype.itemsize) if dtype is not None else 4.0
-
-
 def conv_flops(node: ir.Node, ctx: PassContext) -> float:
     """2 x output elements x (input channels per group x kernel size): the multiply-adds of a Conv."""
     w = node.inputs[1].shape if len(node.inputs) > 1 and node.inputs[1] is not None else None
@@ -84,18 +79,3 @@ def make_pad(model: ir.Model, names: Names, x: ir.Value, axis: int, size: int, b
         node = ir.Node("", "Pad", [x], attributes=[ir.AttrInt64s("pads", pads), ir.AttrFloat32("value", 0.0)],
                        outputs=[out], name=names.fresh(f"{base}/pad"))
     return node
-
-
-def remove_dead_constants(graph: ir.Graph, values: list[ir.Value | None]) -> None:
-    """Drop those of ``values`` that nothing reads any more: Constant nodes and initializers that
-    are not graph inputs (a rewrite that consumed a constant leaves no dead weight behind)."""
-    inputs = {id(v) for v in graph.inputs}
-    for value in values:
-        if value is None or value.uses() or value.is_graph_output():
-            continue
-        node = value.producer()
-        if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            graph.remove(node, safe=True)
-        elif node is None and value.name in graph.initializers and id(value) not in inputs:
-            if graph.initializers[value.name] is value:
-                del graph.initializers[value.name]

@@ -7,14 +7,14 @@ the node they replace, new values named uniquely, graph output names kept).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRule
 
 from kiln.passes.framework import PassContext
-from kiln.passes.rewriting import Names, record_fusion
+from kiln.passes.rewriting import Names, record_fusion, remove_unused_producers, same_dim
 
 Dim = int | ir.SymbolicDim | None
 
@@ -24,19 +24,6 @@ def int64s(values: Sequence[int]) -> np.ndarray:
 
 
 # -- dimensions and shapes -----------------------------------------------------------------------
-
-def symbol(d: Dim) -> str | None:
-    """The name of a named symbolic dimension, else None (an int, or an unnamed unknown)."""
-    value = getattr(d, "value", None)
-    return value if isinstance(value, str) and value else None
-
-
-def same_dim(a: Dim, b: Dim) -> bool:
-    """Provably equal: equal ints, or the same named symbolic dimension (ONNX: one name, one size)."""
-    if isinstance(a, int) or isinstance(b, int):
-        return isinstance(a, int) and isinstance(b, int) and a == b
-    return symbol(a) is not None and symbol(a) == symbol(b)
-
 
 def same_shape(a: ir.Shape | None, b: ir.Shape | None) -> bool:
     return a is not None and b is not None and len(a) == len(b) and all(same_dim(x, y) for x, y in zip(a, b))
@@ -118,33 +105,6 @@ def shape_bytes(shape: ir.Shape | None, dtype: ir.DataType | None, ctx: PassCont
     return int(numel(shape, ctx) * itemsize)
 
 
-# -- dead values -----------------------------------------------------------------------------------
-
-def drop_dead_producers(graph: ir.Graph, values: Iterable[ir.Value | None]) -> list[ir.Node]:
-    """Remove, transitively, the nodes of ``graph`` that produced ``values`` and are no longer used
-    (shape arithmetic that fed a removed Reshape); returns the removed nodes. Unused initializers
-    among ``values`` are dropped too."""
-    removed: list[ir.Node] = []
-    stack = [v for v in values if v is not None]
-    while stack:
-        value = stack.pop()
-        if value.uses() or value.is_graph_output():
-            continue
-        if value.is_initializer() and not value.is_graph_input() and value.name in graph.initializers:
-            del graph.initializers[value.name]
-            continue
-        node = value.producer()
-        if node is None or node.graph is not graph:
-            continue
-        if any(out.uses() or out.is_graph_output() for out in node.outputs):
-            continue
-        inputs = [v for v in node.inputs if v is not None]
-        graph.remove(node, safe=True)
-        removed.append(node)
-        stack.extend(inputs)
-    return removed
-
-
 # -- running onnxscript rewrite rules ----------------------------------------------------------------
 
 def rule_matches(model: ir.Model, rules: Sequence[RewriteRule]) -> list[MatchResult]:
@@ -201,6 +161,6 @@ def apply_rules(
         ir.convenience.replace_nodes_and_values(
             graph, node, delta.match.nodes, delta.new_nodes, delta.match.outputs, delta.new_outputs
         )
-        drop_dead_producers(graph, old_inputs)
+        remove_unused_producers(graph, old_inputs)
         done.append(delta.match)
     return done

@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from kiln.passes._conv import conv_flops, elements, is_conv, itemsize
+from kiln.passes._conv import conv_flops, elements, is_conv
 from kiln.passes.framework import KILN_DOMAIN, Finding, Pass, PassContext, register_pass
-from kiln.passes.rewriting import attrs_of, connected_components, shapes_of, unique_node_names
+from kiln.passes.rewriting import attrs_of, connected_components, itemsize, shapes_of, unique_node_names
 
 LAYOUT = "kiln.layout"
 LAYOUT_CHANGE = "kiln.layout_change"
@@ -159,7 +159,7 @@ class ChooseLayout(Pass):
     rule = "NHWC beats NCHW for tensor-core convolutions: one layout change per conv region border"
 
     def find(self, model: ir.Model, ctx: PassContext) -> list[Finding]:
-        unique_node_names(model.graph)
+        unique_node_names(model)
         findings = []
         for r in _regions(model, ctx):
             convs = r.convs
@@ -184,7 +184,7 @@ class ChooseLayout(Pass):
         return findings
 
     def apply(self, model: ir.Model, ctx: PassContext) -> int:
-        unique_node_names(model.graph)
+        unique_node_names(model)
         regions = _regions(model, ctx)
         before = after = 0
         for i, r in enumerate(regions):

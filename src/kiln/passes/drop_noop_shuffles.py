@@ -55,7 +55,6 @@ import onnx_ir as ir
 
 from kiln.passes._shuffles import (
     compose,
-    drop_dead_producers,
     int64s,
     keeps_layout,
     nbytes,
@@ -64,7 +63,15 @@ from kiln.passes._shuffles import (
     same_shape,
 )
 from kiln.passes.framework import Finding, Pass, PassContext, register_pass
-from kiln.passes.rewriting import Names, add_initializer, opset, record_fusion, shapes_of, unique_node_names
+from kiln.passes.rewriting import (
+    Names,
+    add_initializer,
+    opset,
+    record_fusion,
+    remove_unused_producers,
+    shapes_of,
+    unique_node_names,
+)
 
 SHUFFLES = ("Identity", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
 
@@ -237,11 +244,11 @@ class DropNoopShuffles(Pass):
     rule: ClassVar[str] = "a shuffle whose layout does not change needs no kernel"
 
     def find(self, model: ir.Model, ctx: PassContext) -> list[Finding]:
-        unique_node_names(model.graph)
+        unique_node_names(model)
         return [self._finding(unit, ctx) for unit in _rewrites(model)]
 
     def apply(self, model: ir.Model, ctx: PassContext) -> int:
-        unique_node_names(model.graph)
+        unique_node_names(model)
         graph = model.graph
         names = Names(graph)
         units = _rewrites(model)
@@ -275,7 +282,7 @@ class DropNoopShuffles(Pass):
             new.name = same[-1] if same else names.fresh(f"{last.name}/{new.op_type}")
             record_fusion([new], unit.nodes)
             ir.convenience.replace_nodes_and_values(graph, last, unit.nodes, [new], [out], [new.outputs[0]])
-        drop_dead_producers(graph, side_inputs)
+        remove_unused_producers(graph, side_inputs)
 
     def _finding(self, unit: _Unit, ctx: PassContext) -> Finding:
         # copies saved: each Transpose and Identity is a kernel reading and writing its tensor in most

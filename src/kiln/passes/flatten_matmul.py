@@ -194,11 +194,11 @@ class FlattenMatMul(Pass):
     in_builds: ClassVar[bool] = False
 
     def find(self, model: ir.Model, ctx: PassContext) -> list[Finding]:
-        unique_node_names(model.graph)
+        unique_node_names(model)
         return [self._finding(match.nodes, ctx) for match in rule_matches(model, _rules(model))]
 
     def apply(self, model: ir.Model, ctx: PassContext) -> int:
-        unique_node_names(model.graph)
+        unique_node_names(model)
 
         def log(match) -> None:
             node = _matmul(match.nodes)

@@ -46,7 +46,7 @@ from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
 
 from kiln.passes._shuffles import apply_rules, nbytes, numel, rule_matches
 from kiln.passes.framework import Finding, Pass, PassContext, register_pass
-from kiln.passes.rewriting import Names, shapes_of, unique_node_names
+from kiln.passes.rewriting import Names, constant_array, shapes_of, unique_node_names
 
 PRODUCERS = ("Conv", "ConvTranspose", "Gemm")
 FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
@@ -54,10 +54,7 @@ FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataT
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
     """A constant's array, or None (also for graph inputs: an overridable initializer is not constant)."""
-    if value is None or value.is_graph_input():
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
+    return None if value is None or value.is_graph_input() else constant_array(value)
 
 
 def _int_attr(node: ir.Node, name: str, default: int) -> int | None:
@@ -171,11 +168,11 @@ class FoldBatchNorm(Pass):
     rule: ClassVar[str] = "fold BatchNormalization (inference) into the preceding Conv/ConvTranspose/Gemm weights"
 
     def find(self, model: ir.Model, ctx: PassContext) -> list[Finding]:
-        unique_node_names(model.graph)
+        unique_node_names(model)
         return [self._finding(match.nodes, ctx) for match in rule_matches(model, RULES)]
 
     def apply(self, model: ir.Model, ctx: PassContext) -> int:
-        unique_node_names(model.graph)
+        unique_node_names(model)
         names = Names(model.graph)
 
         def log(match) -> None:

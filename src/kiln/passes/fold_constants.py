@@ -200,11 +200,11 @@ class FoldConstants(Pass):
     rule: ClassVar[str] = "compute once at build time what depends only on constants; drop dead nodes"
 
     def find(self, model: ir.Model, ctx: PassContext) -> list[Finding]:
-        unique_node_names(model.graph)
+        unique_node_names(model)
         return [self._finding(group, ctx) for group in _fold(model.clone())]
 
     def apply(self, model: ir.Model, ctx: PassContext) -> int:
-        unique_node_names(model.graph)
+        unique_node_names(model)
         groups = _fold(model)
         for group in groups:
             ctx.log.append(f"{group.rule}: {', '.join(b.name for b in group.nodes)}")

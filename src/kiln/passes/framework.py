@@ -260,7 +260,7 @@ def run_passes(
         model.graph.sort()
         if (error := order_error(model.graph)) is not None:
             raise KilnError(f"{name}: the graph is not valid ({error}); no pass ran")
-    unique_node_names(model.graph)
+    unique_node_names(model)
     for p in select_passes(only, skip, build):
         if p.needs_kiln_ops and not ctx.kiln_ops:
             report.skipped[p.name] = "emits ai.kiln ops, which this output may not hold (use --kiln-ops)"
@@ -294,7 +294,7 @@ _SKIP_IT = "build or optimize without it (--skip-passes {0} / --skip {0}) and pl
 def find_all(model: ir.Model, ctx: PassContext, only: Sequence[str] | None = None) -> list[Finding]:
     """Every finding of every chosen pass (nothing is changed)."""
     ctx.validate()
-    unique_node_names(model.graph)
+    unique_node_names(model)
     findings: list[Finding] = []
     for p in select_passes(only):
         findings.extend(p.find(model, ctx))

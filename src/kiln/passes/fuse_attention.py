@@ -76,17 +76,14 @@ from kiln.passes._transformer import (
     FLOAT_TYPES,
     FusionRule,
     Scalar,
-    const_array,
     const_scalar,
     find_sites,
-    itemsize,
     numel,
     rank,
     rewrite_sites,
-    same_dim,
 )
 from kiln.passes.framework import KILN_DOMAIN, Finding, Pass, PassContext, register_pass
-from kiln.passes.rewriting import opset, shape_of, shapes_of
+from kiln.passes.rewriting import constant_array, itemsize, opset, same_dim, shape_of, shapes_of
 
 _MASK_SAFE_FILL = {ir.DataType.FLOAT: np.float32, ir.DataType.DOUBLE: np.float64}
 _NEEDS_OP = "no fused attention op to emit"
@@ -180,7 +177,7 @@ class AttentionRule(FusionRule):
         if not -r <= axis < r or axis % r != r - 1:
             return f"the Softmax is over axis {axis}, not the last of rank {r}"
         for name in ("q_scale", "k_scale", "post_scale", "fill", "nan_zero"):
-            array = const_array(bindings.get(name))
+            array = constant_array(bindings.get(name))
             if array is not None and (array.ndim > r or array.dtype.kind != "f" and array.dtype.kind != "V"):
                 return f"constant {name} is not a float of at most {r} dims"
         if self.scale(bindings) is None:
@@ -188,7 +185,7 @@ class AttentionRule(FusionRule):
         if bindings.get("post_scaling") == "runtime":
             runtime = bindings["runtime_scale"]
             shape = runtime.shape
-            if const_array(runtime) is not None or shape is None or len(shape) > r or any(d != 1 for d in shape):
+            if constant_array(runtime) is not None or shape is None or len(shape) > r or any(d != 1 for d in shape):
                 return "the scores are multiplied by a tensor that is not a single-element scale"
         masking = bindings.get("masking", "none")
         if masking == "add":
@@ -273,7 +270,7 @@ class AttentionRule(FusionRule):
         zero.type, zero.shape = ir.TensorType(q.dtype), ir.Shape([])
         mask = op.Where(cond, zero, fill) if masking == "keep-where-true" else op.Where(cond, fill, zero)
         mask.type = ir.TensorType(q.dtype)
-        fill_rank = const_array(fill).ndim
+        fill_rank = constant_array(fill).ndim
         if cond.shape is not None and len(cond.shape) >= fill_rank:
             mask.shape = ir.Shape(list(cond.shape))
         return mask

@@ -42,19 +42,16 @@ import onnx_ir as ir
 from onnxscript.rewriter.pattern import Pattern
 
 from kiln.errors import KilnError
-from kiln.passes._conv import (
-    conv_flops,
-    elements,
-    itemsize,
-    remove_dead_constants,
-)
+from kiln.passes._conv import conv_flops, elements
 from kiln.passes.framework import KILN_DOMAIN, KILN_DOMAIN_VERSION, Finding, Pass, PassContext, register_pass
 from kiln.passes.rewriting import (
     Names,
     add_initializer,
     constant_array,
+    itemsize,
     opset,
     record_fusion,
+    remove_unused_producers,
     shapes_of,
     unique_node_names,
 )
@@ -314,7 +311,7 @@ class FuseConvActivation(Pass):
     needs_kiln_ops = True
 
     def find(self, model: ir.Model, ctx: PassContext) -> list[Finding]:
-        unique_node_names(model.graph)
+        unique_node_names(model)
         findings = []
         for f in _fusions(model):
             out = f.output
@@ -342,7 +339,7 @@ class FuseConvActivation(Pass):
         if not ctx.kiln_ops:
             raise KilnError(f"pass {self.name} emits ai.kiln::FusedConv; run it with kiln_ops=True (--kiln-ops)")
         graph = model.graph
-        unique_node_names(graph)
+        unique_node_names(model)
         names = Names(graph)
         replaced: dict[int, ir.Value] = {}  # id(old value) -> the value now computing it
 
@@ -371,7 +368,7 @@ class FuseConvActivation(Pass):
             record_fusion([node], f.nodes)
             ir.convenience.replace_nodes_and_values(graph, f.nodes[-1], f.nodes, [node], [f.output], [new_out])
             replaced[id(f.output)] = new_out
-            remove_dead_constants(graph, [*f.extra_inputs, f.bias_source])
+            remove_unused_producers(graph, [*f.extra_inputs, f.bias_source])
             ctx.log.append(f"{f.conv.name}: {f.describe()} -> "
                            f"{'Conv with bias' if f.standard_conv else 'FusedConv'} ({len(f.nodes)} nodes -> 1)")
             count += 1

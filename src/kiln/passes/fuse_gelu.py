@@ -43,7 +43,6 @@ from kiln.passes._transformer import (
     FLOAT_TYPES,
     FusionRule,
     Scalar,
-    const_array,
     either,
     find_sites,
     rank,
@@ -51,7 +50,7 @@ from kiln.passes._transformer import (
     traffic,
 )
 from kiln.passes.framework import Finding, Pass, PassContext, fused_op, register_pass
-from kiln.passes.rewriting import opset, shapes_of
+from kiln.passes.rewriting import constant_array, opset, shapes_of
 
 _SQRT2 = math.sqrt(2.0)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -100,7 +99,7 @@ class GeluRule(FusionRule):
             return result.fail(f"{x.name} is not a float tensor")
         r = rank(x)
         for name in _CONSTANTS:
-            array = const_array(bindings.get(name))
+            array = constant_array(bindings.get(name))
             if array is not None and array.ndim > (0 if r is None else r):
                 return result.fail(f"constant {name} has rank {array.ndim}, more than {x.name}'s")
         return result

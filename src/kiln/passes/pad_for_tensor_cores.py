@@ -56,14 +56,22 @@ from kiln.passes._conv import (
     conv_flops,
     elements,
     is_conv,
-    itemsize,
     make_pad,
     pad_array,
-    remove_dead_constants,
     with_dim,
 )
 from kiln.passes.framework import KILN_DOMAIN, Finding, Pass, PassContext, register_pass
-from kiln.passes.rewriting import Names, add_initializer, attrs_of, constant_array, opset, shapes_of, unique_node_names
+from kiln.passes.rewriting import (
+    Names,
+    add_initializer,
+    attrs_of,
+    constant_array,
+    itemsize,
+    opset,
+    remove_unused_producers,
+    shapes_of,
+    unique_node_names,
+)
 
 TORCH_DTYPE = {"tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FOLD_DEPTH = 8  # pointwise ops a padded value may pass through between a Slice and its consumer
@@ -416,7 +424,7 @@ def _commit_fold(model: ir.Model, names: Names, fold: _Fold, axis: int, size: in
                 array = constant_array(v)
                 new = add_initializer(graph, names, f"{v.name or node.name}_padded", pad_array(array, p_axis, padded, fill))
                 node.replace_input_with(i, new)
-                remove_dead_constants(graph, [v])
+                remove_unused_producers(graph, [v])
         out = node.outputs[0]
         out.shape = with_dim(out.shape, axis, padded)
         current = out
@@ -429,7 +437,7 @@ def _drop_unused_slice(graph: ir.Graph, node: ir.Node) -> None:
     if node.graph is graph and not sliced.uses() and not sliced.is_graph_output():
         inputs = list(node.inputs[1:])
         graph.remove(node, safe=True)
-        remove_dead_constants(graph, inputs)
+        remove_unused_producers(graph, inputs)
 
 
 # --- timing -------------------------------------------------------------------------------------------------
@@ -522,7 +530,7 @@ class PadForTensorCores(Pass):
     rule = "tensor cores need aligned dims (TF32 x4, FP16/BF16 x8, INT8/FP8 x16): pad K/N and channels with zeros"
 
     def find(self, model: ir.Model, ctx: PassContext) -> list[Finding]:
-        unique_node_names(model.graph)
+        unique_node_names(model)
         findings = []
         for s in _sites(model, ctx):
             node = s.node
@@ -545,7 +553,7 @@ class PadForTensorCores(Pass):
 
     def apply(self, model: ir.Model, ctx: PassContext) -> int:
         graph = model.graph
-        unique_node_names(graph)
+        unique_node_names(model)
         names = Names(graph)
         slices: dict[int, tuple[ir.Value, int, int]] = {}  # id(our Slice node) -> (unsliced value, axis, size)
         count = 0
@@ -600,7 +608,7 @@ class PadForTensorCores(Pass):
             new_nodes.append(cut)
             slices[id(cut)] = (out, site.out_axis, site.n_padded)
         ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [y], [final])
-        remove_dead_constants(graph, old_constants)
+        remove_unused_producers(graph, old_constants)
         for fold in folds.values():
             _drop_unused_slice(graph, fold.slice_node)
 

@@ -32,13 +32,20 @@ from kiln.passes._conv import (
     conv_flops,
     elements,
     is_conv,
-    itemsize,
     make_pad,
     pad_array,
-    remove_dead_constants,
 )
 from kiln.passes.framework import Finding, Pass, PassContext, register_pass
-from kiln.passes.rewriting import Names, add_initializer, attrs_of, constant_array, shapes_of, unique_node_names
+from kiln.passes.rewriting import (
+    Names,
+    add_initializer,
+    attrs_of,
+    constant_array,
+    itemsize,
+    remove_unused_producers,
+    shapes_of,
+    unique_node_names,
+)
 
 
 @dataclass
@@ -77,7 +84,7 @@ class PadInputChannels(Pass):
     rule = "first layer C=3 -> pad to 4 so tensor-core (NHWC, C=4) conv kernels apply"
 
     def find(self, model: ir.Model, ctx: PassContext) -> list[Finding]:
-        unique_node_names(model.graph)
+        unique_node_names(model)
         findings = []
         for s in _sites(model, ctx):
             n_in, known = elements(s.x.shape, ctx)
@@ -100,7 +107,7 @@ class PadInputChannels(Pass):
 
     def apply(self, model: ir.Model, ctx: PassContext) -> int:
         graph = model.graph
-        unique_node_names(graph)
+        unique_node_names(model)
         names = Names(graph)
         padded: dict[int, ir.Value] = {}  # id(graph input) -> its padded value
         count = 0
@@ -112,7 +119,7 @@ class PadInputChannels(Pass):
             w4 = add_initializer(graph, names, f"{s.w.name or s.conv.name}_c4", pad_array(s.weights, 1, 4))
             s.conv.replace_input_with(0, padded[id(s.x)])
             s.conv.replace_input_with(1, w4)
-            remove_dead_constants(graph, [s.w])
+            remove_unused_producers(graph, [s.w])
             ctx.log.append(f"{s.conv.name}: input {s.x.name} padded from 3 to 4 channels (zero weight channel)")
             count += 1
         return count

@@ -268,7 +268,7 @@ class ReduceToLastAxis(Pass):
     rule: ClassVar[str] = "reduce on the last axis: transpose the reduced axes to the end where that is faster"
 
     def find(self, model: ir.Model, ctx: PassContext) -> list[Finding]:
-        unique_node_names(model.graph)
+        unique_node_names(model)
         decide = _Decider(ctx)
         findings = []
         for node in model.graph:
@@ -278,7 +278,7 @@ class ReduceToLastAxis(Pass):
         return findings
 
     def apply(self, model: ir.Model, ctx: PassContext) -> int:
-        unique_node_names(model.graph)
+        unique_node_names(model)
         decide = _Decider(ctx)
         for node in model.graph:  # every decision goes to the log, the ones kept and the ones not
             plan = _candidate(node)

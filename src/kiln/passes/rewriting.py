@@ -10,20 +10,32 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
+import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import NameFixPass
 
 
-def unique_node_names(graph: ir.Graph) -> None:
-    """Give every node of ``graph`` a unique, non-empty name (passes and findings refer to nodes by name)."""
-    seen: set[str] = set()
-    for index, node in enumerate(graph):
-        name = node.name or f"{node.op_type}_{index}"
-        base, k = name, 1
-        while name in seen:
-            name = f"{base}_{k}"
-            k += 1
-        node.name = name
-        seen.add(name)
+class _NodeNames:
+    """onnx-ir's ``NameFixPass`` names: an unnamed node of the main graph is called ``<Op>_<index>``
+    (its position), so names stay readable and stable; a repeated name gets ``_1``, ``_2``, ..."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.index = {id(node): i for i, node in enumerate(graph)}
+
+    def generate_node_name(self, node: ir.Node) -> str:
+        if node.name:
+            return node.name
+        index = self.index.get(id(node))
+        return f"{node.op_type}_{index}" if index is not None else node.op_type
+
+    def generate_value_name(self, value: ir.Value) -> str:
+        return value.name or "v"
+
+
+def unique_node_names(model: ir.Model) -> None:
+    """Give every node a unique, non-empty name (passes and findings refer to nodes by name), with
+    onnx-ir's ``NameFixPass`` (which also names unnamed values and subgraph nodes)."""
+    NameFixPass(_NodeNames(model.graph))(model)
 
 
 def opset(model: ir.Model, domain: str = "") -> int:
@@ -46,12 +58,34 @@ def shapes_of(values: Iterable[ir.Value | None]) -> dict[str, list[int | str]]:
     return out
 
 
-def constant_array(value: ir.Value | None):
-    """The numpy value of an initializer or Constant output, or None."""
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The numpy value of an initializer or a ``Constant`` node's output, else None."""
     if value is None:
         return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
+    try:
+        tensor = ir.convenience.get_const_tensor(value)
+    except ValueError:  # a malformed Constant node: not a constant we can read
+        return None
+    return None if tensor is None else np.asarray(tensor.numpy())
+
+
+def itemsize(value: ir.Value) -> float:
+    """Bytes per element of ``value`` for estimates (4 when its dtype is unknown)."""
+    dtype = value.dtype
+    return float(dtype.itemsize) if dtype is not None else 4.0
+
+
+def symbol(d: int | ir.SymbolicDim | None) -> str | None:
+    """The name of a named symbolic dimension, else None (an int, or an unnamed unknown)."""
+    value = getattr(d, "value", None)
+    return value if isinstance(value, str) and value else None
+
+
+def same_dim(a: int | ir.SymbolicDim | None, b: int | ir.SymbolicDim | None) -> bool:
+    """Provably equal: equal ints, or the same named symbolic dimension (ONNX: one name, one size)."""
+    if isinstance(a, int) or isinstance(b, int):
+        return isinstance(a, int) and isinstance(b, int) and a == b
+    return symbol(a) is not None and symbol(a) == symbol(b)
 
 
 def single_consumer(value: ir.Value) -> ir.Node | None:
@@ -150,3 +184,34 @@ def add_initializer(graph: ir.Graph, names: Names, base: str, array) -> ir.Value
                      shape=ir.Shape(array.shape), const_value=ir.tensor(array, name=name))
     graph.register_initializer(value)
     return value
+
+
+def remove_unused_producers(graph: ir.Graph, values: Iterable[ir.Value | None]) -> list[ir.Node]:
+    """Remove what a rewrite left unused: the initializers among ``values`` and the nodes of
+    ``graph`` that produced them, transitively (a weight's Constant, the shape arithmetic that fed
+    a removed Reshape), when nothing reads them any more and they are not graph outputs or inputs;
+    returns the removed nodes.
+
+    onnx-ir's ``RemoveUnusedNodesPass`` does this for the whole model; passes call this inside
+    their rewrite loop, where sweeping the whole graph after every rewrite would cost O(nodes) each
+    time, and where a dead producer left until the end would still read its inputs and make a later
+    match in the same sweep see a second consumer. ``run_passes`` runs onnx-ir's passes at the end."""
+    removed: list[ir.Node] = []
+    stack = [v for v in values if v is not None]
+    while stack:
+        value = stack.pop()
+        if value.uses() or value.is_graph_output():
+            continue
+        node = value.producer()
+        if node is None:
+            if (value.is_initializer() and not value.is_graph_input()
+                    and graph.initializers.get(value.name) is value):
+                del graph.initializers[value.name]
+            continue
+        if node.graph is not graph or any(out.uses() or out.is_graph_output() for out in node.outputs):
+            continue
+        inputs = [v for v in node.inputs if v is not None]
+        graph.remove(node, safe=True)
+        removed.append(node)
+        stack.extend(inputs)
+    return removed
