@@ -162,10 +162,11 @@ def symbol_value(name: str, dims: Mapping[str, int]) -> int | None:
 
 
 def resolve_dim(dim: int | ir.SymbolicDim | None, dims: Mapping[str, int], notes: _Notes | None = None) -> int:
-    """A dimension's size: its int, its symbol's value in ``dims`` (or the expression's), else 1."""
-    if isinstance(dim, int):
+    """A dimension's size: its int, its symbol's value in ``dims`` (or the expression's), else 1. A
+    negative int is an unknown dim (an in-memory model's ``-1``, as in a loaded file)."""
+    if isinstance(dim, int) and dim >= 0:
         return dim
-    name = getattr(dim, "value", dim)
+    name = None if isinstance(dim, int) else getattr(dim, "value", dim)
     if name is None:
         if notes is not None:
             notes.assumed["?"] = None

@@ -1,10 +1,7 @@
-"""What the convolution and GEMM passes share: sizes and FLOPs for findings, fresh names, new
-initializers, and the standard ONNX ``Pad`` (in the form the model's opset defines) that pads a value
+"""What the convolution and GEMM passes share: element counts, new initializers, and the standard ONNX ``Pad`` (in the form the model's opset defines) that pads a value
 with zeros on one axis."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import onnx_ir as ir
@@ -33,15 +30,6 @@ def elements(shape: ir.Shape | None, ctx: PassContext) -> tuple[int, bool]:
             v = 1
         total *= v
     return total, known
-
-
-def conv_flops(node: ir.Node, ctx: PassContext) -> float:
-    """2 x output elements x (input channels per group x kernel size): the multiply-adds of a Conv."""
-    w = node.inputs[1].shape if len(node.inputs) > 1 and node.inputs[1] is not None else None
-    if w is None or not all(isinstance(d, int) for d in w):
-        return 0.0
-    out, _ = elements(node.outputs[0].shape, ctx)
-    return 2.0 * out * math.prod(w[1:])
 
 
 def pad_array(array: np.ndarray, axis: int, size: int, fill: float = 0.0) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Private helpers shared by the cleanup passes (fold_constants, fold_batchnorm, drop_noop_shuffles,
 flatten_matmul, reduce_to_last_axis): shape reasoning for shuffles (permutations, layout-keeping transposes, Reshape
-targets with 0/-1 semantics), fresh value names, byte estimates, and the loop that runs an onnxscript
+targets with 0/-1 semantics) and the loop that runs an onnxscript
 rewrite rule the way kiln needs it (matches listed without changing anything, new nodes named after
 the node they replace, new values named uniquely, graph output names kept).
 """
@@ -13,7 +13,6 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRule
 
-from kiln.passes.framework import PassContext
 from kiln.passes.rewriting import Names, record_fusion, remove_unused_producers, same_dim
 
 Dim = int | ir.SymbolicDim | None
@@ -77,32 +76,6 @@ def keeps_layout(perm: Sequence[int], shape: ir.Shape | None) -> bool:
         return False
     big = [p for p in perm if not (isinstance(shape[p], int) and shape[p] == 1)]
     return big == sorted(big)
-
-
-def numel(shape: ir.Shape | Sequence[Dim] | None, ctx: PassContext) -> int:
-    """Elements of a tensor for estimates: symbolic sizes from ``ctx.dims``, unknown ones count 1."""
-    if shape is None:
-        return 0
-    n = 1
-    for d in shape:
-        size = ctx.dim(d)
-        n *= size if size is not None else 1
-    return n
-
-
-def nbytes(value: ir.Value | None, ctx: PassContext) -> int:
-    """Bytes of a tensor value for estimates (see ``numel``)."""
-    return 0 if value is None else shape_bytes(value.shape, value.dtype, ctx)
-
-
-def shape_bytes(shape: ir.Shape | None, dtype: ir.DataType | None, ctx: PassContext) -> int:
-    if shape is None or dtype is None:
-        return 0
-    try:
-        itemsize = dtype.itemsize
-    except TypeError:  # strings and other types without a byte size
-        return 0
-    return int(numel(shape, ctx) * itemsize)
 
 
 # -- running onnxscript rewrite rules ----------------------------------------------------------------

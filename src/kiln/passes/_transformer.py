@@ -33,7 +33,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import RewriteRule, RewriteRuleClassBase, pattern
 
 from kiln.passes.framework import PassContext
-from kiln.passes.rewriting import Names, constant_array, itemsize, record_fusion, remove_unused_producers
+from kiln.passes.rewriting import Names, constant_array, record_fusion, remove_unused_producers
 
 # Relative tolerance for constants a pattern names (0.5, sqrt(2), 0.044715, ...): float32
 # rounding moves them by at most 6e-8, so 1e-6 accepts every exporter's spelling and rejects
@@ -216,31 +216,13 @@ def rewrite_sites(model: ir.Model, sites: Iterable[Site], ctx: PassContext) -> i
     return count
 
 
-# -- what findings carry ------------------------------------------------------------------------
+# -- shapes -------------------------------------------------------------------------------------
 def numel(value: ir.Value | None, ctx: PassContext) -> int | None:
     """Elements of ``value`` with symbolic dims taken from ``ctx.dims``, or None if unknown."""
     if value is None:
         return None
     dims = ctx.concrete(value.shape)
     return None if dims is None else int(np.prod(dims, dtype=np.int64))
-
-
-def traffic(nodes: Iterable[ir.Node], ctx: PassContext) -> tuple[float, float]:
-    """(elementwise FLOPs, bytes read and written) of ``nodes`` run one by one, from the shapes
-    that are known: what the decomposed form costs and the fused op mostly saves."""
-    flops = 0.0
-    moved = 0.0
-    for node in nodes:
-        out = numel(node.outputs[0], ctx)
-        if node.op_type in ("ReduceMean", "ReduceSum"):
-            out = numel(node.inputs[0], ctx)
-        flops += out or 0
-        for value in [*node.inputs, *node.outputs]:
-            if value is None or constant_array(value) is not None:
-                continue
-            n = numel(value, ctx)
-            moved += (n or 0) * itemsize(value)
-    return flops, moved
 
 
 def rank(value: ir.Value | None) -> int | None:

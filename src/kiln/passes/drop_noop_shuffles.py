@@ -57,7 +57,6 @@ from kiln.passes._shuffles import (
     compose,
     int64s,
     keeps_layout,
-    nbytes,
     perm_of,
     reshape_target,
     same_shape,
@@ -285,11 +284,6 @@ class DropNoopShuffles(Pass):
         remove_unused_producers(graph, side_inputs)
 
     def _finding(self, unit: _Unit, ctx: PassContext) -> Finding:
-        # copies saved: each Transpose and Identity is a kernel reading and writing its tensor in most
-        # runtimes (Reshape and friends are views); a composed permutation still costs one Transpose
-        moved = sum(2 * nbytes(n.outputs[0], ctx) for n in unit.nodes if n.op_type in ("Identity", "Transpose"))
-        if unit.kind == "perm":
-            moved -= 2 * nbytes(unit.out, ctx)
         return Finding(
             rule="noop-shuffle",
             title=_describe(unit),
@@ -299,7 +293,6 @@ class DropNoopShuffles(Pass):
             fix=f"fixed automatically by pass {self.name}",
             pass_name=self.name,
             shapes=shapes_of([unit.source, *(n.outputs[0] for n in unit.nodes)]),
-            bytes=float(max(moved, 0)),
             details={"kind": unit.kind, "perm": unit.perm},
         )
 

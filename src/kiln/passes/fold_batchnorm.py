@@ -44,7 +44,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
 
-from kiln.passes._shuffles import apply_rules, nbytes, numel, rule_matches
+from kiln.passes._shuffles import apply_rules, rule_matches
 from kiln.passes.framework import Finding, Pass, PassContext, register_pass
 from kiln.passes.rewriting import Names, constant_array, shapes_of, unique_node_names
 
@@ -193,8 +193,6 @@ class FoldBatchNorm(Pass):
             fix=f"fixed automatically by pass {self.name}",
             pass_name=self.name,
             shapes=shapes_of([producer.inputs[0], producer.outputs[0], out]),
-            flops=2.0 * numel(out.shape, ctx),
-            bytes=2.0 * nbytes(out, ctx),
         )
 
 

@@ -54,7 +54,6 @@ import onnx_ir as ir
 import onnxscript.optimizer
 
 from kiln.passes._cleanup import remove_dead_code
-from kiln.passes._shuffles import shape_bytes
 from kiln.passes.framework import Finding, Pass, PassContext, register_pass
 from kiln.passes.rewriting import connected_components, unique_node_names
 
@@ -226,6 +225,5 @@ class FoldConstants(Pass):
             fix=f"fixed automatically by pass {self.name}",
             pass_name=self.name,
             shapes=shapes,
-            bytes=float(sum(shape_bytes(shape, dtype, ctx) for _, shape, dtype in outputs)),
             details={"ops": ops},
         )

@@ -45,7 +45,8 @@ LOW_PRECISIONS = ("fp16", "bf16", "int8", "fp8")
 
 @dataclass
 class Finding:
-    """One place a performance rule applies."""
+    """One place a performance rule applies. Its estimated cost is not part of it: ``kiln doctor``
+    sizes every finding with ``kiln.cost`` (one cost model, at the shapes the doctor knows)."""
 
     rule: str  # short id, e.g. "reduce-not-last-axis"
     title: str  # one line for humans
@@ -54,15 +55,13 @@ class Finding:
     fix: str  # "fixed automatically by pass X" or what the user should change
     pass_name: str | None = None  # the pass that fixes it, if one does
     shapes: dict[str, list[int | str]] = field(default_factory=dict)  # value name -> shape
-    flops: float = 0.0  # estimated FLOPs of the nodes involved (for the impact share)
-    bytes: float = 0.0  # estimated bytes moved by the nodes involved
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "rule": self.rule, "title": self.title, "nodes": list(self.nodes), "why": self.why, "fix": self.fix,
             "pass": self.pass_name, "shapes": {k: list(v) for k, v in self.shapes.items()},
-            "flops": self.flops, "bytes": self.bytes, "details": self.details,
+            "details": self.details,
         }
 
 

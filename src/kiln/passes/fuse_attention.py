@@ -314,11 +314,7 @@ class FuseAttention(Pass):
             q, k_t, v = b["q"], b["k_t"], b["v"]
             scores = b["scores"]
             n_scores = numel(scores, ctx)
-            head, value_head = ctx.dim(q.shape[-1]), ctx.dim(v.shape[-1])
-            flops = 2.0 * n_scores * (head + value_head) if None not in (n_scores, head, value_head) else 0.0
             inner = [n for n in site.nodes if n is not site.root]
-            written = [numel(n.outputs[0], ctx) for n in inner]
-            avoided = sum(w * itemsize(n.outputs[0]) for w, n in zip(written, inner)) if None not in written else 0.0
             target = site.rule.target
             if site.blocked and site.blocked.startswith(_NEEDS_OP):
                 fix = f"not fused: {site.blocked}. Run with --kiln-ops (kiln build does) to fuse it into " \
@@ -340,8 +336,6 @@ class FuseAttention(Pass):
                 fix=fix,
                 pass_name=None if site.blocked else self.name,
                 shapes=shapes_of([q, k_t, v] + ([b["mask"]] if b.get("masking") == "add" else [])),
-                flops=flops,
-                bytes=float(avoided),
                 details={
                     "Q": shape_of(q), "K_T": shape_of(k_t), "V": shape_of(v), "scores": shape_of(scores),
                     "scale": site.rule.scale(b), "mask": b.get("masking", "none"),

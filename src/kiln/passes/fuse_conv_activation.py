@@ -42,13 +42,12 @@ import onnx_ir as ir
 from onnxscript.rewriter.pattern import Pattern
 
 from kiln.errors import KilnError
-from kiln.passes._conv import conv_flops, elements
+from kiln.passes._conv import elements
 from kiln.passes.framework import KILN_DOMAIN, KILN_DOMAIN_VERSION, Finding, Pass, PassContext, register_pass
 from kiln.passes.rewriting import (
     Names,
     add_initializer,
     constant_array,
-    itemsize,
     opset,
     record_fusion,
     remove_unused_producers,
@@ -315,8 +314,7 @@ class FuseConvActivation(Pass):
         findings = []
         for f in _fusions(model):
             out = f.output
-            n_out, known = elements(out.shape, ctx)
-            saved = (len(f.nodes) - 1) * 2.0 * n_out * itemsize(out)
+            _, known = elements(out.shape, ctx)
             findings.append(Finding(
                 rule="conv-without-fused-epilogue",
                 title=f"{f.describe()} run as {len(f.nodes)} kernels",
@@ -327,8 +325,6 @@ class FuseConvActivation(Pass):
                     + ("" if f.standard_conv else " (emits ai.kiln::FusedConv: the builder, or kiln optimize --kiln-ops)"),
                 pass_name=self.name,
                 shapes=shapes_of([f.x, f.w, f.z, out]),
-                flops=conv_flops(f.conv, ctx),
-                bytes=saved,
                 details={"activation": f.activation, "activation_params": list(f.params),
                          "residual": f.z is not None, "bias_folded": f.bias_array is not None,
                          "ops_fused": len(f.nodes) - 1, "shape_known": known},

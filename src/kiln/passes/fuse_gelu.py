@@ -47,7 +47,6 @@ from kiln.passes._transformer import (
     find_sites,
     rank,
     rewrite_sites,
-    traffic,
 )
 from kiln.passes.framework import Finding, Pass, PassContext, fused_op, register_pass
 from kiln.passes.rewriting import constant_array, opset, shapes_of
@@ -134,7 +133,6 @@ class FuseGelu(Pass):
         for site in self._sites(model, ctx):
             x = site.bindings["x"]
             approximate = site.rule.approximate
-            flops, moved = traffic(site.nodes, ctx)
             if site.blocked:
                 fix = (f"the model's opset ({opset(model)}) predates Gelu (opset 20): run with --kiln-ops "
                        "(kiln build does) to fuse it into ai.kiln's Gelu, or export at opset 20")
@@ -149,8 +147,6 @@ class FuseGelu(Pass):
                 fix=fix,
                 pass_name=None if site.blocked else self.name,
                 shapes=shapes_of([x, site.output]),
-                flops=flops,
-                bytes=moved,
                 details={"approximate": approximate},
             ))
         return findings

@@ -60,7 +60,6 @@ from kiln.passes._transformer import (
     find_sites,
     rank,
     rewrite_sites,
-    traffic,
 )
 from kiln.passes.framework import Finding, Pass, PassContext, fused_op, register_pass
 from kiln.passes.rewriting import constant_array, opset, same_dim, shapes_of
@@ -301,7 +300,6 @@ class FuseLayerNorm(Pass):
             x = site.bindings["x"]
             plan = rule.plan(x, site.bindings)
             since = 17 if rule.kind == "LayerNorm" else 23
-            flops, moved = traffic(site.nodes, ctx)
             if site.blocked:
                 fix = (f"the model's opset ({opset(model)}) predates {rule.op_name} (opset {since}): run with "
                        f"--kiln-ops (kiln build does) to fuse it into ai.kiln's {rule.op_name}, or export at opset {since}")
@@ -316,8 +314,6 @@ class FuseLayerNorm(Pass):
                 fix=fix,
                 pass_name=None if site.blocked else self.name,
                 shapes=shapes_of([x, site.output]),
-                flops=flops,
-                bytes=moved,
                 details={"axis": -plan["k"], "epsilon": plan["eps"], "op": rule.op_name},
             ))
         return findings

@@ -53,7 +53,6 @@ import torch.nn.functional as F
 from kiln.ops import OpContext, lookup
 from kiln.passes._conv import (
     can_pad,
-    conv_flops,
     elements,
     is_conv,
     make_pad,
@@ -66,7 +65,6 @@ from kiln.passes.rewriting import (
     add_initializer,
     attrs_of,
     constant_array,
-    itemsize,
     opset,
     remove_unused_producers,
     shapes_of,
@@ -110,7 +108,6 @@ class _Site:
     n: int
     alignment: int
     fixable: bool
-    flops: float
     fix: str = ""
     c4_first_layer: bool = False
     weight_pads: list[tuple[int, int, int, float]] = field(default_factory=list)  # (input, axis, size, fill)
@@ -136,10 +133,6 @@ class _Site:
         if self.pad_n:
             dims.append(f"{n_name} {self.n}->{_aligned(self.n, self.alignment)}")
         return f"{self.kind} " + ", ".join(dims)
-
-
-def _gemm_flops(m: int, k: int, n: int) -> float:
-    return 2.0 * m * k * n
 
 
 def _make_slice(model: ir.Model, names: Names, y: ir.Value, axis: int, size: int, out: ir.Value, base: str) -> ir.Node:
@@ -192,7 +185,7 @@ def _matmul_site(node: ir.Node, a: int, ctx: PassContext) -> _Site | None:
     if k % a == 0 and n % a == 0:
         return None
     rows, _ = elements(x.shape, ctx)
-    site = _Site(node, "MatMul", k, n, a, False, _gemm_flops(rows // max(k, 1), k, n))
+    site = _Site(node, "MatMul", k, n, a, False)
     y = node.outputs[0]
     if weights is None or weights.ndim != 2:
         site.fix = (f"the weight operand is computed ({w.name}): choose sizes (hidden size, head dim, vocabulary) "
@@ -219,8 +212,7 @@ def _gemm_site(node: ir.Node, a: int, ctx: PassContext) -> _Site | None:
             return None
     if k % a == 0 and n % a == 0:
         return None
-    m = ctx.dim(x.shape[1 if trans_a else 0]) if x.shape is not None and len(x.shape) == 2 else None
-    site = _Site(node, "Gemm", k, n, a, False, _gemm_flops(m or 1, k, n))
+    site = _Site(node, "Gemm", k, n, a, False)
     if weights is None or weights.ndim != 2:
         site.fix = (f"the weight operand is computed ({w.name}): choose sizes that are multiples of {a}, "
                     f"or pad them in the model")
@@ -283,7 +275,7 @@ def _conv_site(model: ir.Model, node: ir.Node, a: int, ctx: PassContext) -> _Sit
     k_misaligned = cin_per_group % a != 0 and not (cin_per_group == 4 and group == 1 and _first_layer(model, x))
     if not k_misaligned and cout_per_group % a == 0:
         return None
-    site = _Site(node, "Conv", cin_per_group, cout_per_group, a, False, conv_flops(node, ctx),
+    site = _Site(node, "Conv", cin_per_group, cout_per_group, a, False,
                  c4_first_layer=cin_per_group % a != 0 and not k_misaligned)
     if group != 1:
         site.fix = f"grouped conv: choose channels per group that are multiples of {a}"
@@ -535,7 +527,6 @@ class PadForTensorCores(Pass):
         for s in _sites(model, ctx):
             node = s.node
             values = [v for v in node.inputs[:2]] + [node.outputs[0]]
-            moved = sum(elements(v.shape, ctx)[0] * itemsize(v) for v in values if v is not None)
             findings.append(Finding(
                 rule="misaligned-dims",
                 title=f"{node.name}: {s.describe()} (multiples of {s.alignment} for {ctx.precision} tensor cores)",
@@ -545,8 +536,6 @@ class PadForTensorCores(Pass):
                 fix=s.fix,
                 pass_name=self.name if s.fixable else None,
                 shapes=shapes_of(values),
-                flops=s.flops,
-                bytes=moved,
                 details={"k": s.k, "n": s.n, "alignment": s.alignment, "op": s.kind},
             ))
         return findings

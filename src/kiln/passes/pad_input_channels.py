@@ -29,7 +29,6 @@ import onnx_ir as ir
 
 from kiln.passes._conv import (
     can_pad,
-    conv_flops,
     elements,
     is_conv,
     make_pad,
@@ -88,8 +87,6 @@ class PadInputChannels(Pass):
         findings = []
         for s in _sites(model, ctx):
             n_in, known = elements(s.x.shape, ctx)
-            n_out, _ = elements(s.conv.outputs[0].shape, ctx)
-            moved = (n_in + s.weights.size + n_out) * itemsize(s.x)
             findings.append(Finding(
                 rule="first-conv-c3",
                 title=f"first conv {s.conv.name} reads 3 input channels",
@@ -99,8 +96,6 @@ class PadInputChannels(Pass):
                 fix=f"fixed automatically by pass {self.name} (a zero weight channel; the input is padded to C=4)",
                 pass_name=self.name,
                 shapes=shapes_of([s.x, s.w, s.conv.outputs[0]]),
-                flops=conv_flops(s.conv, ctx),
-                bytes=moved,
                 details={"extra_input_bytes": n_in / 3 * itemsize(s.x), "shape_known": known},
             ))
         return findings

@@ -53,7 +53,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
 
-from kiln.passes._shuffles import apply_rules, int64s, nbytes, numel
+from kiln.passes._shuffles import apply_rules, int64s
 from kiln.passes.framework import Finding, Pass, PassContext, register_pass
 from kiln.passes.rewriting import Names, opset, shapes_of, unique_node_names
 
@@ -304,7 +304,5 @@ class ReduceToLastAxis(Pass):
                  else f"left as is by pass {self.name}: {plan.how}"),
             pass_name=self.name if plan.rewrite else None,
             shapes=shapes_of([x, y]),
-            flops=float(numel(x.shape, ctx)),
-            bytes=float(nbytes(x, ctx) + nbytes(y, ctx)),
             details={"axes": plan.axes, "perm": plan.perm, "rewrite": plan.rewrite, "decision": plan.how, **plan.details},
         )
