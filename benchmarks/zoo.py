@@ -11,7 +11,7 @@ exporter (opset 17, batch axis dynamic) as ``tools/bench_builder.py`` exports th
     gpt2          transformers GPT2Model(GPT2Config()), no cache         ids, mask x 128                32
 
 (torchvision zero-initializes ViT's head; an all-zero output would compare nothing, so it is drawn
-from N(0, 0.02).) Every number comes from kiln's own ``kiln.bench.run_bench``: kiln builds an engine
+from N(0, 0.02).) Every number comes from kiln's own ``kiln.bench.run.run_bench``: kiln builds an engine
 with one optimization profile per batch size (``BuildConfig(fp16=..., opt_level=3)``, one timing
 cache per model, so a later stage rebuilds the same engine from the cache in seconds) and runs it in
 one execution context with CUDA graphs on bound buffers; the peers run in the same process on the
@@ -725,7 +725,8 @@ def run_stage(stage: Stage, live: Live, state: Session) -> dict[str, Any]:
     from torch._dynamo.utils import counters
 
     from kiln import BuildConfig
-    from kiln.bench import BenchOptions, run_bench
+    from kiln.bench.options import BenchOptions
+    from kiln.bench.run import run_bench
 
     args, name = state.args, live.zoo.name
     record: dict[str, Any] = {"round": stage.round, "precision": stage.precision, "batches": stage.batches,

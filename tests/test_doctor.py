@@ -191,6 +191,16 @@ def test_unfused_attention():
     assert entry.flops_share > 0.5  # the two batched MatMuls are nearly all of this model's work
 
 
+def test_every_finding_is_sized_by_kiln_cost_alone():
+    report = _diagnose(attention_model(), "fp16")
+    assert report.entries
+    for entry in report.entries:
+        estimate = report.cost.of(entry.finding.nodes)
+        assert (entry.flops, entry.bytes) == (estimate.flops, estimate.bytes)
+        assert entry.flops_share == estimate.flops / report.cost.flops
+        assert entry.to_json()["flops"] == estimate.flops and entry.to_json()["bytes"] == estimate.bytes
+
+
 def test_noop_shuffles():
     report = _diagnose(shuffle_model())
     _assert_reported(report, "drop_noop_shuffles", "noop_transpose", "noop-shuffle")

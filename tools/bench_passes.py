@@ -45,7 +45,7 @@ def variants(passes: dict) -> list[tuple[str, list[str] | None, list[str]]]:
 def bench_model(spec, args, out: Path, state: dict[str, Any], save) -> None:
     from kiln import BuildConfig
     from kiln.compare import run_onnxruntime
-    from kiln.passes import registered_passes
+    from kiln.passes.framework import registered_passes
 
     device = torch.device("cpu" if args.smoke else "cuda")
     work = out / "tmp" / spec.name

@@ -371,8 +371,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from kiln.bench import BenchOptions, parse_batch_axes, parse_batches, run_bench
+    from kiln.bench.options import BenchOptions, parse_batch_axes, parse_batches
     from kiln.bench.report import plot, render, write_json
+    from kiln.bench.run import run_bench
     from kiln.builder import BuildConfig
     from kiln.device import resolve_device
     from kiln.inputs import parse_shapes, read_npz

@@ -162,10 +162,11 @@ def symbol_value(name: str, dims: Mapping[str, int]) -> int | None:
 
 
 def resolve_dim(dim: int | ir.SymbolicDim | None, dims: Mapping[str, int], notes: _Notes | None = None) -> int:
-    """A dimension's size: its int, its symbol's value in ``dims`` (or the expression's), else 1."""
-    if isinstance(dim, int):
+    """A dimension's size: its int, its symbol's value in ``dims`` (or the expression's), else 1. A
+    negative int is an unknown dim (an in-memory model's ``-1``, as in a loaded file)."""
+    if isinstance(dim, int) and dim >= 0:
         return dim
-    name = getattr(dim, "value", dim)
+    name = None if isinstance(dim, int) else getattr(dim, "value", dim)
     if name is None:
         if notes is not None:
             notes.assumed["?"] = None
@@ -361,7 +362,7 @@ def node_cost(node: ir.Node, dims: Mapping[str, int] | None = None,
 def model_cost(model: ir.Model, dims: Mapping[str, int] | None = None,
                shapes: Mapping[str, Sequence[int]] | None = None) -> ModelCost:
     """Every main-graph node's cost by name, the totals, and the dims and values the estimate assumed.
-    Node names should be unique (``kiln.passes.unique_node_names``); a repeated name keeps the sum."""
+    Node names should be unique (``kiln.passes.rewriting.unique_node_names``); a repeated name keeps the sum."""
     dims = dims or {}
     notes = _Notes(shapes)
     result = ModelCost()

@@ -77,7 +77,8 @@ from kiln.builder.schedule import NOT_STATIC, SHAPE_SOURCES
 from kiln.builder.tactics.node import HOST_INPUTS
 from kiln.cost import ModelCost, model_cost, symbol_value
 from kiln.errors import InputError
-from kiln.passes import Finding, PassContext, registered_passes, shape_of, unique_node_names
+from kiln.passes.framework import Finding, PassContext, registered_passes
+from kiln.passes.rewriting import shape_of, unique_node_names
 from kiln.tables import Column, plain_lines
 
 DYNAMIC_INPUT = "dynamic-input-without-profile"
@@ -118,9 +119,12 @@ DERIVED_SHOWN = 6  # more (or longer) dims shape inference could not size are co
 
 @dataclass
 class Entry:
-    """One finding with its share of the model's estimated FLOPs and bytes."""
+    """One finding with the estimated FLOPs and bytes of its nodes (``kiln.cost``) and their share of
+    the model's."""
 
     finding: Finding
+    flops: float = 0.0
+    bytes: float = 0.0
     flops_share: float = 0.0
     bytes_share: float = 0.0
 
@@ -134,7 +138,7 @@ class Entry:
         return "FLOPs" if self.flops_share >= self.bytes_share else "bytes"
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.finding.to_json(), "share": self.share, "flops_share": self.flops_share,
+        return {**self.finding.to_json(), "flops": self.flops, "bytes": self.bytes, "share": self.share, "flops_share": self.flops_share,
                 "bytes_share": self.bytes_share}
 
 
@@ -245,7 +249,7 @@ def diagnose(
     """
     label = name or model.graph.name or "model"
     PassContext(precision=precision).validate()
-    unique_node_names(model.graph)
+    unique_node_names(model)
     dims: dict[str, int] = {}
     if shapes:
         dims.update(dims_from_shapes(model, shapes, label))
@@ -287,14 +291,12 @@ def diagnose(
             finding.shapes = _sized(finding.shapes, None if inputs_at_one else recorded, dims)
         names = downstream.get(finding.details.get("input"), finding.nodes) if finding.rule == DYNAMIC_INPUT else finding.nodes
         estimate = cost.of(names)
-        if estimate.flops or estimate.bytes:
-            finding.flops, finding.bytes = estimate.flops, estimate.bytes
         report.entries.append(Entry(
-            finding,
-            flops_share=finding.flops / cost.flops if cost.flops else 0.0,
-            bytes_share=finding.bytes / cost.bytes if cost.bytes else 0.0,
+            finding, flops=estimate.flops, bytes=estimate.bytes,
+            flops_share=estimate.flops / cost.flops if cost.flops else 0.0,
+            bytes_share=estimate.bytes / cost.bytes if cost.bytes else 0.0,
         ))
-    report.entries.sort(key=lambda e: (-e.share, -e.finding.flops, -e.finding.bytes, e.finding.rule,
+    report.entries.sort(key=lambda e: (-e.share, -e.flops, -e.bytes, e.finding.rule,
                                        e.finding.nodes[0] if e.finding.nodes else ""))
     return report
 
@@ -618,7 +620,7 @@ def render_text(report: Report) -> str:
             text = ", ".join(f"{k} {_shape_text(v)}" for k, v in shapes[:6]) + (f" (+{len(shapes) - 6} more)" if len(shapes) > 6 else "")
             lines.append(f"    shapes: {text}")
         lines.append(f"    impact: {_percent(entry.flops_share)} of FLOPs, {_percent(entry.bytes_share)} of bytes "
-                     f"({_amount(f.flops, 'FLOPs')}, {_amount(f.bytes, 'B')})")
+                     f"({_amount(entry.flops, 'FLOPs')}, {_amount(entry.bytes, 'B')})")
         lines.append(f"    why:    {f.why}")
         lines.append(f"    fix:    {f.fix}")
     return "\n".join(lines) + "\n"

@@ -21,7 +21,8 @@ import onnx_ir as ir
 from kiln.atomic_file import write_atomically
 from kiln.errors import KilnError
 from kiln.onnx_io import MAX_OPSETS, graphs_of, load_model_proto
-from kiln.passes import PassContext, PassReport, op_counts, opset, run_passes, select_passes
+from kiln.passes.framework import PassContext, PassReport, op_counts, run_passes, select_passes
+from kiln.passes.rewriting import opset
 
 _PROTOBUF_LIMIT = 2**31 - 1
 

@@ -12,7 +12,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import kiln
-from kiln.bench import BenchOptions, batch_axes, parse_batch_axes, run_bench
+from kiln.bench.batching import batch_axes
+from kiln.bench.options import BenchOptions, parse_batch_axes
+from kiln.bench.run import run_bench
 from kiln.cli import main
 from kiln.errors import KilnError
 from kiln.inputs import write_npz

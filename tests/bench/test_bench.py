@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import kiln
-from kiln.bench import BenchOptions, parse_batches, run_bench
+from kiln.bench.options import BenchOptions, parse_batches
+from kiln.bench.run import run_bench
 from kiln.cli import EXIT_MISMATCH, main
 from kiln.errors import KilnError
 from tests.runtime.conftest import ACTIVATIONS, WIDTH, branches_model

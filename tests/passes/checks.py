@@ -12,7 +12,8 @@ import onnx
 import onnx_ir as ir
 
 import kiln
-from kiln.passes import KILN_DOMAIN, PassContext, PassReport, get_pass, op_counts, run_passes
+from kiln.cost import Cost, model_cost
+from kiln.passes.framework import KILN_DOMAIN, PassContext, PassReport, get_pass, op_counts, run_passes
 
 FP32_RTOL = 1e-4
 
@@ -110,3 +111,8 @@ def _close(name: str, got: np.ndarray, want: np.ndarray, rtol: float, who: str) 
     scale = max(float(np.max(np.abs(want.astype(np.float64)))), 1e-30) if want.size else 1.0
     err = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))) if want.size else 0.0
     assert err / scale <= rtol, f"{who}: output {name!r} relative difference {err / scale:.3g} > {rtol}"
+
+
+def finding_cost(model: ir.Model, finding, dims: Mapping[str, int] | None = None) -> Cost:
+    """The FLOPs and bytes ``kiln doctor`` reports for ``finding``: ``kiln.cost``'s estimate of its nodes."""
+    return model_cost(model, dims).of(finding.nodes)

@@ -9,8 +9,8 @@ import pytest
 from families import export_family
 from onnx import TensorProto, helper, numpy_helper
 
-from kiln.passes import PassContext, get_pass
-from tests.passes.checks import assert_same, load, run_pass, to_proto
+from kiln.passes.framework import PassContext, get_pass
+from tests.passes.checks import assert_same, finding_cost, load, run_pass, to_proto
 
 F = TensorProto.FLOAT
 
@@ -121,15 +121,20 @@ def test_two_regions_split_by_a_reshape_and_values_entering_from_outside():
 def test_find_reports_each_region_apply_annotates():
     proto = _net()
     ctx = PassContext(precision="fp16", dims={"N": 2})
-    (finding,) = get_pass("choose_layout").find(load(proto), ctx)
+    (finding,) = get_pass("choose_layout").find(m := load(proto), ctx)
     assert finding.rule == "nchw-conv-low-precision" and finding.pass_name == "choose_layout"
     assert finding.nodes[0] == "conv1" and set(finding.nodes) == REGION
     assert finding.details["convs"] == 2 and finding.details["layout_changes_per_conv"] == 4
     assert finding.details["layout_changes_region"] == 2 and finding.details["layout_changes_saved"] == 2
     assert finding.shapes == {"x": ["N", 3, 16, 16], "g": ["N", 8, 1, 1]}
-    assert finding.flops == 2 * (2 * 8 * 16 * 16) * 27 + 2 * (2 * 8 * 8 * 8) * 72
-    per_conv = 2 * 4 * 2 * (3 * 16 * 16 + 8 * 16 * 16 + 8 * 8 * 8 + 8 * 8 * 8)
-    assert finding.bytes == per_conv - 2 * 4 * 2 * (3 * 16 * 16 + 8)
+    cost = finding_cost(m, finding, ctx.dims)
+    # what kiln doctor reports (kiln.cost): the two convs, one per element for Relu, Add, Relu and the global
+    # pool, four per output for the 2x2 MaxPool; bytes: each node's distinct inputs and outputs
+    assert cost.flops == (2 * (2 * 8 * 16 * 16) * 27 + 2 * (2 * 8 * 8 * 8) * 72
+                          + 2 * 8 * 16 * 16 + 4 * (2 * 8 * 8 * 8) + 3 * (2 * 8 * 8 * 8))
+    assert cost.bytes == 4 * ((2 * 3 * 16 * 16 + 8 * 3 * 3 * 3 + 2 * 8 * 16 * 16) + 2 * (2 * 8 * 16 * 16)
+                              + (2 * 8 * 16 * 16 + 2 * 8 * 8 * 8) + (2 * 8 * 8 * 8 + 8 * 8 * 3 * 3 + 2 * 8 * 8 * 8)
+                              + 3 * (2 * 8 * 8 * 8) + 2 * (2 * 8 * 8 * 8) + (2 * 8 * 8 * 8 + 2 * 8))
     model, count, _ = run_pass(proto, "choose_layout", precision="fp16")
     assert count == 1 and _layouts(model)[0] == set(finding.nodes)
     assert get_pass("choose_layout").find(model, ctx) == []

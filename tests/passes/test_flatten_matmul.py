@@ -10,8 +10,8 @@ import pytest
 from families import export_family
 from onnx import TensorProto, helper, numpy_helper
 
-from kiln.passes import PassContext, get_pass
-from tests.passes.checks import assert_same, load, ops, run_pass
+from kiln.passes.framework import PassContext, get_pass
+from tests.passes.checks import assert_same, finding_cost, load, ops, run_pass
 
 F = TensorProto.FLOAT
 
@@ -132,13 +132,14 @@ def test_find_reports_exactly_what_apply_rewrites():
              helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2d")]
     proto = _model(nodes, [_w([6, 7]), _w([7, 3], "w2", 1), bias], ["B", 5, 6], ["B", 3], opset=12)
     findings = get_pass("flatten_matmul").find(load(proto), PassContext(dims={"B": 4}))
+    cost = finding_cost(load(proto), findings[0], {"B": 4})
     model, count, _ = run_pass(proto, "flatten_matmul")
     assert count == len(findings) == 1
     (finding,) = findings
     assert finding.nodes == ["mm3d", "add"] and finding.pass_name == "flatten_matmul" and finding.rule == "matmul-nd"
     assert finding.shapes == {"a": ["B", 5, 6], "w": [6, 7], "h": ["B", 5, 7]}
-    assert finding.flops == 2 * 4 * 5 * 6 * 7
-    assert finding.bytes == 4 * (4 * 5 * 6 + 6 * 7 + 4 * 5 * 7)
+    assert cost.flops == 2 * 4 * 5 * 6 * 7 + 4 * 5 * 7  # the MatMul and its bias Add
+    assert cost.bytes == 4 * (4 * 5 * 6 + 6 * 7 + 4 * 5 * 7) + 4 * (2 * 4 * 5 * 7 + 7)
     assert ops(model) == ["Reshape", "MatMul", "Add", "Reshape", "ReduceSum", "MatMul"]
     assert_same(proto, model, dims={"B": 3})
 

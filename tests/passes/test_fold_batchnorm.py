@@ -14,8 +14,8 @@ import torch
 from families import build, example_inputs, export_family
 from onnx import TensorProto, helper, numpy_helper
 
-from kiln.passes import PassContext, get_pass
-from tests.passes.checks import assert_same, load, ops, run_pass
+from kiln.passes.framework import PassContext, get_pass
+from tests.passes.checks import assert_same, finding_cost, load, ops, run_pass
 
 F = TensorProto.FLOAT
 
@@ -242,8 +242,10 @@ def test_find_reports_exactly_what_apply_folds():
     assert finding.nodes == ["conv1", "bn1"] and finding.pass_name == "fold_batchnorm"
     assert finding.rule == "unfolded-batchnorm" and finding.fix == "fixed automatically by pass fold_batchnorm"
     assert finding.shapes["h"] == ["N", 4, 5, 5]
-    assert finding.bytes == 2 * 2 * 4 * 5 * 5 * 4  # read + write of the [2, 4, 5, 5] fp32 activation
-    assert finding.flops > 0
+    cost = finding_cost(load(proto), finding, {"N": 2})
+    # the Conv's input, weight and output; the BatchNormalization's input, statistics and output ([2, 4, 5, 5] fp32)
+    assert cost.bytes == 4 * (2 * 4 * 5 * 5 + 4 * 4 * 3 * 3 + 2 * 4 * 5 * 5) + 4 * (2 * (2 * 4 * 5 * 5) + 4 * 4)
+    assert cost.flops > 0
     assert ops(model) == ["Conv", "Conv", "Relu", "BatchNormalization"]
     assert_same(proto, model)
 

@@ -13,8 +13,8 @@ from families import export_family
 from onnx import TensorProto, helper, numpy_helper
 
 import kiln
-from kiln.passes import PassContext, get_pass
-from tests.passes.checks import assert_same, counts, load, ops, random_feeds, run_pass, to_proto
+from kiln.passes.framework import PassContext, get_pass
+from tests.passes.checks import assert_same, counts, finding_cost, load, ops, random_feeds, run_pass, to_proto
 
 B, H, L, S, D = 2, 4, 5, 6, 8
 F32 = TensorProto.FLOAT
@@ -260,9 +260,11 @@ def test_find_reports_what_apply_rewrites():
     first = findings[0]
     assert first.shapes == {"q": ["batch", H, L, D], "kt": [B, H, D, S], "v": [B, H, S, D], "mask": [B, 1, 1, S]}
     assert first.details["Q"] == ["batch", H, L, D] and first.details["scale"] == pytest.approx(1 / math.sqrt(D))
-    assert first.flops == 2 * B * H * L * S * (D + D)  # the two MatMuls
+    cost = finding_cost(load(proto), first, ctx.dims)
+    assert cost.flops == 2 * B * H * L * S * (D + D) + 7 * B * H * L * S  # the two MatMuls; Div, Add, Softmax (5)
     assert first.details["score_matrix_bytes"] == B * H * L * S * 4
-    assert first.bytes == 4 * B * H * L * S * 4  # MatMul, Div, Add and Softmax each write the scores
+    scores, matmul = B * H * L * S, B * H * L * D + B * H * D * S + B * H * L * S  # each op's inputs and outputs
+    assert cost.bytes == 4 * (2 * matmul + (2 * scores + 1) + (2 * scores + B * S) + 2 * scores)
     names = {node.name for node in m.graph}
     assert get_pass("fuse_attention").apply(m, ctx) == 1
     assert names - {node.name for node in m.graph} == set(first.nodes)

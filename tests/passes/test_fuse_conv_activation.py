@@ -10,8 +10,8 @@ from families import export_family
 from onnx import TensorProto, helper, numpy_helper
 
 from kiln.errors import KilnError
-from kiln.passes import PassContext, get_pass
-from tests.passes.checks import assert_same, load, ops, run_pass, to_proto
+from kiln.passes.framework import PassContext, get_pass
+from tests.passes.checks import assert_same, finding_cost, load, ops, run_pass, to_proto
 
 C_IN, C_OUT, HW = 4, 8, 6
 OUT = ["N", C_OUT, HW, HW]
@@ -287,8 +287,10 @@ def test_find_reports_exactly_what_apply_fuses_with_shapes_flops_and_bytes():
     assert {f.pass_name for f in findings} == {"fuse_conv_activation"}
     conv2 = findings[1]
     assert conv2.shapes["w2"] == [8, 8, 3, 3] and conv2.shapes["r2"] == [2, 8, 6, 6]
-    assert conv2.flops == 2 * (2 * 8 * 6 * 6) * (8 * 3 * 3)
-    assert conv2.bytes == 3 * 2 * (2 * 8 * 6 * 6) * 4  # three ops' round trips of the fp32 output
+    cost = finding_cost(load(proto), conv2)
+    assert cost.flops == 2 * (2 * 8 * 6 * 6) * (8 * 3 * 3) + 3 * (2 * 8 * 6 * 6)  # the Conv; bias, residual, Relu
+    n = 2 * 8 * 6 * 6
+    assert cost.bytes == 4 * ((n + 8 * 8 * 3 * 3 + n) + (n + 8 + n) + 3 * n + 2 * n)  # each op's inputs and outputs
     assert conv2.details["residual"] and conv2.details["bias_folded"] and conv2.details["activation"] == "Relu"
     model, count, context = _fused(proto)
     assert count == len(findings) == len(context.log)

@@ -12,8 +12,8 @@ import pytest
 from families import build, example_inputs, export, export_family
 from onnx import TensorProto, helper, numpy_helper
 
-from kiln.passes import PassContext, get_pass
-from tests.passes.checks import assert_same, counts, load, ops, run_pass
+from kiln.passes.framework import PassContext, get_pass
+from tests.passes.checks import assert_same, counts, finding_cost, load, ops, run_pass
 
 RNG = np.random.default_rng(7)
 SCALE = RNG.uniform(0.5, 1.5, 16).astype(np.float32)
@@ -295,8 +295,9 @@ def test_find_reports_what_apply_rewrites():
     assert findings[1].nodes == ["sq2", "var2", "ve2", "std2", "norm2"]
     assert {f.pass_name for f in findings} == {"fuse_layernorm"}
     assert findings[0].shapes == {"x": ["batch", 3, 16], "biased": ["batch", 3, 16]}
-    assert findings[0].flops == 7 * 96 + 2 * 6  # 7 ops over x's 96 elements, Add and Sqrt over 6 rows
-    assert findings[0].bytes > 2 * 96 * 4
+    cost = finding_cost(load(proto), findings[0], ctx.dims)
+    assert cost.flops == 7 * 96 + 2 * 6  # 7 ops over x's 96 elements, Add and Sqrt over 6 rows
+    assert cost.bytes > 2 * 96 * 4
     assert findings[1].details["axis"] == -1
     names = {node.name for node in m.graph}
     assert get_pass("fuse_layernorm").apply(m, ctx) == 2

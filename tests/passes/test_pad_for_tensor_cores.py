@@ -8,8 +8,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from kiln.passes import PassContext, get_pass
-from tests.passes.checks import assert_same, load, ops, run_pass
+from kiln.passes.framework import PassContext, get_pass
+from tests.passes.checks import assert_same, finding_cost, load, ops, run_pass
 
 F = TensorProto.FLOAT
 
@@ -233,7 +233,7 @@ def test_what_cannot_be_fixed_is_reported_with_what_to_change():
     assert all(f.rule == "misaligned-dims" and f.pass_name is None for f in findings)
     assert "multiples of 8" in findings[0].fix and "hidden size" in findings[0].fix
     assert "per group" in findings[1].fix
-    assert findings[0].flops == 2 * (2 * 4 * 8) * 12 * 8
+    assert finding_cost(load(proto), findings[0]).flops == 2 * (2 * 4 * 8) * 12 * 8
     model, count, _ = _pad(proto)
     assert count == 0 and ops(model) == ["MatMul", "Conv", "Conv"]
 
@@ -248,7 +248,8 @@ def test_find_reports_exactly_what_apply_pads():
                                                           (["mm2"], "pad_for_tensor_cores"), (["qk"], None)]
     mm1 = findings[0]
     assert mm1.shapes == {"x": ["N", 50], "w1": [50, 30], "m1": ["N", 30]}
-    assert mm1.flops == 2 * 3 * 50 * 30 and mm1.bytes == (3 * 50 + 50 * 30 + 3 * 30) * 4
+    cost = finding_cost(load(proto), mm1, ctx.dims)
+    assert cost.flops == 2 * 3 * 50 * 30 and cost.bytes == (3 * 50 + 50 * 30 + 3 * 30) * 4
     assert mm1.details["k"] == 50 and mm1.details["n"] == 30
     model, count, context = run_pass(proto, "pad_for_tensor_cores", precision="fp16", dims={"N": 3})
     assert count == 2 and [line.split(":")[0] for line in context.log] == ["mm1", "mm2"]
@@ -372,6 +373,6 @@ def test_a_minus_one_dim_in_an_in_memory_model_is_no_size():
     measure = FakeMeasure(0.5, 1.0)  # would drop the rewrite if asked
     context = PassContext(precision="fp16", measure=measure)
     findings = get_pass("pad_for_tensor_cores").find(model, context)
-    assert len(findings) == 1 and findings[0].flops >= 0
+    assert len(findings) == 1 and finding_cost(model, findings[0]).flops >= 0
     assert get_pass("pad_for_tensor_cores").apply(model, context) == 1
     assert "not measured (input x has no concrete shape" in context.log[0] and measure.results == []

@@ -10,7 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 import kiln
 from kiln.cli import main
 from kiln.errors import KilnError
-from kiln.passes import ORDER, PassContext, fused_op, registered_passes, run_passes, select_passes, unique_node_names
+from kiln.passes.framework import ORDER, PassContext, fused_op, registered_passes, run_passes, select_passes
+from kiln.passes.rewriting import unique_node_names
 from tests.passes.checks import counts, load
 
 
@@ -44,7 +45,7 @@ def test_unique_node_names_fills_empty_and_repeated_names():
     model = load(_model())
     nodes = list(model.graph)
     nodes[0].name, nodes[1].name, nodes[2].name = "", "same", "same"
-    unique_node_names(model.graph)
+    unique_node_names(model)
     names = [n.name for n in model.graph]
     assert len(set(names)) == 3 and all(names) and names[1] == "same"
 
@@ -99,7 +100,7 @@ def test_build_records_the_passes_it_ran(tmp_path):
 
 
 def test_a_failing_pass_is_a_kiln_error_naming_it(monkeypatch):
-    from kiln.passes import get_pass, run_passes
+    from kiln.passes.framework import get_pass, run_passes
 
     def broken(model, ctx):
         raise ValueError("boom")
@@ -110,7 +111,7 @@ def test_a_failing_pass_is_a_kiln_error_naming_it(monkeypatch):
 
 
 def test_connected_components_group_by_links_in_item_order():
-    from kiln.passes import connected_components
+    from kiln.passes.rewriting import connected_components
 
     items = [[i] for i in range(6)]  # unhashable and equal-looking items are told apart by identity
     a, b, c, d, e, f = items
@@ -198,7 +199,7 @@ def test_every_pass_leaves_a_valid_sorted_graph(graph, kiln_ops):
 
 
 def test_a_pass_that_breaks_the_order_is_named_with_the_node_and_how_to_skip_it(monkeypatch):
-    from kiln.passes import get_pass
+    from kiln.passes.framework import get_pass
 
     def reorder(model, ctx):  # the Relu first: it reads h before the MatMul writes it
         relu = next(node for node in model.graph if node.op_type == "Relu")

@@ -16,7 +16,7 @@ from families import TEXT, VISION, build, example_inputs, export
 
 import kiln
 from kiln.compare import compare_outputs, run_onnxruntime
-from kiln.passes import PassContext, run_passes
+from kiln.passes.framework import PassContext, run_passes
 from tests.passes.checks import to_proto
 
 EXPORTERS = [("torchscript", 17), ("dynamo", 18)]
@@ -68,7 +68,7 @@ def test_find_changes_nothing(tmp_path, family, exporter, opset):
     """Every pass's find() (what kiln doctor runs) leaves the model byte for byte as it was."""
     import onnx_ir as ir
 
-    from kiln.passes import find_all
+    from kiln.passes.framework import find_all
 
     model = kiln.load_model(_exported(tmp_path, family, exporter, opset))
     before = ir.serde.serialize_model(model).SerializeToString()

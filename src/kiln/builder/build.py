@@ -56,7 +56,8 @@ from kiln.builder.state import BuildState
 from kiln.builder.walk import walk
 from kiln.errors import InputError, KilnError
 from kiln.executor import Executor
-from kiln.passes import PassContext, run_passes, unique_node_names
+from kiln.passes.framework import PassContext, run_passes
+from kiln.passes.rewriting import unique_node_names
 from kiln.timing import median_ms
 
 
@@ -101,7 +102,7 @@ def _build(state: BuildState) -> BuiltPlan:
     """The steps of the module docstring, in order, on one ``BuildState``."""
     start = time.perf_counter()
     graph, report = state.model.graph, state.report
-    unique_node_names(graph)  # layers, constraints and the engine refer to nodes by name
+    unique_node_names(state.model)  # layers, constraints and the engine refer to nodes by name
     _run_passes(state)
     state.executor = Executor(state.model, state.device, state.name)
     state.steps = state.executor.node_steps()

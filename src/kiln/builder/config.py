@@ -129,7 +129,7 @@ class BuildConfig:
             raise KilnError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         for index, profile in enumerate(self.profiles):
             profile.validate(index)
-        from kiln.passes import select_passes
+        from kiln.passes.framework import select_passes
 
         select_passes(self.passes, self.skip_passes)  # unknown pass names fail here, before any work
 

@@ -32,7 +32,7 @@ from typing import Any
 import onnx_ir as ir
 import torch
 
-from kiln.passes import connected_components, fused_from
+from kiln.passes.rewriting import connected_components, fused_from
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 KILN_DOMAIN = "ai.kiln"

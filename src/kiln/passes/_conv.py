@@ -1,15 +1,13 @@
-"""What the convolution and GEMM passes share: sizes and FLOPs for findings, fresh names, new
-initializers, and the standard ONNX ``Pad`` (in the form the model's opset defines) that pads a value
+"""What the convolution and GEMM passes share: element counts, new initializers, and the standard ONNX ``Pad`` (in the form the model's opset defines) that pads a value
 with zeros on one axis."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import onnx_ir as ir
 
-from kiln.passes import KILN_DOMAIN, Names, PassContext, add_initializer, opset
+from kiln.passes.framework import KILN_DOMAIN, PassContext
+from kiln.passes.rewriting import Names, add_initializer, opset
 
 
 def is_conv(node: ir.Node) -> bool:
@@ -32,20 +30,6 @@ def elements(shape: ir.Shape | None, ctx: PassContext) -> tuple[int, bool]:
             v = 1
         total *= v
     return total, known
-
-
-def itemsize(value: ir.Value) -> float:
-    dtype = value.dtype
-    return float(dtype.itemsize) if dtype is not None else 4.0
-
-
-def conv_flops(node: ir.Node, ctx: PassContext) -> float:
-    """2 x output elements x (input channels per group x kernel size): the multiply-adds of a Conv."""
-    w = node.inputs[1].shape if len(node.inputs) > 1 and node.inputs[1] is not None else None
-    if w is None or not all(isinstance(d, int) for d in w):
-        return 0.0
-    out, _ = elements(node.outputs[0].shape, ctx)
-    return 2.0 * out * math.prod(w[1:])
 
 
 def pad_array(array: np.ndarray, axis: int, size: int, fill: float = 0.0) -> np.ndarray:
@@ -83,18 +67,3 @@ def make_pad(model: ir.Model, names: Names, x: ir.Value, axis: int, size: int, b
         node = ir.Node("", "Pad", [x], attributes=[ir.AttrInt64s("pads", pads), ir.AttrFloat32("value", 0.0)],
                        outputs=[out], name=names.fresh(f"{base}/pad"))
     return node
-
-
-def remove_dead_constants(graph: ir.Graph, values: list[ir.Value | None]) -> None:
-    """Drop those of ``values`` that nothing reads any more: Constant nodes and initializers that
-    are not graph inputs (a rewrite that consumed a constant leaves no dead weight behind)."""
-    inputs = {id(v) for v in graph.inputs}
-    for value in values:
-        if value is None or value.uses() or value.is_graph_output():
-            continue
-        node = value.producer()
-        if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            graph.remove(node, safe=True)
-        elif node is None and value.name in graph.initializers and id(value) not in inputs:
-            if graph.initializers[value.name] is value:
-                del graph.initializers[value.name]

@@ -1,19 +1,19 @@
 """Private helpers shared by the cleanup passes (fold_constants, fold_batchnorm, drop_noop_shuffles,
 flatten_matmul, reduce_to_last_axis): shape reasoning for shuffles (permutations, layout-keeping transposes, Reshape
-targets with 0/-1 semantics), fresh value names, byte estimates, and the loop that runs an onnxscript
+targets with 0/-1 semantics) and the loop that runs an onnxscript
 rewrite rule the way kiln needs it (matches listed without changing anything, new nodes named after
 the node they replace, new values named uniquely, graph output names kept).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRule
 
-from kiln.passes import Names, PassContext, record_fusion
+from kiln.passes.rewriting import Names, record_fusion, remove_unused_producers, same_dim
 
 Dim = int | ir.SymbolicDim | None
 
@@ -23,19 +23,6 @@ def int64s(values: Sequence[int]) -> np.ndarray:
 
 
 # -- dimensions and shapes -----------------------------------------------------------------------
-
-def symbol(d: Dim) -> str | None:
-    """The name of a named symbolic dimension, else None (an int, or an unnamed unknown)."""
-    value = getattr(d, "value", None)
-    return value if isinstance(value, str) and value else None
-
-
-def same_dim(a: Dim, b: Dim) -> bool:
-    """Provably equal: equal ints, or the same named symbolic dimension (ONNX: one name, one size)."""
-    if isinstance(a, int) or isinstance(b, int):
-        return isinstance(a, int) and isinstance(b, int) and a == b
-    return symbol(a) is not None and symbol(a) == symbol(b)
-
 
 def same_shape(a: ir.Shape | None, b: ir.Shape | None) -> bool:
     return a is not None and b is not None and len(a) == len(b) and all(same_dim(x, y) for x, y in zip(a, b))
@@ -89,59 +76,6 @@ def keeps_layout(perm: Sequence[int], shape: ir.Shape | None) -> bool:
         return False
     big = [p for p in perm if not (isinstance(shape[p], int) and shape[p] == 1)]
     return big == sorted(big)
-
-
-def numel(shape: ir.Shape | Sequence[Dim] | None, ctx: PassContext) -> int:
-    """Elements of a tensor for estimates: symbolic sizes from ``ctx.dims``, unknown ones count 1."""
-    if shape is None:
-        return 0
-    n = 1
-    for d in shape:
-        size = ctx.dim(d)
-        n *= size if size is not None else 1
-    return n
-
-
-def nbytes(value: ir.Value | None, ctx: PassContext) -> int:
-    """Bytes of a tensor value for estimates (see ``numel``)."""
-    return 0 if value is None else shape_bytes(value.shape, value.dtype, ctx)
-
-
-def shape_bytes(shape: ir.Shape | None, dtype: ir.DataType | None, ctx: PassContext) -> int:
-    if shape is None or dtype is None:
-        return 0
-    try:
-        itemsize = dtype.itemsize
-    except TypeError:  # strings and other types without a byte size
-        return 0
-    return int(numel(shape, ctx) * itemsize)
-
-
-# -- dead values -----------------------------------------------------------------------------------
-
-def drop_dead_producers(graph: ir.Graph, values: Iterable[ir.Value | None]) -> list[ir.Node]:
-    """Remove, transitively, the nodes of ``graph`` that produced ``values`` and are no longer used
-    (shape arithmetic that fed a removed Reshape); returns the removed nodes. Unused initializers
-    among ``values`` are dropped too."""
-    removed: list[ir.Node] = []
-    stack = [v for v in values if v is not None]
-    while stack:
-        value = stack.pop()
-        if value.uses() or value.is_graph_output():
-            continue
-        if value.is_initializer() and not value.is_graph_input() and value.name in graph.initializers:
-            del graph.initializers[value.name]
-            continue
-        node = value.producer()
-        if node is None or node.graph is not graph:
-            continue
-        if any(out.uses() or out.is_graph_output() for out in node.outputs):
-            continue
-        inputs = [v for v in node.inputs if v is not None]
-        graph.remove(node, safe=True)
-        removed.append(node)
-        stack.extend(inputs)
-    return removed
 
 
 # -- running onnxscript rewrite rules ----------------------------------------------------------------
@@ -200,6 +134,6 @@ def apply_rules(
         ir.convenience.replace_nodes_and_values(
             graph, node, delta.match.nodes, delta.new_nodes, delta.match.outputs, delta.new_outputs
         )
-        drop_dead_producers(graph, old_inputs)
+        remove_unused_producers(graph, old_inputs)
         done.append(delta.match)
     return done

@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from onnxscript.rewriter import _matcher, _pattern_ir
-from onnxscript.rewriter._rewrite_rule import RewriteRule, RewriteRuleClassBase
+from onnxscript.rewriter import RewriteRule, RewriteRuleClassBase, pattern
 
-from kiln.passes import PassContext, record_fusion
+from kiln.passes.framework import PassContext
+from kiln.passes.rewriting import Names, constant_array, record_fusion, remove_unused_producers
 
 # Relative tolerance for constants a pattern names (0.5, sqrt(2), 0.044715, ...): float32
 # rounding moves them by at most 6e-8, so 1e-6 accepts every exporter's spelling and rejects
@@ -44,20 +44,9 @@ FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFL
 _TYPE_EPS = {ir.DataType.FLOAT16: 2.0**-10, ir.DataType.BFLOAT16: 2.0**-7}
 
 
-def const_array(value: ir.Value | None) -> np.ndarray | None:
-    """The numpy value of an initializer or a ``Constant`` node's output, else None."""
-    if value is None:
-        return None
-    try:
-        tensor = ir.convenience.get_const_tensor(value)
-    except ValueError:  # a malformed Constant node: not a constant we can read
-        return None
-    return None if tensor is None else np.asarray(tensor.numpy())
-
-
 def const_scalar(value: ir.Value | None) -> float | None:
     """A single-element numeric (not bool) constant as a float, whatever its rank, else None."""
-    array = const_array(value)
+    array = constant_array(value)
     if array is None or array.size != 1 or array.dtype.kind in "bOSU":
         return None
     try:
@@ -71,7 +60,7 @@ def const_dtype(value: ir.Value) -> ir.DataType | None:
     return None if tensor is None else tensor.dtype
 
 
-class Scalar(_pattern_ir.Constant):
+class Scalar(pattern.Constant):
     """A single-element constant in a pattern: equal to ``value`` within the tolerance, or (no
     value) any numeric constant, bound to ``name`` so ``check``/``rewrite`` can read it."""
 
@@ -88,10 +77,12 @@ class Scalar(_pattern_ir.Constant):
         return self._name or (str(self.expected) if self.expected is not None else "scalar")
 
 
-class _Matcher(_matcher.SimplePatternMatcher):
-    """onnxscript's matcher; ``Scalar`` constants are read through ``Constant`` nodes too."""
+class _Matcher(pattern.SimplePatternMatcher):
+    """onnxscript's matcher; ``Scalar`` constants are read through ``Constant`` nodes too. This
+    overrides the matcher's private ``_match_constant`` hook, which is why pyproject.toml pins
+    onnxscript to one minor version."""
 
-    def _match_constant(self, pattern_constant: _pattern_ir.Constant, value: ir.Value) -> bool:
+    def _match_constant(self, pattern_constant: pattern.Constant, value: ir.Value) -> bool:
         if not isinstance(pattern_constant, Scalar):
             return super()._match_constant(pattern_constant, value)
         number = const_scalar(value)
@@ -108,7 +99,7 @@ class _Matcher(_matcher.SimplePatternMatcher):
 
 def either(op_builder: Any, a: Any, b: Any) -> Any:
     """``op(a, b)`` or ``op(b, a)``: the two operand orders of a commutative op."""
-    return _pattern_ir.OrValue([op_builder(a, b), op_builder(b, a)])
+    return pattern.OrValue([op_builder(a, b), op_builder(b, a)])
 
 
 class FusionRule(RewriteRuleClassBase):
@@ -200,9 +191,7 @@ def rewrite_sites(model: ir.Model, sites: Iterable[Site], ctx: PassContext) -> i
     dtypes and shapes; the replaced output keeps its name; nodes and initializers only the
     replaced nodes read are removed once unused."""
     graph = model.graph
-    node_names = {n.name for n in graph}
-    value_names = {v.name for n in graph for v in n.outputs if v.name} | {v.name for v in graph.inputs}
-    value_names |= set(graph.initializers)
+    names = Names(graph)
     count = 0
     for site in sites:
         if site.blocked:
@@ -213,54 +202,21 @@ def rewrite_sites(model: ir.Model, sites: Iterable[Site], ctx: PassContext) -> i
             continue
         base = site.root.name or site.rule.name
         for node in delta.new_nodes:
-            node.name = _fresh(f"{base}/{node.op_type}", node_names)
+            node.name = names.fresh(f"{base}/{node.op_type}")
             for i, value in enumerate(node.outputs):
                 if not value.name:
-                    value.name = _fresh(f"{node.name}_output_{i}", value_names)
+                    value.name = names.fresh(f"{node.name}_output_{i}")
         inputs = [v for n in delta.match.nodes for v in n.inputs if v is not None]
         record_fusion(delta.new_nodes, delta.match.nodes)
         ir.convenience.replace_nodes_and_values(
             graph, site.root, delta.match.nodes, delta.new_nodes, delta.match.outputs, delta.new_outputs
         )
-        remove_dead(graph, inputs)
+        remove_unused_producers(graph, inputs)
         count += 1
     return count
 
 
-def _fresh(name: str, taken: set[str]) -> str:
-    candidate, k = name, 1
-    while candidate in taken:
-        candidate = f"{name}__{k}"
-        k += 1
-    taken.add(candidate)
-    return candidate
-
-
-def remove_dead(graph: ir.Graph, values: Iterable[ir.Value]) -> None:
-    """Remove the producers (and initializers) of ``values`` that nothing reads any more, and
-    theirs in turn: what only the replaced nodes used."""
-    work = list(values)
-    while work:
-        value = work.pop()
-        if value.uses() or value.is_graph_output():
-            continue
-        node = value.producer()
-        if node is None:
-            if value.is_initializer() and not value.is_graph_input() and value.name in graph.initializers:
-                graph.initializers.pop(value.name)
-            continue
-        if node.graph is not graph or any(o.uses() or o.is_graph_output() for o in node.outputs):
-            continue
-        work.extend(v for v in node.inputs if v is not None)
-        graph.remove(node, safe=True)
-
-
-# -- what findings carry ------------------------------------------------------------------------
-def itemsize(value: ir.Value) -> float:
-    dtype = value.dtype
-    return float(dtype.itemsize) if dtype is not None else 4.0
-
-
+# -- shapes -------------------------------------------------------------------------------------
 def numel(value: ir.Value | None, ctx: PassContext) -> int | None:
     """Elements of ``value`` with symbolic dims taken from ``ctx.dims``, or None if unknown."""
     if value is None:
@@ -269,31 +225,5 @@ def numel(value: ir.Value | None, ctx: PassContext) -> int | None:
     return None if dims is None else int(np.prod(dims, dtype=np.int64))
 
 
-def traffic(nodes: Iterable[ir.Node], ctx: PassContext) -> tuple[float, float]:
-    """(elementwise FLOPs, bytes read and written) of ``nodes`` run one by one, from the shapes
-    that are known: what the decomposed form costs and the fused op mostly saves."""
-    flops = 0.0
-    moved = 0.0
-    for node in nodes:
-        out = numel(node.outputs[0], ctx)
-        if node.op_type in ("ReduceMean", "ReduceSum"):
-            out = numel(node.inputs[0], ctx)
-        flops += out or 0
-        for value in [*node.inputs, *node.outputs]:
-            if value is None or const_array(value) is not None:
-                continue
-            n = numel(value, ctx)
-            moved += (n or 0) * itemsize(value)
-    return flops, moved
-
-
 def rank(value: ir.Value | None) -> int | None:
     return None if value is None or value.shape is None else len(value.shape)
-
-
-def same_dim(a: Any, b: Any) -> bool:
-    """Two dims known to be equal: equal ints, or the same named symbolic dim."""
-    if isinstance(a, int) or isinstance(b, int):
-        return isinstance(a, int) and isinstance(b, int) and a == b
-    va, vb = getattr(a, "value", None), getattr(b, "value", None)
-    return va is not None and va == vb

@@ -37,18 +37,9 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from kiln.passes import (
-    KILN_DOMAIN,
-    Finding,
-    Pass,
-    PassContext,
-    attrs_of,
-    connected_components,
-    register_pass,
-    shapes_of,
-    unique_node_names,
-)
-from kiln.passes._conv import conv_flops, elements, is_conv, itemsize
+from kiln.passes._conv import is_conv
+from kiln.passes.framework import KILN_DOMAIN, Finding, Pass, PassContext, register_pass
+from kiln.passes.rewriting import attrs_of, connected_components, shapes_of, unique_node_names
 
 LAYOUT = "kiln.layout"
 LAYOUT_CHANGE = "kiln.layout_change"
@@ -157,24 +148,17 @@ def _regions(model: ir.Model, ctx: PassContext) -> list[_Region]:
     return regions
 
 
-def _bytes(values: list[ir.Value], ctx: PassContext) -> float:
-    """Bytes one layout change of each value moves (read and write)."""
-    return sum(2.0 * elements(v.shape, ctx)[0] * itemsize(v) for v in values)
-
-
 @register_pass
 class ChooseLayout(Pass):
     name = "choose_layout"
     rule = "NHWC beats NCHW for tensor-core convolutions: one layout change per conv region border"
 
     def find(self, model: ir.Model, ctx: PassContext) -> list[Finding]:
-        unique_node_names(model.graph)
+        unique_node_names(model)
         findings = []
         for r in _regions(model, ctx):
             convs = r.convs
-            per_conv = [v for c in convs for v in (c.inputs[0], c.outputs[0])]
             before, after = 2 * len(convs), len(r.enter) + len(r.leave)
-            saved_bytes = _bytes(per_conv, ctx) - _bytes(r.enter + r.leave, ctx)
             findings.append(Finding(
                 rule="nchw-conv-low-precision",
                 title=f"{len(convs)} convs run NCHW at {ctx.precision} ({len(r.nodes)} nodes in one conv region)",
@@ -184,8 +168,6 @@ class ChooseLayout(Pass):
                 fix=f"fixed automatically by pass {self.name} (the builder runs the region channels_last)",
                 pass_name=self.name,
                 shapes=shapes_of(r.enter + r.leave),
-                flops=sum(conv_flops(c, ctx) for c in convs if c.op_type != "ConvTranspose"),
-                bytes=saved_bytes,
                 details={"convs": len(convs), "layout_changes_per_conv": before, "layout_changes_region": after,
                          "layout_changes_saved": before - after, "enter": [v.name for v in r.enter],
                          "leave": [v.name for v in r.leave]},
@@ -193,7 +175,7 @@ class ChooseLayout(Pass):
         return findings
 
     def apply(self, model: ir.Model, ctx: PassContext) -> int:
-        unique_node_names(model.graph)
+        unique_node_names(model)
         regions = _regions(model, ctx)
         before = after = 0
         for i, r in enumerate(regions):

@@ -53,27 +53,23 @@ from typing import ClassVar
 
 import onnx_ir as ir
 
-from kiln.passes import (
-    Finding,
-    Names,
-    Pass,
-    PassContext,
-    add_initializer,
-    opset,
-    record_fusion,
-    register_pass,
-    shapes_of,
-    unique_node_names,
-)
 from kiln.passes._shuffles import (
     compose,
-    drop_dead_producers,
     int64s,
     keeps_layout,
-    nbytes,
     perm_of,
     reshape_target,
     same_shape,
+)
+from kiln.passes.framework import Finding, Pass, PassContext, register_pass
+from kiln.passes.rewriting import (
+    Names,
+    add_initializer,
+    opset,
+    record_fusion,
+    remove_unused_producers,
+    shapes_of,
+    unique_node_names,
 )
 
 SHUFFLES = ("Identity", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
@@ -247,11 +243,11 @@ class DropNoopShuffles(Pass):
     rule: ClassVar[str] = "a shuffle whose layout does not change needs no kernel"
 
     def find(self, model: ir.Model, ctx: PassContext) -> list[Finding]:
-        unique_node_names(model.graph)
+        unique_node_names(model)
         return [self._finding(unit, ctx) for unit in _rewrites(model)]
 
     def apply(self, model: ir.Model, ctx: PassContext) -> int:
-        unique_node_names(model.graph)
+        unique_node_names(model)
         graph = model.graph
         names = Names(graph)
         units = _rewrites(model)
@@ -285,14 +281,9 @@ class DropNoopShuffles(Pass):
             new.name = same[-1] if same else names.fresh(f"{last.name}/{new.op_type}")
             record_fusion([new], unit.nodes)
             ir.convenience.replace_nodes_and_values(graph, last, unit.nodes, [new], [out], [new.outputs[0]])
-        drop_dead_producers(graph, side_inputs)
+        remove_unused_producers(graph, side_inputs)
 
     def _finding(self, unit: _Unit, ctx: PassContext) -> Finding:
-        # copies saved: each Transpose and Identity is a kernel reading and writing its tensor in most
-        # runtimes (Reshape and friends are views); a composed permutation still costs one Transpose
-        moved = sum(2 * nbytes(n.outputs[0], ctx) for n in unit.nodes if n.op_type in ("Identity", "Transpose"))
-        if unit.kind == "perm":
-            moved -= 2 * nbytes(unit.out, ctx)
         return Finding(
             rule="noop-shuffle",
             title=_describe(unit),
@@ -302,7 +293,6 @@ class DropNoopShuffles(Pass):
             fix=f"fixed automatically by pass {self.name}",
             pass_name=self.name,
             shapes=shapes_of([unit.source, *(n.outputs[0] for n in unit.nodes)]),
-            bytes=float(max(moved, 0)),
             details={"kind": unit.kind, "perm": unit.perm},
         )
 

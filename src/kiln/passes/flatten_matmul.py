@@ -48,18 +48,9 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
 
-from kiln.passes import (
-    Finding,
-    Names,
-    Pass,
-    PassContext,
-    opset,
-    register_pass,
-    shapes_of,
-    single_consumer,
-    unique_node_names,
-)
-from kiln.passes._shuffles import apply_rules, int64s, nbytes, numel, rule_matches
+from kiln.passes._shuffles import apply_rules, int64s, rule_matches
+from kiln.passes.framework import Finding, Pass, PassContext, register_pass
+from kiln.passes.rewriting import Names, opset, shapes_of, single_consumer, unique_node_names
 
 
 def _plan(model_opset: int, a: ir.Value, b: ir.Value) -> dict | str:
@@ -203,11 +194,11 @@ class FlattenMatMul(Pass):
     in_builds: ClassVar[bool] = False
 
     def find(self, model: ir.Model, ctx: PassContext) -> list[Finding]:
-        unique_node_names(model.graph)
+        unique_node_names(model)
         return [self._finding(match.nodes, ctx) for match in rule_matches(model, _rules(model))]
 
     def apply(self, model: ir.Model, ctx: PassContext) -> int:
-        unique_node_names(model.graph)
+        unique_node_names(model)
 
         def log(match) -> None:
             node = _matmul(match.nodes)
@@ -221,8 +212,6 @@ class FlattenMatMul(Pass):
         node = _matmul(nodes)
         a, b = node.inputs[0], node.inputs[1]
         y = node.outputs[0]
-        k = a.shape[-1] if isinstance(a.shape[-1], int) else b.shape[0]
-        rows = numel(a.shape[:-1], ctx)
         return Finding(
             rule="matmul-nd",
             title=f"rank-{len(a.shape)} MatMul by a 2-D matrix is one GEMM written as a batched one",
@@ -232,8 +221,6 @@ class FlattenMatMul(Pass):
             fix=f"fixed automatically by pass {self.name} (kiln optimize); kiln build views the input as 2-D without a copy",
             pass_name=self.name,
             shapes=shapes_of([a, b, y]),
-            flops=2.0 * rows * k * (ctx.dim(b.shape[1]) or 1),
-            bytes=float(nbytes(a, ctx) + nbytes(b, ctx) + nbytes(y, ctx)),
         )
 
 

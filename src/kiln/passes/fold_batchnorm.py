@@ -44,8 +44,9 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
 
-from kiln.passes import Finding, Names, Pass, PassContext, register_pass, shapes_of, unique_node_names
-from kiln.passes._shuffles import apply_rules, nbytes, numel, rule_matches
+from kiln.passes._shuffles import apply_rules, rule_matches
+from kiln.passes.framework import Finding, Pass, PassContext, register_pass
+from kiln.passes.rewriting import Names, constant_array, shapes_of, unique_node_names
 
 PRODUCERS = ("Conv", "ConvTranspose", "Gemm")
 FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
@@ -53,10 +54,7 @@ FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataT
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
     """A constant's array, or None (also for graph inputs: an overridable initializer is not constant)."""
-    if value is None or value.is_graph_input():
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
+    return None if value is None or value.is_graph_input() else constant_array(value)
 
 
 def _int_attr(node: ir.Node, name: str, default: int) -> int | None:
@@ -170,11 +168,11 @@ class FoldBatchNorm(Pass):
     rule: ClassVar[str] = "fold BatchNormalization (inference) into the preceding Conv/ConvTranspose/Gemm weights"
 
     def find(self, model: ir.Model, ctx: PassContext) -> list[Finding]:
-        unique_node_names(model.graph)
+        unique_node_names(model)
         return [self._finding(match.nodes, ctx) for match in rule_matches(model, RULES)]
 
     def apply(self, model: ir.Model, ctx: PassContext) -> int:
-        unique_node_names(model.graph)
+        unique_node_names(model)
         names = Names(model.graph)
 
         def log(match) -> None:
@@ -195,8 +193,6 @@ class FoldBatchNorm(Pass):
             fix=f"fixed automatically by pass {self.name}",
             pass_name=self.name,
             shapes=shapes_of([producer.inputs[0], producer.outputs[0], out]),
-            flops=2.0 * numel(out.shape, ctx),
-            bytes=2.0 * nbytes(out, ctx),
         )
 
 

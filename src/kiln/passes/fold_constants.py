@@ -54,9 +54,9 @@ import onnx_ir as ir
 import onnxscript.optimizer
 
 from kiln.ops import op_facts
-from kiln.passes import Finding, Pass, PassContext, connected_components, register_pass, unique_node_names
 from kiln.passes._cleanup import remove_dead_code
-from kiln.passes._shuffles import shape_bytes
+from kiln.passes.framework import Finding, Pass, PassContext, register_pass
+from kiln.passes.rewriting import connected_components, unique_node_names
 
 INPUT_SIZE_LIMIT = 1 << 24  # elements of a constant input above which folding is not tried
 OUTPUT_SIZE_LIMIT = 1 << 20  # elements of a folded result above which it must free as much as it adds
@@ -195,11 +195,11 @@ class FoldConstants(Pass):
     rule: ClassVar[str] = "compute once at build time what depends only on constants; drop dead nodes"
 
     def find(self, model: ir.Model, ctx: PassContext) -> list[Finding]:
-        unique_node_names(model.graph)
+        unique_node_names(model)
         return [self._finding(group, ctx) for group in _fold(model.clone())]
 
     def apply(self, model: ir.Model, ctx: PassContext) -> int:
-        unique_node_names(model.graph)
+        unique_node_names(model)
         groups = _fold(model)
         for group in groups:
             ctx.log.append(f"{group.rule}: {', '.join(b.name for b in group.nodes)}")
@@ -221,6 +221,5 @@ class FoldConstants(Pass):
             fix=f"fixed automatically by pass {self.name}",
             pass_name=self.name,
             shapes=shapes,
-            bytes=float(sum(shape_bytes(shape, dtype, ctx) for _, shape, dtype in outputs)),
             details={"ops": ops},
         )

@@ -72,20 +72,18 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from kiln.passes import KILN_DOMAIN, Finding, Pass, PassContext, opset, register_pass, shape_of, shapes_of
 from kiln.passes._transformer import (
     FLOAT_TYPES,
     FusionRule,
     Scalar,
-    const_array,
     const_scalar,
     find_sites,
-    itemsize,
     numel,
     rank,
     rewrite_sites,
-    same_dim,
 )
+from kiln.passes.framework import KILN_DOMAIN, Finding, Pass, PassContext, register_pass
+from kiln.passes.rewriting import constant_array, itemsize, opset, same_dim, shape_of, shapes_of
 
 _MASK_SAFE_FILL = {ir.DataType.FLOAT: np.float32, ir.DataType.DOUBLE: np.float64}
 _NEEDS_OP = "no fused attention op to emit"
@@ -179,7 +177,7 @@ class AttentionRule(FusionRule):
         if not -r <= axis < r or axis % r != r - 1:
             return f"the Softmax is over axis {axis}, not the last of rank {r}"
         for name in ("q_scale", "k_scale", "post_scale", "fill", "nan_zero"):
-            array = const_array(bindings.get(name))
+            array = constant_array(bindings.get(name))
             if array is not None and (array.ndim > r or array.dtype.kind != "f" and array.dtype.kind != "V"):
                 return f"constant {name} is not a float of at most {r} dims"
         if self.scale(bindings) is None:
@@ -187,7 +185,7 @@ class AttentionRule(FusionRule):
         if bindings.get("post_scaling") == "runtime":
             runtime = bindings["runtime_scale"]
             shape = runtime.shape
-            if const_array(runtime) is not None or shape is None or len(shape) > r or any(d != 1 for d in shape):
+            if constant_array(runtime) is not None or shape is None or len(shape) > r or any(d != 1 for d in shape):
                 return "the scores are multiplied by a tensor that is not a single-element scale"
         masking = bindings.get("masking", "none")
         if masking == "add":
@@ -272,7 +270,7 @@ class AttentionRule(FusionRule):
         zero.type, zero.shape = ir.TensorType(q.dtype), ir.Shape([])
         mask = op.Where(cond, zero, fill) if masking == "keep-where-true" else op.Where(cond, fill, zero)
         mask.type = ir.TensorType(q.dtype)
-        fill_rank = const_array(fill).ndim
+        fill_rank = constant_array(fill).ndim
         if cond.shape is not None and len(cond.shape) >= fill_rank:
             mask.shape = ir.Shape(list(cond.shape))
         return mask
@@ -316,11 +314,7 @@ class FuseAttention(Pass):
             q, k_t, v = b["q"], b["k_t"], b["v"]
             scores = b["scores"]
             n_scores = numel(scores, ctx)
-            head, value_head = ctx.dim(q.shape[-1]), ctx.dim(v.shape[-1])
-            flops = 2.0 * n_scores * (head + value_head) if None not in (n_scores, head, value_head) else 0.0
             inner = [n for n in site.nodes if n is not site.root]
-            written = [numel(n.outputs[0], ctx) for n in inner]
-            avoided = sum(w * itemsize(n.outputs[0]) for w, n in zip(written, inner)) if None not in written else 0.0
             target = site.rule.target
             if site.blocked and site.blocked.startswith(_NEEDS_OP):
                 fix = f"not fused: {site.blocked}. Run with --kiln-ops (kiln build does) to fuse it into " \
@@ -342,8 +336,6 @@ class FuseAttention(Pass):
                 fix=fix,
                 pass_name=None if site.blocked else self.name,
                 shapes=shapes_of([q, k_t, v] + ([b["mask"]] if b.get("masking") == "add" else [])),
-                flops=flops,
-                bytes=float(avoided),
                 details={
                     "Q": shape_of(q), "K_T": shape_of(k_t), "V": shape_of(v), "scores": shape_of(scores),
                     "scale": site.rule.scale(b), "mask": b.get("masking", "none"),

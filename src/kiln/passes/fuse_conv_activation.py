@@ -42,26 +42,17 @@ import onnx_ir as ir
 from onnxscript.rewriter.pattern import Pattern
 
 from kiln.errors import KilnError
-from kiln.passes import (
-    KILN_DOMAIN,
-    KILN_DOMAIN_VERSION,
-    Finding,
+from kiln.passes._conv import elements
+from kiln.passes.framework import KILN_DOMAIN, KILN_DOMAIN_VERSION, Finding, Pass, PassContext, register_pass
+from kiln.passes.rewriting import (
     Names,
-    Pass,
-    PassContext,
     add_initializer,
     constant_array,
     opset,
     record_fusion,
-    register_pass,
+    remove_unused_producers,
     shapes_of,
     unique_node_names,
-)
-from kiln.passes._conv import (
-    conv_flops,
-    elements,
-    itemsize,
-    remove_dead_constants,
 )
 
 CONV_ATTRIBUTES = {"auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"}
@@ -319,12 +310,11 @@ class FuseConvActivation(Pass):
     needs_kiln_ops = True
 
     def find(self, model: ir.Model, ctx: PassContext) -> list[Finding]:
-        unique_node_names(model.graph)
+        unique_node_names(model)
         findings = []
         for f in _fusions(model):
             out = f.output
-            n_out, known = elements(out.shape, ctx)
-            saved = (len(f.nodes) - 1) * 2.0 * n_out * itemsize(out)
+            _, known = elements(out.shape, ctx)
             findings.append(Finding(
                 rule="conv-without-fused-epilogue",
                 title=f"{f.describe()} run as {len(f.nodes)} kernels",
@@ -335,8 +325,6 @@ class FuseConvActivation(Pass):
                     + ("" if f.standard_conv else " (emits ai.kiln::FusedConv: the builder, or kiln optimize --kiln-ops)"),
                 pass_name=self.name,
                 shapes=shapes_of([f.x, f.w, f.z, out]),
-                flops=conv_flops(f.conv, ctx),
-                bytes=saved,
                 details={"activation": f.activation, "activation_params": list(f.params),
                          "residual": f.z is not None, "bias_folded": f.bias_array is not None,
                          "ops_fused": len(f.nodes) - 1, "shape_known": known},
@@ -347,7 +335,7 @@ class FuseConvActivation(Pass):
         if not ctx.kiln_ops:
             raise KilnError(f"pass {self.name} emits ai.kiln::FusedConv; run it with kiln_ops=True (--kiln-ops)")
         graph = model.graph
-        unique_node_names(graph)
+        unique_node_names(model)
         names = Names(graph)
         replaced: dict[int, ir.Value] = {}  # id(old value) -> the value now computing it
 
@@ -376,7 +364,7 @@ class FuseConvActivation(Pass):
             record_fusion([node], f.nodes)
             ir.convenience.replace_nodes_and_values(graph, f.nodes[-1], f.nodes, [node], [f.output], [new_out])
             replaced[id(f.output)] = new_out
-            remove_dead_constants(graph, [*f.extra_inputs, f.bias_source])
+            remove_unused_producers(graph, [*f.extra_inputs, f.bias_source])
             ctx.log.append(f"{f.conv.name}: {f.describe()} -> "
                            f"{'Conv with bias' if f.standard_conv else 'FusedConv'} ({len(f.nodes)} nodes -> 1)")
             count += 1

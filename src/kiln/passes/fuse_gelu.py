@@ -39,18 +39,17 @@ from typing import Any
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from kiln.passes import Finding, Pass, PassContext, fused_op, opset, register_pass, shapes_of
 from kiln.passes._transformer import (
     FLOAT_TYPES,
     FusionRule,
     Scalar,
-    const_array,
     either,
     find_sites,
     rank,
     rewrite_sites,
-    traffic,
 )
+from kiln.passes.framework import Finding, Pass, PassContext, fused_op, register_pass
+from kiln.passes.rewriting import constant_array, opset, shapes_of
 
 _SQRT2 = math.sqrt(2.0)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -99,7 +98,7 @@ class GeluRule(FusionRule):
             return result.fail(f"{x.name} is not a float tensor")
         r = rank(x)
         for name in _CONSTANTS:
-            array = const_array(bindings.get(name))
+            array = constant_array(bindings.get(name))
             if array is not None and array.ndim > (0 if r is None else r):
                 return result.fail(f"constant {name} has rank {array.ndim}, more than {x.name}'s")
         return result
@@ -134,7 +133,6 @@ class FuseGelu(Pass):
         for site in self._sites(model, ctx):
             x = site.bindings["x"]
             approximate = site.rule.approximate
-            flops, moved = traffic(site.nodes, ctx)
             if site.blocked:
                 fix = (f"the model's opset ({opset(model)}) predates Gelu (opset 20): run with --kiln-ops "
                        "(kiln build does) to fuse it into ai.kiln's Gelu, or export at opset 20")
@@ -149,8 +147,6 @@ class FuseGelu(Pass):
                 fix=fix,
                 pass_name=None if site.blocked else self.name,
                 shapes=shapes_of([x, site.output]),
-                flops=flops,
-                bytes=moved,
                 details={"approximate": approximate},
             ))
         return findings

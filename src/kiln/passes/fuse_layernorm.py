@@ -51,20 +51,18 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from kiln.passes import Finding, Pass, PassContext, fused_op, opset, register_pass, shapes_of
 from kiln.passes._transformer import (
     FLOAT_TYPES,
     FusionRule,
     Scalar,
-    const_array,
     const_scalar,
     either,
     find_sites,
     rank,
     rewrite_sites,
-    same_dim,
-    traffic,
 )
+from kiln.passes.framework import Finding, Pass, PassContext, fused_op, register_pass
+from kiln.passes.rewriting import constant_array, opset, same_dim, shapes_of
 
 _LN_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 # root forms: the op whose output is the result, and whether its operands are written swapped
@@ -81,7 +79,7 @@ def reduce_axes(node: ir.Node, r: int) -> list[int] | None:
     if "axes" in attrs:
         axes = [int(a) for a in attrs["axes"].value]
     elif len(node.inputs) > 1 and node.inputs[1] is not None:
-        array = const_array(node.inputs[1])
+        array = constant_array(node.inputs[1])
         if array is None or array.dtype.kind not in "iu":
             return None
         axes = [int(a) for a in array.reshape(-1)]
@@ -122,7 +120,7 @@ def _param_plan(param: ir.Value | None, x: ir.Value, k: int) -> tuple[str, np.nd
         return ("absent", None) if static else "the normalized dims are not all known"
     if param.dtype != x.dtype:
         return f"{param.name} has dtype {param.dtype}, {x.name} has {x.dtype}"
-    array = const_array(param)
+    array = constant_array(param)
     shape = list(array.shape) if array is not None else (list(param.shape) if param.shape is not None else None)
     if shape is None:
         return f"{param.name} has an unknown shape"
@@ -198,7 +196,7 @@ class _NormRule(FusionRule):
         if eps is None or not np.isfinite(eps):
             return "epsilon is not a finite single-element constant"
         for name in ("eps", "two", "unit"):
-            array = const_array(bindings.get(name))
+            array = constant_array(bindings.get(name))
             if array is not None and array.ndim > r:
                 return f"constant {name} has more dims than {x.name}"
         plans = {}
@@ -302,7 +300,6 @@ class FuseLayerNorm(Pass):
             x = site.bindings["x"]
             plan = rule.plan(x, site.bindings)
             since = 17 if rule.kind == "LayerNorm" else 23
-            flops, moved = traffic(site.nodes, ctx)
             if site.blocked:
                 fix = (f"the model's opset ({opset(model)}) predates {rule.op_name} (opset {since}): run with "
                        f"--kiln-ops (kiln build does) to fuse it into ai.kiln's {rule.op_name}, or export at opset {since}")
@@ -317,8 +314,6 @@ class FuseLayerNorm(Pass):
                 fix=fix,
                 pass_name=None if site.blocked else self.name,
                 shapes=shapes_of([x, site.output]),
-                flops=flops,
-                bytes=moved,
                 details={"axis": -plan["k"], "epsilon": plan["eps"], "op": rule.op_name},
             ))
         return findings

@@ -49,30 +49,24 @@ import torch
 import torch.nn.functional as F
 
 from kiln.ops import OpContext, lookup
-from kiln.passes import (
-    KILN_DOMAIN,
-    Finding,
+from kiln.passes._conv import (
+    can_pad,
+    elements,
+    is_conv,
+    make_pad,
+    pad_array,
+    with_dim,
+)
+from kiln.passes.framework import KILN_DOMAIN, Finding, Pass, PassContext, register_pass
+from kiln.passes.rewriting import (
     Names,
-    Pass,
-    PassContext,
     add_initializer,
     attrs_of,
     constant_array,
     opset,
-    register_pass,
+    remove_unused_producers,
     shapes_of,
     unique_node_names,
-)
-from kiln.passes._conv import (
-    can_pad,
-    conv_flops,
-    elements,
-    is_conv,
-    itemsize,
-    make_pad,
-    pad_array,
-    remove_dead_constants,
-    with_dim,
 )
 from kiln.precision import PRECISION_DTYPES, tf32_for
 
@@ -112,7 +106,6 @@ class _Site:
     n: int
     alignment: int
     fixable: bool
-    flops: float
     fix: str = ""
     c4_first_layer: bool = False
     weight_pads: list[tuple[int, int, int, float]] = field(default_factory=list)  # (input, axis, size, fill)
@@ -138,10 +131,6 @@ class _Site:
         if self.pad_n:
             dims.append(f"{n_name} {self.n}->{_aligned(self.n, self.alignment)}")
         return f"{self.kind} " + ", ".join(dims)
-
-
-def _gemm_flops(m: int, k: int, n: int) -> float:
-    return 2.0 * m * k * n
 
 
 def _make_slice(model: ir.Model, names: Names, y: ir.Value, axis: int, size: int, out: ir.Value, base: str) -> ir.Node:
@@ -194,7 +183,7 @@ def _matmul_site(node: ir.Node, a: int, ctx: PassContext) -> _Site | None:
     if k % a == 0 and n % a == 0:
         return None
     rows, _ = elements(x.shape, ctx)
-    site = _Site(node, "MatMul", k, n, a, False, _gemm_flops(rows // max(k, 1), k, n))
+    site = _Site(node, "MatMul", k, n, a, False)
     y = node.outputs[0]
     if weights is None or weights.ndim != 2:
         site.fix = (f"the weight operand is computed ({w.name}): choose sizes (hidden size, head dim, vocabulary) "
@@ -221,8 +210,7 @@ def _gemm_site(node: ir.Node, a: int, ctx: PassContext) -> _Site | None:
             return None
     if k % a == 0 and n % a == 0:
         return None
-    m = ctx.dim(x.shape[1 if trans_a else 0]) if x.shape is not None and len(x.shape) == 2 else None
-    site = _Site(node, "Gemm", k, n, a, False, _gemm_flops(m or 1, k, n))
+    site = _Site(node, "Gemm", k, n, a, False)
     if weights is None or weights.ndim != 2:
         site.fix = (f"the weight operand is computed ({w.name}): choose sizes that are multiples of {a}, "
                     f"or pad them in the model")
@@ -285,7 +273,7 @@ def _conv_site(model: ir.Model, node: ir.Node, a: int, ctx: PassContext) -> _Sit
     k_misaligned = cin_per_group % a != 0 and not (cin_per_group == 4 and group == 1 and _first_layer(model, x))
     if not k_misaligned and cout_per_group % a == 0:
         return None
-    site = _Site(node, "Conv", cin_per_group, cout_per_group, a, False, conv_flops(node, ctx),
+    site = _Site(node, "Conv", cin_per_group, cout_per_group, a, False,
                  c4_first_layer=cin_per_group % a != 0 and not k_misaligned)
     if group != 1:
         site.fix = f"grouped conv: choose channels per group that are multiples of {a}"
@@ -426,7 +414,7 @@ def _commit_fold(model: ir.Model, names: Names, fold: _Fold, axis: int, size: in
                 array = constant_array(v)
                 new = add_initializer(graph, names, f"{v.name or node.name}_padded", pad_array(array, p_axis, padded, fill))
                 node.replace_input_with(i, new)
-                remove_dead_constants(graph, [v])
+                remove_unused_producers(graph, [v])
         out = node.outputs[0]
         out.shape = with_dim(out.shape, axis, padded)
         current = out
@@ -439,7 +427,7 @@ def _drop_unused_slice(graph: ir.Graph, node: ir.Node) -> None:
     if node.graph is graph and not sliced.uses() and not sliced.is_graph_output():
         inputs = list(node.inputs[1:])
         graph.remove(node, safe=True)
-        remove_dead_constants(graph, inputs)
+        remove_unused_producers(graph, inputs)
 
 
 # --- timing -------------------------------------------------------------------------------------------------
@@ -520,12 +508,11 @@ class PadForTensorCores(Pass):
     rule = "tensor cores need aligned dims (TF32 x4, FP16/BF16 x8, INT8/FP8 x16): pad K/N and channels with zeros"
 
     def find(self, model: ir.Model, ctx: PassContext) -> list[Finding]:
-        unique_node_names(model.graph)
+        unique_node_names(model)
         findings = []
         for s in _sites(model, ctx):
             node = s.node
             values = [v for v in node.inputs[:2]] + [node.outputs[0]]
-            moved = sum(elements(v.shape, ctx)[0] * itemsize(v) for v in values if v is not None)
             findings.append(Finding(
                 rule="misaligned-dims",
                 title=f"{node.name}: {s.describe()} (multiples of {s.alignment} for {ctx.precision} tensor cores)",
@@ -535,15 +522,13 @@ class PadForTensorCores(Pass):
                 fix=s.fix,
                 pass_name=self.name if s.fixable else None,
                 shapes=shapes_of(values),
-                flops=s.flops,
-                bytes=moved,
                 details={"k": s.k, "n": s.n, "alignment": s.alignment, "op": s.kind},
             ))
         return findings
 
     def apply(self, model: ir.Model, ctx: PassContext) -> int:
         graph = model.graph
-        unique_node_names(graph)
+        unique_node_names(model)
         names = Names(graph)
         slices: dict[int, tuple[ir.Value, int, int]] = {}  # id(our Slice node) -> (unsliced value, axis, size)
         count = 0
@@ -598,7 +583,7 @@ class PadForTensorCores(Pass):
             new_nodes.append(cut)
             slices[id(cut)] = (out, site.out_axis, site.n_padded)
         ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [y], [final])
-        remove_dead_constants(graph, old_constants)
+        remove_unused_producers(graph, old_constants)
         for fold in folds.values():
             _drop_unused_slice(graph, fold.slice_node)
 

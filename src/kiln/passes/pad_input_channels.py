@@ -27,27 +27,23 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from kiln.passes import (
-    Finding,
+from kiln.passes._conv import (
+    can_pad,
+    elements,
+    is_conv,
+    make_pad,
+    pad_array,
+)
+from kiln.passes.framework import Finding, Pass, PassContext, register_pass
+from kiln.passes.rewriting import (
     Names,
-    Pass,
-    PassContext,
     add_initializer,
     attrs_of,
     constant_array,
-    register_pass,
+    itemsize,
+    remove_unused_producers,
     shapes_of,
     unique_node_names,
-)
-from kiln.passes._conv import (
-    can_pad,
-    conv_flops,
-    elements,
-    is_conv,
-    itemsize,
-    make_pad,
-    pad_array,
-    remove_dead_constants,
 )
 
 
@@ -87,12 +83,10 @@ class PadInputChannels(Pass):
     rule = "first layer C=3 -> pad to 4 so tensor-core (NHWC, C=4) conv kernels apply"
 
     def find(self, model: ir.Model, ctx: PassContext) -> list[Finding]:
-        unique_node_names(model.graph)
+        unique_node_names(model)
         findings = []
         for s in _sites(model, ctx):
             n_in, known = elements(s.x.shape, ctx)
-            n_out, _ = elements(s.conv.outputs[0].shape, ctx)
-            moved = (n_in + s.weights.size + n_out) * itemsize(s.x)
             findings.append(Finding(
                 rule="first-conv-c3",
                 title=f"first conv {s.conv.name} reads 3 input channels",
@@ -102,15 +96,13 @@ class PadInputChannels(Pass):
                 fix=f"fixed automatically by pass {self.name} (a zero weight channel; the input is padded to C=4)",
                 pass_name=self.name,
                 shapes=shapes_of([s.x, s.w, s.conv.outputs[0]]),
-                flops=conv_flops(s.conv, ctx),
-                bytes=moved,
                 details={"extra_input_bytes": n_in / 3 * itemsize(s.x), "shape_known": known},
             ))
         return findings
 
     def apply(self, model: ir.Model, ctx: PassContext) -> int:
         graph = model.graph
-        unique_node_names(graph)
+        unique_node_names(model)
         names = Names(graph)
         padded: dict[int, ir.Value] = {}  # id(graph input) -> its padded value
         count = 0
@@ -122,7 +114,7 @@ class PadInputChannels(Pass):
             w4 = add_initializer(graph, names, f"{s.w.name or s.conv.name}_c4", pad_array(s.weights, 1, 4))
             s.conv.replace_input_with(0, padded[id(s.x)])
             s.conv.replace_input_with(1, w4)
-            remove_dead_constants(graph, [s.w])
+            remove_unused_producers(graph, [s.w])
             ctx.log.append(f"{s.conv.name}: input {s.x.name} padded from 3 to 4 channels (zero weight channel)")
             count += 1
         return count

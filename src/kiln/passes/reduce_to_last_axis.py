@@ -53,8 +53,9 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
 
-from kiln.passes import Finding, Names, Pass, PassContext, opset, register_pass, shapes_of, unique_node_names
-from kiln.passes._shuffles import apply_rules, int64s, nbytes, numel
+from kiln.passes._shuffles import apply_rules, int64s
+from kiln.passes.framework import Finding, Pass, PassContext, register_pass
+from kiln.passes.rewriting import Names, opset, shapes_of, unique_node_names
 
 REDUCE_OPS = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
               "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
@@ -267,7 +268,7 @@ class ReduceToLastAxis(Pass):
     rule: ClassVar[str] = "reduce on the last axis: transpose the reduced axes to the end where that is faster"
 
     def find(self, model: ir.Model, ctx: PassContext) -> list[Finding]:
-        unique_node_names(model.graph)
+        unique_node_names(model)
         decide = _Decider(ctx)
         findings = []
         for node in model.graph:
@@ -277,7 +278,7 @@ class ReduceToLastAxis(Pass):
         return findings
 
     def apply(self, model: ir.Model, ctx: PassContext) -> int:
-        unique_node_names(model.graph)
+        unique_node_names(model)
         decide = _Decider(ctx)
         for node in model.graph:  # every decision goes to the log, the ones kept and the ones not
             plan = _candidate(node)
@@ -303,7 +304,5 @@ class ReduceToLastAxis(Pass):
                  else f"left as is by pass {self.name}: {plan.how}"),
             pass_name=self.name if plan.rewrite else None,
             shapes=shapes_of([x, y]),
-            flops=float(numel(x.shape, ctx)),
-            bytes=float(nbytes(x, ctx) + nbytes(y, ctx)),
             details={"axes": plan.axes, "perm": plan.perm, "rewrite": plan.rewrite, "decision": plan.how, **plan.details},
         )
