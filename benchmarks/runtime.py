@@ -439,7 +439,8 @@ def markdown(results: dict[str, Any]) -> str:
              f"module in {'fp32 (smoke, CPU)' if meta['smoke'] else 'fp16'}; inputs already on the device. 'waiting': each call "
              "waits for its outputs (run, execute, eager + stream sync); 'queued': calls back to back without a host sync "
              f"(run_async, execute_async, eager). ms per call, median of {meta['timing']['repetitions']} repetitions "
-             "(benchmarks.timing.time_calls). 'ro / this' above 1: this row is faster than torch.compile reduce-overhead. "
+             "(benchmarks.timing.time_calls). 'ro / this' above 1: this row is faster than torch.compile "
+             "reduce-overhead. "
              "'rel vs ort': max|kiln - ort| / max|ort| against onnxruntime fp32 on the CPU.", ""]
     for name, s in results["models"].items():
         lines += [f"## {name}", ""]

@@ -118,7 +118,7 @@ RESERVE_S = 5.0  # kept free at the end of the budget for the last writes
 
 @dataclass
 class ZooModel:
-    """One model of the zoo: its spec (bench_builder's), how the markdown names it, the fp16 batch
+    """One model of the zoo: its spec (benchmarks.models'), how the markdown names it, the fp16 batch
     sweep if it has one, and guesses (seconds on an H200) for its export and cold builds, which the
     budget uses until measured times replace them."""
 
@@ -142,8 +142,8 @@ class ZooModel:
 FULL_ZOO = {
     "resnet50": ZooModel(ZOO_MODELS["resnet50"], "ResNet-50", "torchvision resnet50(weights=None), 224x224",
                          sweep=RESNET_SWEEP, profile_layers=True, export_s=8, build_s=45),
-    "mobilenet_v2": ZooModel(ZOO_MODELS["mobilenet_v2"], "MobileNetV2", "torchvision mobilenet_v2(weights=None), 224x224",
-                             export_s=6, build_s=30),
+    "mobilenet_v2": ZooModel(ZOO_MODELS["mobilenet_v2"], "MobileNetV2",
+                             "torchvision mobilenet_v2(weights=None), 224x224", export_s=6, build_s=30),
     "vit_b_16": ZooModel(ZOO_MODELS["vit_b_16"], "ViT-B/16", "torchvision vit_b_16(weights=None), 224x224",
                          export_s=12, build_s=25),
     "bert": ZooModel(ZOO_MODELS["bert"], "BERT-base", f"transformers BertModel(BertConfig()), sequence {SEQ}",
@@ -881,7 +881,8 @@ def main(argv: list[str] | None = None) -> int:
                   "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32})
     zoo_models = SMOKE_ZOO if args.smoke else FULL_ZOO
     meta = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": command_line("benchmarks.zoo", argv), "smoke": args.smoke,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": command_line("benchmarks.zoo", argv),
+        "smoke": args.smoke,
         "versions": versions(), "gpu": gpu_info(), "driver": None if args.smoke else driver_version(),
         "host_cpus": os.cpu_count(), "torch_flags": flags, "budget_s": args.budget_s, "opt_level": args.opt_level,
         "timing": {"warmup_ms": args.warmup_ms, "duration_s": args.duration_s, "repeats": args.repeats},

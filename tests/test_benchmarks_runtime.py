@@ -12,7 +12,8 @@ from benchmarks import runtime
 
 @pytest.mark.slow
 def test_bench_runtime_smoke(tmp_path):
-    code = runtime.main(["--smoke", "--no-compile", "--models", "tiny_encoder", "--out", str(tmp_path), "--budget-s", "300"])
+    code = runtime.main(["--smoke", "--no-compile", "--models", "tiny_encoder", "--out", str(tmp_path),
+                         "--budget-s", "300"])
     results = json.loads((tmp_path / "bench_runtime.json").read_text())
     state = results["models"]["tiny_encoder"]
     assert code == 0, state.get("tracebacks")
