@@ -26,7 +26,7 @@ conformance: $(STAMP)
 	$(PY) tools/conformance.py
 
 lint: $(STAMP)
-	$(PY) -m pip install -q ruff && $(VENV)/bin/ruff check src tests tools
+	$(PY) -m pip install -q ruff && $(VENV)/bin/ruff check src tests tools benchmarks
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

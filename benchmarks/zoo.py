@@ -1,7 +1,7 @@
 """Regenerate the model-zoo section of BENCHMARKS.md: kiln fp16 and fp32 beside its peers on five models.
 
 Models (random weights, nothing is downloaded), each exported once to ONNX in fp32 by the TorchScript
-exporter (opset 17, batch axis dynamic) as ``tools/bench_builder.py`` exports them:
+exporter (opset 17, batch axis dynamic) as ``benchmarks.models`` makes and exports them:
 
     name          model                                                  inputs                         large batch
     resnet50      torchvision resnet50(weights=None)                     images 3x224x224               256
@@ -44,9 +44,9 @@ Everything does not fit in one 9-minute run (cold builds of ten engines and torc
 batch sizes per model and precision each take tens of seconds); a second run can do the rest, and
 ``--render`` merges the two:
 
-    PYTHONPATH=src python3 benchmarks/zoo.py --out $OUT --budget-s 540
-    PYTHONPATH=src python3 benchmarks/zoo.py --out $OUT --budget-s 540 --stages compile-fp16,ort-b1,compile-fp32
-    .venv/bin/python benchmarks/zoo.py --render first/zoo.json second/zoo.json --out /tmp/zoo --update BENCHMARKS.md
+    PYTHONPATH=src python3 -m benchmarks.zoo --out $OUT --budget-s 540
+    PYTHONPATH=src python3 -m benchmarks.zoo --out $OUT --budget-s 540 --stages compile-fp16,ort-b1,compile-fp32
+    .venv/bin/python -m benchmarks.zoo --render first/zoo.json second/zoo.json --out /tmp/zoo --update BENCHMARKS.md
 
 Outputs, rewritten after every stage (so a killed run keeps what it measured):
 
@@ -63,11 +63,11 @@ Outputs, rewritten after every stage (so a killed run keeps what it measured):
 By default OUT holds at most 7 files (the lent GPU machine returns 8); ``--render OUT/zoo.json``
 regenerates every output, the plots and the BENCHMARKS.md splice from that one file, anywhere:
 
-    PYTHONPATH=src python3 benchmarks/zoo.py --out $OUT --budget-s 540                   # the lent GPU
-    .venv/bin/python benchmarks/zoo.py --render ZOO.json --out /tmp/zoo --update BENCHMARKS.md
-    .venv/bin/python benchmarks/zoo.py --smoke --out /tmp/zoo_smoke                      # CPU test run
+    PYTHONPATH=src python3 -m benchmarks.zoo --out $OUT --budget-s 540                   # the lent GPU
+    .venv/bin/python -m benchmarks.zoo --render ZOO.json --out /tmp/zoo --update BENCHMARKS.md
+    .venv/bin/python -m benchmarks.zoo --smoke --out /tmp/zoo_smoke                      # CPU test run
 
-``--smoke`` runs the same stages on this CPU with tools/bench_builder.py's tiny models (a residual
+``--smoke`` runs the same stages on this CPU with benchmarks.models' tiny models (a residual
 CNN with a batch sweep 1, 2, 4 and the layer profile; a one-layer encoder), device cpu, no CUDA
 graphs, optimization level 1 and millisecond timing: a test of this script, not a benchmark.
 """
@@ -77,11 +77,9 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import gc
 import json
 import math
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -98,24 +96,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from benchmarks.models import SEQ, SMOKE_MODELS, ZOO_MODELS, ModelSpec, export_onnx
+from benchmarks.run_info import command_line, gpu_info, log, versions
+from benchmarks.timing import free_memory
+from kiln.atomic_file import write_atomically
+from kiln.bench.results import BenchResult, Row, Run
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-try:
-    import kiln  # noqa: F401 - on the GPU machine PYTHONPATH=src provides it
-except ImportError:
-    sys.path.insert(0, str(REPO / "src"))
-import bench_builder as bb  # noqa: E402 - the sibling tool holds the models, the export and the versions
-
-from kiln.atomic_file import write_atomically  # noqa: E402
-from kiln.bench.results import BenchResult, Row, Run  # noqa: E402
-
 TITLE = "Model zoo: kiln bench (issue 6)"
 BEGIN, END = "<!-- zoo:begin -->", "<!-- zoo:end -->"
 PRECISIONS = ("fp16", "fp32")
 TARGET_ORDER = ("kiln", "eager", "compile", "compile-reduce-overhead", "onnxruntime", "onnxruntime-cuda")
 ROUNDS = ("core-fp16", "core-fp32", "compile-fp16", "ort-b1", "ort-large", "compile-fp32")
-SEQ = 128
-LARGE_BATCH = {"resnet50": 256, "mobilenet_v2": 256, "vit_b_16": 64, "bert": 64, "gpt2": 32}
 RESNET_SWEEP = [1, 8, 32, 128, 256]
 ORT_CALLS = 5  # onnxruntime calls at least, when one call outlasts the timing: setup + (warm-up + timed) x 2 repeats
 TOP_LAYERS = 10
@@ -124,53 +116,13 @@ RESERVE_S = 5.0  # kept free at the end of the budget for the last writes
 
 # -- models --------------------------------------------------------------------------------------
 
-class DecoderModel(nn.Module):
-    """A transformers decoder taking ``input_ids`` and ``attention_mask`` and returning last_hidden_state only."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask)[0]
-
-
-def make_mobilenet_v2() -> nn.Module:
-    import torchvision
-
-    torch.manual_seed(0)
-    return bb.VisionModel(torchvision.models.mobilenet_v2(weights=None)).eval()
-
-
-def make_vit_b_16() -> nn.Module:
-    import torchvision
-
-    torch.manual_seed(0)
-    model = torchvision.models.vit_b_16(weights=None)
-    with torch.no_grad():  # torchvision zero-initializes the head: an all-zero output would compare nothing
-        for parameter in model.parameters():
-            if not parameter.any():
-                parameter.normal_(0, 0.02)
-    return bb.VisionModel(model).eval()
-
-
-def make_gpt2() -> nn.Module:
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.GPT2Config()
-    config.return_dict = False
-    config.use_cache = False
-    return DecoderModel(transformers.GPT2Model(config)).eval()
-
-
 @dataclass
 class ZooModel:
-    """One model of the zoo: its spec (bench_builder's), how the markdown names it, the fp16 batch
+    """One model of the zoo: its spec (benchmarks.models'), how the markdown names it, the fp16 batch
     sweep if it has one, and guesses (seconds on an H200) for its export and cold builds, which the
     budget uses until measured times replace them."""
 
-    spec: bb.ModelSpec
+    spec: ModelSpec
     title: str
     source: str
     sweep: list[int] | None = None
@@ -187,29 +139,23 @@ class ZooModel:
         return self.spec.large
 
 
-IMAGE = {"images": ((3, 224, 224), "image")}
-GPT2_INPUTS = {"input_ids": ((SEQ,), "ids"), "attention_mask": ((SEQ,), "mask")}
 FULL_ZOO = {
-    "resnet50": ZooModel(bb.ModelSpec("resnet50", bb.make_resnet50, IMAGE, ["logits"], LARGE_BATCH["resnet50"]),
-                         "ResNet-50", "torchvision resnet50(weights=None), 224x224", sweep=RESNET_SWEEP,
-                         profile_layers=True, export_s=8, build_s=45),
-    "mobilenet_v2": ZooModel(bb.ModelSpec("mobilenet_v2", make_mobilenet_v2, IMAGE, ["logits"],
-                                          LARGE_BATCH["mobilenet_v2"]),
-                             "MobileNetV2", "torchvision mobilenet_v2(weights=None), 224x224", export_s=6, build_s=30),
-    "vit_b_16": ZooModel(bb.ModelSpec("vit_b_16", make_vit_b_16, IMAGE, ["logits"], LARGE_BATCH["vit_b_16"]),
-                         "ViT-B/16", "torchvision vit_b_16(weights=None), 224x224", export_s=12, build_s=25),
-    "bert": ZooModel(bb.ModelSpec("bert", bb.make_bert, bb.text_inputs(SEQ), ["last_hidden_state"],
-                                  LARGE_BATCH["bert"]),
-                     "BERT-base", f"transformers BertModel(BertConfig()), sequence {SEQ}", export_s=12, build_s=15),
-    "gpt2": ZooModel(bb.ModelSpec("gpt2", make_gpt2, GPT2_INPUTS, ["last_hidden_state"], LARGE_BATCH["gpt2"],
-                                  vocab=50257),
-                     "GPT-2 small", f"transformers GPT2Model(GPT2Config()), sequence {SEQ}", export_s=15, build_s=25),
+    "resnet50": ZooModel(ZOO_MODELS["resnet50"], "ResNet-50", "torchvision resnet50(weights=None), 224x224",
+                         sweep=RESNET_SWEEP, profile_layers=True, export_s=8, build_s=45),
+    "mobilenet_v2": ZooModel(ZOO_MODELS["mobilenet_v2"], "MobileNetV2",
+                             "torchvision mobilenet_v2(weights=None), 224x224", export_s=6, build_s=30),
+    "vit_b_16": ZooModel(ZOO_MODELS["vit_b_16"], "ViT-B/16", "torchvision vit_b_16(weights=None), 224x224",
+                         export_s=12, build_s=25),
+    "bert": ZooModel(ZOO_MODELS["bert"], "BERT-base", f"transformers BertModel(BertConfig()), sequence {SEQ}",
+                     export_s=12, build_s=15),
+    "gpt2": ZooModel(ZOO_MODELS["gpt2"], "GPT-2 small", f"transformers GPT2Model(GPT2Config()), sequence {SEQ}",
+                     export_s=15, build_s=25),
 }
 SMOKE_ZOO = {
-    "tiny_cnn": ZooModel(bb.SMOKE_MODELS["tiny_cnn"], "tiny CNN", "tools/bench_builder.py TinyResidualCNN, 32x32",
+    "tiny_cnn": ZooModel(SMOKE_MODELS["tiny_cnn"], "tiny CNN", "benchmarks/models.py TinyResidualCNN, 32x32",
                          sweep=[1, 2, 4], profile_layers=True, export_s=1, build_s=2),
-    "tiny_encoder": ZooModel(bb.SMOKE_MODELS["tiny_encoder"], "tiny encoder",
-                             "tools/bench_builder.py TinyEncoder, sequence 16", export_s=1, build_s=2),
+    "tiny_encoder": ZooModel(SMOKE_MODELS["tiny_encoder"], "tiny encoder",
+                             "benchmarks/models.py TinyEncoder, sequence 16", export_s=1, build_s=2),
 }
 
 
@@ -544,13 +490,6 @@ def _write_text(path: Path, text: str) -> None:
 
 # -- running -------------------------------------------------------------------------------------
 
-START = time.perf_counter()
-
-
-def log(message: str) -> None:
-    print(f"[{time.perf_counter() - START:7.1f} s] {message}", flush=True)
-
-
 @dataclass
 class Live:
     """One model while the script runs: its files, its pristine fp32 torch module (on the CPU; each
@@ -631,13 +570,6 @@ class Session:
         threading.Thread(target=expire, name="zoo-budget", daemon=True).start()
 
 
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-
-
 def ensure_exported(live: Live, state: Session) -> bool:
     """Make the torch module and the ONNX file once; False (recorded) when that failed."""
     if live.onnx is not None:
@@ -651,7 +583,7 @@ def ensure_exported(live: Live, state: Session) -> bool:
     try:
         module = spec.make()
         path = Path(state.args.work) / f"{spec.name}.onnx"
-        bb.export_onnx(spec, module, path)
+        export_onnx(spec, module, path)
     except Exception as error:  # noqa: BLE001 - a model that cannot be made or exported is a note, not a crash
         live.record["export"] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}",
                                  "traceback": traceback.format_exc()}
@@ -796,7 +728,7 @@ def run_stage(stage: Stage, live: Live, state: Session) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="python3 -m benchmarks.zoo", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[1:]))
     parser.add_argument("--out", required=True, help="folder for zoo.json, zoo.md and plots/")
@@ -842,16 +774,6 @@ def parse_args(argv: list[str] | None):
     args.rounds = list(dict.fromkeys(args.rounds))
     args.device = "cpu" if smoke else "cuda"
     return args
-
-
-def command_line(argv: list[str]) -> str:
-    """The command as typed (PYTHONPATH too), with $OUT where --out is the folder $OUT names."""
-    prefix = f"PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])} " if os.environ.get("PYTHONPATH") else ""
-    words = [shlex.quote(a) for a in argv]
-    out = os.environ.get("OUT")
-    if out:
-        words = ["$OUT" if a == shlex.quote(out) else a for a in words]
-    return prefix + " ".join(["python3", "benchmarks/zoo.py", *words])
 
 
 def driver_version() -> str | None:
@@ -935,7 +857,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.render:
-        args.command_line = command_line(argv)
+        args.command_line = command_line("benchmarks.zoo", argv)
         return render_only(args)
     if not args.smoke and not torch.cuda.is_available():
         print("no CUDA GPU here: run on the GPU machine, or use --smoke", file=sys.stderr)
@@ -960,8 +882,9 @@ def main(argv: list[str] | None = None) -> int:
                   "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32})
     zoo_models = SMOKE_ZOO if args.smoke else FULL_ZOO
     meta = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": command_line(argv), "smoke": args.smoke,
-        "versions": bb.versions(), "gpu": bb.gpu_info(), "driver": None if args.smoke else driver_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": command_line("benchmarks.zoo", argv),
+        "smoke": args.smoke,
+        "versions": versions(), "gpu": gpu_info(), "driver": None if args.smoke else driver_version(),
         "host_cpus": os.cpu_count(), "torch_flags": flags, "budget_s": args.budget_s, "opt_level": args.opt_level,
         "timing": {"warmup_ms": args.warmup_ms, "duration_s": args.duration_s, "repeats": args.repeats},
         "stages": args.rounds, "elapsed_s": 0.0, "cut": None,

@@ -13,12 +13,13 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from script_loader import load_script
+
+from benchmarks import third_party
 
 
 @pytest.fixture(scope="module")
 def tp():
-    return load_script("benchmarks/third_party.py", "benchmarks_third_party")
+    return third_party
 
 
 def model_named(tp, name):

@@ -1,5 +1,5 @@
-"""``benchmarks/zoo.py --smoke``, in-process: the model-zoo benchmark runs its stages on the CPU with
-tools/bench_builder.py's tiny models, writes zoo.json, zoo.md and the plots, splices BENCHMARKS.md
+"""``python3 -m benchmarks.zoo --smoke``, in-process: the model-zoo benchmark runs its stages on the CPU
+with benchmarks.models' tiny models, writes zoo.json, zoo.md and the plots, splices BENCHMARKS.md
 between its markers (and again, replacing the section), and ``--render`` rebuilds the same markdown
 from zoo.json alone (no torchvision or transformers needed)."""
 
@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from script_loader import load_script
+
+from benchmarks import zoo
 
 BENCHMARKS = """# kiln benchmarks
 
@@ -22,12 +23,7 @@ Every table here comes from one run of one script.
 """
 
 
-def load_zoo():
-    return load_script("benchmarks/zoo.py", "benchmarks_zoo")
-
-
 def test_splice_keeps_everything_outside_the_markers():
-    zoo = load_zoo()
     text = f"head\n\n{zoo.BEGIN}\nold section\n{zoo.END}\n\ntail\n"
     assert zoo.splice(text, "new section\n") == f"head\n\n{zoo.BEGIN}\nnew section\n{zoo.END}\n\ntail\n"
     assert zoo.splice("head\n", "s") == f"head\n\n{zoo.BEGIN}\ns\n{zoo.END}\n"
@@ -39,7 +35,6 @@ def test_splice_keeps_everything_outside_the_markers():
 
 @pytest.mark.slow
 def test_zoo_smoke(tmp_path):
-    zoo = load_zoo()
     bench = tmp_path / "BENCHMARKS.md"
     bench.write_text(BENCHMARKS)
     plots = tmp_path / "docs" / "bench"
@@ -51,7 +46,7 @@ def test_zoo_smoke(tmp_path):
     data = json.loads((out / "zoo.json").read_text())
     record = data["models"]["tiny_encoder"]
     assert code == 0, [s.get("traceback") for s in record["stages"]]
-    assert data["meta"]["command"].endswith(f"python3 benchmarks/zoo.py --smoke --models tiny_encoder --out {out} "
+    assert data["meta"]["command"].endswith(f"python3 -m benchmarks.zoo --smoke --models tiny_encoder --out {out} "
                                             f"--plots-dir {plots} --update {bench}")
     assert "UTC" in data["meta"]["date"] and data["meta"]["versions"]["kiln"]
     assert [s["round"] for s in record["stages"]] == list(zoo.ROUNDS)
@@ -123,7 +118,6 @@ def test_zoo_smoke(tmp_path):
 
 def test_stage_notes_leave_out_what_a_later_run_did():
     """Merged runs: a stage skipped in one run and done in another is no note; one skipped twice is one."""
-    zoo = load_zoo()
     skip = {"round": "compile-fp16", "status": "skipped", "reason": "time budget: 3 s left", "batches": [4]}
     done = {"round": "compile-fp16", "status": "ok", "batches": [4]}
     later = dict(skip, reason="time budget: 9 s left")

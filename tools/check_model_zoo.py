@@ -5,7 +5,9 @@ built with random weights (nothing is downloaded), exported by the TorchScript e
 or 14 where the model uses scaled_dot_product_attention, and 17) and by the dynamo exporter
 (opset 18), then run by kiln on CPU and on CUDA in float32 and compared with onnxruntime (CPU).
 
-    PYTHONPATH=src python3 tools/check_model_zoo.py --out OUT_DIR [--models resnet50,bert] [--workers 8]
+    PYTHONPATH=src python3 -m tools.check_model_zoo --out OUT_DIR [--models resnet50,bert] [--workers 8]
+
+(a module run from the repository root: its model wrappers come from ``benchmarks.models``).
 
 Writes OUT_DIR/model_zoo.json and OUT_DIR/model_zoo.md (a table: model, exporter, opset, nodes,
 max relative difference on CPU and CUDA, verdict).
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import traceback
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.models import TextModel, VisionModel, redraw_zero_parameters
+
 VISION = ["resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny", "regnet_y_400mf", "vit_b_16"]
 TEXT = ["bert", "distilbert", "gpt2"]
 USES_SDPA = {"vit_b_16", "bert", "distilbert", "gpt2"}
@@ -32,14 +35,13 @@ BATCH, SEQ = 2, 64
 
 
 def _build(name: str):
-    import torch
 
     torch.manual_seed(0)
     if name in VISION:
         import torchvision
 
-        model = _no_zero_parameters(getattr(torchvision.models, name)(weights=None).eval())
-        return model, {"pixel_values": torch.randn(BATCH, 3, 224, 224)}
+        model = redraw_zero_parameters(getattr(torchvision.models, name)(weights=None).eval())
+        return model, {"images": torch.randn(BATCH, 3, 224, 224)}
     import transformers
 
     config = {"bert": transformers.BertConfig, "distilbert": transformers.DistilBertConfig, "gpt2": transformers.GPT2Config}[name]()
@@ -56,23 +58,13 @@ def _build(name: str):
     return model, inputs
 
 
-def _no_zero_parameters(model):
-    """torchvision zero-initializes some layers (ViT's head): an all-zero output would check nothing."""
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if not parameter.any():
-                parameter.normal_(0, 0.02)
-    return model
-
-
 def _export(model, inputs: dict, path: Path, exporter: str, opset: int) -> None:
     """Export with dynamic batch (and sequence) dims, through a wrapper with named inputs. Gradients stay enabled:
     under no_grad, nn.MultiheadAttention takes a fused fast path the TorchScript exporter cannot export."""
-    import torch
 
     names = list(inputs)
     text = "input_ids" in inputs
-    wrapped = _Text(model) if text else _Vision(model)
+    wrapped = TextModel(model, all_outputs=True) if text else VisionModel(model)
     if exporter == "torchscript":
         axes = {n: {0: "batch", 1: "sequence"} if text else {0: "batch"} for n in names}
         torch.onnx.export(wrapped, tuple(inputs.values()), str(path), input_names=names, opset_version=opset,
@@ -85,27 +77,6 @@ def _export(model, inputs: dict, path: Path, exporter: str, opset: int) -> None:
                           dynamo=True, dynamic_shapes=shapes, verbose=False, external_data=True)
 
 
-class _Vision(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values):
-        return self.model(pixel_values)
-
-
-class _Text(torch.nn.Module):
-    """Passes each input by keyword, so it lands on the right argument of a transformers model."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, token_type_ids=None):
-        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
-
-
 def check(name: str, exporter: str, opset: int, work: str, devices: list[str]) -> dict:
     """Export one model and compare kiln (each device) with onnxruntime. Runs in a worker process."""
     warnings.simplefilter("ignore")
@@ -113,7 +84,6 @@ def check(name: str, exporter: str, opset: int, work: str, devices: list[str]) -
 
     logging.disable(logging.WARNING)
     import numpy as np
-    import torch
 
     import kiln
     from kiln.compare import compare_outputs, run_onnxruntime
@@ -158,7 +128,6 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--work", default="/tmp/kiln_zoo")
     args = parser.parse_args()
-    import torch
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     jobs = []
@@ -202,5 +171,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
     sys.exit(main())

@@ -4,8 +4,9 @@
     python tools/conformance.py -k conv -v         # only cases whose name contains 'conv', each shown
     python tools/conformance.py --write            # rewrite tests/backend/node_failures.txt
 
-Reasons come from the failure itself (the KilnError or assertion), grouped by its first words, so
-the failures file says *why* each case fails, not only that it does.
+Reasons come from the failure itself (``kiln.conformance.classify``), grouped by its first words, so
+the failures file says *why* each case fails, not only that it does. kiln comes from the install
+(``make``) or from ``PYTHONPATH=src``.
 """
 
 from __future__ import annotations
@@ -17,21 +18,10 @@ import unittest
 import warnings
 from pathlib import Path
 
+from kiln.conformance import classify, node_tests, write_failures
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "tests" / "backend"))
-
-import onnx.backend.test  # noqa: E402
-from node_failures import FAILURES_FILE, classify, write_failures  # noqa: E402
-
-import kiln.backend  # noqa: E402
-
-
-def node_tests(device: str = "CPU") -> dict[str, object]:
-    runner = onnx.backend.test.BackendTest(kiln.backend, __name__)
-    case = runner.test_cases["OnnxBackendNodeModelTest"]
-    suffix = "_" + device.lower()
-    return {name: getattr(case, name) for name in dir(case) if name.startswith("test_") and name.endswith(suffix)}, case
+FAILURES_FILE = ROOT / "tests" / "backend" / "node_failures.txt"
 
 
 def main() -> int:
@@ -42,8 +32,8 @@ def main() -> int:
     parser.add_argument("--device", default="CPU")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    tests, case = node_tests(args.device)
-    names = sorted(n for n in tests if not args.k or any(k in n for k in args.k))
+    cases, case = node_tests(args.device)
+    names = sorted(n for n in cases if not args.k or any(k in n for k in args.k))
     failures: dict[str, str] = {}
     start = time.time()
     for name in names:
@@ -68,7 +58,7 @@ def main() -> int:
     if args.write:
         if args.k:
             parser.error("--write needs the whole suite (no -k)")
-        write_failures(failures)
+        write_failures(failures, FAILURES_FILE)
         print(f"wrote {FAILURES_FILE.relative_to(ROOT)}")
     return 0
 

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import re
 import warnings
+from pathlib import Path
 
 import onnx.backend.test
-from node_failures import read_failures
 
 import kiln.backend
+from kiln.conformance import read_failures
 
 MIN_PASSING = 1400
 
 warnings.filterwarnings("ignore")
-_FAILURES = read_failures()
+_FAILURES = read_failures(Path(__file__).with_name("node_failures.txt"))
 _backend_test = onnx.backend.test.BackendTest(kiln.backend, __name__)
 for _name in _FAILURES:
     _backend_test.exclude("^" + re.escape(_name.removesuffix("_cpu")) + "_(cpu|cuda)$")

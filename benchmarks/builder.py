@@ -21,13 +21,13 @@ It writes OUT/bench_builder.json (everything: versions, GPU, build logs, summari
 tracebacks of anything that failed) and OUT/bench_builder.md (the tables), printing progress as it
 goes. The GPU run (Python 3.12, torch + torchvision + transformers + onnxruntime):
 
-    PYTHONPATH=src python3 tools/bench_builder.py --out OUT [--models resnet50,bert]
+    PYTHONPATH=src python3 -m benchmarks.builder --out OUT [--models resnet50,bert]
 
 The CPU smoke run, with two tiny stand-in models (a small residual CNN and a one-layer
 transformer-ish encoder), builds the same engines on CPU at level 1 with batches 1 and 4, runs
 eager in fp32 and times with perf_counter (a test of this script, not a benchmark):
 
-    .venv/bin/python tools/bench_builder.py --smoke --out /tmp/bench_smoke
+    .venv/bin/python -m benchmarks.builder --smoke --out /tmp/bench_smoke
 
 ONNX files and engines go to OUT/tmp/<model>/ and are deleted after each model unless
 --keep-artifacts is given (their sizes and SHA-256 are in the JSON); each model's timing cache
@@ -38,266 +38,26 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import hashlib
 import json
-import math
 import os
-import platform
-import shlex
 import shutil
-import statistics
 import sys
 import time
 import traceback
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-START = time.perf_counter()
-WARMUP_CALLS = 10
-ESTIMATE_CALLS = 5  # the last warm-up calls, timed to choose N
-REPETITIONS = 7
-TARGET_REPETITION_MS = 100.0
-MAX_CALLS = 200
-
-
-def log(message: str) -> None:
-    print(f"[{time.perf_counter() - START:7.1f} s] {message}", flush=True)
-
-
-def elapsed() -> float:
-    return time.perf_counter() - START
-
-
-# -- models ------------------------------------------------------------------------------------
-
-@dataclass
-class ModelSpec:
-    """A model to benchmark: how to make it, its inputs (name -> shape without the batch axis and
-    kind), its output names and its large batch."""
-
-    name: str
-    make: Callable[[], nn.Module]
-    inputs: dict[str, tuple[tuple[int, ...], str]]  # kind: "image", "ids", "mask" or "types"
-    outputs: list[str]
-    large: int
-    vocab: int = 30000
-    # the scale of its outputs where they are far from 1: its engines are built and judged with an
-    # atol of the table's rtol at that scale (``atol_for``), as kiln.precision's atol is made for
-    # outputs near unit scale and is finer than fp16's (or fp32's) spacing at larger ones
-    output_scale: float | None = None
-
-    def atol_for(self, precision: str) -> float | None:
-        from kiln.precision import TOLERANCES
-
-        return None if self.output_scale is None else TOLERANCES[precision].rtol * self.output_scale
-
-
-class VisionModel(nn.Module):
-    """A vision classifier taking ``images`` and returning its logits."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images):
-        return self.model(images)
-
-
-class TextModel(nn.Module):
-    """A transformers encoder taking its three inputs by keyword and returning last_hidden_state only."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, token_type_ids):
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
-        return out[0]
-
-
-def make_resnet50() -> nn.Module:
-    import torchvision
-
-    torch.manual_seed(0)
-    return VisionModel(torchvision.models.resnet50(weights=None)).eval()
-
-
-def make_bert() -> nn.Module:
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.BertConfig()
-    config.return_dict = False
-    return TextModel(transformers.BertModel(config, add_pooling_layer=False)).eval()
-
-
-class TinyResidualCNN(nn.Module):
-    """Smoke stand-in for ResNet-50: a conv stem, one residual block of two convs, pooling, a linear head."""
-
-    def __init__(self, width: int = 16, classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.head = nn.Linear(width, classes)
-
-    def forward(self, images):
-        x = self.stem(images)
-        y = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(x + self.bn2(self.conv2(y)))
-        return self.head(x.mean(dim=(2, 3)))
-
-
-class TinyEncoder(nn.Module):
-    """Smoke stand-in for BERT: embeddings, one masked single-head attention and an MLP, each with LayerNorm."""
-
-    def __init__(self, vocab: int = 30522, dim: int = 64, seq: int = 16) -> None:
-        super().__init__()
-        self.dim = dim
-        self.word = nn.Embedding(vocab, dim)
-        self.types = nn.Embedding(2, dim)
-        self.position = nn.Parameter(torch.randn(seq, dim) * 0.02)
-        self.ln0 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.ln1 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-        self.ln2 = nn.LayerNorm(dim)
-
-    def forward(self, input_ids, attention_mask, token_type_ids):
-        x = self.ln0(self.word(input_ids) + self.types(token_type_ids) + self.position)
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        scores = q @ k.transpose(1, 2) / math.sqrt(self.dim)
-        scores = scores + (1.0 - attention_mask[:, None, :].to(scores.dtype)) * -10000.0
-        x = self.ln1(x + self.proj(scores.softmax(dim=-1) @ v))
-        return self.ln2(x + self.mlp(x))
-
-
-def make_tiny_cnn() -> nn.Module:
-    torch.manual_seed(0)
-    model = TinyResidualCNN()
-    with torch.no_grad():  # non-trivial batch norm statistics, so folding them is checked
-        for bn in (model.stem[1], model.bn1, model.bn2):
-            bn.running_mean.normal_(0, 0.1)
-            bn.running_var.uniform_(0.5, 1.5)
-    return model.eval()
-
-
-def make_tiny_encoder() -> nn.Module:
-    torch.manual_seed(0)
-    return TinyEncoder().eval()
-
-
-def text_inputs(seq: int) -> dict[str, tuple[tuple[int, ...], str]]:
-    return {"input_ids": ((seq,), "ids"), "attention_mask": ((seq,), "mask"), "token_type_ids": ((seq,), "types")}
-
-
-FULL_MODELS = {
-    # random-weight logits reach ~110, where fp16's spacing is 0.06: at the table's atol 1e-2 no fp16
-    # engine passes (the build would move every layer to fp32), nor fp32 at 1e-5 (its spacing: 7.6e-6)
-    "resnet50": ModelSpec("resnet50", make_resnet50, {"images": ((3, 224, 224), "image")}, ["logits"], 256,
-                          output_scale=110.0),
-    "bert": ModelSpec("bert", make_bert, text_inputs(128), ["last_hidden_state"], 64),
-}
-SMOKE_MODELS = {
-    "tiny_cnn": ModelSpec("tiny_cnn", make_tiny_cnn, {"images": ((3, 32, 32), "image")}, ["logits"], 4),
-    "tiny_encoder": ModelSpec("tiny_encoder", make_tiny_encoder, text_inputs(16), ["last_hidden_state"], 4),
-}
-
-
-def make_feeds(spec: ModelSpec, batch: int, seed: int) -> dict[str, np.ndarray]:
-    """Fresh random inputs: images standard normal; ids in [1, vocab); mask ones, with the last quarter
-    of the second row zeros when batch > 1; token types 0/1."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for name, (shape, kind) in spec.inputs.items():
-        full = (batch, *shape)
-        if kind == "image":
-            feeds[name] = rng.standard_normal(full, dtype=np.float32)
-        elif kind == "ids":
-            feeds[name] = rng.integers(1, spec.vocab, size=full, dtype=np.int64)
-        elif kind == "mask":
-            mask = np.ones(full, dtype=np.int64)
-            if batch > 1:
-                mask[1, shape[0] - shape[0] // 4:] = 0
-            feeds[name] = mask
-        else:
-            feeds[name] = rng.integers(0, 2, size=full, dtype=np.int64)
-    return feeds
-
-
-def to_torch(feeds: dict[str, np.ndarray], device: torch.device, float_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Numpy feeds as tensors on ``device``; floating inputs cast to ``float_dtype`` when given."""
-    out = {}
-    for name, array in feeds.items():
-        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(device)
-        if float_dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(float_dtype)
-        out[name] = tensor
-    return out
-
-
-def export_onnx(spec: ModelSpec, module: nn.Module, path: Path) -> None:
-    """TorchScript exporter, opset 17, fp32, batch axis dynamic on every input and output."""
-    example = to_torch(make_feeds(spec, 2, seed=1234), torch.device("cpu"))
-    names = list(spec.inputs)
-    axes = {name: {0: "batch"} for name in names + spec.outputs}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, tuple(example[n] for n in names), str(path), input_names=names,
-                          output_names=spec.outputs, opset_version=17, dynamo=False, dynamic_axes=axes)
-
-
-# -- building ----------------------------------------------------------------------------------
-
-def profiles_for(spec: ModelSpec, large: int):
-    from kiln import Profile
-
-    def shapes(batch: int) -> dict[str, list[int]]:
-        return {name: [batch, *shape] for name, (shape, _) in spec.inputs.items()}
-
-    return [Profile.from_lists(opt_shapes=shapes(1)),
-            Profile.from_lists(min_shapes=shapes(2), opt_shapes=shapes(large), max_shapes=shapes(large))]
-
-
-class BuildProgress:
-    """Prints a line when a build phase starts, every 20 s while it runs, and when it ends."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.phase = None
-        self.started = self.printed = 0.0
-
-    def __call__(self, phase: str, done: int, total: int) -> None:
-        now = time.perf_counter()
-        if phase != self.phase:
-            self.phase, self.started, self.printed = phase, now, now
-            log(f"  {self.label}: {phase} ({total} layers)")
-        elif done == total:
-            log(f"  {self.label}: {phase} done in {now - self.started:.1f} s")
-        elif now - self.printed >= 20:
-            self.printed = now
-            log(f"  {self.label}: {phase} {done}/{total} layers after {now - self.started:.0f} s")
-
-
-def timed_build(path: Path, config, label: str):
-    import kiln
-
-    start = time.perf_counter()
-    engine = kiln.build(path, config, progress=BuildProgress(label))
-    if config.device == "cuda":
-        torch.cuda.synchronize()
-    return engine, time.perf_counter() - start
+from benchmarks.building import profiles_for, timed_build
+from benchmarks.checks import compare_with_ort, same_outputs
+from benchmarks.models import FULL_MODELS, SMOKE_MODELS, ModelSpec, export_onnx, make_feeds, to_torch
+from benchmarks.run_info import command_line, elapsed, gpu_info, log, versions
+from benchmarks.timing import MAX_CALLS, REPETITIONS, TARGET_REPETITION_MS, WARMUP_CALLS, free_memory, time_calls
 
 
 def report_json(engine) -> dict[str, Any]:
@@ -317,107 +77,6 @@ def layer_table(engine) -> list[dict[str, Any]]:
 def file_digest(path: Path) -> str:
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-# -- correctness -------------------------------------------------------------------------------
-
-def to_numpy(outputs: dict[str, Any]) -> dict[str, np.ndarray]:
-    return {name: value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-            for name, value in outputs.items()}
-
-
-def compare_with_ort(outputs: dict[str, Any], reference: dict[str, np.ndarray], engine,
-                     atol: float | None = None) -> dict[str, Any]:
-    """kiln against onnxruntime per output, judged per element at the tolerance of the engine's loosest
-    precision (kiln.precision; ``atol`` overrides its absolute part, as the build was given it), with
-    the relative difference max|kiln - ort| / max|ort| beside it."""
-    from kiln.compare import diff
-    from kiln.precision import engine_precision
-
-    precision = engine_precision(engine)
-    got = to_numpy(outputs)
-    per_output = {}
-    for name, ref in reference.items():
-        d = diff(name, got[name], np.asarray(ref, dtype=np.float32) if ref.dtype.kind == "f" else ref, computed_in=precision, atol=atol)
-        per_output[name] = {"shape": list(d.shape), "max_abs": d.max_abs, "rel": d.max_rel, "over": d.bad, "ok": d.ok,
-                            "atol": d.tolerance.atol, "rtol": d.tolerance.rtol}
-    return {"precision": precision, "max_rel": max(v["rel"] for v in per_output.values()),
-            "ok": all(v["ok"] for v in per_output.values()), "outputs": per_output}
-
-
-def same_outputs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    result = {}
-    for name in a:
-        x, y = a[name], b[name]
-        identical = bool(x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y))
-        max_abs = 0.0 if identical else (float((x.double() - y.double()).abs().max()) if x.shape == y.shape else float("inf"))
-        result[name] = {"identical": identical, "max_abs_diff": max_abs}
-    return {"identical": all(v["identical"] for v in result.values()), "outputs": result}
-
-
-# -- timing ------------------------------------------------------------------------------------
-
-_SIDE_STREAM: list[torch.cuda.Stream] = []
-
-
-def side_stream() -> torch.cuda.Stream:
-    """The one non-default CUDA stream everything is timed on."""
-    if not _SIDE_STREAM:
-        _SIDE_STREAM.append(torch.cuda.Stream())
-    return _SIDE_STREAM[0]
-
-
-def time_calls(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
-    """ms per call: WARMUP_CALLS warm-up calls, then the median of REPETITIONS repetitions of N
-    back-to-back calls (N: a repetition lasts >= TARGET_REPETITION_MS, at most MAX_CALLS). On CUDA
-    timed with events on the side stream; also the peak memory allocated while it ran."""
-    with torch.inference_mode():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            stream = side_stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                for _ in range(WARMUP_CALLS - ESTIMATE_CALLS):
-                    fn()
-                start.record()
-                for _ in range(ESTIMATE_CALLS):  # the last warm-up calls estimate N
-                    fn()
-                end.record()
-                end.synchronize()
-                estimate = max(start.elapsed_time(end) / ESTIMATE_CALLS, 1e-3)
-                calls = max(1, min(MAX_CALLS, math.ceil(TARGET_REPETITION_MS / estimate)))
-                times = []
-                for _ in range(REPETITIONS):
-                    start.record()
-                    for _ in range(calls):
-                        fn()
-                    end.record()
-                    end.synchronize()
-                    times.append(start.elapsed_time(end) / calls)
-            torch.cuda.current_stream().wait_stream(stream)
-            torch.cuda.synchronize()
-            memory = {"base_allocated_mb": base / 2**20, "peak_allocated_mb": torch.cuda.max_memory_allocated() / 2**20,
-                      "peak_extra_mb": (torch.cuda.max_memory_allocated() - base) / 2**20}
-        else:
-            for _ in range(WARMUP_CALLS - ESTIMATE_CALLS):
-                fn()
-            t0 = time.perf_counter()
-            for _ in range(ESTIMATE_CALLS):
-                fn()
-            estimate = max((time.perf_counter() - t0) * 1e3 / ESTIMATE_CALLS, 1e-3)
-            calls = max(1, min(MAX_CALLS, math.ceil(TARGET_REPETITION_MS / estimate)))
-            times = []
-            for _ in range(REPETITIONS):
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                times.append((time.perf_counter() - t0) * 1e3 / calls)
-            memory = {}
-    return {"ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "calls_per_repetition": calls,
-            "repetitions_ms": times, **memory}
 
 
 def with_throughput(result: dict[str, Any], batch: int) -> dict[str, Any]:
@@ -609,34 +268,7 @@ def measure_model(spec: ModelSpec, args, out: Path, work: Path, state: dict[str,
         v["identical"] for k, v in correctness.items() if k.startswith("load_then_run"))
 
 
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-
-
 # -- reporting ---------------------------------------------------------------------------------
-
-def versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__,
-                                    "cuda": torch.version.cuda, "numpy": np.__version__}
-    for name in ("kiln", "triton", "onnx", "onnxruntime", "onnx_ir", "transformers", "torchvision"):
-        try:
-            found[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001 - a missing package is a None, not a crash
-            found[name] = None
-    found["cudnn"] = str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None
-    return found
-
-
-def gpu_info() -> dict[str, Any]:
-    if not torch.cuda.is_available():
-        return {"name": None}
-    props = torch.cuda.get_device_properties(0)
-    return {"name": props.name, "capability": f"{props.major}.{props.minor}", "memory_gb": props.total_memory / 1e9,
-            "count": torch.cuda.device_count()}
-
 
 def _ms(cell: dict[str, Any] | None) -> float | None:
     return cell.get("ms") if isinstance(cell, dict) else None
@@ -743,14 +375,8 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
 
 # -- main --------------------------------------------------------------------------------------
 
-def command_line() -> str:
-    """The command as typed, with PYTHONPATH when it was set."""
-    prefix = f"PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])} " if os.environ.get("PYTHONPATH") else ""
-    return prefix + shlex.join(["python3", *sys.argv])
-
-
 def parse_args(argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python3 -m benchmarks.builder", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for bench_builder.json, bench_builder.md and timing caches")
     parser.add_argument("--models", default=None, help="comma-separated: resnet50,bert (smoke: tiny_cnn,tiny_encoder)")
     parser.add_argument("--smoke", action="store_true", help="tiny stand-in models on CPU, for testing this script")
@@ -783,13 +409,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.smoke and not torch.cuda.is_available():
         print("no CUDA GPU: run on the GPU machine, or use --smoke here", file=sys.stderr)
         return 2
-    import kiln  # noqa: F401 - fail early when PYTHONPATH is wrong
     from kiln.precision import TOLERANCES
 
     specs = SMOKE_MODELS if args.smoke else FULL_MODELS
     results: dict[str, Any] = {
         "meta": {
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": command_line(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": command_line("benchmarks.builder", argv),
             "smoke": args.smoke, "versions": versions(), "gpu": gpu_info(), "host_cpus": os.cpu_count(),
             "cudnn_benchmark": torch.backends.cudnn.benchmark, "budget_s": args.budget_s,
             "timing": {"warmup_calls": WARMUP_CALLS, "repetitions": REPETITIONS, "target_repetition_ms": TARGET_REPETITION_MS,
@@ -839,5 +464,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
     sys.exit(main())

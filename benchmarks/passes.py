@@ -2,12 +2,12 @@
 each pass left out in turn (its own effect inside the full pipeline), timed side by side in one run.
 
 Models, export (TorchScript, opset 17, dynamic batch), inputs and timing are those of
-``tools/bench_builder.py``: random weights; engines built at optimization level 3 with two profiles
-(batch 1; 2..LARGE tuned at LARGE) sharing one timing cache per model; each engine timed at batch 1
-and LARGE with CUDA events on a side stream (median of 7 repetitions of N back-to-back calls) and
-checked against onnxruntime fp32 at batch 1 (max|kiln - ort| / max|ort| <= 1e-2).
+``benchmarks.builder`` (``benchmarks.models``, ``benchmarks.timing``): random weights; engines built at
+optimization level 3 with two profiles (batch 1; 2..LARGE tuned at LARGE) sharing one timing cache per
+model; each engine timed at batch 1 and LARGE with CUDA events on a side stream (median of 7
+repetitions of N back-to-back calls) and checked against onnxruntime fp32 at batch 1 (max|kiln - ort| / max|ort|).
 
-    PYTHONPATH=src python3 tools/bench_passes.py --out OUT [--models resnet50,bert] [--budget-s 480]
+    PYTHONPATH=src python3 -m benchmarks.passes --out OUT [--models resnet50,bert] [--budget-s 480]
 
 It writes OUT/bench_passes.json (everything, including each build's pass log) and OUT/bench_passes.md
 (the table). "all passes" is what a build runs by default; passes builds skip by default (the
@@ -28,10 +28,11 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_builder as bb  # noqa: E402 - the sibling script holds the models and the timing
-
-TOLERANCE = 1e-2
+from benchmarks.building import profiles_for, timed_build
+from benchmarks.checks import compare_with_ort, to_numpy
+from benchmarks.models import FULL_MODELS, SMOKE_MODELS, export_onnx, make_feeds, to_torch
+from benchmarks.run_info import command_line, elapsed, gpu_info, log, versions
+from benchmarks.timing import time_calls
 
 
 def variants(passes: dict) -> list[tuple[str, list[str] | None, list[str]]]:
@@ -52,37 +53,37 @@ def bench_model(spec, args, out: Path, state: dict[str, Any], save) -> None:
     work.mkdir(parents=True, exist_ok=True)
     module = spec.make()
     path = work / f"{spec.name}.onnx"
-    bb.export_onnx(spec, module, path)
-    feeds1 = bb.make_feeds(spec, 1, seed=7)
+    export_onnx(spec, module, path)
+    feeds1 = make_feeds(spec, 1, seed=7)
     reference = run_onnxruntime(path, feeds1)
     cache = out / f"timing_passes_{spec.name}.cache"
     cache.unlink(missing_ok=True)
     batches = [1, spec.large]
-    torch_feeds = {b: bb.to_torch(bb.make_feeds(spec, b, seed=100 + b), device) for b in batches}
+    torch_feeds = {b: to_torch(make_feeds(spec, b, seed=100 + b), device) for b in batches}
     rows = state.setdefault("variants", {})
     for label, passes, skip in variants(registered_passes()):
-        if args.budget_s - bb.elapsed() < 45:
+        if args.budget_s - elapsed() < 45:
             rows[label] = {"skipped": "time budget"}
-            bb.log(f"{spec.name} / {label}: skipped (time budget)")
+            log(f"{spec.name} / {label}: skipped (time budget)")
             continue
         row: dict[str, Any] = rows.setdefault(label, {"passes": passes, "skip": skip})
         try:
             config = BuildConfig(fp16=True, device=device.type, opt_level=1 if args.smoke else 3, timing_cache=str(cache),
-                                 profiles=bb.profiles_for(spec, spec.large), passes=passes, skip_passes=skip)
-            engine, seconds = bb.timed_build(path, config, f"{spec.name} / {label}")
+                                 profiles=profiles_for(spec, spec.large), passes=passes, skip_passes=skip)
+            engine, seconds = timed_build(path, config, f"{spec.name} / {label}")
             row.update(build_s=seconds, layers=len(engine.plan["layers"]),
                        fused_layers=engine.summary()["fused_layers"], rewrites=engine.plan["passes"],
                        pass_log=[line for line in engine.report.lines if line.startswith(("passes", "  "))])
-            got = bb.to_numpy(engine.run(bb.to_torch(feeds1, device)))
-            row["vs_ort_b1"] = bb.compare_with_ort(got, reference, TOLERANCE)["max_rel"]
+            got = to_numpy(engine.run(to_torch(feeds1, device)))
+            row["vs_ort_b1"] = compare_with_ort(got, reference, engine)["max_rel"]
             for b in batches:
-                row[f"ms_b{b}"] = bb.time_calls(lambda f=torch_feeds[b], e=engine: e.run(f), device)["ms"]
-            bb.log(f"{spec.name} / {label}: {row['layers']} layers, b1 {row['ms_b1']:.3f} ms, "
+                row[f"ms_b{b}"] = time_calls(lambda f=torch_feeds[b], e=engine: e.run(f), device)["ms"]
+            log(f"{spec.name} / {label}: {row['layers']} layers, b1 {row['ms_b1']:.3f} ms, "
                    f"b{spec.large} {row[f'ms_b{spec.large}']:.3f} ms, vs ort {row['vs_ort_b1']:.1e}")
         except Exception as error:  # noqa: BLE001 - one failing variant is a row, not a crash
             row["error"] = f"{type(error).__name__}: {str(error)[:1000]}"
             row["traceback"] = traceback.format_exc()[-4000:]
-            bb.log(f"{spec.name} / {label}: FAILED {row['error'][:200]}")
+            log(f"{spec.name} / {label}: FAILED {row['error'][:200]}")
         save()
 
 
@@ -116,7 +117,7 @@ def table(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python3 -m benchmarks.passes", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--models", default=None, help="comma-separated (default: resnet50,bert; smoke: tiny_cnn,tiny_encoder)")
     parser.add_argument("--budget-s", type=float, default=480.0)
@@ -128,10 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    specs = bb.SMOKE_MODELS if args.smoke else bb.FULL_MODELS
+    specs = SMOKE_MODELS if args.smoke else FULL_MODELS
     names = args.models.split(",") if args.models else list(specs)
-    results: dict[str, Any] = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": bb.command_line(),
-                                        "versions": bb.versions(), "gpu": bb.gpu_info(), "smoke": args.smoke},
+    results: dict[str, Any] = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                                        "command": command_line("benchmarks.passes", argv),
+                                        "versions": versions(), "gpu": gpu_info(), "smoke": args.smoke},
                                "models": {}}
 
     def save() -> None:
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:  # noqa: BLE001
             state["error"] = f"{type(error).__name__}: {error}"
             state["traceback"] = traceback.format_exc()
-            bb.log(f"{name}: FAILED {state['error'][:300]}")
+            log(f"{name}: FAILED {state['error'][:300]}")
         save()
     print(table(results))
     return 0

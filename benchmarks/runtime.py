@@ -1,14 +1,14 @@
 """Benchmark kiln's runtime on ResNet-50 and BERT-base: execution contexts, CUDA graphs, streams, profiles.
 
-Models, export, inputs and timing come from ``tools/bench_builder.py`` (random weights, TorchScript
-export at opset 17 with a dynamic batch axis). Each model is built once as an fp16 engine (level 3,
-two profiles: batch 1; batch 2..LARGE tuned at MID, MID 32 for ResNet-50 and 16 for BERT at
-sequence 128) and measured side by side in this one process, stage by stage over the models:
+Models, export and inputs come from ``benchmarks.models`` (random weights, TorchScript export at
+opset 17 with a dynamic batch axis), timing from ``benchmarks.timing``. Each model is built once as an
+fp16 engine (level 3, two profiles: batch 1; batch 2..LARGE tuned at MID, MID 32 for ResNet-50 and 16
+for BERT at sequence 128) and measured side by side in this one process, stage by stage over the models:
 
 1. batch-1 latency, ms per call: kiln contexts without CUDA graphs, with them, and with them on
    bound buffers (``bind`` + ``execute``); the torch module in fp16 eager; ``torch.compile`` in
    mode ``reduce-overhead`` (its CUDA graphs) and in the default mode (last, when time is left).
-   Each is timed twice with ``bench_builder.time_calls``: waiting for every call (``run``,
+   Each is timed twice with ``benchmarks.timing.time_calls``: waiting for every call (``run``,
    ``execute``, eager + stream sync) and queued back to back (``run_async``, ``execute_async``);
 2. throughput at MID with 1, 2 and 4 contexts (CUDA graphs), each on its own stream: one Python
    thread per context calling ``run``, ``run_async`` (on the thread's current stream, or on the
@@ -23,8 +23,8 @@ sequence 128) and measured side by side in this one process, stage by stage over
 Every kiln output is checked against onnxruntime fp32 (CPU): max|kiln - ort| / max|ort| <= 1e-2;
 multi-context and aux-stream outputs against the single-context ones (identical or max abs diff).
 
-    PYTHONPATH=src python3 tools/bench_runtime.py --out OUT [--models resnet50,bert] [--budget-s 400]
-    .venv/bin/python tools/bench_runtime.py --smoke --out /tmp/br_smoke     # tiny models on CPU
+    PYTHONPATH=src python3 -m benchmarks.runtime --out OUT [--models resnet50,bert] [--budget-s 400]
+    .venv/bin/python -m benchmarks.runtime --smoke --out /tmp/br_smoke      # tiny models on CPU
 
 It writes OUT/bench_runtime.json and OUT/bench_runtime.md after each stage, so a killed run still
 leaves what it measured; stages that the budget no longer covers are skipped with a note. On the CPU
@@ -51,10 +51,12 @@ from typing import Any
 
 import torch
 
+from benchmarks import timing
+from benchmarks.building import timed_build
+from benchmarks.checks import compare_with_ort, same_outputs
+from benchmarks.models import FULL_MODELS, SMOKE_MODELS, export_onnx, make_feeds, to_torch
+from benchmarks.run_info import command_line, gpu_info, log, versions
 from kiln.precision import TOLERANCES
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_builder as bb  # noqa: E402 - the sibling script holds the models and the timing
 
 MID = {"resnet50": 32, "bert": 16}
 AUX_MODELS = {"bert", "tiny_encoder"}
@@ -82,7 +84,7 @@ class Live:
 
     def feeds(self, batch: int) -> dict[str, torch.Tensor]:
         if batch not in self.feeds_cache:
-            self.feeds_cache[batch] = bb.to_torch(bb.make_feeds(self.spec, batch, seed=100 + batch), self.device)
+            self.feeds_cache[batch] = to_torch(make_feeds(self.spec, batch, seed=100 + batch), self.device)
         return self.feeds_cache[batch]
 
     def eager_args(self, batch: int) -> list[torch.Tensor]:
@@ -93,7 +95,7 @@ class Live:
         from kiln.compare import run_onnxruntime
 
         if batch not in self.refs:
-            self.refs[batch] = run_onnxruntime(self.path, bb.make_feeds(self.spec, batch, seed=100 + batch))
+            self.refs[batch] = run_onnxruntime(self.path, make_feeds(self.spec, batch, seed=100 + batch))
         return self.refs[batch]
 
     def on_cuda(self) -> bool:
@@ -125,7 +127,7 @@ def steady_ms(fn, device: torch.device, calls: int = 5) -> float:
 
 def versus(outputs: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
     """outputs against another run's: identical, and the max abs difference."""
-    return bb.same_outputs({k: v.detach().float() for k, v in outputs.items()}, {k: v.detach().float() for k, v in reference.items()})
+    return same_outputs({k: v.detach().float() for k, v in outputs.items()}, {k: v.detach().float() for k, v in reference.items()})
 
 
 def as_outputs(live: Live, value: Any) -> dict[str, Any]:
@@ -145,7 +147,7 @@ def stage_build(live: Live, args, state: dict[str, Any]) -> None:
     spec, t0 = live.spec, time.perf_counter()
     module = spec.make()
     live.path.parent.mkdir(parents=True, exist_ok=True)
-    bb.export_onnx(spec, module, live.path)
+    export_onnx(spec, module, live.path)
     state["export_s"] = time.perf_counter() - t0
     shapes = lambda b: {name: [b, *shape] for name, (shape, _) in spec.inputs.items()}  # noqa: E731
     profiles = [kiln.Profile.from_lists(opt_shapes=shapes(1)),
@@ -154,23 +156,23 @@ def stage_build(live: Live, args, state: dict[str, Any]) -> None:
     cache.unlink(missing_ok=True)
     live.config = kiln.BuildConfig(fp16=True, device=live.device.type, opt_level=1 if args.smoke else 3,
                                    timing_cache=str(cache), profiles=profiles)
-    live.engine, state["build_s"] = bb.timed_build(live.path, live.config, f"{spec.name} build")
+    live.engine, state["build_s"] = timed_build(live.path, live.config, f"{spec.name} build")
     state.update(summary=live.engine.summary(), weights_bytes=live.engine.weights_bytes,
                  build_config={**live.config.to_json(), "device": live.config.device})
     live.eager = copy.deepcopy(module).to(live.device, torch.float32 if args.smoke else torch.float16).eval()
     state["eager_dtype"] = str(next(live.eager.parameters()).dtype)
-    bb.log(f"{spec.name}: built in {state['build_s']:.1f} s; weights {live.engine.weights_bytes / 2**20:.1f} MiB")
+    log(f"{spec.name}: built in {state['build_s']:.1f} s; weights {live.engine.weights_bytes / 2**20:.1f} MiB")
 
 
 def time_row(live: Live, row: dict[str, Any], first, wait, queued) -> None:
     """``first()`` once (checked against onnxruntime), then ``wait`` and ``queued`` timed, then checked again."""
     dev = live.device
     with torch.inference_mode():
-        row["vs_ort_first_call"] = bb.compare_with_ort(first(), live.ort(1), live.engine)
-    row["wait"] = bb.time_calls(wait, dev)
-    row["queued"] = bb.time_calls(queued, dev) if live.on_cuda() else {"skipped": "CPU: no streams, queued = waiting"}
+        row["vs_ort_first_call"] = compare_with_ort(first(), live.ort(1), live.engine)
+    row["wait"] = timing.time_calls(wait, dev)
+    row["queued"] = timing.time_calls(queued, dev) if live.on_cuda() else {"skipped": "CPU: no streams, queued = waiting"}
     with torch.inference_mode():
-        row["vs_ort"] = bb.compare_with_ort(wait(), live.ort(1), live.engine)
+        row["vs_ort"] = compare_with_ort(wait(), live.ort(1), live.engine)
 
 
 def stage_latency(live: Live, args, state: dict[str, Any]) -> None:
@@ -194,10 +196,10 @@ def stage_latency(live: Live, args, state: dict[str, Any]) -> None:
                 row.update(context_info(ctx))
             else:
                 eager_call(live, row, live.eager)
-            bb.log(f"{live.spec.name}: b1 {label}: {fmt_cell(row.get('wait'))} ms waiting, {fmt_cell(row.get('queued'))} queued")
+            log(f"{live.spec.name}: b1 {label}: {fmt_cell(row.get('wait'))} ms waiting, {fmt_cell(row.get('queued'))} queued")
         except Exception as error:  # noqa: BLE001 - one failing row is a row, not a crash
             row.update(failure(error))
-            bb.log(f"{live.spec.name}: b1 {label} FAILED {row['error'][:300]}")
+            log(f"{live.spec.name}: b1 {label} FAILED {row['error'][:300]}")
 
 
 def eager_call(live: Live, row: dict[str, Any], module) -> None:
@@ -220,17 +222,17 @@ def stage_compile(live: Live, args, state: dict[str, Any], mode: str) -> None:
     try:
         compiled = torch.compile(copy.deepcopy(live.eager), mode=mode, dynamic=False)
         t0 = time.perf_counter()
-        with torch.inference_mode(), (torch.cuda.stream(bb.side_stream()) if live.on_cuda() else contextlib.nullcontext()):
+        with torch.inference_mode(), (torch.cuda.stream(timing.side_stream()) if live.on_cuda() else contextlib.nullcontext()):
             for _ in range(3):
                 compiled(*live.eager_args(1))
         sync(live.device)
         row["warmup_s"] = time.perf_counter() - t0
-        bb.log(f"{live.spec.name}: torch.compile {mode} warm-up {row['warmup_s']:.1f} s")
+        log(f"{live.spec.name}: torch.compile {mode} warm-up {row['warmup_s']:.1f} s")
         eager_call(live, row, compiled)
-        bb.log(f"{live.spec.name}: b1 torch.compile {mode}: {fmt_cell(row['wait'])} ms waiting, {fmt_cell(row['queued'])} queued")
+        log(f"{live.spec.name}: b1 torch.compile {mode}: {fmt_cell(row['wait'])} ms waiting, {fmt_cell(row['queued'])} queued")
     except Exception as error:  # noqa: BLE001 - torch.compile failing is a result, not a crash
         row.update(failure(error))
-        bb.log(f"{live.spec.name}: torch.compile {mode} FAILED {row['error'][:300]}")
+        log(f"{live.spec.name}: torch.compile {mode} FAILED {row['error'][:300]}")
 
 
 def drive(n: int, call, calls_each: int, threads: bool, device: torch.device) -> tuple[float, list[Any]]:
@@ -289,7 +291,7 @@ def stage_throughput(live: Live, args, state: dict[str, Any]) -> None:
     single = steady_ms(lambda: ctxs[0].run(feeds[0]), dev)
     total = max(8, min(4000, round(THROUGHPUT_REP_S * 1e3 / max(single, 1e-3))))
     total += -total % 4
-    out.update(single_call_ms=single, calls_per_repetition=total, reference_vs_ort=bb.compare_with_ort(reference, live.ort(b), live.engine))
+    out.update(single_call_ms=single, calls_per_repetition=total, reference_vs_ort=compare_with_ort(reference, live.ort(b), live.engine))
     calls = {"run": lambda i: ctxs[i].run(feeds[i]),
              "run_async (caller's stream)": lambda i: ctxs[i].run_async(feeds[i]),
              "run_async (context's stream)": lambda i: ctxs[i].run_async(feeds[i], stream=ctxs[i].stream),
@@ -312,13 +314,13 @@ def stage_throughput(live: Live, args, state: dict[str, Any]) -> None:
                 checks = [versus(o, reference) for o in last]
                 row["identical_to_single"] = all(c["identical"] for c in checks)
                 row["max_abs_vs_single"] = max(v["max_abs_diff"] for c in checks for v in c["outputs"].values())
-                vs_ort = [bb.compare_with_ort(o, live.ort(b), live.engine) for o in last]
+                vs_ort = [compare_with_ort(o, live.ort(b), live.engine) for o in last]
                 row["max_rel_vs_ort"] = max(c["max_rel"] for c in vs_ort)
                 row["ok_vs_ort"] = all(c["ok"] for c in vs_ort)
-                bb.log(f"{live.spec.name}: {driver} {api} x{n}: {row['samples_per_s']:.0f} samples/s")
+                log(f"{live.spec.name}: {driver} {api} x{n}: {row['samples_per_s']:.0f} samples/s")
             except Exception as error:  # noqa: BLE001
                 row.update(failure(error))
-                bb.log(f"{live.spec.name}: {driver} {api} x{n} FAILED {row['error'][:300]}")
+                log(f"{live.spec.name}: {driver} {api} x{n} FAILED {row['error'][:300]}")
     out["contexts_info"] = [context_info(c) for c in ctxs]
 
 
@@ -360,7 +362,7 @@ def shape_costs(live: Live, graphs: bool, b: int, new: list[int]) -> dict[str, A
     q = engine.create_context(profile=0, cuda_graph=graphs)
     call(q, 1), call(q, 1)
     ev["batch 1: one call in a second context warmed on profile 0"] = call(q, 1)
-    bb.log(f"{live.spec.name}: cuda graph {graphs}: first call at b{new[0]} {ev[f'batch {new[0]}: first call (new shape)']:.2f} ms "
+    log(f"{live.spec.name}: cuda graph {graphs}: first call at b{new[0]} {ev[f'batch {new[0]}: first call (new shape)']:.2f} ms "
            f"(steady {ev[f'batch {new[0]}: steady']:.2f}); first call after set_profile {ev['batch 1: first call after set_profile(0)']:.2f}"
            f" ms (steady {ev['batch 1: steady']:.2f})")
     return {"events_ms": ev, "contexts": {"shape": context_info(ctx), "profile": context_info(p)}}
@@ -371,7 +373,7 @@ def stage_aux_streams(live: Live, args, state: dict[str, Any]) -> None:
         return
     out, dev = state.setdefault("aux_streams", {}), live.device
     config = dataclasses.replace(live.config, max_aux_streams=2)
-    engine, out["build_s"] = bb.timed_build(live.path, config, f"{live.spec.name} build, max_aux_streams=2")
+    engine, out["build_s"] = timed_build(live.path, config, f"{live.spec.name} build, max_aux_streams=2")
     out.update(plan_aux_streams=engine.aux_streams,
                layers_on_aux=sum(1 for layer in engine.plan["layers"] if layer.get("stream", 0)))
     if not live.on_cuda():
@@ -386,16 +388,16 @@ def stage_aux_streams(live: Live, args, state: dict[str, Any]) -> None:
             for k, ctx in ctxs.items():
                 for _ in range(2):
                     wall_ms(lambda c=ctx, f=f: c.run(f), dev)
-                row[f"aux{k}_wait"] = bb.time_calls(lambda c=ctx, f=f: c.run(f), dev)["ms"]
+                row[f"aux{k}_wait"] = timing.time_calls(lambda c=ctx, f=f: c.run(f), dev)["ms"]
                 if live.on_cuda():
-                    row[f"aux{k}_queued"] = bb.time_calls(lambda c=ctx, f=f: c.run_async(f), dev)["ms"]
+                    row[f"aux{k}_queued"] = timing.time_calls(lambda c=ctx, f=f: c.run_async(f), dev)["ms"]
             with torch.inference_mode():
                 got = {k: c.run(f) for k, c in ctxs.items()}
             row["identical"] = versus(got[2], got[0])["identical"]
             row["max_abs_diff"] = max(v["max_abs_diff"] for v in versus(got[2], got[0])["outputs"].values())
-            vs_ort = bb.compare_with_ort(got[2], live.ort(b), live.engine)
+            vs_ort = compare_with_ort(got[2], live.ort(b), live.engine)
             row["max_rel_vs_ort"], row["ok_vs_ort"] = vs_ort["max_rel"], vs_ort["ok"]
-            bb.log(f"{live.spec.name}: aux streams, graph {graphs}, b{b}: 0 -> {row['aux0_wait']:.3f} ms, "
+            log(f"{live.spec.name}: aux streams, graph {graphs}, b{b}: 0 -> {row['aux0_wait']:.3f} ms, "
                    f"2 -> {row['aux2_wait']:.3f} ms; identical {row['identical']}")
         out.setdefault("contexts", {})["cuda_graph" if graphs else "no_graph"] = {k: context_info(c) for k, c in ctxs.items()}
 
@@ -437,7 +439,8 @@ def markdown(results: dict[str, Any]) -> str:
              f"module in {'fp32 (smoke, CPU)' if meta['smoke'] else 'fp16'}; inputs already on the device. 'waiting': each call "
              "waits for its outputs (run, execute, eager + stream sync); 'queued': calls back to back without a host sync "
              f"(run_async, execute_async, eager). ms per call, median of {meta['timing']['repetitions']} repetitions "
-             "(bench_builder.time_calls). 'ro / this' above 1: this row is faster than torch.compile reduce-overhead. "
+             "(benchmarks.timing.time_calls). 'ro / this' above 1: this row is faster than torch.compile "
+             "reduce-overhead. "
              "'rel vs ort': max|kiln - ort| / max|ort| against onnxruntime fp32 on the CPU.", ""]
     for name, s in results["models"].items():
         lines += [f"## {name}", ""]
@@ -492,17 +495,18 @@ def markdown(results: dict[str, Any]) -> str:
 # -- main --------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    saved = bb.REPETITIONS, bb.TARGET_REPETITION_MS, bb.WARMUP_CALLS, bb.ESTIMATE_CALLS, torch.get_num_threads()
+    saved = (timing.REPETITIONS, timing.TARGET_REPETITION_MS, timing.WARMUP_CALLS, timing.ESTIMATE_CALLS,
+             torch.get_num_threads())
     try:
         return run_all(argv)
     finally:
         *constants, threads = saved
-        bb.REPETITIONS, bb.TARGET_REPETITION_MS, bb.WARMUP_CALLS, bb.ESTIMATE_CALLS = constants
+        timing.REPETITIONS, timing.TARGET_REPETITION_MS, timing.WARMUP_CALLS, timing.ESTIMATE_CALLS = constants
         torch.set_num_threads(threads)
 
 
 def run_all(argv: list[str] | None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python3 -m benchmarks.runtime", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for bench_runtime.json, bench_runtime.md and timing caches")
     parser.add_argument("--models", default=None, help="comma-separated: resnet50,bert (smoke: tiny_cnn,tiny_encoder)")
     parser.add_argument("--budget-s", type=float, default=400.0, help="soft wall-clock budget: stages that no longer fit are skipped")
@@ -510,7 +514,7 @@ def run_all(argv: list[str] | None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--keep-artifacts", action="store_true", help="keep the ONNX files under OUT/tmp")
     args = parser.parse_args(argv)
-    specs = bb.SMOKE_MODELS if args.smoke else bb.FULL_MODELS
+    specs = SMOKE_MODELS if args.smoke else FULL_MODELS
     names = args.models.split(",") if args.models else list(specs)
     if unknown := [n for n in names if n not in specs]:
         parser.error(f"unknown model(s) {unknown}; choose from {sorted(specs)}")
@@ -519,17 +523,18 @@ def run_all(argv: list[str] | None) -> int:
         print("no CUDA GPU: run on the GPU machine, or use --smoke here", file=sys.stderr)
         return 2
     if args.smoke:  # a test of this script, not a benchmark: shorter timing, and one CPU thread per op
-        bb.REPETITIONS, bb.TARGET_REPETITION_MS, bb.WARMUP_CALLS, bb.ESTIMATE_CALLS = 3, 5.0, 4, 2
+        timing.REPETITIONS, timing.TARGET_REPETITION_MS, timing.WARMUP_CALLS, timing.ESTIMATE_CALLS = 3, 5.0, 4, 2
         torch.set_num_threads(1)  # (on a small shared host, torch's intra-op threads made each call 20x slower)
     started = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cpu" if args.smoke else "cuda")
     results: dict[str, Any] = {"meta": {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": bb.command_line(), "smoke": args.smoke,
-        "versions": bb.versions(), "gpu": bb.gpu_info(), "host_cpus": os.cpu_count(), "budget_s": args.budget_s,
-        "tolerance": {p: [t.atol, t.rtol] for p, t in TOLERANCES.items()}, "timing": {"repetitions": bb.REPETITIONS, "target_repetition_ms": bb.TARGET_REPETITION_MS,
-                                           "warmup_calls": bb.WARMUP_CALLS, "throughput_repetitions": THROUGHPUT_REPS}},
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": command_line("benchmarks.runtime", argv),
+        "smoke": args.smoke, "versions": versions(), "gpu": gpu_info(), "host_cpus": os.cpu_count(),
+        "budget_s": args.budget_s, "tolerance": {p: [t.atol, t.rtol] for p, t in TOLERANCES.items()},
+        "timing": {"repetitions": timing.REPETITIONS, "target_repetition_ms": timing.TARGET_REPETITION_MS,
+                   "warmup_calls": timing.WARMUP_CALLS, "throughput_repetitions": THROUGHPUT_REPS}},
         "models": {}}
 
     def save() -> None:
@@ -541,7 +546,7 @@ def run_all(argv: list[str] | None) -> int:
 
     lives = {n: Live(specs[n], device, MID.get(n, specs[n].large), out / "tmp" / n / f"{n}.onnx") for n in names}
     states = {n: results["models"].setdefault(n, {"mid_batch": lives[n].mid, "large_batch": specs[n].large}) for n in names}
-    bb.log(f"kiln runtime benchmark on {results['meta']['gpu']['name'] or 'CPU (smoke)'}; models {names}")
+    log(f"kiln runtime benchmark on {results['meta']['gpu']['name'] or 'CPU (smoke)'}; models {names}")
     failed = False
     for stage, fn in STAGES:
         for name in names:
@@ -554,7 +559,7 @@ def run_all(argv: list[str] | None) -> int:
                    f"time budget: {left:.0f} s left, the stage needs about {RESERVE[stage]} s" if left < RESERVE[stage] else None)
             if why:
                 state.setdefault("skipped", {})[stage] = why
-                bb.log(f"{name}: {stage} skipped ({why})")
+                log(f"{name}: {stage} skipped ({why})")
                 continue
             t0 = time.perf_counter()
             try:
@@ -562,7 +567,7 @@ def run_all(argv: list[str] | None) -> int:
             except Exception as error:  # noqa: BLE001 - one failing stage still leaves the others' results
                 state.setdefault("errors", {})[stage] = failure(error)["error"]
                 state.setdefault("tracebacks", {})[stage] = traceback.format_exc()[-6000:]
-                bb.log(f"{name}: {stage} FAILED {state['errors'][stage][:300]}\n{state['tracebacks'][stage]}")
+                log(f"{name}: {stage} FAILED {state['errors'][stage][:300]}\n{state['tracebacks'][stage]}")
                 failed = True
             state.setdefault("stage_seconds", {})[stage] = time.perf_counter() - t0
             save()
@@ -574,7 +579,7 @@ def run_all(argv: list[str] | None) -> int:
     results["meta"]["all_within_tolerance"] = all(checks)
     save()
     print(markdown(results), flush=True)
-    bb.log(f"wrote {out / 'bench_runtime.json'} and {out / 'bench_runtime.md'}")
+    log(f"wrote {out / 'bench_runtime.json'} and {out / 'bench_runtime.md'}")
     return 1 if failed or not all(checks) else 0
 
 

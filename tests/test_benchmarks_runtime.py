@@ -1,4 +1,4 @@
-"""``tools/bench_runtime.py --smoke``, in-process: the runtime benchmark runs to the end on the CPU
+"""``python3 -m benchmarks.runtime --smoke``, in-process: the runtime benchmark runs to the end on the CPU
 with a tiny stand-in model and writes its JSON and markdown (no torchvision or transformers needed)."""
 
 from __future__ import annotations
@@ -6,17 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from script_loader import load_script
 
-
-def load_tool():
-    return load_script("tools/bench_runtime.py", "bench_runtime")
+from benchmarks import runtime
 
 
 @pytest.mark.slow
 def test_bench_runtime_smoke(tmp_path):
-    tool = load_tool()
-    code = tool.main(["--smoke", "--no-compile", "--models", "tiny_encoder", "--out", str(tmp_path), "--budget-s", "300"])
+    code = runtime.main(["--smoke", "--no-compile", "--models", "tiny_encoder", "--out", str(tmp_path),
+                         "--budget-s", "300"])
     results = json.loads((tmp_path / "bench_runtime.json").read_text())
     state = results["models"]["tiny_encoder"]
     assert code == 0, state.get("tracebacks")

@@ -1,15 +1,17 @@
-"""The checked-in list of onnx node tests kiln fails, grouped by reason, and how to read it.
+"""onnx's backend node tests against kiln: running them, and the list of those kiln fails, by reason.
 
-``node_failures.txt`` is written by ``tools/conformance.py --write`` and read by
-``test_onnx_node_tests.py``, which runs every other case and requires it to pass.
+The list is ``tests/backend/node_failures.txt`` in the repository: ``tools/conformance.py --write``
+runs every case and writes it (``write_failures``); ``tests/backend/test_onnx_node_tests.py`` reads it
+(``read_failures``), runs every other case and requires it to pass. Reasons come from the failure
+itself (``classify``: the KilnError or assertion, grouped by its first words), so the file says *why*
+each case fails, not only that it does.
 """
 
 from __future__ import annotations
 
 import re
+import unittest
 from pathlib import Path
-
-FAILURES_FILE = Path(__file__).with_name("node_failures.txt")
 
 # Why whole families of ops are absent: said once here rather than per case.
 _FAMILIES = {
@@ -61,7 +63,20 @@ def classify(trace: str, name: str = "") -> str:
     return last.strip()[:100]
 
 
-def write_failures(failures: dict[str, str]) -> None:
+def node_tests(device: str = "CPU") -> tuple[list[str], type[unittest.TestCase]]:
+    """The names of onnx's node test cases for ``device`` ("CPU" or "CUDA"), and their TestCase class."""
+    import onnx.backend.test
+
+    import kiln.backend
+
+    runner = onnx.backend.test.BackendTest(kiln.backend, __name__)
+    case = runner.test_cases["OnnxBackendNodeModelTest"]
+    suffix = "_" + device.lower()
+    return [name for name in dir(case) if name.startswith("test_") and name.endswith(suffix)], case
+
+
+def write_failures(failures: dict[str, str], path: Path) -> None:
+    """Write ``failures`` (case name -> reason) to ``path``, grouped by reason, largest group first."""
     groups: dict[str, list[str]] = {}
     for name, reason in failures.items():
         groups.setdefault(reason, []).append(name)
@@ -76,15 +91,16 @@ def write_failures(failures: dict[str, str]) -> None:
         lines.append(f"## {reason} ({len(names)})")
         lines.extend(sorted(names))
         lines.append("")
-    FAILURES_FILE.write_text("\n".join(lines))
+    path.write_text("\n".join(lines))
 
 
-def read_failures() -> dict[str, str]:
+def read_failures(path: Path) -> dict[str, str]:
+    """The failures ``write_failures`` wrote to ``path`` (case name -> reason); empty if there is no file."""
     failures: dict[str, str] = {}
     reason = ""
-    if not FAILURES_FILE.exists():
+    if not path.exists():
         return failures
-    for line in FAILURES_FILE.read_text().splitlines():
+    for line in path.read_text().splitlines():
         if line.startswith("## "):
             reason = re.sub(r" \(\d+\)$", "", line[3:])
         elif line.startswith("test_"):
