@@ -5,21 +5,21 @@ back-to-back calls, on one side stream, with the peak memory the calls allocated
 to choose N, so a repetition lasts >= ``TARGET_REPETITION_MS``, at most ``MAX_CALLS`` calls), then
 ``REPETITIONS`` repetitions; on CUDA timed with events on the one side stream (never the default
 stream), host launches included, as a user calling the model sees them; on a CPU with perf_counter.
-``kiln.bench.measure`` times an iteration at a time (h2d, compute, d2h events per iteration) and has
-no such loop over a plain callable, hence this one (``benchmarks.runtime --smoke`` shortens it by
-setting the constants).
+The loop itself is ``kiln.bench.measure.time_calls`` (``kiln.timing``, the one place that times);
+this module fixes the scripts' constants (``benchmarks.runtime --smoke`` shortens it by setting them)
+and adds the memory figures.
 """
 
 from __future__ import annotations
 
 import gc
-import math
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from kiln.bench import measure
 
 WARMUP_CALLS = 10
 ESTIMATE_CALLS = 5  # the last warm-up calls, timed to choose N
@@ -38,54 +38,24 @@ def side_stream() -> torch.cuda.Stream:
 
 
 def time_calls(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
-    """ms per call: WARMUP_CALLS warm-up calls, then the median of REPETITIONS repetitions of N
-    back-to-back calls (N: a repetition lasts >= TARGET_REPETITION_MS, at most MAX_CALLS). On CUDA
-    timed with events on the side stream; also the peak memory allocated while it ran."""
+    """ms per call (``kiln.bench.measure.time_calls`` with this module's constants, on the side stream)
+    and, on CUDA, the peak memory allocated while it ran."""
     with torch.inference_mode():
+        memory: dict[str, float] = {}
+        stream = None
         if device.type == "cuda":
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             stream = side_stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                for _ in range(WARMUP_CALLS - ESTIMATE_CALLS):
-                    fn()
-                start.record()
-                for _ in range(ESTIMATE_CALLS):  # the last warm-up calls estimate N
-                    fn()
-                end.record()
-                end.synchronize()
-                estimate = max(start.elapsed_time(end) / ESTIMATE_CALLS, 1e-3)
-                calls = max(1, min(MAX_CALLS, math.ceil(TARGET_REPETITION_MS / estimate)))
-                times = []
-                for _ in range(REPETITIONS):
-                    start.record()
-                    for _ in range(calls):
-                        fn()
-                    end.record()
-                    end.synchronize()
-                    times.append(start.elapsed_time(end) / calls)
-            torch.cuda.current_stream().wait_stream(stream)
+        times, calls = measure.time_calls(fn, device, reps=REPETITIONS, warmup_calls=WARMUP_CALLS,
+                                          estimate_calls=ESTIMATE_CALLS, target_ms=TARGET_REPETITION_MS,
+                                          max_calls=MAX_CALLS, stream=stream)
+        if device.type == "cuda":
             torch.cuda.synchronize()
-            memory = {"base_allocated_mb": base / 2**20, "peak_allocated_mb": torch.cuda.max_memory_allocated() / 2**20,
-                      "peak_extra_mb": (torch.cuda.max_memory_allocated() - base) / 2**20}
-        else:
-            for _ in range(WARMUP_CALLS - ESTIMATE_CALLS):
-                fn()
-            t0 = time.perf_counter()
-            for _ in range(ESTIMATE_CALLS):
-                fn()
-            estimate = max((time.perf_counter() - t0) * 1e3 / ESTIMATE_CALLS, 1e-3)
-            calls = max(1, min(MAX_CALLS, math.ceil(TARGET_REPETITION_MS / estimate)))
-            times = []
-            for _ in range(REPETITIONS):
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                times.append((time.perf_counter() - t0) * 1e3 / calls)
-            memory = {}
+            peak = torch.cuda.max_memory_allocated()
+            memory = {"base_allocated_mb": base / 2**20, "peak_allocated_mb": peak / 2**20,
+                      "peak_extra_mb": (peak - base) / 2**20}
     return {"ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "calls_per_repetition": calls,
             "repetitions_ms": times, **memory}
 

@@ -13,6 +13,7 @@ flow (it imports only torch) so the builder can use it without importing the ben
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -35,11 +36,15 @@ def median_ms(fn: Callable[[], Any], device: torch.device, reps: int = 5) -> flo
 
 def repeat_ms(fn: Callable[[], Any], device: torch.device, reps: int, *, warmup_calls: int = 2,
               estimate_calls: int = 1, target_ms: float = 0.5, max_calls: int = 100,
-              hide_launch: bool = True) -> tuple[list[float], int]:
+              hide_launch: bool = True, round_up: bool = False,
+              stream: torch.cuda.Stream | None = None) -> tuple[list[float], int]:
     """Milliseconds per call in each of ``reps`` repetitions of N back-to-back calls, and N.
     ``warmup_calls`` untimed calls, then ``estimate_calls`` timed ones estimate a call's time; N makes
-    a repetition last about ``target_ms`` (1 to ``max_calls``). ``hide_launch`` (CUDA): queue each
-    repetition behind a GPU sleep of twice the host's launch time for it, so only GPU time counts."""
+    a repetition last about ``target_ms`` (1 to ``max_calls``; at least ``target_ms`` with
+    ``round_up``). ``hide_launch`` (CUDA): queue each repetition behind a GPU sleep of twice the
+    host's launch time for it, so only GPU time counts. ``stream`` (CUDA): the side stream to time on
+    (default: a new one), for callers that warm up and time on the same stream."""
+    rounded = math.ceil if round_up else int
     if device.type != "cuda":
         for _ in range(warmup_calls):
             fn()
@@ -47,7 +52,7 @@ def repeat_ms(fn: Callable[[], Any], device: torch.device, reps: int, *, warmup_
         for _ in range(estimate_calls):
             fn()
         estimate = max((time.perf_counter() - t0) * 1e3 / estimate_calls, 1e-3)
-        calls = max(1, min(max_calls, int(target_ms / estimate)))
+        calls = max(1, min(max_calls, rounded(target_ms / estimate)))
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
@@ -55,7 +60,7 @@ def repeat_ms(fn: Callable[[], Any], device: torch.device, reps: int, *, warmup_
                 fn()
             times.append((time.perf_counter() - t0) * 1e3 / calls)
         return times, calls
-    stream = torch.cuda.Stream(device)
+    stream = stream or torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
         for _ in range(warmup_calls):
@@ -70,7 +75,7 @@ def repeat_ms(fn: Callable[[], Any], device: torch.device, reps: int, *, warmup_
         launch_s = (time.perf_counter() - t0) / estimate_calls
         end.synchronize()
         estimate = max(start.elapsed_time(end) / estimate_calls, 1e-3)
-        calls = max(1, min(max_calls, int(target_ms / estimate)))
+        calls = max(1, min(max_calls, rounded(target_ms / estimate)))
         times = []
         for _ in range(reps):
             if hide_launch:  # twice the host's launch time for the repetition, in GPU clock cycles

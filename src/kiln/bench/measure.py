@@ -207,13 +207,15 @@ def measure_parallel(targets: Sequence[Target], batch: int, *, warmup_ms: float 
 
 
 def time_calls(fn: Callable[[], Any], device: torch.device | str, *, reps: int = 7, warmup_calls: int = 10,
-               estimate_calls: int = 5, target_ms: float = 100.0, max_calls: int = 200) -> tuple[Stats, int]:
-    """Milliseconds per call of ``fn`` over ``reps`` repetitions of N back-to-back calls (``kiln.timing.repeat_ms``:
-    on CUDA CUDA events on a side stream, on a CPU perf_counter), and N. A repetition lasts about
+               estimate_calls: int = 5, target_ms: float = 100.0, max_calls: int = 200,
+               stream: torch.cuda.Stream | None = None) -> tuple[list[float], int]:
+    """Milliseconds per call of ``fn`` in each of ``reps`` repetitions of N back-to-back calls
+    (``kiln.timing.repeat_ms``: on CUDA CUDA events on ``stream`` or a new side stream, host launches
+    included, as a caller sees them; on a CPU perf_counter), and N. A repetition lasts at least
     ``target_ms``; ``warmup_calls`` calls (the last ``estimate_calls`` of them timed to choose N) come first."""
-    times, calls = repeat_ms(fn, torch.device(device), reps, warmup_calls=max(0, warmup_calls - estimate_calls),
-                             estimate_calls=estimate_calls, target_ms=target_ms, max_calls=max_calls, hide_launch=False)
-    return Stats.of(times), calls
+    return repeat_ms(fn, torch.device(device), reps, warmup_calls=max(0, warmup_calls - estimate_calls),
+                     estimate_calls=estimate_calls, target_ms=target_ms, max_calls=max_calls, hide_launch=False,
+                     round_up=True, stream=stream)
 
 
 def spread(a: Run, b: Run) -> float:
