@@ -21,8 +21,9 @@ import shlex
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from kiln import limits
 from kiln.errors import KilnError, PrecisionError, first_line
@@ -67,7 +68,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise KilnError(f"--contexts must be 1 or more, got {count}")
         contexts = [engine.create_context(profile=args.profile, cuda_graph=args.cuda_graph, aux_streams=args.aux_streams)
                     for _ in range(count)]
-        run = contexts[0].run
+        run: Callable[[Mapping[str, Any]], dict[str, Any]] = contexts[0].run
         onnx_path = args.onnx
         computed_in = engine_precision(engine)
         if args.compare and onnx_path is None:
@@ -234,7 +235,8 @@ def _parse_layer_precisions(text: str | None) -> dict[str, str]:
 
 def _parse_tactics(text: str | None) -> tuple[list[str], list[str]]:
     """``-triton,+gemm.cublaslt`` (trtexec's --tacticSources syntax): + allows, - denies."""
-    allow, deny = [], []
+    allow: list[str] = []
+    deny: list[str] = []
     for item in (text or "").split(","):
         item = item.strip()
         if not item:
@@ -246,7 +248,7 @@ def _parse_tactics(text: str | None) -> tuple[list[str], list[str]]:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
     from kiln import BuildConfig, build
     from kiln.device import resolve_device
@@ -268,7 +270,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     calibration = read_npz(args.inputs) if args.inputs else None
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} layers"),
                   TimeElapsedColumn(), console=console, transient=True, disable=args.quiet) as progress:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, TaskID] = {}
 
         def report(phase: str, done: int, total: int) -> None:
             if phase not in tasks:
@@ -278,6 +280,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         engine = build(args.model, config, calibration=calibration, progress=report)
     engine.save(args.output, key=key)
     out = make_console()
+    assert engine.report is not None  # a built engine carries its build's report
     for line in engine.report.lines:
         out.print(line, markup=False, highlight=False, soft_wrap=True)
     print_table(out, [Column(""), Column("")], build_summary(engine), title=f"{args.model} -> {args.output}", header=False)
@@ -296,9 +299,13 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     from kiln.tables import Column, make_console, print_table
 
     model = load_model(args.model)
-    dims = {name: int(size) for name, size in parse_shapes(args.dims).items()} if args.dims else {}
+    dims = {}
+    for name, sizes in parse_shapes(args.dims).items():
+        if len(sizes) != 1:
+            raise KilnError(f"--dims: {name}:{'x'.join(map(str, sizes))} is not NAME:SIZE (one size per name)")
+        dims[name] = sizes[0]
     report = optimize_model(model, passes=_names(args.passes), skip=_names(args.skip) or [], precision=args.precision,
-                            kiln_ops=args.kiln_ops, dims={k: v[0] for k, v in dims.items()},
+                            kiln_ops=args.kiln_ops, dims=dims,
                             target_opset=args.target_opset, name=str(args.model))
     save_onnx(model, args.output, name=str(args.model))
     console = make_console()

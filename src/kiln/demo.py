@@ -116,6 +116,7 @@ def run_demo(out_dir: Path) -> bool:
     engine.save(engine_path)
     say("")
     say(f"built {engine_path} for {engine.device.type}:")
+    assert engine.report is not None  # a built engine carries its build's report
     for line in engine.report.lines:
         say(f"  {line}")
     print_table(console, [Column(""), Column("")], build_summary(engine), header=False)

@@ -123,7 +123,8 @@ def _onnx_notes(name: str) -> Iterator[None]:
         try:
             yield
         finally:
-            for text in dict.fromkeys(first_line(w.message) for w in caught):
+            # a caught warning's message is always the Warning instance (typeshed also allows a str)
+            for text in dict.fromkeys(first_line(w.message) for w in caught if isinstance(w.message, Warning)):
                 log.warning("%s: %s", name, text)
 
 

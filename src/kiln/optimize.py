@@ -66,7 +66,8 @@ def convert_opset(model: ir.Model, target: int, name: str = "model") -> None:
     source = opset(model)
     proto = ir.serde.serialize_model(model)
     declared = {value.name for value in proto.graph.input}
-    weights, kept = [], []
+    weights: list[onnx.TensorProto] = []
+    kept: list[onnx.TensorProto] = []
     for tensor in proto.graph.initializer:
         large = tensor.data_type != onnx.TensorProto.STRING and _nbytes(tensor) > _STAND_IN_BYTES
         (weights if large else kept).append(tensor)

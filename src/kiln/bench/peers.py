@@ -96,8 +96,8 @@ class EagerTarget(Target):
         self._fn: Callable[..., Any] | None = None  # tensors in input order -> raw result
         self._input_names: list[str] = []
         self._names: list[str] = []  # output names, in the order _flatten gives the tensors
-        self._host_in: dict[str, torch.Tensor] = {}
-        self._args: tuple[torch.Tensor, ...] = ()  # the device inputs, in input order
+        self._host_in: dict[str, torch.Tensor | np.ndarray] = {}  # numpy: strings, which stay on the host
+        self._args: tuple[torch.Tensor | np.ndarray, ...] = ()  # the device inputs, in input order
         self._device_out: list[torch.Tensor] = []
         self._host_out: list[torch.Tensor] = []
 
@@ -148,7 +148,8 @@ class EagerTarget(Target):
             raise KilnError(f"{self.name}: the inputs are {order}; the feeds lack {missing} and add {extra}")
         on_gpu = self.device.type == "cuda"
         self._host_in = host_buffers({n: feeds[n] for n in order}, self.device)
-        self._args = tuple(t.to(self.device) if on_gpu else t for t in self._host_in.values())
+        self._args = tuple(t.to(self.device) if on_gpu and isinstance(t, torch.Tensor) else t
+                           for t in self._host_in.values())
         self._warm_up()
         self._host_out = [empty_like_on(t, torch.device("cpu"), pinned=on_gpu) for t in self._device_out]
 
@@ -161,7 +162,8 @@ class EagerTarget(Target):
     def h2d(self) -> None:
         if self.device.type == "cuda":
             for host, device in zip(self._host_in.values(), self._args):
-                device.copy_(host, non_blocking=True)
+                if isinstance(host, torch.Tensor) and isinstance(device, torch.Tensor):
+                    device.copy_(host, non_blocking=True)
 
     def compute(self) -> None:
         self._device_out = []
@@ -373,7 +375,8 @@ def make_peers(
                 continue
             if model is None and onnx_path is not None:
                 model = load_model(onnx_path)
-            options: dict[str, Any] = dict(model=model, module=module, device=device, dtype=dtype, output_names=output_names)
+            options: dict[str, Any] = dict(model=model, module=module, device=device, dtype=dtype,
+                                           output_names=output_names)
             if name == "eager":
                 targets.append(EagerTarget(name=name, **options))
             else:

@@ -177,7 +177,9 @@ def _re2_to_python(op: OpContext, pattern: str) -> str:
                 out.append("(?P<")
                 i += 3
                 continue
-            flags = re.match(r"[a-zA-Z-]*", rest).group(0)
+            letters = re.match(r"[a-zA-Z-]*", rest)
+            assert letters is not None  # * matches the empty string too
+            flags = letters.group(0)
             if "U" in flags:
                 raise op.fail(f"pattern {pattern!r}: the ungreedy flag (?U) is not supported")
         if c == "$" and not multiline:
