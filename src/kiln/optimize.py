@@ -124,7 +124,8 @@ def save_onnx(model: ir.Model, path: str | os.PathLike[str], name: str = "model"
         os.replace(folder / (path.name + ".data"), path.parent / (path.name + ".data"))
         os.replace(staged, path)
     except OSError as error:
-        raise KilnError(f"{path}: could not write the model ({error.strerror or error}); nothing was changed") from error
+        raise KilnError(f"{path}: could not write the model ({error.strerror or error}); "
+                        "nothing was changed") from error
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -90,11 +90,12 @@ def render(result: BenchResult, console: Console) -> None:
         if sat.steps:
             cells = []
             for step in sat.steps:
-                cells.append([f"{step['from']:g} -> {step['to']:g}", _x(step["batch_ratio"]), _x(step["throughput_ratio"]),
-                              f"{step['efficiency']:.2f}"])
+                cells.append([f"{step['from']:g} -> {step['to']:g}", _x(step["batch_ratio"]),
+                              _x(step["throughput_ratio"]), f"{step['efficiency']:.2f}"])
             _print(console, ["batch", "batch x", "throughput x", "efficiency"], cells)
         line(f"efficiency = log(throughput x) / log(batch x): 1 is linear growth; threshold {sat.threshold:.2f}; "
-             + (f"saturated from batch {sat.saturated_at}" if sat.saturated_at is not None else "not saturated in this sweep")
+             + (f"saturated from batch {sat.saturated_at}" if sat.saturated_at is not None
+                else "not saturated in this sweep")
              + f"; 90% of the best throughput from batch {_int(sat.knee_batch)}")
 
     if result.layers:
