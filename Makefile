@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 # The CPU build of torch (a local file on kiln's dev and CI machines); any torch >= 2.11 works.
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.kiln-installed
+LINTERS := $(VENV)/.kiln-linters
 
 .PHONY: demo test conformance lint clean
 
@@ -25,8 +26,14 @@ test: $(STAMP)
 conformance: $(STAMP)
 	$(PY) tools/conformance.py
 
-lint: $(STAMP)
-	$(PY) -m pip install -q ruff && $(VENV)/bin/ruff check src tests tools benchmarks
+# The linters are installed once (pinned in pyproject's `lint` extra), not on every run.
+$(LINTERS): pyproject.toml | $(STAMP)
+	$(PY) -m pip install -q -e ".[test,lint]"
+	touch $(LINTERS)
+
+lint: $(LINTERS)
+	$(VENV)/bin/ruff check src tests tools benchmarks
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -87,7 +87,8 @@ class EfficientNet(nn.Module):
         self.dw = _conv_bn(16, 16, 3, groups=16, act=nn.SiLU)
         self.se = SqueezeExcite(16, 4, act=nn.SiLU)
         self.project = _conv_bn(16, 16, 1, act=None)
-        self.head = nn.Sequential(_conv_bn(16, 32, 1, act=nn.SiLU), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+        self.head = nn.Sequential(_conv_bn(16, 32, 1, act=nn.SiLU), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(32, 10))
 
     def forward(self, x):
         x = self.stem(x)
@@ -181,7 +182,8 @@ class Bert(nn.Module):
     def __init__(self, vocab=50, d=32, heads=4, max_len=16):
         super().__init__()
         self.word, self.position, self.token_type = nn.Embedding(vocab, d), nn.Embedding(max_len, d), nn.Embedding(2, d)
-        self.ln_emb, self.ln1, self.ln2 = nn.LayerNorm(d, eps=1e-12), nn.LayerNorm(d, eps=1e-12), nn.LayerNorm(d, eps=1e-12)
+        self.ln_emb, self.ln1, self.ln2 = (nn.LayerNorm(d, eps=1e-12), nn.LayerNorm(d, eps=1e-12),
+                                           nn.LayerNorm(d, eps=1e-12))
         self.attn = _SelfAttention(d, heads)
         self.ff1, self.ff2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
         self.pool = nn.Linear(d, d)
@@ -201,7 +203,8 @@ class DistilBert(nn.Module):
     def __init__(self, vocab=50, d=32, heads=4, max_len=16):
         super().__init__()
         self.word, self.position = nn.Embedding(vocab, d), nn.Embedding(max_len, d)
-        self.ln_emb, self.ln1, self.ln2 = nn.LayerNorm(d, eps=1e-12), nn.LayerNorm(d, eps=1e-12), nn.LayerNorm(d, eps=1e-12)
+        self.ln_emb, self.ln1, self.ln2 = (nn.LayerNorm(d, eps=1e-12), nn.LayerNorm(d, eps=1e-12),
+                                           nn.LayerNorm(d, eps=1e-12))
         self.heads, self.dh = heads, d // heads
         self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.ff1, self.ff2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
@@ -230,7 +233,8 @@ class GPT2(nn.Module):
         self.c_attn_w, self.c_attn_b = nn.Parameter(torch.randn(d, 3 * d) * 0.1), nn.Parameter(torch.zeros(3 * d))
         self.c_proj = nn.Linear(d, d)
         self.fc, self.proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-        self.register_buffer("bias", torch.tril(torch.ones(max_len, max_len, dtype=torch.bool)).view(1, 1, max_len, max_len))
+        causal = torch.tril(torch.ones(max_len, max_len, dtype=torch.bool))
+        self.register_buffer("bias", causal.view(1, 1, max_len, max_len))
 
     def forward(self, input_ids):
         n, s = input_ids.shape
@@ -262,7 +266,8 @@ def example_inputs(family: str, batch: int = 2, seq: int = 8, generator: torch.G
     mask = torch.ones(batch, seq, dtype=torch.long)
     mask[0, seq // 2:] = 0
     if family == "bert":
-        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.randint(0, 2, (batch, seq), generator=g)}
+        return {"input_ids": ids, "attention_mask": mask,
+                "token_type_ids": torch.randint(0, 2, (batch, seq), generator=g)}
     if family == "distilbert":
         return {"input_ids": ids, "attention_mask": mask}
     return {"input_ids": ids}
@@ -292,7 +297,8 @@ def export(model: nn.Module, inputs: dict, path, exporter: str, opset: int) -> N
     text = "input_ids" in inputs
     if exporter == "torchscript":
         axes = {n: {0: "batch", 1: "sequence"} if text else {0: "batch"} for n in names}
-        torch.onnx.export(model, args, str(path), input_names=names, opset_version=opset, dynamo=False, dynamic_axes=axes)
+        torch.onnx.export(model, args, str(path), input_names=names, opset_version=opset, dynamo=False,
+                          dynamic_axes=axes)
     else:
         batch = torch.export.Dim("batch", min=1, max=64)
         seq = torch.export.Dim("sequence", min=2, max=16)

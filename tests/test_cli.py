@@ -344,3 +344,10 @@ def test_demo_builds_runs_and_checks_an_engine(tmp_path, capsys):
         assert piece in out, piece
     rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["logits"], ["probabilities"])]
     assert len(rows) == 2 and all(row[-1] == "ok" for row in rows)
+
+
+def test_optimize_takes_symbolic_sizes_and_refuses_more_than_one(tmp_path, capsys):
+    path, out = _dynamic_model(tmp_path), str(tmp_path / "out.onnx")
+    assert main(["optimize", str(path), "-o", out, "--dims", "batch:4"]) == 0
+    assert main(["optimize", str(path), "-o", out, "--dims", "batch:4x2"]) == 2
+    assert "--dims: batch:4x2 is not NAME:SIZE" in capsys.readouterr().err

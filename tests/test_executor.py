@@ -74,7 +74,8 @@ def test_op_failure_inside_a_subgraph_names_the_node_that_holds_it():
     graph = helper.make_graph(
         [helper.make_node("If", ["c"], ["out"], name="branch", then_branch=body, else_branch=body)],
         "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]), helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
+         helper.make_tensor_value_info("c", TensorProto.BOOL, []),
          helper.make_tensor_value_info("shape", TensorProto.INT64, [2])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, [4, 4])],
     )
@@ -107,7 +108,8 @@ def test_dtypes_flow_through_unchanged(rng, elem, np_dtype):
     backend_out = kiln.backend.prepare(_binary_model("Mul", elem)).run([a, b])[0]
     assert backend_out.dtype == np.dtype(np_dtype)
     expected = (a.astype(np.float64) * b.astype(np.float64)).astype(np_dtype)
-    np.testing.assert_allclose(backend_out.astype(np.float64), expected.astype(np.float64), rtol=1e-2 if elem == TensorProto.BFLOAT16 else 1e-3)
+    np.testing.assert_allclose(backend_out.astype(np.float64), expected.astype(np.float64),
+                               rtol=1e-2 if elem == TensorProto.BFLOAT16 else 1e-3)
 
 
 def test_bool_ops(rng):

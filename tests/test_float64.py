@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from kiln.executor import Executor
@@ -42,7 +43,8 @@ def test_the_float64_model_computes_in_float64_and_leaves_the_original_alone():
     model = load_model_proto(_model(), name="m")
     wide = float64_model(model)
     n, x = np.array([1, 2, 7], np.int64), np.array([3.0, 7.0, 11.0], np.float32)
-    for flag, expected in ((True, (n * np.float64(np.float32(0.1)) + np.array([1 / 3, 2 / 3, 1.0], np.float32).astype(np.float64)) / x),
+    c = np.array([1 / 3, 2 / 3, 1.0], np.float32).astype(np.float64)
+    for flag, expected in ((True, (n * np.float64(np.float32(0.1)) + c) / x),
                            (False, n * np.array([0.7, 1.3, 2.9], np.float32).astype(np.float64) / x)):
         feeds = {"flag": np.array(flag), "n": n, "x": x}
         got = Executor(wide).run(widen(feeds))["y"]
@@ -58,3 +60,19 @@ def test_widen_and_distance():
     assert fed["a"].dtype == np.float64 and fed["b"].dtype == np.int32
     assert distance(np.array([1.0, 2.0]), np.array([1.0, 4.0])) == 0.5
     assert distance(np.zeros(0), np.zeros(0)) == 0.0
+
+
+def test_model_local_functions_are_made_float64_too():
+    halve = helper.make_function(
+        "local", "Halve", ["a"], ["b"],
+        [helper.make_node("Constant", [], ["half"], value_float=0.5), helper.make_node("Mul", ["a", "half"], ["b"])],
+        [helper.make_opsetid("", 17)])
+    graph = helper.make_graph([helper.make_node("Halve", ["x"], ["y"], domain="local")], "g",
+                              [helper.make_tensor_value_info("x", F, [2])],
+                              [helper.make_tensor_value_info("y", F, [2])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+                              functions=[halve], ir_version=9)
+    wide = float64_model(ir.from_proto(proto))  # as it is: kiln's loader would inline the function
+    constant = next(iter(wide.functions.values()))[0]
+    assert constant.attributes["value"].value.dtype == ir.DataType.DOUBLE
+    assert wide.graph.inputs[0].dtype == ir.DataType.DOUBLE

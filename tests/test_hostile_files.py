@@ -69,9 +69,10 @@ def _refused(capsys, argv: list[str], match: str) -> str:
 
 def _model(nodes, initializers=(), functions=(), y_shape=(2, 3), opsets=(("", 17),)) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(y_shape))], list(initializers))
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets], functions=list(functions),
-                             ir_version=10)
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(y_shape))],
+                              list(initializers))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets],
+                             functions=list(functions), ir_version=10)
 
 
 def _tensor_in_each_place() -> dict[str, tuple[onnx.ModelProto, onnx.TensorProto]]:
@@ -96,7 +97,8 @@ def _tensor_in_each_place() -> dict[str, tuple[onnx.ModelProto, onnx.TensorProto
         "small float initializer": (small, small.graph.initializer[0]),
         "int64 initializer": (reshape, reshape.graph.initializer[0]),
         "Constant node": (constant, constant.graph.node[0].attribute[0].t),
-        "subgraph initializer": (subgraph, next(a.g for a in subgraph.graph.node[0].attribute if a.name == "then_branch").initializer[0]),
+        "subgraph initializer": (subgraph, next(a.g for a in subgraph.graph.node[0].attribute
+                                                if a.name == "then_branch").initializer[0]),
         "function's Constant": (function, function.functions[0].node[0].attribute[0].t),
     }
 
@@ -133,7 +135,8 @@ def test_empty_tensor_with_dims_past_any_index_is_refused(tmp_path):
     model.graph.initializer.append(empty)
     path = tmp_path / "m.onnx"
     path.write_bytes(model.SerializeToString())
-    with pytest.raises(kiln.ModelLoadError, match="initializer 'empty' has dims .* multiply past what numpy and torch can index"):
+    with pytest.raises(kiln.ModelLoadError,
+                       match="initializer 'empty' has dims .* multiply past what numpy and torch can index"):
         kiln.load_model(path)
 
 
@@ -144,7 +147,8 @@ def test_a_fifo_as_the_model_is_refused_by_its_kind(tmp_path, capsys):
 
 def _big_input_model(tmp_path, shape, elem=TensorProto.FLOAT):
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", elem, shape)], [helper.make_tensor_value_info("y", elem, shape)])
+                              [helper.make_tensor_value_info("x", elem, shape)],
+                              [helper.make_tensor_value_info("y", elem, shape)])
     path = tmp_path / "big.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), path)
     return path
@@ -218,7 +222,8 @@ def test_npz_header_asking_for_terabytes_is_refused_before_reading(tmp_path, rel
 
 def test_npz_header_declaring_more_than_the_member_holds_is_refused(tmp_path, relu_model, capsys):
     path = _zip(tmp_path / "in.npz", {"x.npy": _npy_header(descr="<f4", shape=(2, 3)) + b"\0" * 20})
-    _refused(capsys, ["run", relu_model, "--inputs", path], r"declares 2x3 float32 \(24 bytes\) but the member holds 20")
+    _refused(capsys, ["run", relu_model, "--inputs", path],
+             r"declares 2x3 float32 \(24 bytes\) but the member holds 20")
 
 
 def test_npz_inflating_past_the_limit_is_refused_by_its_zip_directory(tmp_path, relu_model, capsys):

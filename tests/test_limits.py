@@ -64,7 +64,8 @@ def test_refusal_names_the_tensor_the_sizes_and_how_to_raise_the_limit():
             limits.check_tensor_bytes((2**31, 4), ir.DataType.FLOAT, "m.onnx: input 'x'")
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith("m.onnx: input 'x': 2147483648x4 float is 32.0 GiB (34,359,738,368 bytes), over the 1,000 bytes")
+    assert message.startswith("m.onnx: input 'x': 2147483648x4 float is 32.0 GiB (34,359,738,368 bytes), "
+                              "over the 1,000 bytes")
     assert "--max-tensor-bytes" in message and limits.ENVIRONMENT in message
 
 
@@ -90,8 +91,10 @@ def test_cli_flag_sets_the_limit_for_the_command_only(tmp_path, capsys):
     from model_builders import add_relu_model
 
     onnx.save(add_relu_model((2, 3)), tmp_path / "m.onnx")
-    assert main(["run", str(tmp_path / "m.onnx"), "--inputs", str(tmp_path / "in.npz"), "--max-tensor-bytes", "8"]) == 2
-    assert "inflate to more than 8 bytes, the limit on one tensor (raise it with --max-tensor-bytes" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "m.onnx"), "--inputs", str(tmp_path / "in.npz"),
+                 "--max-tensor-bytes", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "inflate to more than 8 bytes, the limit on one tensor (raise it with --max-tensor-bytes" in err
     assert limits.max_tensor_bytes() > 8  # back to the default after the command
     assert main(["run", str(tmp_path / "m.onnx"), "--inputs", str(tmp_path / "in.npz")]) == 0
 

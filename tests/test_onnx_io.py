@@ -77,7 +77,8 @@ def _save_external(tmp_path: Path, location: str = "weights.bin") -> Path:
     folder.mkdir()
     model = add_relu_model((32, 32))
     path = folder / "m.onnx"
-    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=location, size_threshold=0)
+    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=location,
+              size_threshold=0)
     return path
 
 
@@ -281,7 +282,8 @@ def test_external_data_of_a_function_constant_is_checked_like_any_other(tmp_path
                               opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)])
     path = folder / "m.onnx"
     path.write_bytes(model.SerializeToString())
-    with recording_opens() as opened, pytest.raises(ModelLoadError, match="in function 'AddC' has external data at '../secret.bin'"):
+    with (recording_opens() as opened,
+          pytest.raises(ModelLoadError, match="in function 'AddC' has external data at '../secret.bin'")):
         load_model(path)
     _assert_nothing_outside(opened, folder)
     assert secret.exists()
@@ -292,8 +294,10 @@ def test_external_data_of_a_function_constant_is_checked_like_any_other(tmp_path
     hidden.t.CopyFrom(c)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
-    path.write_bytes(helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
-    with recording_opens() as opened, pytest.raises(ModelLoadError, match="the tensor of attribute 'alpha' of node 'Relu'"):
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17)])
+    path.write_bytes(model.SerializeToString())
+    with (recording_opens() as opened,
+          pytest.raises(ModelLoadError, match="the tensor of attribute 'alpha' of node 'Relu'")):
         load_model(path)
     _assert_nothing_outside(opened, folder)
 
@@ -377,7 +381,8 @@ def test_loaded_model_carries_inferred_shapes(tmp_path):
 
 
 def _slice_with_huge_step() -> onnx.ModelProto:
-    inits = [onnx.numpy_helper.from_array(np.array([v]), n) for n, v in [("s", 0), ("e", 4), ("a", 0), ("st", 2**63 - 1)]]
+    inits = [onnx.numpy_helper.from_array(np.array([v]), n)
+             for n, v in [("s", 0), ("e", 4), ("a", 0), ("st", 2**63 - 1)]]
     graph = helper.make_graph(
         [helper.make_node("Slice", ["x", "s", "e", "a", "st"], ["y"], name="slice")],
         "g",
@@ -410,7 +415,8 @@ def test_native_crash_while_checking_is_a_load_error(tmp_path, monkeypatch):
 
 def test_sparse_attribute_is_refused_with_a_kiln_error():
     sparse = helper.make_sparse_tensor(
-        helper.make_tensor("v", TensorProto.FLOAT, [1], [5.0]), helper.make_tensor("i", TensorProto.INT64, [1], [2]), [4]
+        helper.make_tensor("v", TensorProto.FLOAT, [1], [5.0]), helper.make_tensor("i", TensorProto.INT64, [1], [2]),
+        [4],
     )
     graph = helper.make_graph(
         [helper.make_node("Constant", [], ["y"], name="const", sparse_value=sparse)],

@@ -25,14 +25,15 @@ def _save(path, nodes, initializers, x_shape=("n", "m")):
 
 MODELS = {
     # crops two columns: fine for m >= 2, an op error below
-    "pad": ([helper.make_node("Relu", ["x"], ["r"], name="relu"), helper.make_node("Pad", ["r", "pads"], ["y"], name="pad")],
+    "pad": ([helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Pad", ["r", "pads"], ["y"], name="pad")],
             [("pads", np.array([0, -2, 0, 0], np.int64))], "node 'pad' (op ai.onnx::Pad, opset 17): pads [0, -2, 0, 0] "
             "crop more than the input shape [2, 1]"),
     # a fixed last dim of 4: fine when n * m is a multiple of 4
     "reshape": ([helper.make_node("Relu", ["x"], ["r"], name="relu"),
                  helper.make_node("Reshape", ["r", "shape"], ["y"], name="reshape")],
-                [("shape", np.array([-1, 4], np.int64))], "(op Reshape) failed: RuntimeError: shape '[-1, 4]' is invalid "
-                "for input of size 2"),
+                [("shape", np.array([-1, 4], np.int64))],
+                "(op Reshape) failed: RuntimeError: shape '[-1, 4]' is invalid for input of size 2"),
 }
 
 

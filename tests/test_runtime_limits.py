@@ -40,7 +40,8 @@ def test_a_few_hundred_bytes_asking_for_16_gb_are_refused_before_allocation():
     with max_tensor_bytes_set(GIB), pytest.raises(ResourceLimitError) as caught:
         _run(proto)
     message = str(caught.value)
-    assert message.startswith("bomb.onnx: node 'fill' (op ConstantOfShape): output 'y': 4x1073741824 float32 is 16.0 GiB")
+    assert message.startswith("bomb.onnx: node 'fill' (op ConstantOfShape): output 'y': "
+                              "4x1073741824 float32 is 16.0 GiB")
     assert "17,179,869,184 bytes" in message and "--max-tensor-bytes" in message
 
 
@@ -52,18 +53,23 @@ BOMBS = {
                [("shape", np.array([1 << 40], np.int64))], {"x": np.ones(1, np.float32)}, 1, "1099511627776 float32"),
     "tile": (helper.make_node("Tile", ["x", "reps"], ["y"], name="n"), [("x", F, [1024])],
              [("reps", np.array([1 << 30], np.int64))], {"x": np.ones(1024, np.float32)}, 1, "1099511627776 float32"),
-    "broadcast add": (helper.make_node("Add", ["a", "b"], ["y"], name="n"), [("a", F, [1 << 20, 1]), ("b", F, [1, 1 << 20])],
+    "broadcast add": (helper.make_node("Add", ["a", "b"], ["y"], name="n"),
+                      [("a", F, [1 << 20, 1]), ("b", F, [1, 1 << 20])],
                       [], {"a": _X, "b": _XT}, 2, "1048576x1048576 float32"),
-    "broadcast equal": (helper.make_node("Equal", ["a", "b"], ["y"], name="n"), [("a", F, [1 << 20, 1]), ("b", F, [1, 1 << 20])],
+    "broadcast equal": (helper.make_node("Equal", ["a", "b"], ["y"], name="n"),
+                        [("a", F, [1 << 20, 1]), ("b", F, [1, 1 << 20])],
                         [], {"a": _X, "b": _XT}, 2, "1048576x1048576 bool"),
     "where": (helper.make_node("Where", ["c", "a", "b"], ["y"], name="n"),
               [("c", TensorProto.BOOL, [1 << 20, 1]), ("a", F, [1, 1 << 20]), ("b", F, [1])], [],
               {"c": np.ones((1 << 20, 1), bool), "a": _XT, "b": np.ones(1, np.float32)}, 2, "1048576x1048576 float32"),
-    "variadic sum": (helper.make_node("Sum", ["a", "b", "a"], ["y"], name="n"), [("a", F, [1 << 20, 1]), ("b", F, [1, 1 << 20])],
+    "variadic sum": (helper.make_node("Sum", ["a", "b", "a"], ["y"], name="n"),
+                     [("a", F, [1 << 20, 1]), ("b", F, [1, 1 << 20])],
                      [], {"a": _X, "b": _XT}, 2, "1048576x1048576 float32"),
-    "matmul": (helper.make_node("MatMul", ["a", "b"], ["y"], name="n"), [("a", F, [1 << 20, 1]), ("b", F, [1, 1 << 20])],
+    "matmul": (helper.make_node("MatMul", ["a", "b"], ["y"], name="n"),
+               [("a", F, [1 << 20, 1]), ("b", F, [1, 1 << 20])],
                [], {"a": _X, "b": _XT}, 2, "1048576x1048576 float32"),
-    "gemm": (helper.make_node("Gemm", ["a", "b"], ["y"], name="n", transB=1), [("a", F, [1 << 20, 1]), ("b", F, [1 << 20, 1])],
+    "gemm": (helper.make_node("Gemm", ["a", "b"], ["y"], name="n", transB=1),
+             [("a", F, [1 << 20, 1]), ("b", F, [1 << 20, 1])],
              [], {"a": _X, "b": _X}, 2, "1048576x1048576 float32"),
     "einsum outer product": (helper.make_node("Einsum", ["a", "b"], ["y"], name="n", equation="i,j->ij"),
                              [("a", F, [1 << 20]), ("b", F, [1 << 20])], [],
@@ -84,7 +90,8 @@ BOMBS = {
                 {"i": np.zeros(1 << 20, np.int64)}, 2, "1048576x1048576 float32"),
     "random normal": (helper.make_node("RandomNormal", [], ["y"], name="n", shape=[1 << 20, 1 << 20]), [], [], {},
                       2, "1048576x1048576 float32"),
-    "conv transpose strides": (helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="n", strides=[1 << 20, 1 << 20]),
+    "conv transpose strides": (helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="n",
+                                                strides=[1 << 20, 1 << 20]),
                                [("x", F, [1, 1, 4, 4])], [("w", np.ones((1, 1, 1, 1), np.float32))],
                                {"x": np.ones((1, 1, 4, 4), np.float32)}, 4, "1x1x3145729x3145729 float32"),
 }
@@ -106,8 +113,10 @@ def _growing_scan_loop() -> onnx.ModelProto:
     """A Loop of 2^62 trips whose scan output gains a [256] row per iteration."""
     body = helper.make_graph(
         [helper.make_node("Identity", ["cond"], ["cond_out"]), helper.make_node("Identity", ["row"], ["scan"])],
-        "body", [helper.make_tensor_value_info("i", I64, []), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("scan", F, [256])])
+        "body",
+        [helper.make_tensor_value_info("i", I64, []), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("scan", F, [256])])
     return _model([helper.make_node("Loop", ["trips", "keep"], ["rows"], name="grow", body=body)], [],
                   [("rows", F, ["n", 256])],
                   [("trips", np.array(1 << 62, np.int64)), ("keep", np.array(True)), ("row", np.ones(256, np.float32))])
@@ -122,10 +131,11 @@ def test_a_loop_whose_scan_output_grows_stops_at_the_ceiling():
 def test_a_loop_whose_scan_output_fits_is_unchanged():
     body = helper.make_graph(
         [helper.make_node("Identity", ["cond"], ["cond_out"]), helper.make_node("Cast", ["i"], ["scan"], to=F)],
-        "body", [helper.make_tensor_value_info("i", I64, []), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        "body",
+        [helper.make_tensor_value_info("i", I64, []), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
         [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("scan", F, [])])
-    proto = _model([helper.make_node("Loop", ["trips", "keep"], ["rows"], name="count", body=body)], [], [("rows", F, ["n"])],
-                   [("trips", np.array(1000, np.int64)), ("keep", np.array(True))])
+    proto = _model([helper.make_node("Loop", ["trips", "keep"], ["rows"], name="count", body=body)], [],
+                   [("rows", F, ["n"])], [("trips", np.array(1000, np.int64)), ("keep", np.array(True))])
     rows = _run(proto)["rows"]
     assert rows.tolist() == list(range(1000))  # stacked in chunks, in order
 
@@ -152,11 +162,13 @@ def test_an_engine_refuses_a_value_shaped_bomb_naming_the_engine(tmp_path):
     assert engine.run({"x": np.ones(1, np.float32), "shape": np.array([3], np.int64)})["y"].tolist() == [1.0] * 3
     with max_tensor_bytes_set(GIB), pytest.raises(ResourceLimitError) as caught:
         engine.run({"x": np.ones(1, np.float32), "shape": np.array([1 << 40], np.int64)})
-    assert str(caught.value).startswith(f"{tmp_path / 'expand.kiln'}: node 'expand' (op Expand): output 'y': 1099511627776 float32")
+    assert str(caught.value).startswith(f"{tmp_path / 'expand.kiln'}: node 'expand' (op Expand): output 'y': "
+                                        "1099511627776 float32")
 
 
 def test_an_engine_checks_a_pointwise_broadcast_on_the_first_run_at_a_shape(tmp_path):
-    proto = _model([helper.make_node("Add", ["a", "b"], ["s"], name="add"), helper.make_node("Relu", ["s"], ["y"], name="relu")],
+    proto = _model([helper.make_node("Add", ["a", "b"], ["s"], name="add"),
+                    helper.make_node("Relu", ["s"], ["y"], name="relu")],
                    [("a", F, ["n", 1]), ("b", F, [1, "m"])], [("y", F, ["n", "m"])])
     onnx.save(proto, tmp_path / "outer.onnx")
     big = 1 << 20

@@ -46,7 +46,8 @@ def _loop_model(trips: int | None, scan: bool = False, trips_input: bool = False
     trip_name = "trips" if trips is not None or trips_input else ""
     graph_outputs = [helper.make_tensor_value_info("y", F, [1])] + ([helper.make_tensor_value_info("rows", F, ["n", 1])]
                                                                      if scan else [])
-    loop = helper.make_node("Loop", [trip_name, "keep", "x"], ["y"] + (["rows"] if scan else []), name="loop", body=body)
+    loop = helper.make_node("Loop", [trip_name, "keep", "x"], ["y"] + (["rows"] if scan else []), name="loop",
+                            body=body)
     graph = helper.make_graph([loop], "loops", inputs, graph_outputs, initializers)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
@@ -132,7 +133,8 @@ def test_executor_cancel_from_another_thread_stops_a_long_run():
     error = _cancel_from_another_thread(lambda: executor.run({"x": np.zeros(1, np.float32)}), executor.cancel)
     assert isinstance(error, RunStopped)
     # where it stopped depends on when the cancel came: before the Loop node, or at one of its iterations
-    assert re.fullmatch(r"loop\.onnx: cancelled after [0-9.]+ s at node 'loop' \(op Loop(, iteration \d+)?\)", str(error))
+    assert re.fullmatch(r"loop\.onnx: cancelled after [0-9.]+ s at node 'loop' \(op Loop(, iteration \d+)?\)",
+                        str(error))
     assert not executor.cancel()  # no run in progress now
 
 

@@ -24,7 +24,7 @@ def _mode_for(path: str) -> int:
         return 0o666 & ~umask
 
 
-def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
+def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> None:
     """Call ``write(handle)`` on a temporary file, then move it onto ``path``; on any error the
     temporary file is removed, ``path`` is left as it was, and a ``KilnError`` says why."""
     path = os.fspath(path)

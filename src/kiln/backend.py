@@ -42,7 +42,8 @@ class KilnRep(BackendRep):
                 inputs = [inputs]
             feeds = {v.name: x for v, x in zip(self.executor.inputs, inputs)}
         outputs = self.executor.run(feeds)
-        return tuple(_to_numpy(outputs[v.name]) for v in self.executor.outputs)
+        # read from a proto, every graph output has a name (str, possibly ""): never None
+        return tuple(_to_numpy(outputs[v.name or ""]) for v in self.executor.outputs)
 
 
 class KilnBackend(Backend):

@@ -21,8 +21,9 @@ import shlex
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from kiln import limits
 from kiln.errors import KilnError, PrecisionError, first_line
@@ -66,21 +67,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
         count = 1 if args.contexts is None else args.contexts
         if count < 1:
             raise KilnError(f"--contexts must be 1 or more, got {count}")
-        contexts = [engine.create_context(profile=args.profile, cuda_graph=args.cuda_graph, aux_streams=args.aux_streams)
+        contexts = [engine.create_context(profile=args.profile, cuda_graph=args.cuda_graph,
+                                          aux_streams=args.aux_streams)
                     for _ in range(count)]
-        run = contexts[0].run
+        run: Callable[[Mapping[str, Any]], dict[str, Any]] = contexts[0].run
         onnx_path = args.onnx
         computed_in = engine_precision(engine)
         if args.compare and onnx_path is None:
-            raise KilnError(f"{args.model}: an engine does not carry its ONNX weights; give --onnx MODEL.onnx to compare it")
+            raise KilnError(f"{args.model}: an engine does not carry its ONNX weights; "
+                            "give --onnx MODEL.onnx to compare it")
     else:
         given = [flag for flag, on in runtime.items() if on]
         if given:
-            raise KilnError(f"{args.model}: {', '.join(given)} run a built engine; build one with kiln build and run the .kiln file")
+            raise KilnError(f"{args.model}: {', '.join(given)} run a built engine; "
+                            "build one with kiln build and run the .kiln file")
         from kiln.executor import Executor
         from kiln.onnx_io import load_model
 
-        model = load_model(args.model, max_bytes=args.max_model_bytes) if args.max_model_bytes else load_model(args.model)
+        model = (load_model(args.model, max_bytes=args.max_model_bytes) if args.max_model_bytes
+                 else load_model(args.model))
         device = resolve_device(args.device)  # after loading: a bad model is one line, without the CPU note
         executor = Executor(model, device=device, name=str(args.model))
         specs, run, computed_in = executor.inputs, executor.run, None
@@ -98,7 +103,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         diffs = {}
         if args.compare:
             reference = compare.run_onnxruntime(onnx_path, feeds)
-            diffs = {d.name: d for d in compare.compare_outputs(arrays, reference, computed_in=computed_in, atol=atol, rtol=rtol)}
+            diffs = {d.name: d for d in compare.compare_outputs(arrays, reference, computed_in=computed_in,
+                                                                 atol=atol, rtol=rtol)}
 
     columns = [Column("output"), Column("shape"), Column("dtype")]
     if diffs:
@@ -110,8 +116,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         row = [name, "x".join(map(str, array.shape)) or "scalar", str(array.dtype)]
         if diffs:
             d = diffs[name]
-            row += [f"{d.max_abs:.3g}", f"{d.max_rel:.3g}", f"{d.tolerance.atol:g}", f"{d.tolerance.rtol:g}", str(d.bad),
-                    d.verdict]
+            row += [f"{d.max_abs:.3g}", f"{d.max_rel:.3g}", f"{d.tolerance.atol:g}", f"{d.tolerance.rtol:g}",
+                    str(d.bad), d.verdict]
         rows.append(row)
     against = " against onnxruntime (CPU)" if diffs else ""
     print_table(console, columns, rows, title=f"{args.model} on {device} ({elapsed * 1e3:.1f} ms){against}")
@@ -123,8 +129,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _say(console, f"outputs written to {args.save_outputs}")
     if contexts and (args.cuda_graph or args.contexts):
         first = contexts[0]
+        graph = "captured" if first.stats.captures else "off" if not args.cuda_graph else "not captured"
         _say(console, f"{len(contexts)} context(s) on their own streams; aux streams {first.aux_streams}; "
-                      f"CUDA graph: {'captured' if first.stats.captures else 'off' if not args.cuda_graph else 'not captured'}"
+                      f"CUDA graph: {graph}"
                       + (f" ({'; '.join(first.graph_errors)})" if first.graph_errors else ""))
     if diffs and not all(d.ok for d in diffs.values()):
         over = ", ".join(f"{d.name} ({d.bad} of {d.size} elements)" for d in diffs.values() if not d.ok)
@@ -193,7 +200,8 @@ def _run_other_contexts(contexts, feeds, expected, console) -> list[int]:
         thread.join()
     if errors:
         raise errors[0]
-    console.print(f"contexts 1-{len(contexts)}: two runs each, concurrently, in {(time.perf_counter() - start) * 1e3:.1f} ms",
+    elapsed_ms = (time.perf_counter() - start) * 1e3
+    console.print(f"contexts 1-{len(contexts)}: two runs each, concurrently, in {elapsed_ms:.1f} ms",
                   markup=False, highlight=False)
 
     def same(a, b) -> bool:
@@ -235,7 +243,8 @@ def _parse_layer_precisions(text: str | None) -> dict[str, str]:
 
 def _parse_tactics(text: str | None) -> tuple[list[str], list[str]]:
     """``-triton,+gemm.cublaslt`` (trtexec's --tacticSources syntax): + allows, - denies."""
-    allow, deny = [], []
+    allow: list[str] = []
+    deny: list[str] = []
     for item in (text or "").split(","):
         item = item.strip()
         if not item:
@@ -247,7 +256,7 @@ def _parse_tactics(text: str | None) -> tuple[list[str], list[str]]:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
     from kiln import BuildConfig, build
     from kiln.device import resolve_device
@@ -261,15 +270,17 @@ def _cmd_build(args: argparse.Namespace) -> int:
     allow, deny = _parse_tactics(args.tactics)
     config = BuildConfig(
         fp16=args.fp16, bf16=args.bf16, tf32=args.tf32, strongly_typed=args.strongly_typed, opt_level=args.opt_level,
-        timing_cache=args.timing_cache, profiles=_parse_profiles(args), layer_precisions=_parse_layer_precisions(args.layer_precision),
+        timing_cache=args.timing_cache, profiles=_parse_profiles(args),
+        layer_precisions=_parse_layer_precisions(args.layer_precision),
         allow_tactics=allow, deny_tactics=deny, memory_limit=args.memory_limit, device=resolve_device(args.device),
-        precision_check=not args.no_precision_check, passes=_names(args.passes), skip_passes=_names(args.skip_passes) or [],
+        precision_check=not args.no_precision_check, passes=_names(args.passes),
+        skip_passes=_names(args.skip_passes) or [],
         max_aux_streams=args.aux_streams, atol=atol, rtol=rtol, timeout_s=args.timeout_s,
     )
     calibration = read_npz(args.inputs) if args.inputs else None
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} layers"),
                   TimeElapsedColumn(), console=console, transient=True, disable=args.quiet) as progress:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, TaskID] = {}
 
         def report(phase: str, done: int, total: int) -> None:
             if phase not in tasks:
@@ -279,9 +290,11 @@ def _cmd_build(args: argparse.Namespace) -> int:
         engine = build(args.model, config, calibration=calibration, progress=report)
     engine.save(args.output, key=key)
     out = make_console()
+    assert engine.report is not None  # a built engine carries its build's report
     for line in engine.report.lines:
         out.print(line, markup=False, highlight=False, soft_wrap=True)
-    print_table(out, [Column(""), Column("")], build_summary(engine), title=f"{args.model} -> {args.output}", header=False)
+    print_table(out, [Column(""), Column("")], build_summary(engine), title=f"{args.model} -> {args.output}",
+                header=False)
     return 0
 
 
@@ -297,9 +310,13 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     from kiln.tables import Column, make_console, print_table
 
     model = load_model(args.model)
-    dims = {name: int(size) for name, size in parse_shapes(args.dims).items()} if args.dims else {}
+    dims = {}
+    for name, sizes in parse_shapes(args.dims).items():
+        if len(sizes) != 1:
+            raise KilnError(f"--dims: {name}:{'x'.join(map(str, sizes))} is not NAME:SIZE (one size per name)")
+        dims[name] = sizes[0]
     report = optimize_model(model, passes=_names(args.passes), skip=_names(args.skip) or [], precision=args.precision,
-                            kiln_ops=args.kiln_ops, dims={k: v[0] for k, v in dims.items()},
+                            kiln_ops=args.kiln_ops, dims=dims,
                             target_opset=args.target_opset, name=str(args.model))
     save_onnx(model, args.output, name=str(args.model))
     console = make_console()
@@ -351,16 +368,18 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     summary = engine.summary()
     columns = [Column("#", numeric=True), Column("layer"), Column("nodes", optional=True), Column("tactic"),
                Column("precision"), Column("layout", optional=True), Column("shapes", optional=True),
-               Column("ms", numeric=True), Column("share", numeric=True)] + ([Column("stream", numeric=True)] if streams else [])
+               Column("ms", numeric=True), Column("share", numeric=True)]
+    columns += [Column("stream", numeric=True)] if streams else []
     cells = []
     for row in rows:
         shapes = " ".join("x".join(map(str, s)) for s in row["inputs"].values() if s) + " -> " + \
             " ".join("x".join(map(str, s)) for s in row["outputs"].values() if s)
         config = row["config"]
         tactic = row["tactic"] + (" " + ",".join(f"{k}={v}" for k, v in config.items()) if config else "")
-        cells.append([str(row["index"]), row["name"], "+".join(row["op_types"]), tactic, row["precision"], row["layout"],
-                      shapes, "-" if row["time_ms"] is None else f"{row['time_ms']:.4f}",
-                      "-" if row["share"] is None else f"{100 * row['share']:.1f}%", *([str(row["stream"])] if streams else [])])
+        cells.append([str(row["index"]), row["name"], "+".join(row["op_types"]), tactic, row["precision"],
+                      row["layout"], shapes, "-" if row["time_ms"] is None else f"{row['time_ms']:.4f}",
+                      "-" if row["share"] is None else f"{100 * row['share']:.1f}%",
+                      *([str(row["stream"])] if streams else [])])
     console = make_console()
     left_out = print_table(console, columns, cells, title=f"{args.engine}: {len(rows)} layers")
     if left_out:
@@ -380,9 +399,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from kiln.tables import make_console
 
     engine_file = _is_engine(args.model)
-    build_flags = [f"--{flag.replace('_', '-')}" for flag in ("fp16", "bf16", "tf32", "strongly_typed") if getattr(args, flag)]
+    build_flags = [f"--{flag.replace('_', '-')}" for flag in ("fp16", "bf16", "tf32", "strongly_typed")
+                   if getattr(args, flag)]
     if engine_file and (build_flags or args.timing_cache or args.opt_level is not None):
-        raise KilnError(f"{args.model}: an engine is already built; {', '.join(build_flags) or 'build flags'} apply to .onnx models")
+        raise KilnError(f"{args.model}: an engine is already built; "
+                        f"{', '.join(build_flags) or 'build flags'} apply to .onnx models")
     if args.onnx is not None and not engine_file:
         raise KilnError("--onnx names the ONNX file a .kiln engine was built from; the model here is ONNX already")
     atol, rtol = _tolerance_flags(args)
@@ -396,7 +417,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         opt_level=3 if args.opt_level is None else args.opt_level, timing_cache=args.timing_cache,
         device=resolve_device(args.device), max_aux_streams=args.aux_streams or 0)
     options = BenchOptions(
-        batches=parse_batches(args.batch), shapes=parse_shapes(args.shapes), batch_axes=parse_batch_axes(args.batch_axes),
+        batches=parse_batches(args.batch), shapes=parse_shapes(args.shapes),
+        batch_axes=parse_batch_axes(args.batch_axes),
         build=build, warmup_ms=args.warmup_ms,
         duration_s=None if args.iterations else args.duration_s, iterations=args.iterations, repeats=args.repeats,
         peers=_names(args.peers) or [], profile_layers=args.profile_layers, cuda_graph=args.cuda_graph,
@@ -419,7 +441,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if wrong:
         console.print(f"[bold red]outputs differ from kiln's beyond tolerance:[/] {', '.join(wrong)}", highlight=False)
     if off:
-        console.print(f"[bold red]outputs differ from the reference beyond tolerance:[/] {', '.join(off)}", highlight=False)
+        console.print(f"[bold red]outputs differ from the reference beyond tolerance:[/] {', '.join(off)}",
+                      highlight=False)
     if wrong or off:
         return EXIT_MISMATCH
     return 0
@@ -432,7 +455,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kiln", description="kiln: build and run fast inference engines from ONNX models")
+    parser = argparse.ArgumentParser(prog="kiln",
+                                     description="kiln: build and run fast inference engines from ONNX models")
     parser.add_argument("--version", action="version", version=f"kiln {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -443,30 +467,38 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--fp16", action="store_true", help="allow fp16 tactics (layers that overflow fall back)")
     build.add_argument("--bf16", action="store_true", help="allow bf16 tactics")
     build.add_argument("--tf32", action="store_true", help="allow TF32 tensor cores for fp32 layers")
-    build.add_argument("--strongly-typed", action="store_true", help="precisions come from the model's own tensor types")
-    build.add_argument("--opt-level", "--builderOptimizationLevel", dest="opt_level", type=int, default=3, choices=range(6),
-                       help="0: heuristics only, no timing; 1-2: short list; 3: every candidate (default); 4-5: wider search")
-    build.add_argument("--timing-cache", "--timingCacheFile", dest="timing_cache", type=Path, help="timing cache file (read and updated)")
+    build.add_argument("--strongly-typed", action="store_true",
+                       help="precisions come from the model's own tensor types")
+    build.add_argument("--opt-level", "--builderOptimizationLevel", dest="opt_level", type=int, default=3,
+                       choices=range(6),
+                       help="0: heuristics only, no timing; 1-2: short list; 3: every candidate (default); "
+                            "4-5: wider search")
+    build.add_argument("--timing-cache", "--timingCacheFile", dest="timing_cache", type=Path,
+                       help="timing cache file (read and updated)")
     for which in ("min", "opt", "max"):
         build.add_argument(f"--{which}-shapes", f"--{which}Shapes", dest=f"{which}_shapes", action="append",
                            help=f"{which} shapes of a profile, NAME:1x3x224x224,...; repeat for more profiles")
     build.add_argument("--layer-precision", "--layerPrecisions", dest="layer_precision",
                        help="per-layer precision: NODE_NAME_OR_OP_TYPE:fp32,...")
-    build.add_argument("--tactics", "--tacticSources", dest="tactics", help="allow/deny tactics: -triton,+gemm.cublaslt,...")
-    build.add_argument("--memory-limit", "--memPoolSize", dest="memory_limit", type=int, help="most scratch bytes one tactic may use")
-    build.add_argument("--inputs", type=Path, help=".npz of representative inputs, named after the model's inputs: the "
-                       "build runs the model on them to record shapes, check precision per layer and check the engine's "
-                       "outputs against fp32 (else seeded random values; integer inputs such as a sample rate need real ones)")
+    build.add_argument("--tactics", "--tacticSources", dest="tactics",
+                       help="allow/deny tactics: -triton,+gemm.cublaslt,...")
+    build.add_argument("--memory-limit", "--memPoolSize", dest="memory_limit", type=int,
+                       help="most scratch bytes one tactic may use")
+    build.add_argument("--inputs", type=Path, help=".npz of representative inputs, named after the model's inputs: "
+                       "the build runs the model on them to record shapes, check precision per layer and check the "
+                       "engine's outputs against fp32 (else seeded random values; integer inputs such as a sample "
+                       "rate need real ones)")
     build.add_argument("--no-precision-check", action="store_true",
                        help="skip the per-layer and end-to-end checks against fp32")
     _tolerance_arguments(build)
-    build.add_argument("--device", choices=["cpu", "cuda"], help="what to build for (default: cuda if torch sees a GPU, "
-                       "else cpu)")
+    build.add_argument("--device", choices=["cpu", "cuda"],
+                       help="what to build for (default: cuda if torch sees a GPU, else cpu)")
     build.add_argument("--passes", help="run only these graph passes, a,b,... (default: all)")
     build.add_argument("--skip-passes", help="graph passes not to run, a,b,...")
     build.add_argument("--aux-streams", "--maxAuxStreams", dest="aux_streams", type=int, default=0,
                        help="let independent branches run on up to N auxiliary streams per context (default 0)")
-    build.add_argument("--sign-key", type=Path, help="sign the engine with this key file (HMAC-SHA256; default: $KILN_ENGINE_KEY)")
+    build.add_argument("--sign-key", type=Path,
+                       help="sign the engine with this key file (HMAC-SHA256; default: $KILN_ENGINE_KEY)")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     _max_tensor_bytes_argument(build)
     _timeout_argument(build, "the build, the model's runs inside it included")
@@ -488,9 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "LayerNorm fuses into LayerNormalization")
     optimize.set_defaults(func=_cmd_optimize)
 
-    doctor = sub.add_parser("doctor", help="list every place a performance rule applies, ranked by impact", description=(
-        "Report, node by node, where the performance rules apply (with the pass that fixes each, or what to change), "
-        "sorted by the estimated share of the model's FLOPs or bytes."))
+    doctor = sub.add_parser("doctor", help="list every place a performance rule applies, ranked by impact",
+                            description="Report, node by node, where the performance rules apply (with the pass "
+                                        "that fixes each, or what to change), sorted by the estimated share of the "
+                                        "model's FLOPs or bytes.")
     doctor.add_argument("model", type=Path, help="the .onnx file")
     doctor.add_argument("--precision", default="fp32", choices=ALL_PRECISIONS,
                         help="the precision the model will run at (alignment and layout rules follow it)")
@@ -528,7 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="engines: run in N execution contexts at once, each on its own stream, and check they agree")
     run.add_argument("--aux-streams", "--maxAuxStreams", dest="aux_streams", type=int,
                      help="engines: use at most N of the auxiliary streams the engine was built with (0: one stream)")
-    run.add_argument("--profile", "--useProfile", dest="profile", type=int, help="engines: run with optimization profile K")
+    run.add_argument("--profile", "--useProfile", dest="profile", type=int,
+                     help="engines: run with optimization profile K")
     _max_tensor_bytes_argument(run)
     _timeout_argument(run, "the run, other contexts' runs and --compare's")
     run.set_defaults(func=_cmd_run)
@@ -538,8 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("model", type=Path, help="the .onnx file (built for each --batch size) or a .kiln engine")
     bench.add_argument("--batch", help="batch sizes, 1,8,32,256: a sweep with a saturation verdict (along each input's "
                        "batch axis, see --batch-axes)")
-    bench.add_argument("--batch-axes", help="the inputs that batch and their batch axes, NAME:AXIS,... (state:1); the others "
-                       "keep their shapes. Default: the symbolic dim the inputs share, else axis 0 where it is dynamic")
+    bench.add_argument("--batch-axes", help="the inputs that batch and their batch axes, NAME:AXIS,... (state:1); "
+                       "the others keep their shapes. Default: the symbolic dim the inputs share, else axis 0 where "
+                       "it is dynamic")
     bench.add_argument("--shapes", help="input shapes NAME:AxB,... (the batch axis is replaced by each --batch size)")
     bench.add_argument("--fp16", action="store_true", help="build with fp16 tactics (.onnx models)")
     bench.add_argument("--bf16", action="store_true", help="build with bf16 tactics")

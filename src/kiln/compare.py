@@ -81,7 +81,8 @@ def run_onnxruntime(model_path: str | os.PathLike[str], feeds: Mapping[str, np.n
     except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
         if deadline is not None and deadline.expired():
             raise deadlines.RunStopped(f"{model_path}: {deadline.stopped('onnxruntime (--compare)')}") from error
-        raise KilnError(f"{model_path}: onnxruntime could not run the model: {str(error).splitlines()[0][:300]}") from error
+        raise KilnError(f"{model_path}: onnxruntime could not run the model: "
+                        f"{str(error).splitlines()[0][:300]}") from error
     return dict(zip(names, results))
 
 

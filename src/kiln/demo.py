@@ -54,14 +54,17 @@ def make_demo_model(batch: int = 2, seed: int = 0) -> onnx.ModelProto:
     y = conv_bn(y, c, c, "block.1", relu=False)
     nodes.append(helper.make_node("Add", [y, x], ["block.add"], name="block/Add"))
     nodes.append(helper.make_node("Relu", ["block.add"], ["block.out"], name="block/Relu"))
-    nodes.append(helper.make_node("MaxPool", ["block.out"], ["pool"], kernel_shape=[2, 2], strides=[2, 2], name="pool/MaxPool"))
+    nodes.append(helper.make_node("MaxPool", ["block.out"], ["pool"], kernel_shape=[2, 2], strides=[2, 2],
+                                  name="pool/MaxPool"))
     # Pixels become tokens: [N, C, 16, 16] -> [N, 256, C].
-    nodes.append(helper.make_node("Reshape", ["pool", const("tokens.shape", [batch, c, -1])], ["tokens.nchw"], name="tokens/Reshape"))
+    nodes.append(helper.make_node("Reshape", ["pool", const("tokens.shape", [batch, c, -1])], ["tokens.nchw"],
+                                  name="tokens/Reshape"))
     nodes.append(helper.make_node("Transpose", ["tokens.nchw"], ["tokens"], perm=[0, 2, 1], name="tokens/Transpose"))
     nodes.append(helper.make_node("LayerNormalization", ["tokens", weight("ln.gamma", c), weight("ln.beta", c)], ["ln"],
                                   axis=-1, epsilon=1e-5, name="attn/LayerNormalization"))
     for proj in "qkv":
-        nodes.append(helper.make_node("MatMul", ["ln", weight(f"attn.w{proj}", c, c, scale=c**-0.5)], [proj], name=f"attn/MatMul_{proj}"))
+        nodes.append(helper.make_node("MatMul", ["ln", weight(f"attn.w{proj}", c, c, scale=c**-0.5)], [proj],
+                                      name=f"attn/MatMul_{proj}"))
     nodes.append(helper.make_node("Transpose", ["k"], ["kT"], perm=[0, 2, 1], name="attn/Transpose_k"))
     nodes.append(helper.make_node("MatMul", ["q", "kT"], ["scores.raw"], name="attn/MatMul_qk"))
     inits.append(numpy_helper.from_array(np.array(c**-0.5, dtype=np.float32), "attn.scale"))
@@ -116,6 +119,7 @@ def run_demo(out_dir: Path) -> bool:
     engine.save(engine_path)
     say("")
     say(f"built {engine_path} for {engine.device.type}:")
+    assert engine.report is not None  # a built engine carries its build's report
     for line in engine.report.lines:
         say(f"  {line}")
     print_table(console, [Column(""), Column("")], build_summary(engine), header=False)

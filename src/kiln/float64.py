@@ -26,7 +26,7 @@ def float64_model(model: ir.Model) -> ir.Model:
     float64, in every graph, subgraph and model-local function. Inputs declared float32 become
     float64 too: feed them widened (``widen``)."""
     copy = model.clone()
-    for graph in (copy.graph, *copy.functions.values()):
+    for graph in (copy.graph, *(function.graph for function in copy.functions.values())):
         for sub in (graph, *graph.subgraphs()):
             for value in (*sub.inputs, *sub.outputs, *sub.initializers.values()):
                 _widen_value(value)
@@ -57,7 +57,7 @@ def distance(value: Any, exact: Any) -> float:
     return float((got - truth).abs().max()) / scale
 
 
-def _wide_type(kind: ir.TypeProtocol | None) -> ir.TypeProtocol | None:
+def _wide_type(kind: ir.TypeProtocol) -> ir.TypeProtocol:
     """A new type with float32 made float64 (types may be shared with the original model)."""
     if isinstance(kind, ir.TensorType):
         return ir.TensorType(DOUBLE) if kind.dtype == FLOAT else kind

@@ -81,7 +81,8 @@ def tensor_bytes(shape: Sequence[int], dtype: Any) -> int:
     return math.ceil(count * _element_bytes(dtype))
 
 
-def check_tensor_bytes(shape: Sequence[int], dtype: Any, what: str, *, device: Any = None, limit: int | None = None) -> None:
+def check_tensor_bytes(shape: Sequence[int], dtype: Any, what: str, *, device: Any = None,
+                       limit: int | None = None) -> None:
     """Raise ``ResourceLimitError`` when a tensor of ``shape`` and ``dtype`` (an onnx-ir DataType, a
     numpy or torch dtype) would exceed the ceiling (``limit`` if given, else ``max_tensor_bytes(device)``).
     ``what`` names it: "model.onnx: input 'x'"."""
@@ -89,12 +90,12 @@ def check_tensor_bytes(shape: Sequence[int], dtype: Any, what: str, *, device: A
     limit = max_tensor_bytes(device) if limit is None else limit
     if size > limit:
         raise ResourceLimitError(
-            f"{what}: {_dims(shape)} {_dtype_name(dtype)} is {format_bytes(size)}, over the {format_bytes(limit)} limit on one tensor "
-            f"({HOW_TO_RAISE})"
+            f"{what}: {_dims(shape)} {_dtype_name(dtype)} is {format_bytes(size)}, "
+            f"over the {format_bytes(limit)} limit on one tensor ({HOW_TO_RAISE})"
         )
     if size == 0 and tensor_bytes([max(int(d), 1) for d in shape], dtype) >= 1 << 63:
-        raise ResourceLimitError(f"{what}: {_dims(shape)} {_dtype_name(dtype)} is empty, but its other dims multiply past "
-                                 "what numpy and torch can index (2^63 bytes)")
+        raise ResourceLimitError(f"{what}: {_dims(shape)} {_dtype_name(dtype)} is empty, but its other dims "
+                                 "multiply past what numpy and torch can index (2^63 bytes)")
 
 
 def _dims(shape: Sequence[int]) -> str:

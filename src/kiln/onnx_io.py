@@ -123,7 +123,8 @@ def _onnx_notes(name: str) -> Iterator[None]:
         try:
             yield
         finally:
-            for text in dict.fromkeys(first_line(w.message) for w in caught):
+            # a caught warning's message is always the Warning instance (typeshed also allows a str)
+            for text in dict.fromkeys(first_line(w.message) for w in caught if isinstance(w.message, Warning)):
                 log.warning("%s: %s", name, text)
 
 
@@ -293,7 +294,8 @@ def _skeleton(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.Tensor
         if tensor.data_type in _FLOAT_TYPES and _stored_bytes(tensor) > _SKELETON_LIMIT:
             weights.append(tensor)
             if tensor.name not in declared:
-                skeleton.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+                skeleton.graph.input.append(
+                    onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
                 added.append(tensor.name)
         else:
             skeleton.graph.initializer.append(tensor)
@@ -357,7 +359,8 @@ def _check_tensor_storage(tensor: onnx.TensorProto, where: str) -> None:
         raise ModelLoadError(f"{where} has a negative dimension {list(tensor.dims)}")
     itemsize = 8 if dtype == ir.DataType.STRING else int(dtype.itemsize)  # strings: one object pointer each
     if math.prod(max(d, 1) for d in tensor.dims) * itemsize >= 1 << 63:  # an empty [0, 2**62] too
-        raise ModelLoadError(f"{where} has dims {list(tensor.dims)[:8]} that multiply past what numpy and torch can index")
+        raise ModelLoadError(f"{where} has dims {list(tensor.dims)[:8]} that multiply past what numpy and torch "
+                             "can index")
     fields = [f for f in _VALUE_FIELDS if len(getattr(tensor, f))]
     if tensor.HasField("raw_data"):
         fields.append("raw_data")
@@ -384,7 +387,8 @@ def _check_tensor_storage(tensor: onnx.TensorProto, where: str) -> None:
         expected = count * (2 if dtype in (ir.DataType.COMPLEX64, ir.DataType.COMPLEX128) else 1)
     if stored != expected:
         raise ModelLoadError(
-            f"{where} has dims {list(tensor.dims)} ({expected:,} {unit}) but holds {stored:,} {unit}; the file is truncated or corrupt"
+            f"{where} has dims {list(tensor.dims)} ({expected:,} {unit}) but holds {stored:,} {unit}; "
+            "the file is truncated or corrupt"
         )
 
 
@@ -393,7 +397,8 @@ def _parse(data: bytes, label: str) -> onnx.ModelProto:
     try:
         proto.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as error:
-        raise ModelLoadError(f"{label}: not an ONNX model (truncated or corrupt protobuf: {first_line(error)})") from error
+        raise ModelLoadError(f"{label}: not an ONNX model (truncated or corrupt protobuf: "
+                             f"{first_line(error)})") from error
     return proto
 
 
@@ -426,7 +431,8 @@ def _unknown_placeholders_in(type_proto: onnx.TypeProto) -> None:
     kind = type_proto.WhichOneof("value")
     if kind in ("tensor_type", "sparse_tensor_type"):
         for dim in getattr(type_proto, kind).shape.dim:
-            if (dim.HasField("dim_value") and dim.dim_value < 0) or (dim.HasField("dim_param") and dim.dim_param == "?"):
+            negative = dim.HasField("dim_value") and dim.dim_value < 0
+            if negative or (dim.HasField("dim_param") and dim.dim_param == "?"):
                 dim.ClearField(dim.WhichOneof("value"))  # its denotation stays
     elif kind in ("sequence_type", "optional_type"):
         _unknown_placeholders_in(getattr(type_proto, kind).elem_type)
@@ -486,7 +492,8 @@ def _node_tensors(nodes, context: str) -> Iterator[tuple[onnx.TensorProto, str]]
             for sparse in attr.sparse_tensors:
                 yield from _sparse_parts(sparse, f"a sparse tensor of {where}")
             for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _graph_tensors(graph, f" in subgraph {graph.name!r} of node {node.name or node.op_type!r}{context}")
+                inside = f" in subgraph {graph.name!r} of node {node.name or node.op_type!r}{context}"
+                yield from _graph_tensors(graph, inside)
 
 
 def _sparse_parts(sparse: onnx.SparseTensorProto, where: str) -> Iterator[tuple[onnx.TensorProto, str]]:
@@ -502,12 +509,14 @@ def _external_info(tensor: onnx.TensorProto, where: str) -> tuple[str, int | Non
     for key in ("offset", "length"):
         text = entries.get(key)
         if text is not None and not (text.isascii() and text.isdigit() and len(text) <= 19):
-            raise ModelLoadError(f"{where}: its external data {key} {text[:40]!r} is not a byte count (a non-negative integer)")
+            raise ModelLoadError(f"{where}: its external data {key} {text[:40]!r} is not a byte count "
+                                 "(a non-negative integer)")
         numbers.append(None if text is None else int(text))
     return entries.get("location", ""), numbers[0], numbers[1]
 
 
-def _check_external_data(tensors: list[tuple[onnx.TensorProto, str]], base_dir: Path, name: str, max_bytes: int) -> None:
+def _check_external_data(tensors: list[tuple[onnx.TensorProto, str]], base_dir: Path, name: str,
+                         max_bytes: int) -> None:
     """Each external reference names a regular file inside ``base_dir`` (walked with ``lstat``, so a
     FIFO or device is refused by its kind without being opened), with one link (as onnx's reader
     requires), holding from its offset as many bytes as the tensor's dims say."""
@@ -526,8 +535,8 @@ def _check_external_data(tensors: list[tuple[onnx.TensorProto, str]], base_dir: 
             raise ModelLoadError(f"{where}: the path leaves the model's folder ('..'); refused")
         info = _external_file(root, location, where)
         if info.st_nlink > 1:
-            raise ModelLoadError(f"{where}: the file has {info.st_nlink} hard links; onnx reads external data only from a "
-                                 "file with one (a hard link may lead anywhere); copy the file into the folder")
+            raise ModelLoadError(f"{where}: the file has {info.st_nlink} hard links; onnx reads external data only "
+                                 "from a file with one (a hard link may lead anywhere); copy the file into the folder")
         file_size = info.st_size
         start = offset or 0
         if start > file_size or (length is not None and start + length > file_size):
@@ -537,8 +546,10 @@ def _check_external_data(tensors: list[tuple[onnx.TensorProto, str]], base_dir: 
         stored = length if length is not None else file_size - start
         expected = _data_bytes(tensor)
         if stored != expected:
-            span = "external data of" if length is not None else f"external data (from offset {start} to the end of the file) of"
-            raise ModelLoadError(f"{name}: {place} has dims {list(tensor.dims)} ({expected:,} bytes) but {span} {stored:,} bytes")
+            span = ("external data of" if length is not None
+                    else f"external data (from offset {start} to the end of the file) of")
+            raise ModelLoadError(f"{name}: {place} has dims {list(tensor.dims)} ({expected:,} bytes) "
+                                 f"but {span} {stored:,} bytes")
         total += stored
         if total > max_bytes:
             raise ModelLoadError(f"{name}: external data exceeds the size limit ({max_bytes:,} bytes left for it)")
@@ -559,9 +570,10 @@ def _external_file(root: Path, location: str, where: str) -> os.stat_result:
             raise ModelLoadError(f"{where}: cannot examine it ({error.strerror or error})") from None
         if stat.S_ISLNK(info.st_mode):
             if not Path(os.path.realpath(current)).is_relative_to(root):
-                raise ModelLoadError(f"{where}: the path resolves outside the model's folder (through a symlink); refused")
-            raise ModelLoadError(f"{where}: {part!r} is a symbolic link; external data is read only from regular files in "
-                                 "the model's folder, not through links (onnx refuses them)")
+                raise ModelLoadError(f"{where}: the path resolves outside the model's folder (through a symlink); "
+                                     "refused")
+            raise ModelLoadError(f"{where}: {part!r} is a symbolic link; external data is read only from regular "
+                                 "files in the model's folder, not through links (onnx refuses them)")
         if index < len(parts) - 1 and not stat.S_ISDIR(info.st_mode):
             raise ModelLoadError(f"{where}: no such file in the model's folder ({part!r} is not a folder)")
     if not parts:
@@ -599,7 +611,8 @@ def _check_ops(proto: onnx.ModelProto, name: str) -> None:
         domain = canonical_domain(node.domain)
         version = opsets.get(domain)
         if version is None or lookup(domain, node.op_type, version) is None:
-            key = f"{domain or 'ai.onnx'}::{node.op_type}" + (f" (opset {version})" if version else " (domain not imported)")
+            key = f"{domain or 'ai.onnx'}::{node.op_type}" + (f" (opset {version})" if version
+                                                                  else " (domain not imported)")
             missing.setdefault(key, []).append(node.name or "<unnamed>")
     if missing:
         parts = []
@@ -629,7 +642,8 @@ def _check_input_types(proto: onnx.ModelProto, name: str) -> None:
             elif elem not in _KNOWN_TYPES:
                 problems.append(f"input {value.name!r} has an unknown element type ({elem})")
             elif value.name not in initializers and not dtypes.supported(ir.DataType(elem)):
-                problems.append(f"input {value.name!r} has element type {dtypes.onnx_name(elem)}, which kiln cannot hold")
+                problems.append(f"input {value.name!r} has element type {dtypes.onnx_name(elem)}, "
+                                "which kiln cannot hold")
     if problems:
         raise UnsupportedModelError(f"{name}: " + "; ".join(problems))
 
@@ -664,7 +678,8 @@ def load_embedded_model(data: bytes, name: str, *, max_bytes: int | None = None)
             external = next((where for tensor, where in _all_tensors(proto)
                             if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data)), None)
         if external is not None:
-            raise ModelLoadError(f"{name}: {external} references external data; an embedded graph must hold all its data")
+            raise ModelLoadError(f"{name}: {external} references external data; "
+                                 "an embedded graph must hold all its data")
         load_model_proto(proto, name=name, max_bytes=max_bytes, _native=native)
         return proto
     finally:

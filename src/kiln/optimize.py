@@ -67,7 +67,8 @@ def convert_opset(model: ir.Model, target: int, name: str = "model") -> None:
     source = opset(model)
     proto = ir.serde.serialize_model(model)
     declared = {value.name for value in proto.graph.input}
-    weights, kept = [], []
+    weights: list[onnx.TensorProto] = []
+    kept: list[onnx.TensorProto] = []
     for tensor in proto.graph.initializer:
         large = tensor.data_type != onnx.TensorProto.STRING and _nbytes(tensor) > _STAND_IN_BYTES
         (weights if large else kept).append(tensor)
@@ -124,7 +125,8 @@ def save_onnx(model: ir.Model, path: str | os.PathLike[str], name: str = "model"
         os.replace(folder / (path.name + ".data"), path.parent / (path.name + ".data"))
         os.replace(staged, path)
     except OSError as error:
-        raise KilnError(f"{path}: could not write the model ({error.strerror or error}); nothing was changed") from error
+        raise KilnError(f"{path}: could not write the model ({error.strerror or error}); "
+                        "nothing was changed") from error
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -22,9 +22,9 @@ class UnreadableFile(Exception):
 
 
 def read_regular_file(path: str | os.PathLike[str], max_bytes: int, *, size: int | None = None) -> bytes:
-    """The bytes of the regular file at ``path``, at most ``max_bytes`` of them, read in one piece; with ``size``, exactly
-    that many (what an earlier ``stat`` found). ``FileNotFoundError`` passes through (a caller may
-    treat a missing file as empty); everything else is an ``UnreadableFile`` with a one-line reason."""
+    """The bytes of the regular file at ``path``, at most ``max_bytes`` of them, read in one piece; with
+    ``size``, exactly that many (what an earlier ``stat`` found). ``FileNotFoundError`` passes through (a
+    caller may treat a missing file as empty); everything else is an ``UnreadableFile`` with a one-line reason."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:

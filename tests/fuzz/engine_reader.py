@@ -52,9 +52,11 @@ def _second_model() -> onnx.ModelProto:
     body = helper.make_graph(
         [helper.make_node("Add", ["v_in", "d"], ["v_out"], name="body_add"),
          helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond")], "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
          helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [2, 8])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [2, 8])],
         [numpy_helper.from_array(np.full(8, 0.25, np.float32), "d")])
     nodes = [
         helper.make_node("MatMul", ["x", "w"], ["m"], name="matmul"),
@@ -69,7 +71,8 @@ def _second_model() -> onnx.ModelProto:
     inits = [numpy_helper.from_array(a, n) for n, a in [
         ("w", (rng.standard_normal((8, 8)) * 0.3).astype(np.float32)), ("b", np.zeros(8, np.float32)),
         ("scale", np.ones(8, np.float32)), ("shift", np.zeros(8, np.float32)), ("half", np.array(0.5, np.float32)),
-        ("c", (rng.standard_normal(8) * 0.1).astype(np.float32)), ("M", np.array(2, np.int64)), ("cond", np.array(True))]]
+        ("c", (rng.standard_normal(8) * 0.1).astype(np.float32)), ("M", np.array(2, np.int64)),
+        ("cond", np.array(True))]]
     graph = helper.make_graph(nodes, "second", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
@@ -168,13 +171,15 @@ def _tensor_edit(draw, seed: bytes) -> bytes:
     name = draw(st.sampled_from(names))
     action = draw(st.sampled_from(["dtype", "reshape", "drop", "add", "graph"]))
     if action == "dtype":
-        stored[name] = stored[name].to(draw(st.sampled_from([torch.float16, torch.int64, torch.uint8, torch.bool, torch.float64])))
+        dtype = draw(st.sampled_from([torch.float16, torch.int64, torch.uint8, torch.bool, torch.float64]))
+        stored[name] = stored[name].to(dtype)
     elif action == "reshape":
         stored[name] = stored[name].reshape(-1) if stored[name].dim() != 1 else stored[name].reshape(1, -1)
     elif action == "drop":
         stored.pop(name)
     elif action == "add":
-        stored[draw(st.sampled_from(["x", f"{name}.extra", "0.conv.nchw.z", "__graph__2"]))] = torch.zeros(draw(st.integers(0, 4)))
+        key = draw(st.sampled_from(["x", f"{name}.extra", "0.conv.nchw.z", "__graph__2"]))
+        stored[key] = torch.zeros(draw(st.integers(0, 4)))
     else:
         graph = bytearray(stored["__graph__"].numpy().tobytes())
         if graph:
@@ -190,12 +195,14 @@ def _header_edit(draw, seed: bytes) -> bytes:
     body = seed[8 + length:]
     action = draw(st.sampled_from(["entry", "entry", "length", "duplicate", "metadata"]))
     if action == "length":
-        value = draw(st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 1, length - 1, length + 1, len(seed), 2**63])))
+        value = draw(st.one_of(st.integers(0, 2**64 - 1),
+                               st.sampled_from([0, 1, length - 1, length + 1, len(seed), 2**63])))
         return value.to_bytes(8, "little") + seed[8:]
     if action == "entry":
         name = draw(st.sampled_from(sorted(k for k in table if k != "__metadata__")))
         field = draw(st.sampled_from(["dtype", "shape", "data_offsets"]))
-        table[name][field] = draw(st.one_of(_HOSTILE_VALUES, st.sampled_from(["F4", "F8_E8M0", "U8", "BOOL", "C64", "F64"]),
+        table[name][field] = draw(st.one_of(_HOSTILE_VALUES,
+                                            st.sampled_from(["F4", "F8_E8M0", "U8", "BOOL", "C64", "F64"]),
                                             st.lists(st.integers(0, 2**64), max_size=3)))
         text = json.dumps(table).encode()
     elif action == "duplicate":

@@ -148,7 +148,8 @@ class _Worker:
     def __init__(self, name: str, prepared: Any, folder: Path, memory_limit: int | None) -> None:
         context = multiprocessing.get_context("spawn")
         self.connection, child = context.Pipe()
-        self.process = context.Process(target=_worker, args=(name, prepared, str(folder), child, memory_limit), daemon=True)
+        self.process = context.Process(target=_worker, args=(name, prepared, str(folder), child, memory_limit),
+                                       daemon=True)
         self.process.start()
         child.close()
 
@@ -211,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=None, help="hypothesis seed (default: derandomized)")
     parser.add_argument("--time-limit", type=float, default=20.0, help="seconds per case before it counts as a hang")
-    parser.add_argument("--memory-limit", type=int, default=8 << 30, help="bytes of address space per worker (default 8 GiB)")
+    parser.add_argument("--memory-limit", type=int, default=8 << 30,
+                        help="bytes of address space per worker (default 8 GiB)")
     parser.add_argument("--in-process", action="store_true", help="no worker process (faster; a crash ends the run)")
     parser.add_argument("--save", type=Path, help="folder to write the bad cases to")
     args = parser.parse_args(argv)
@@ -225,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.save and counts.bad_cases:
         args.save.mkdir(parents=True, exist_ok=True)
         for i, (outcome, case) in enumerate(counts.bad_cases):
-            (args.save / f"{args.target}-{outcome}-{i:03d}.bin").write_bytes(case if isinstance(case, bytes) else repr(case).encode())
+            data = case if isinstance(case, bytes) else repr(case).encode()
+            (args.save / f"{args.target}-{outcome}-{i:03d}.bin").write_bytes(data)
         print(f"{len(counts.bad_cases)} bad case(s) written to {args.save}")
     return 1 if counts.bad else 0

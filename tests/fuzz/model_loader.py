@@ -37,7 +37,8 @@ NAME = "model_loader"
 TENSOR_LIMIT = 1 << 20
 """The tensor size limit the cases run under (a random input past it is refused, which is the point)."""
 
-_HOSTILE_INTS = st.one_of(st.integers(-3, 70), st.sampled_from([-1, -2**31, 2**31 - 1, 2**31, 2**32, 2**40, 2**62, 2**63 - 1, -2**63]))
+_HOSTILE_INTS = st.one_of(st.integers(-3, 70),
+                          st.sampled_from([-1, -2**31, 2**31 - 1, 2**31, 2**32, 2**40, 2**62, 2**63 - 1, -2**63]))
 _HOSTILE_NUMBERS = st.one_of(
     st.sampled_from(["0", "1", "8", "64", "-1", "-0", "abc", "", " 8", "8 ", "1e3", "0x10", "+8", "1_0", "٥",
                      "99999999999999999999", "9" * 50, "9" * 5000, "16384", "4096", "NaN"]),
@@ -59,9 +60,11 @@ def _seed(external: bool) -> tuple[onnx.ModelProto, bytes]:
     body = helper.make_graph(
         [helper.make_node("Add", ["v_in", "d"], ["v_out"], name="body_add"),
          helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond")], "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
          helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [2, 16])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [2, 16])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [2, 16])],
         [numpy_helper.from_array(np.full(16, 0.25, np.float32), "d")])
     add_one = helper.make_function(
         "local", "AddOne", ["a"], ["b"],
@@ -71,7 +74,8 @@ def _seed(external: bool) -> tuple[onnx.ModelProto, bytes]:
     nodes = [
         helper.make_node("Add", ["x", "w_small"], ["xs"], name="add_small"),
         helper.make_node("MatMul", ["xs", "W"], ["m"], name="matmul"),
-        helper.make_node("Constant", [], ["c"], name="const", value=numpy_helper.from_array(np.full(16, 0.5, np.float32))),
+        helper.make_node("Constant", [], ["c"], name="const",
+                         value=numpy_helper.from_array(np.full(16, 0.5, np.float32))),
         helper.make_node("Mul", ["m", "c"], ["mc"], name="scale"),
         helper.make_node("AddOne", ["x"], ["x1"], name="add_one", domain="local"),
         helper.make_node("Add", ["mc", "x1"], ["s"], name="sum"),
@@ -79,7 +83,8 @@ def _seed(external: bool) -> tuple[onnx.ModelProto, bytes]:
         helper.make_node("Reshape", ["l", "shape"], ["y"], name="reshape"),
     ]
     inits = [numpy_helper.from_array(a, n) for n, a in [
-        ("w_small", np.arange(16, dtype=np.float32) / 16), ("W", (rng.standard_normal((16, 16)) * 0.3).astype(np.float32)),
+        ("w_small", np.arange(16, dtype=np.float32) / 16),
+        ("W", (rng.standard_normal((16, 16)) * 0.3).astype(np.float32)),
         ("M", np.array(2, np.int64)), ("cond", np.array(True)), ("shape", np.array([4, 8], np.int64))]]
     graph = helper.make_graph(nodes, "fuzzed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])], inits)
@@ -151,7 +156,8 @@ def _set_external(tensor: onnx.TensorProto, entries: dict[str, str], location_fi
 @st.composite
 def _tensor_edit(draw, model: onnx.ModelProto) -> None:
     tensor = draw(st.sampled_from(_tensors(model)))
-    action = draw(st.sampled_from(["raw", "raw", "dims", "dtype", "field", "external", "external", "external", "clear"]))
+    action = draw(st.sampled_from(["raw", "raw", "dims", "dtype", "field", "external", "external", "external",
+                                   "clear"]))
     if action == "raw":
         raw = bytearray(tensor.raw_data)
         how = draw(st.sampled_from(["cut", "extend", "replace"]))
@@ -168,8 +174,10 @@ def _tensor_edit(draw, model: onnx.ModelProto) -> None:
     elif action == "dtype":
         tensor.data_type = draw(st.one_of(st.integers(0, 30), st.sampled_from([-1, 2**31 - 1])))
     elif action == "field":
-        values = np.frombuffer(tensor.raw_data[: len(tensor.raw_data) // 4 * 4], np.float32).tolist() if tensor.raw_data else [1.0, 2.0]
-        field = draw(st.sampled_from(["float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"]))
+        values = (np.frombuffer(tensor.raw_data[: len(tensor.raw_data) // 4 * 4], np.float32).tolist()
+                  if tensor.raw_data else [1.0, 2.0])
+        field = draw(st.sampled_from(["float_data", "int32_data", "int64_data", "double_data", "uint64_data",
+                                      "string_data"]))
         if draw(st.booleans()):
             tensor.ClearField("raw_data")
         container = getattr(tensor, field)
@@ -192,7 +200,8 @@ def _tensor_edit(draw, model: onnx.ModelProto) -> None:
             tensor.ClearField("raw_data")
         _set_external(tensor, entries, draw(st.integers(0, 5)) > 0)
     else:
-        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data",
+                      "string_data"):
             tensor.ClearField(field)
 
 

@@ -35,15 +35,18 @@ from hypothesis import strategies as st
 NAME = "npz_inputs"
 TENSOR_LIMIT = 16 << 20
 
-_INTS = st.one_of(st.integers(-3, 8), st.sampled_from([-1, 2**31, 2**31 - 1, 2**32, 2**40, 2**62, 2**63, 2**64, 10**30]))
+_INTS = st.one_of(st.integers(-3, 8),
+                  st.sampled_from([-1, 2**31, 2**31 - 1, 2**32, 2**40, 2**62, 2**63, 2**64, 10**30]))
 _DESCRS = st.one_of(
     st.sampled_from(["<f4", ">f4", ">i8", "<i8", "|b1", "<U3", ">U3", "|S2", "|S0", "<U0", "|V4", "|V0", "|O", "O",
                      "<M8[s]", "<m8[s]", "<f16", "<c32", "<f2", "<c8", ">c16", "<i2", ">u2", "|u1", "float32", "int",
                      "xyz", "", "<U999999999999", "<f4 ", "V2", "b1", "?"]),
-    st.sampled_from([[("a", "<f4")], [("a", "<f4", (2,))], [("", "<i4")], ("<f4", (2,)), [("a", "|O")], 5, None, [], {}]),
+    st.sampled_from([[("a", "<f4")], [("a", "<f4", (2,))], [("", "<i4")], ("<f4", (2,)), [("a", "|O")], 5, None, [],
+                     {}]),
 )
 _SHAPES = st.one_of(
-    st.sampled_from([(2, 3), (3, 2), (6,), (), (0,), (2, 3, 1), (0, 2**62), (2**31, 4), (2**62,), (10**30,), (1,) * 65]),
+    st.sampled_from([(2, 3), (3, 2), (6,), (), (0,), (2, 3, 1), (0, 2**62), (2**31, 4), (2**62,), (10**30,),
+                     (1,) * 65]),
     st.lists(_INTS, max_size=4).map(tuple),
     st.sampled_from([[2, 3], 6, "2,3", (2.0, 3), ("2", 3), ((2,), 3), None, (True, 3)]),
 )
@@ -123,8 +126,9 @@ def _header_edit(draw, member: list) -> None:
         version = draw(st.sampled_from([(1, 0), (2, 0), (3, 0), (1, 1), (0, 0), (4, 0), (255, 255)]))
     elif action == "length":
         length = draw(st.one_of(st.integers(0, 200), st.sampled_from([65535, 2**31, 2**32 - 1])))
-    text = draw(st.one_of(st.text(max_size=60), st.sampled_from(["{", "((((" * 500, "{'descr': " + "[" * 300,
-                                                                  "[1, 2]", "{}", "None", "{" + "'a': 1, " * 800 + "}"])))
+    text = draw(st.one_of(st.text(max_size=60),
+                          st.sampled_from(["{", "((((" * 500, "{'descr': " + "[" * 300, "[1, 2]", "{}", "None",
+                                           "{" + "'a': 1, " * 800 + "}"])))
     header = text if action == "text" else repr(fields)
     header += " " * (-(len(header) + 11) % 64) + "\n"
     member[1] = _join_npy(version, header, data, length)

@@ -29,5 +29,6 @@ def test_runner_counts_every_outcome(tmp_path):
     from tests.fuzz.harness import run_isolated
 
     counts = run_isolated("outcomes", 5, tmp_path, time_limit=2)  # hypothesis draws each of the five once
-    assert dict(counts.counts) == dict.fromkeys(("ok", "KilnError", "other", "crash", "hang"), 1), counts.report("outcomes")
+    expected = dict.fromkeys(("ok", "KilnError", "other", "crash", "hang"), 1)
+    assert dict(counts.counts) == expected, counts.report("outcomes")
     assert counts.bad == 3 and "ValueError: a bug" in counts.details["other"][0]

@@ -35,7 +35,8 @@ def _model(x_type: int, shape: list[int], n_out: int, **attrs) -> onnx.ModelProt
         [helper.make_tensor_value_info("X", x_type, shape)],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, out_shape)],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)  # onnxruntime < 1.32 refuses IR 14
+    # onnxruntime < 1.32 refuses IR 14
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
 
 CASES = {

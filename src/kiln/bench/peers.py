@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
@@ -36,6 +36,9 @@ from kiln.dtypes import tensor_to_numpy
 from kiln.errors import KilnError, first_line
 from kiln.executor import Executor
 from kiln.onnx_io import load_model
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 PEERS = ("eager", "compile", "compile-reduce-overhead", "onnxruntime", "onnxruntime-cuda")
 COMPILE_MODES = {"compile": None, "compile-reduce-overhead": "reduce-overhead"}
@@ -93,8 +96,8 @@ class EagerTarget(Target):
         self._fn: Callable[..., Any] | None = None  # tensors in input order -> raw result
         self._input_names: list[str] = []
         self._names: list[str] = []  # output names, in the order _flatten gives the tensors
-        self._host_in: dict[str, torch.Tensor] = {}
-        self._args: tuple[torch.Tensor, ...] = ()  # the device inputs, in input order
+        self._host_in: dict[str, torch.Tensor | np.ndarray] = {}  # numpy: strings, which stay on the host
+        self._args: tuple[torch.Tensor | np.ndarray, ...] = ()  # the device inputs, in input order
         self._device_out: list[torch.Tensor] = []
         self._host_out: list[torch.Tensor] = []
 
@@ -116,9 +119,10 @@ class EagerTarget(Target):
 
             return call_module
 
+        assert self.model is not None  # __init__ loads it when there is no module
         executor = Executor(self.model, device=self.device)
-        names = [v.name for v in executor.inputs]
-        outputs = [v.name for v in executor.outputs]
+        names = [_name(v) for v in executor.inputs]
+        outputs = [_name(v) for v in executor.outputs]
         self._input_names = names
 
         def call_executor(*tensors):
@@ -129,6 +133,7 @@ class EagerTarget(Target):
 
     def _call(self) -> Any:
         """One run on the device inputs (overridden by ``CompileTarget``)."""
+        assert self._fn is not None  # setup builds it
         with torch.inference_mode():
             return self._fn(*self._args)
 
@@ -143,7 +148,8 @@ class EagerTarget(Target):
             raise KilnError(f"{self.name}: the inputs are {order}; the feeds lack {missing} and add {extra}")
         on_gpu = self.device.type == "cuda"
         self._host_in = host_buffers({n: feeds[n] for n in order}, self.device)
-        self._args = tuple(t.to(self.device) if on_gpu else t for t in self._host_in.values())
+        self._args = tuple(t.to(self.device) if on_gpu and isinstance(t, torch.Tensor) else t
+                           for t in self._host_in.values())
         self._warm_up()
         self._host_out = [empty_like_on(t, torch.device("cpu"), pinned=on_gpu) for t in self._device_out]
 
@@ -156,7 +162,8 @@ class EagerTarget(Target):
     def h2d(self) -> None:
         if self.device.type == "cuda":
             for host, device in zip(self._host_in.values(), self._args):
-                device.copy_(host, non_blocking=True)
+                if isinstance(host, torch.Tensor) and isinstance(device, torch.Tensor):
+                    device.copy_(host, non_blocking=True)
 
     def compute(self) -> None:
         self._device_out = []
@@ -183,12 +190,13 @@ class EagerTarget(Target):
 
     def _name_outputs(self, result: Any) -> list[str]:
         if self.module is None:
-            outputs = [v.name for v in self.model.graph.outputs]
+            assert self.model is not None  # __init__ loads it when there is no module
+            outputs = [_name(v) for v in self.model.graph.outputs]
             return [n for n, v in zip(outputs, result) if isinstance(v, torch.Tensor)]
         count = len(_tensor_leaves(result, self.name))
         names = self._output_names
         if names is None and self.model is not None:
-            names = [v.name for v in self.model.graph.outputs]
+            names = [_name(v) for v in self.model.graph.outputs]
         if names is not None:
             if len(names) != count:
                 raise KilnError(
@@ -236,6 +244,7 @@ class CompileTarget(EagerTarget):
     def _call(self) -> Any:
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
+        assert self._compiled is not None  # _warm_up compiles it
         with torch.inference_mode():
             return self._compiled(*self._args)
 
@@ -286,7 +295,7 @@ class OrtTarget(Target):
         self.device = torch.device("cuda", device_id) if cuda else torch.device("cpu")
         self.gpu_timed = False
         self.note = f"onnxruntime {'CUDA' if cuda else 'CPU'} provider, ORT_ENABLE_ALL"
-        self.session = None
+        self.session: ort.InferenceSession | None = None
         self._feeds: dict[str, np.ndarray] = {}
         self._names: list[str] = []
         self._outputs: list[np.ndarray] = []
@@ -317,6 +326,7 @@ class OrtTarget(Target):
         self.compute()
 
     def compute(self) -> None:
+        assert self.session is not None  # setup opens it
         try:
             self._outputs = self.session.run(self._names, self._feeds)
         except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
@@ -360,11 +370,13 @@ def make_peers(
             if name.startswith("onnxruntime"):
                 cuda = name == "onnxruntime-cuda"
                 index = (device.index or 0) if device.type == "cuda" else 0
+                assert onnx_path is not None  # _why_not said why not otherwise
                 targets.append(OrtTarget(onnx_path, cuda=cuda, device_id=index, name=name))
                 continue
             if model is None and onnx_path is not None:
                 model = load_model(onnx_path)
-            options = dict(model=model, module=module, device=device, dtype=dtype, output_names=output_names)
+            options: dict[str, Any] = dict(model=model, module=module, device=device, dtype=dtype,
+                                           output_names=output_names)
             if name == "eager":
                 targets.append(EagerTarget(name=name, **options))
             else:
@@ -403,7 +415,12 @@ def _why_not(name: str, onnx_path, module, device: torch.device) -> str | None:
 
 def _graph_input_names(model: ir.Model) -> list[str]:
     """The model's inputs that are not initializers, in order (the order a module is called with)."""
-    return [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
+    return [_name(v) for v in model.graph.inputs if v.name not in model.graph.initializers]
+
+
+def _name(value: ir.Value) -> str:
+    """A graph input's or output's name; an unnamed one (built in Python) is "", as in the ONNX file."""
+    return value.name or ""
 
 
 def _tensor_leaves(result: Any, name: str) -> list[torch.Tensor]:

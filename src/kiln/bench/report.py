@@ -39,9 +39,9 @@ def render(result: BenchResult, console: Console) -> None:
         line(note)
 
     targets = _ordered_targets(result)
-    ok = [row for row in result.rows if row.error is None and row.best is not None]
-    measured = [t for t in targets if any(r.target == t for r in ok)]
-    with_compute = [t for t in measured if all(r.best.compute_ms for r in ok if r.target == t)]
+    ok = [(row.target, row.best) for row in result.rows if row.error is None and row.best is not None]
+    measured = [t for t in targets if any(target == t for target, _ in ok)]
+    with_compute = [t for t in measured if all(run.compute_ms for target, run in ok if target == t)]
     latency = "e2e p50" if not with_compute else "compute p50" if with_compute == measured else "p50"
     columns = ["target", "batch", latency, "p90", "p99", "h2d", "d2h", "e2e", "inf/s", "samples/s", "peak MB",
                "spread", "vs kiln", "rel diff", "vs ref"]
@@ -59,7 +59,8 @@ def render(result: BenchResult, console: Console) -> None:
                 continue
             run, shown = row.best, _latency(row.best)
             rows.append([target, str(batch), _ms(shown.median), _ms(shown.p90), _ms(shown.p99),
-                         _ms(run.h2d_ms and run.h2d_ms.median), _ms(run.d2h_ms and run.d2h_ms.median),
+                         _ms(run.h2d_ms.median if run.h2d_ms else None),
+                         _ms(run.d2h_ms.median if run.d2h_ms else None),
                          _ms(run.latency_ms.median), _rate(run.inferences_per_s), _rate(run.samples_per_s),
                          "-" if run.peak_memory_bytes is None else f"{run.peak_memory_bytes / 1e6:,.0f}",
                          "-" if row.spread is None else f"{100 * row.spread:.1f}%",
@@ -89,11 +90,12 @@ def render(result: BenchResult, console: Console) -> None:
         if sat.steps:
             cells = []
             for step in sat.steps:
-                cells.append([f"{step['from']:g} -> {step['to']:g}", _x(step["batch_ratio"]), _x(step["throughput_ratio"]),
-                              f"{step['efficiency']:.2f}"])
+                cells.append([f"{step['from']:g} -> {step['to']:g}", _x(step["batch_ratio"]),
+                              _x(step["throughput_ratio"]), f"{step['efficiency']:.2f}"])
             _print(console, ["batch", "batch x", "throughput x", "efficiency"], cells)
         line(f"efficiency = log(throughput x) / log(batch x): 1 is linear growth; threshold {sat.threshold:.2f}; "
-             + (f"saturated from batch {sat.saturated_at}" if sat.saturated_at is not None else "not saturated in this sweep")
+             + (f"saturated from batch {sat.saturated_at}" if sat.saturated_at is not None
+                else "not saturated in this sweep")
              + f"; 90% of the best throughput from batch {_int(sat.knee_batch)}")
 
     if result.layers:

@@ -47,13 +47,13 @@ class Target:
         """Release what ``setup`` made."""
 
 
-def host_buffers(feeds: Mapping[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+def host_buffers(feeds: Mapping[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor | np.ndarray]:
     """The inputs as torch tensors on the host, pinned when they are to be copied to a GPU (so the
-    copies are asynchronous, as trtexec's are)."""
+    copies are asynchronous, as trtexec's are); string inputs stay numpy arrays on the host."""
     result = {}
     for name, array in feeds.items():
         tensor = tensor_from_numpy(np.asarray(array), "cpu")
-        result[name] = tensor.pin_memory() if device.type == "cuda" else tensor
+        result[name] = tensor.pin_memory() if device.type == "cuda" and isinstance(tensor, torch.Tensor) else tensor
     return result
 
 
@@ -72,15 +72,16 @@ class KilnTarget(Target):
         self.device = engine.device
         self.gpu_timed = self.device.type == "cuda"
         self.context = engine.create_context(**context_options)
-        self._host_in: dict[str, torch.Tensor] = {}
-        self._device_in: dict[str, torch.Tensor] = {}
+        self._host_in: dict[str, torch.Tensor | np.ndarray] = {}
+        self._device_in: dict[str, torch.Tensor | np.ndarray] = {}
         self._device_out: dict[str, torch.Tensor] = {}
         self._host_out: dict[str, torch.Tensor] = {}
 
     def setup(self, feeds: Mapping[str, np.ndarray]) -> None:
         on_gpu = self.device.type == "cuda"
         self._host_in = host_buffers(feeds, self.device)
-        self._device_in = {n: t.to(self.device) if on_gpu else t for n, t in self._host_in.items()}
+        self._device_in = {n: t.to(self.device) if on_gpu and isinstance(t, torch.Tensor) else t
+                           for n, t in self._host_in.items()}
         first = self.context.run(self._device_in)  # shape arithmetic, and the CUDA graph, for this shape
         self._device_out = {n: torch.empty_like(v) for n, v in first.items() if isinstance(v, torch.Tensor)}
         self._host_out = {n: empty_like_on(v, torch.device("cpu"), pinned=on_gpu) for n, v in self._device_out.items()}
@@ -89,7 +90,9 @@ class KilnTarget(Target):
     def h2d(self) -> None:
         if self.device.type == "cuda":
             for name, host in self._host_in.items():
-                self._device_in[name].copy_(host, non_blocking=True)
+                device = self._device_in[name]
+                if isinstance(host, torch.Tensor) and isinstance(device, torch.Tensor):  # strings stay on the host
+                    device.copy_(host, non_blocking=True)
 
     def compute(self) -> None:
         if self.gpu_timed:

@@ -37,7 +37,7 @@ def _target_dtype(op: OpContext, to) -> ir.DataType:
         if isinstance(to, bytes):
             to = to.decode()
         if isinstance(to, str) and not to.isdigit():
-            return DT[to.upper()]
+            return DT.__members__[to.upper()]  # DT[...] would read as a generic type to mypy
         return DT(int(to))
     except (KeyError, ValueError, TypeError) as error:
         raise op.fail(f"unknown target element type {to!r}") from error
@@ -143,7 +143,9 @@ def _from_strings(op: OpContext, x: np.ndarray, to: ir.DataType, saturate: bool,
             v = _parse_int(s) % (1 << bits)  # out of range wraps, as fixed-point casts do
             wrapped.append(v - (1 << bits) if signed and v >= 1 << (bits - 1) else v)
         np_dtype = to.numpy()
-        return dtypes.tensor_from_numpy(np.array(wrapped, dtype=np_dtype).reshape(x.shape), op.device)
+        tensor = dtypes.tensor_from_numpy(np.array(wrapped, dtype=np_dtype).reshape(x.shape), op.device)
+        assert isinstance(tensor, torch.Tensor)  # integers: only strings stay numpy
+        return tensor
     except ValueError as error:
         raise op.fail(f"cannot parse a string as {dtypes.onnx_name(to)}: {error}") from error
 

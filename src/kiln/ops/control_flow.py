@@ -186,7 +186,8 @@ def _scan_outputs(op, body, n_state, collected: list[_Stacked], out_axes, out_di
             value = value[::-1] if isinstance(value, np.ndarray) else value.flip(0)
         axis = _axis(op, out_axes[k], value.ndim, "scan_output_axes entry")
         if axis:
-            value = np.moveaxis(value, 0, axis) if isinstance(value, np.ndarray) else value.movedim(0, axis).contiguous()
+            value = (np.moveaxis(value, 0, axis) if isinstance(value, np.ndarray)
+                     else value.movedim(0, axis).contiguous())
         results.append(value)
     return results
 
@@ -406,7 +407,8 @@ def concat_from_sequence(op, sequence):
         return _stack(list(sequence), axis)
     axis = _axis(op, op.attr("axis"), rank)
     if all(x.ndim == rank for x in sequence):
-        op.check_output((*first.shape[:axis], sum(x.shape[axis] for x in sequence), *first.shape[axis + 1:]), first.dtype)
+        joined = sum(x.shape[axis] for x in sequence)
+        op.check_output((*first.shape[:axis], joined, *first.shape[axis + 1:]), first.dtype)
     return _concat(list(sequence), axis)
 
 

@@ -252,6 +252,7 @@ def resize_11(op: OpContext, x, roi=None, scales=None, sizes=None):
             factors[a] = s
             out[a] = math.floor(s * x.shape[a])
     else:
+        assert size_values is not None  # exactly one of the two is given (checked above)
         if len(size_values) != len(axes):
             raise op.fail(f"sizes has {len(size_values)} values for {len(axes)} axes")
         policy = op.attr("keep_aspect_ratio_policy", "stretch")

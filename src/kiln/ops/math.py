@@ -259,19 +259,19 @@ def min_(op: OpContext, *xs):
 
 @register("Sum", since=1)
 def sum_(op: OpContext, *xs):
-    xs = [x for x in xs if x is not None]
-    if not xs:
+    present = [x for x in xs if x is not None]
+    if not present:
         raise op.fail("needs at least one input")
-    result = xs[0].clone()
-    for x in xs[1:]:
+    result = present[0].clone()
+    for x in present[1:]:
         result = _add(op, result, x)
     return result
 
 
 @register("Mean", since=1)
 def mean(op: OpContext, *xs):
-    xs = [x for x in xs if x is not None]
-    return sum_(op, *xs) / len(xs)
+    present = [x for x in xs if x is not None]
+    return sum_(op, *present) / len(present)
 
 
 @register("Where", since=9)

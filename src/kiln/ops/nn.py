@@ -287,7 +287,7 @@ def max_pool(op: OpContext, x):
             win.begin,
             win.dilations,
             ceil_mode=bool(op.attr("ceil_mode", 0)),
-            return_indices=want_indices,
+            return_indices=want_indices,  # type: ignore[call-overload]  # torch overloads only Literal True/False
         )
         values = y[0] if want_indices else y
         if list(values.shape[2:]) == win.out:

@@ -125,7 +125,8 @@ def _run(op: OpContext, kind: str, x, w, r, b, sequence_lens, initial_h, initial
         cs.append(c)
     y = torch.stack(ys, 1).to(out_dtype)  # [seq, dirs, batch, hidden]
     y_h = torch.stack(hs, 0).to(out_dtype)
-    y_c = torch.stack(cs, 0).to(out_dtype) if cs[0] is not None else None
+    cells = [c for c in cs if c is not None]  # every direction has a cell state (LSTM) or none does
+    y_c = torch.stack(cells, 0).to(out_dtype) if cells else None
     if layout:
         y = y.permute(2, 0, 1, 3)
         y_h = y_h.transpose(0, 1)

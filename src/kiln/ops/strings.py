@@ -177,7 +177,9 @@ def _re2_to_python(op: OpContext, pattern: str) -> str:
                 out.append("(?P<")
                 i += 3
                 continue
-            flags = re.match(r"[a-zA-Z-]*", rest).group(0)
+            letters = re.match(r"[a-zA-Z-]*", rest)
+            assert letters is not None  # * matches the empty string too
+            flags = letters.group(0)
             if "U" in flags:
                 raise op.fail(f"pattern {pattern!r}: the ungreedy flag (?U) is not supported")
         if c == "$" and not multiline:
@@ -306,7 +308,8 @@ def label_encoder_1(op, x):
 _TFIDF_MODES = ("TF", "IDF", "TFIDF")
 
 
-def _tfidf_table(op: OpContext, pool: list[Any], lo: int, hi: int, n_indexes: int) -> tuple[dict[tuple, int], set[tuple]]:
+def _tfidf_table(op: OpContext, pool: list[Any], lo: int, hi: int,
+                 n_indexes: int) -> tuple[dict[tuple, int], set[tuple]]:
     """Pool n-grams of length lo..hi -> their n-gram number (numbered across all lengths; a repeated
     n-gram keeps its last number), and the set of their proper prefixes (to stop a scan early)."""
     counts = [int(c) for c in op.attr("ngram_counts", []) or []]
@@ -363,7 +366,8 @@ def tfidf_vectorizer(op, x):
         values = items.reshape(-1).tolist()
     else:
         if isinstance(x, np.ndarray) or x.dtype not in (torch.int32, torch.int64):
-            raise op.fail(f"pool_int64s is set, so the input must be int32 or int64, got {'a string tensor' if isinstance(x, np.ndarray) else x.dtype}")
+            got = "a string tensor" if isinstance(x, np.ndarray) else x.dtype
+            raise op.fail(f"pool_int64s is set, so the input must be int32 or int64, got {got}")
         pool = [int(v) for v in pool_ints]
         shape = tuple(x.shape)
         values = x.reshape(-1).tolist()

@@ -155,11 +155,11 @@ def _squeeze(op: OpContext, x, axes: list[int] | None):
     """No axes (or empty axes, as onnxruntime reads it) removes every axis of size 1."""
     if not axes:
         return x.reshape([d for d in x.shape if d != 1])
-    axes = {_axis(op, a, x.dim()) for a in axes}
-    for a in axes:
+    removed = {_axis(op, a, x.dim()) for a in axes}
+    for a in removed:
         if x.shape[a] != 1:
             raise op.fail(f"cannot squeeze axis {a} of shape {list(x.shape)}: its size is not 1")
-    return x.reshape([d for i, d in enumerate(x.shape) if i not in axes])
+    return x.reshape([d for i, d in enumerate(x.shape) if i not in removed])
 
 
 @register("Squeeze", since=1)
@@ -252,14 +252,14 @@ def constant(op: OpContext):
     if "value_ints" in attrs:
         return torch.tensor(list(attrs["value_ints"]), dtype=torch.int64, device=op.device)
     if "value_string" in attrs:
-        out = np.empty((), dtype=object)
-        out[()] = _text(attrs["value_string"])
-        return out
+        text = np.empty((), dtype=object)
+        text[()] = _text(attrs["value_string"])
+        return text
     if "value_strings" in attrs:
         items = [_text(s) for s in attrs["value_strings"]]
-        out = np.empty(len(items), dtype=object)
-        out[:] = items
-        return out
+        texts = np.empty(len(items), dtype=object)
+        texts[:] = items
+        return texts
     raise op.fail(f"no supported value attribute among {sorted(attrs)} (sparse_value is not supported)")
 
 
@@ -292,9 +292,9 @@ def range_(op: OpContext, start, limit, delta):
 @_strings
 def concat(op: OpContext, *xs):
     """torch.cat; axis may be negative (opset 11), inputs may be empty along it."""
-    xs = [x for x in xs if x is not None]
-    axis = _axis(op, op.attr("axis", 1), xs[0].dim())
-    return torch.cat(xs, dim=axis)
+    present = [x for x in xs if x is not None]
+    axis = _axis(op, op.attr("axis", 1), present[0].dim())
+    return torch.cat(present, dim=axis)
 
 
 def _split(op: OpContext, x, axis: int, split: list[int] | None, parts: int | None = None):
