@@ -745,7 +745,7 @@ def test_two_profiles_cover_their_batches_and_nothing_else(tmp_path):
     assert len(loaded.profiles) == 2
     for batch, index in [(1, 0), (2, 0), (5, 1), (8, 1)]:
         feeds = feeds_for(batch, seed=batch)
-        assert loaded.profile_for({n: v.shape for n, v in feeds.items()}) == index
+        assert loaded.program.profile_for({n: v.shape for n, v in feeds.items()}) == index
         got = loaded.run(feeds)
         assert got["y"].shape == (batch, 4, 5, 6)
         assert torch.equal(got["y"], engine.run(feeds)["y"])

@@ -30,7 +30,7 @@ def test_context_runs_the_engine_on_numpy_and_torch_inputs(engine):
 
 def test_contexts_share_the_engine_weights(engine):
     a, b = engine.create_context(), engine.create_context()
-    assert a.engine is b.engine is engine
+    assert a.program is b.program is engine.program
     assert engine.weights_bytes == sum(t.untyped_storage().nbytes() for t in {id(t): t for t in engine.tensors.values()}.values())
     assert engine.weights_bytes > 0
 
@@ -214,7 +214,7 @@ def test_profiler_reports_every_layer_that_runs(engine):
     context.profiler = lambda layer, ms: times.append((layer, ms))
     x = feeds(2, seed=8)
     _close(context.run(x)["y"], x["x"])
-    lean = [step.name for step in engine._lean[0]]
+    lean = [step.name for step in engine.program.lean[0]]
     assert [name for name, _ in times] == lean
     assert "shape" not in lean and all(ms >= 0 for _, ms in times)
     context.profiler = None
@@ -238,14 +238,14 @@ def test_warm_up_caches_a_shape_before_the_first_real_call(engine):
 
 
 def test_which_layers_read_torchs_process_wide_switches():
-    from kiln.engine import _reads_torch_flags
+    from kiln.runtime.program import layer_reads_torch_flags
 
     def layer(kind, precision, op="MatMul"):
         return {"kind": kind, "precision": precision, "op_types": [op]}
 
-    assert _reads_torch_flags(layer("Conv", "fp16", "Conv"))  # cuDNN's benchmark switch picks its algorithm
-    assert _reads_torch_flags(layer("Gemm", "fp32")) and _reads_torch_flags(layer("Attention", "tf32", "Softmax"))
-    assert _reads_torch_flags(layer("Node", "fp32", "Einsum")) and _reads_torch_flags(layer("Node", "fp32", "Loop"))
-    assert not _reads_torch_flags(layer("Gemm", "fp16")) and not _reads_torch_flags(layer("Node", "fp32", "Gather"))
-    assert _reads_torch_flags(layer("Node", "tf32", "Gather"))
-    assert not _reads_torch_flags(layer("Pointwise", "fp32", "Add")) and not _reads_torch_flags(layer("LayerNorm", "fp32"))
+    assert layer_reads_torch_flags(layer("Conv", "fp16", "Conv"))  # cuDNN's benchmark switch picks its algorithm
+    assert layer_reads_torch_flags(layer("Gemm", "fp32")) and layer_reads_torch_flags(layer("Attention", "tf32", "Softmax"))
+    assert layer_reads_torch_flags(layer("Node", "fp32", "Einsum")) and layer_reads_torch_flags(layer("Node", "fp32", "Loop"))
+    assert not layer_reads_torch_flags(layer("Gemm", "fp16")) and not layer_reads_torch_flags(layer("Node", "fp32", "Gather"))
+    assert layer_reads_torch_flags(layer("Node", "tf32", "Gather"))
+    assert not layer_reads_torch_flags(layer("Pointwise", "fp32", "Add")) and not layer_reads_torch_flags(layer("LayerNorm", "fp32"))
