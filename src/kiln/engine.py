@@ -117,7 +117,8 @@ class Engine:
         engine's weights; see ``kiln.runtime.ExecutionContext`` for the options."""
         return ExecutionContext(self.program, **options)
 
-    def _default_context(self) -> ExecutionContext:
+    def default_context(self) -> ExecutionContext:
+        """The execution context ``run`` uses (with CUDA graphs on CUDA), made on first use."""
         if self._context is None:
             self._context = self.create_context(cuda_graph=self.device.type == "cuda")
         return self._context
@@ -125,7 +126,7 @@ class Engine:
     @property
     def graph_errors(self) -> list[str]:
         """Why ``run``'s context could not capture a CUDA graph (empty when every shape was captured)."""
-        return self._default_context().graph_errors
+        return self.default_context().graph_errors
 
     def run(self, feeds: Mapping[str, Any], timeout_s: float | None = None) -> dict[str, torch.Tensor]:
         """Run the engine on ``feeds`` (name -> numpy array or torch tensor) in one default execution
@@ -135,7 +136,7 @@ class Engine:
         runs on the context's own stream; no host synchronization). For several threads or
         streams, give each its own ``create_context()``. ``timeout_s``: stop with
         ``kiln.deadline.RunStopped`` after that many seconds (``ExecutionContext.run``)."""
-        return self._default_context().run_async(feeds, timeout_s=timeout_s)
+        return self.default_context().run_async(feeds, timeout_s=timeout_s)
 
     # -- description --------------------------------------------------------------------------
     def describe(self) -> list[dict[str, Any]]:
@@ -202,7 +203,7 @@ class Engine:
         stored[_GRAPH_TENSOR] = torch.frombuffer(bytearray(self.graph), dtype=torch.uint8) if self.graph else torch.zeros(0, dtype=torch.uint8)
         header = {"format": FORMAT, "version": VERSION, **environment(self.device), "plan": self.plan, "layouts": layouts,
                   "aliases": aliases}
-        header["sha256"] = _digest(header, stored)
+        header["sha256"] = digest(header, stored)
         key = configured_key(key)
         metadata = {"kiln": json.dumps(header, sort_keys=True, separators=(",", ":"))}
         if key is not None:
@@ -246,7 +247,7 @@ def load_engine(path: str | os.PathLike[str], device: str | None = None, *, key:
     if header.get("version") != VERSION:
         raise EngineLoadError(f"{path}: engine format version {engine_schema.show(header.get('version'))}; "
                               f"this kiln reads version {VERSION}. Rebuild it")
-    if header.get("sha256") != _digest({k: v for k, v in header.items() if k != "sha256"}, stored):
+    if header.get("sha256") != digest({k: v for k, v in header.items() if k != "sha256"}, stored):
         raise EngineLoadError(f"{path}: checksum mismatch: the engine file was modified or damaged after it was written; rebuild it")
     try:
         engine_schema.check_header(header)
@@ -306,15 +307,15 @@ def _graph_nodes(graph: bytes, path: str) -> dict[str, engine_schema.GraphNode]:
     """The embedded graph's main-graph nodes by name, after the checks a model file gets."""
     from kiln.onnx_io import load_embedded_model
 
-    digest = hashlib.sha256(graph).hexdigest()
-    nodes = _CHECKED_GRAPHS.get(digest)
+    graph_sha = hashlib.sha256(graph).hexdigest()
+    nodes = _CHECKED_GRAPHS.get(graph_sha)
     if nodes is None:
         try:
             proto = load_embedded_model(graph, f"{path}: the engine's graph")
         except KilnError as error:
             raise EngineLoadError(str(error)) from error
         nodes = {node.name: engine_schema.GraphNode(node.op_type, len(node.input), len(node.output)) for node in proto.graph.node}
-        _CHECKED_GRAPHS[digest] = nodes
+        _CHECKED_GRAPHS[graph_sha] = nodes
         while len(_CHECKED_GRAPHS) > 16:
             _CHECKED_GRAPHS.popitem(last=False)
     return nodes
@@ -414,7 +415,9 @@ def _restore(tensor: torch.Tensor, perm: list[int] | None) -> torch.Tensor:
     return tensor.permute(inverse)
 
 
-def _digest(header: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> str:
+def digest(header: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> str:
+    """The SHA-256 (hex) an engine file carries: over its header (without the digest) and every
+    stored tensor's name, dtype, shape and bytes."""
     h = hashlib.sha256(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
     for name in sorted(tensors):
         t = tensors[name].contiguous()

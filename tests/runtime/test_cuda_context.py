@@ -38,7 +38,7 @@ def test_graph_cache_is_an_lru_and_shapes_outside_it_are_captured_anew(gpu_engin
     for batch in (1, 2, 3, 1, 2):
         x = feeds(batch, seed=batch)
         _close(context.run(x)["y"], x["x"])
-    assert len(context._graphs) == 2
+    assert context.cached_graphs == 2
     assert context.stats.evictions >= 2
     assert context.stats.captures == 5  # 1, 2, 3, then 1 and 2 again after eviction
 

@@ -148,6 +148,16 @@ class ExecutionContext:
             self._aux, self._streams, self._stream_of, self._events, self._joins = [], [], [0] * (planned + 1), [], []
             self._pool = None
 
+    @property
+    def cached_shapes(self) -> int:
+        """Input shapes (per profile) whose shape arithmetic this context holds (SHAPE_CACHE_SIZE at most)."""
+        return len(self._shapes)
+
+    @property
+    def cached_graphs(self) -> int:
+        """CUDA graphs this context holds (``graph_cache_size`` at most), failed captures included."""
+        return len(self._graphs)
+
     # -- configuration ---------------------------------------------------------------------------
     def _valid_profile(self, profile: int | None) -> int | None:
         count = len(self.program.profiles)
