@@ -11,8 +11,16 @@ import onnx_ir as ir
 
 from kiln import builder
 from kiln.builder import BuildConfig, Profile
-from kiln.engine import Engine, EngineLoadError, load_engine
-from kiln.errors import InputError, KilnError, ModelLoadError, OpError, ResourceLimitError, UnsupportedModelError
+from kiln.engine import Engine, load_engine
+from kiln.errors import (
+    EngineLoadError,
+    InputError,
+    KilnError,
+    ModelLoadError,
+    OpError,
+    ResourceLimitError,
+    UnsupportedModelError,
+)
 from kiln.executor import Executor
 from kiln.onnx_io import load_model, load_model_proto
 from kiln.versions import __version__

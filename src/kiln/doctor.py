@@ -18,13 +18,13 @@ name nodes). It collects:
 
      * control flow (``If``, ``Loop``, ``Scan``, ``SequenceMap``): the body runs node by node in the
        reference executor, nothing in it is fused or timed, and the engine never treats it as
-       shape arithmetic (``kiln.builder.schedule.NOT_STATIC``), so a condition or trip count is read back from
+       shape arithmetic (the op facts ``random``/``control_flow``), so a condition or trip count is read back from
        the GPU on every run;
      * data-dependent output shapes (``NonZero``, ``Unique``, ``Compress``, ``NonMaxSuppression``):
        the output's size is known only after the GPU has computed it, so the host waits for the
        GPU, and the engine's CUDA graph cannot be captured (it runs layer by layer);
-     * host reads: an input the reference op reads as a list of Python ints (``HOST_READS``:
-       the builder's ``HOST_INPUTS`` - Reshape's shape, Slice's starts/ends/axes/steps, Expand, Tile,
+     * host reads: an input the reference op reads as a list of Python ints (the op facts' ``host_reads``:
+       its ``host_inputs`` - Reshape's shape, Slice's starts/ends/axes/steps, Expand, Tile,
        Split, Squeeze/Unsqueeze axes, ConstantOfShape - plus TopK's k, OneHot's depth, Range's
        bounds, Pad's pads, Resize/Upsample scales and sizes, CumSum's axis, Reduce* axes,
        CenterCropPad's shape) that is computed from data at run time. Constants and values derived
@@ -73,10 +73,9 @@ from typing import Any
 import onnx_ir as ir
 
 from kiln.builder.config import Profile
-from kiln.builder.schedule import NOT_STATIC, SHAPE_SOURCES
-from kiln.builder.tactics.node import HOST_INPUTS
 from kiln.cost import ModelCost, model_cost, symbol_value
 from kiln.errors import InputError
+from kiln.ops.registry import OpFacts, op_facts
 from kiln.passes.framework import Finding, PassContext, registered_passes
 from kiln.passes.rewriting import shape_of, unique_node_names
 from kiln.tables import Column, plain_lines
@@ -84,12 +83,6 @@ from kiln.tables import Column, plain_lines
 DYNAMIC_INPUT = "dynamic-input-without-profile"
 SLOW_PATH = "slow-path-op"
 
-CONTROL_FLOW = frozenset({"If", "Loop", "Scan", "SequenceMap"})
-DATA_DEPENDENT = frozenset({"NonZero", "Unique", "Compress", "NonMaxSuppression"})
-SEQUENCE_OPS = frozenset({
-    "SequenceConstruct", "SequenceAt", "SequenceInsert", "SequenceErase", "SequenceLength", "SequenceEmpty",
-    "SplitToSequence", "ConcatFromSequence", "Optional", "OptionalGetElement", "OptionalHasElement",
-})
 STRING_OPS = frozenset({"StringConcat", "StringSplit", "StringNormalizer", "RegexFullMatch", "TfIdfVectorizer",
                         "LabelEncoder"})
 HEAVY_OPS = {
@@ -103,14 +96,6 @@ HEAVY_OPS = {
     "NonMaxSuppression": "runs Python loops over batches, classes and boxes, reading each score on the host",
     "TreeEnsemble": "walks the trees one host-synchronised step per tree level",
 }
-_REDUCE_AXES = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
-                "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
-# (op, input index) the reference ops read on the host as Python numbers.
-HOST_READS = HOST_INPUTS | frozenset({
-    ("TopK", 1), ("OneHot", 1), ("Range", 0), ("Range", 1), ("Range", 2), ("Pad", 1), ("Pad", 3), ("Resize", 1),
-    ("Resize", 2), ("Resize", 3), ("Upsample", 1), ("CumSum", 1), ("CenterCropPad", 1),
-    *((op, 1) for op in _REDUCE_AXES),
-})
 _ML_DOMAIN = "ai.onnx.ml"
 TOP = 5
 NODES_SHOWN = 4
@@ -458,10 +443,11 @@ def _derived_values(model: ir.Model) -> set[int]:
     engine computes once per input shape)."""
     derived = {id(v) for v in model.graph.initializers.values()}
     for node in model.graph:
-        if node.op_type in NOT_STATIC or any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+        facts = op_facts(node.op_type, node.domain)
+        if facts.random or facts.control_flow or any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
                                               for a in node.attributes.values()):
             continue
-        if node.op_type in SHAPE_SOURCES or all(v is None or not v.name or id(v) in derived for v in node.inputs):
+        if facts.metadata or all(v is None or not v.name or id(v) in derived for v in node.inputs):
             derived.update(id(v) for v in node.outputs)
     return derived
 
@@ -474,7 +460,8 @@ def _slow_reason(node: ir.Node, derived: set[int]) -> tuple[str, str] | None:
     """(kind, why) when ``node`` runs on a slow path, else None."""
     op = node.op_type
     standard = node.domain in ("", "ai.onnx")
-    if standard and op in CONTROL_FLOW:
+    facts = op_facts(op) if standard else OpFacts()  # the rules below are about standard ops
+    if facts.control_flow:
         return "control-flow", (f"{op} runs its body node by node in kiln's reference executor: nothing inside is fused "
                                 "or timed, and its condition or trip count is read back from the GPU on every run")
     if all(v is None or not v.name or id(v) in derived for v in node.inputs):
@@ -483,17 +470,17 @@ def _slow_reason(node: ir.Node, derived: set[int]) -> tuple[str, str] | None:
             or (node.domain == _ML_DOMAIN and op == "LabelEncoder"):
         return "strings", (f"{op} works on string tensors: numpy object arrays computed element by element in Python "
                            "on the host, with a copy from and to the GPU")
-    if standard and op in SEQUENCE_OPS:
+    if (facts.sequence and not facts.control_flow) or facts.optional:
         return "sequences", (f"{op} handles an ONNX sequence or optional: a Python list of tensors, one op at a time, "
                              "never fused")
     if (standard or node.domain == _ML_DOMAIN) and op in HEAVY_OPS:
         return "no-fast-tactic", f"{op} has no fast tactic: kiln's reference op {HEAVY_OPS[op]}"
-    if standard and op in DATA_DEPENDENT:
+    if facts.data_dependent:
         return "data-dependent-shape", (f"{op}'s output size depends on the values it reads: the host waits for the GPU "
                                         "on every run and the engine cannot capture a CUDA graph")
     if standard:
         for index, value in enumerate(node.inputs):
-            if (op, index) in HOST_READS and value is not None and value.name and id(value) not in derived:
+            if index in facts.host_reads and value is not None and value.name and id(value) not in derived:
                 return "host-read", (f"{op} reads input {index} ({value.name!r}) on the host as numbers, and that value "
                                      "is computed from data at run time: a GPU->host copy and a wait on every run, "
                                      "and the engine cannot capture a CUDA graph")

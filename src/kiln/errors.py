@@ -18,6 +18,10 @@ class ModelLoadError(KilnError):
     """The model file cannot be read safely (missing, corrupt, too large, hostile external data)."""
 
 
+class EngineLoadError(KilnError):
+    """An engine file cannot be used here (corrupt, tampered, or built for something else)."""
+
+
 class UnsupportedModelError(KilnError):
     """The model is valid ONNX but uses something kiln cannot run (op, opset, dtype)."""
 

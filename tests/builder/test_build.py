@@ -67,7 +67,7 @@ def test_dynamic_profiles_pick_tactics_per_profile_and_run_any_shape_inside(tmp_
     profiles = [_profile(small), _profile(large, _feeds("bert", 2, 5), _feeds("bert", 6, 8))]
     engine = kiln.build(path, BuildConfig(device="cpu", opt_level=1, profiles=profiles))
     assert all(len(layer["choices"]) == 2 for layer in engine.plan["layers"])
-    assert any(step.static for step in engine._steps[0]), "the exported shape arithmetic is cached per shape"
+    assert any(step.static for step in engine.program.steps[0]), "the exported shape arithmetic is cached per shape"
     for feeds in (small, _feeds("bert", 3, 7), small, _feeds("bert", 6, 8), _feeds("bert", 3, 7)):
         got = engine.run(feeds)  # the repeats run on cached shape values
         for name, ref in run_onnxruntime(path, feeds).items():

@@ -82,8 +82,8 @@ def test_a_captured_value_from_another_stream_is_waited_for():
     index = {layer["op_types"][0]: i for i, layer in enumerate(layers)}
     relu, branch = index["Relu"], index["If"]  # Relu and Mul: one pointwise layer
     assert layers[relu]["stream"] != layers[branch]["stream"]
-    recorded = engine._steps[0][relu].record
-    assert recorded is not None and recorded in engine._steps[0][branch].waits
+    recorded = engine.program.steps[0][relu].record
+    assert recorded is not None and recorded in engine.program.steps[0][branch].waits
 
 
 def test_random_inputs_the_model_cannot_take_fail_in_one_line():

@@ -21,7 +21,7 @@ from safetensors.torch import save as st_save
 import kiln
 from kiln import BuildConfig, EngineLoadError, InputError, KilnError, Profile, load_engine
 from kiln.compare import diff, run_onnxruntime
-from kiln.engine import _digest
+from kiln.engine import digest
 from tests.builder.graphs import tiny_model
 
 # -- models and helpers ---------------------------------------------------------------------------
@@ -57,7 +57,7 @@ def read_engine(path) -> tuple[dict, dict[str, torch.Tensor]]:
 def write_forged(path, header: dict, stored: dict[str, torch.Tensor]) -> None:
     """Write an engine with a valid, recomputed checksum (what a careful forger would do)."""
     header = {k: v for k, v in header.items() if k != "sha256"}
-    header["sha256"] = _digest(header, stored)
+    header["sha256"] = digest(header, stored)
     path.write_bytes(st_save(stored, metadata={"kiln": json.dumps(header, sort_keys=True, separators=(",", ":"))}))
 
 
@@ -135,7 +135,7 @@ def test_engine_file_is_plain_safetensors_with_a_json_plan(engine_path):
     assert header["format"] == "kiln-engine" and header["version"] == 1
     assert header["kiln"] == kiln.__version__ and header["torch"] == torch.__version__ and header["device"] == "cpu"
     assert len(header["sha256"]) == 64 and int(header["sha256"], 16) >= 0
-    assert header["sha256"] == _digest({k: v for k, v in header.items() if k != "sha256"}, tensors)
+    assert header["sha256"] == digest({k: v for k, v in header.items() if k != "sha256"}, tensors)
     assert [layer["name"] for layer in header["plan"]["layers"]]
 
 
@@ -660,7 +660,7 @@ def test_wrong_key_unsigned_and_resigned_engines_are_refused(signed_path, engine
     header, stored = read_engine(signed_path)
     header["plan"]["layers"][0]["notes"] = ["edited"]
     header = {k: v for k, v in header.items() if k != "sha256"}
-    header["sha256"] = _digest(header, stored)
+    header["sha256"] = digest(header, stored)
     data = st_save(stored, metadata={"kiln": json.dumps(header, sort_keys=True, separators=(",", ":")),
                                      "kiln-hmac-sha256": safe_open(signed_path, "pt").metadata()["kiln-hmac-sha256"]})
     forged_path = tmp_path / "resigned.kiln"
@@ -745,7 +745,7 @@ def test_two_profiles_cover_their_batches_and_nothing_else(tmp_path):
     assert len(loaded.profiles) == 2
     for batch, index in [(1, 0), (2, 0), (5, 1), (8, 1)]:
         feeds = feeds_for(batch, seed=batch)
-        assert loaded.profile_for({n: v.shape for n, v in feeds.items()}) == index
+        assert loaded.program.profile_for({n: v.shape for n, v in feeds.items()}) == index
         got = loaded.run(feeds)
         assert got["y"].shape == (batch, 4, 5, 6)
         assert torch.equal(got["y"], engine.run(feeds)["y"])

@@ -110,10 +110,10 @@ def _join(header: dict, stored: dict[str, torch.Tensor]) -> bytes:
     """An engine file with a recomputed (valid) checksum."""
     from safetensors.torch import save
 
-    from kiln.engine import _digest
+    from kiln.engine import digest
 
     header = {k: v for k, v in header.items() if k != "sha256"}
-    header["sha256"] = _digest(header, stored)
+    header["sha256"] = digest(header, stored)
     return save(stored, metadata={"kiln": json.dumps(header, sort_keys=True, separators=(",", ":"))})
 
 

@@ -38,7 +38,7 @@ def test_graph_cache_is_an_lru_and_shapes_outside_it_are_captured_anew(gpu_engin
     for batch in (1, 2, 3, 1, 2):
         x = feeds(batch, seed=batch)
         _close(context.run(x)["y"], x["x"])
-    assert len(context._graphs) == 2
+    assert context.cached_graphs == 2
     assert context.stats.evictions >= 2
     assert context.stats.captures == 5  # 1, 2, 3, then 1 and 2 again after eviction
 
@@ -46,7 +46,7 @@ def test_graph_cache_is_an_lru_and_shapes_outside_it_are_captured_anew(gpu_engin
 def test_every_kernel_runs_on_the_context_stream_not_the_default(gpu_engine):
     context = gpu_engine.create_context(aux_streams=0)
     seen: list[torch.cuda.Stream] = []
-    step = gpu_engine._lean[0][0]
+    step = gpu_engine.program.lean[0][0]
     original = step.run
 
     def spy(inputs):
@@ -134,7 +134,7 @@ def test_profiler_runs_layer_by_layer_and_times_each(gpu_engine):
     times: list[tuple[str, float]] = []
     context.profiler = lambda layer, ms: times.append((layer, ms))
     _close(context.run(x)["y"], x["x"])
-    assert [name for name, _ in times] == [step.name for step in gpu_engine._lean[0]]
+    assert [name for name, _ in times] == [step.name for step in gpu_engine.program.lean[0]]
     assert all(ms > 0 for _, ms in times)
     assert context.stats.replays == 0
     context.profiler = None

@@ -1,5 +1,5 @@
-"""kiln.builder.schedule: static layers, auxiliary-stream assignment and the waits between streams,
-on hand-written plans and on a built engine (whose results must not depend on its streams)."""
+"""kiln.builder.schedule (static layers, auxiliary-stream assignment) and kiln.runtime.program (the waits between
+streams), on hand-written plans and on a built engine (whose results must not depend on its streams)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import kiln
-from kiln.builder.schedule import assign_streams, cross_stream_waits, static_layers
-from kiln.engine import Engine, EngineLoadError
+from kiln.builder.schedule import assign_streams, static_layers
+from kiln.engine import Engine
+from kiln.errors import EngineLoadError
+from kiln.runtime.program import cross_stream_waits
 from tests.runtime.conftest import build_branches, feeds, reference
 
 
@@ -85,7 +87,7 @@ def test_built_engine_puts_the_branches_on_aux_streams(engine):
     assert engine.aux_streams == 2
     assert {streams["up0"], streams["up1"], streams["up2"]} == {0, 1, 2}
     assert streams["shape"] == 0 and streams["reshape"] == 0
-    assert engine.event_count >= 2
+    assert engine.program.event_count >= 2
     assert any("auxiliary streams: 2 of 2 used" in line for line in engine.report.lines)
 
 

@@ -19,9 +19,9 @@ Two playbook rules live here:
   3. else the stream whose last layer came earliest (the least recently used).
 
   Static layers stay on stream 0 and are not counted: on the runs that use several streams their
-  values are already cached. With ``max_aux_streams=0`` every layer is on stream 0. The context
+  values are already cached. With ``max_aux_streams=0`` every layer is on stream 0. The runtime
   records an event after a layer whose output another stream reads and makes that stream wait for
-  it (``cross_stream_waits``), so results equal the single-stream ones.
+  it (``kiln.runtime.program.cross_stream_waits``), so results equal the single-stream ones.
 """
 
 from __future__ import annotations
@@ -29,11 +29,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-# Ops whose result depends on the input's shape only, and ops that never produce data-dependent
-# results from shape-only inputs; and ops that must run every time (random, control flow).
-SHAPE_SOURCES = frozenset({"Shape", "Size"})
-NOT_STATIC = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli",
-                        "Multinomial", "Dropout", "If", "Loop", "Scan", "SequenceMap"})
+from kiln.ops.registry import op_facts
 
 
 def static_layers(layers: Sequence[Mapping[str, Any]]) -> list[bool]:
@@ -43,15 +39,18 @@ def static_layers(layers: Sequence[Mapping[str, Any]]) -> list[bool]:
     static = []
     for layer in layers:
         op = layer["op_types"][0]
-        is_static = layer["kind"] == "Node" and op not in NOT_STATIC and not layer["attrs"].get("captured") and (
-            op in SHAPE_SOURCES or all(name in derived for name in layer["inputs"]))
+        facts = op_facts(op, None)
+        # random and control-flow ops run every time; metadata ops (Shape, Size) read shapes alone
+        is_static = (layer["kind"] == "Node" and not (facts.random or facts.control_flow)
+                     and not layer["attrs"].get("captured")
+                     and (facts.metadata or all(name in derived for name in layer["inputs"])))
         static.append(is_static)
         if is_static:
             derived.update(n for n in layer["outputs"] if n)
     return static
 
 
-def _producers(layers: Sequence[Mapping[str, Any]], static: Sequence[bool]) -> list[list[int]]:
+def producers(layers: Sequence[Mapping[str, Any]], static: Sequence[bool]) -> list[list[int]]:
     """Per layer, the non-static layers that produce its inputs, in input order, without repeats."""
     made_by: dict[str, int] = {}
     result = []
@@ -77,7 +76,7 @@ def assign_streams(layers: Sequence[Mapping[str, Any]], max_aux_streams: int) ->
     streams = [0] * len(layers)
     if max_aux_streams == 0:
         return streams
-    deps = _producers(layers, static)
+    deps = producers(layers, static)
     ancestors: list[int] = [0] * len(layers)  # bit i set: layer i is an ancestor
     tails: list[int | None] = [None] * (max_aux_streams + 1)
     for index in range(len(layers)):
@@ -95,27 +94,3 @@ def assign_streams(layers: Sequence[Mapping[str, Any]], max_aux_streams: int) ->
         streams[index] = chosen
         tails[chosen] = index
     return streams
-
-
-def cross_stream_waits(layers: Sequence[Mapping[str, Any]], streams: Sequence[int],
-                       static: Sequence[bool] | None = None) -> list[list[int]]:
-    """Per layer, the layers on other streams it must wait for (an event recorded after each): per
-    producing stream only the latest producer, and none where this stream has already waited for
-    that layer or a later one of its stream. ``static``: ``static_layers(layers)``, if known."""
-    static = static_layers(layers) if static is None else static
-    deps = _producers(layers, static)
-    seen: dict[tuple[int, int], int] = {}  # (waiting stream, producing stream) -> latest layer waited for
-    waits = []
-    for index in range(len(layers)):
-        own = streams[index]
-        latest: dict[int, int] = {}  # producing stream -> its latest producer of this layer
-        for d in deps[index]:
-            if streams[d] != own:
-                latest[streams[d]] = max(latest.get(streams[d], -1), d)
-        mine = []
-        for other, d in sorted(latest.items()):
-            if seen.get((own, other), -1) < d:
-                mine.append(d)
-                seen[(own, other)] = d
-        waits.append(mine)
-    return waits

@@ -1,5 +1,7 @@
-"""The runtime: execution contexts that run an engine's plan (``ExecutionContext``)."""
+"""The runtime: an engine's plan made runnable (``Program``) and the execution contexts that run it
+(``ExecutionContext``)."""
 
 from kiln.runtime.context import ContextStats, ExecutionContext
+from kiln.runtime.program import Program, Step
 
-__all__ = ["ContextStats", "ExecutionContext"]
+__all__ = ["ContextStats", "ExecutionContext", "Program", "Step"]

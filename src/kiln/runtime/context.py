@@ -1,7 +1,8 @@
 """Execution contexts: what runs an engine's plan, many at once over one engine's weights.
 
-TensorRT's ``IExecutionContext`` for kiln engines. The engine holds the plan, the prepared weights
-and the compiled steps, and nothing in it changes while it runs. A context holds the rest:
+TensorRT's ``IExecutionContext`` for kiln engines. The engine's ``Program`` (``kiln.runtime.program``)
+holds the runnable steps over the prepared weights, and nothing in it changes while it runs; a
+context reads it through its public fields and holds the rest:
 
 - **its own CUDA stream**, never the default stream (playbook: one stream per execution context,
   and the default stream's implicit synchronization avoided), plus the auxiliary streams and events
@@ -58,15 +59,16 @@ from kiln import deadline as deadlines
 from kiln import dtypes
 from kiln.errors import InputError, KilnError, OpError, named
 from kiln.limits import check_tensor_bytes
+from kiln.precision import set_tf32, tf32_for
 
 if TYPE_CHECKING:
-    from kiln.engine import Engine, _Step
+    from kiln.runtime.program import Program, Step
 
 SHAPE_CACHE_SIZE = 32  # input shapes whose shape-arithmetic values a context keeps
 DEFAULT_GRAPH_CACHE_SIZE = 8
 
 # torch's TF32 and cuDNN switches are process-wide: eager CUDA runs (and captures) of engines whose
-# layers read them (Engine.reads_torch_flags) set them under this lock, so a context in one thread
+# layers read them (Program.reads_torch_flags) set them under this lock, so a context in one thread
 # never runs its fp32 layers with another's TF32 setting.
 _TORCH_FLAGS = threading.RLock()
 # One CUDA-graph capture at a time in the process (captures are rare: once per context and shape).
@@ -98,13 +100,14 @@ class ContextStats:
 
 
 class ExecutionContext:
-    """Runs one engine's plan on its own stream; see the module docstring."""
+    """Runs one engine's program on its own stream; see the module docstring. Made by
+    ``Engine.create_context``."""
 
-    def __init__(self, engine: Engine, *, profile: int | None = None, cuda_graph: bool = False,
+    def __init__(self, program: Program, *, profile: int | None = None, cuda_graph: bool = False,
                  graph_cache_size: int = DEFAULT_GRAPH_CACHE_SIZE, aux_streams: int | None = None) -> None:
-        self.engine = engine
-        self.device = engine.device
-        self.name = engine.name
+        self.program = program
+        self.device = program.device
+        self.name = program.name
         on_cuda = self.device.type == "cuda"
         if cuda_graph and not on_cuda:
             raise KilnError(f"{self.name}: CUDA graphs need an engine built for CUDA; this one runs on {self.device.type}")
@@ -128,7 +131,7 @@ class ExecutionContext:
         self._bound_inputs: list[torch.Tensor] | None = None
         self._bound_outputs: dict[str, torch.Tensor] = {}
         self._bound_profile = 0
-        planned = engine.aux_streams
+        planned = program.aux_streams
         used = planned if aux_streams is None else min(aux_streams, planned)
         self.aux_streams = used if on_cuda else 0
         if on_cuda:
@@ -137,7 +140,7 @@ class ExecutionContext:
             self._streams = [self.stream, *self._aux]
             # the plan's stream i -> one of this context's streams (several may share one)
             self._stream_of = [0] + [1 + (i - 1) % used if used else 0 for i in range(1, planned + 1)]
-            self._events = [torch.cuda.Event() for _ in range(engine.event_count)]
+            self._events = [torch.cuda.Event() for _ in range(program.event_count)]
             self._fork = torch.cuda.Event()
             self._joins = [torch.cuda.Event() for _ in self._aux]
             self._pool = torch.cuda.graph_pool_handle() if cuda_graph else None
@@ -146,9 +149,19 @@ class ExecutionContext:
             self._aux, self._streams, self._stream_of, self._events, self._joins = [], [], [0] * (planned + 1), [], []
             self._pool = None
 
+    @property
+    def cached_shapes(self) -> int:
+        """Input shapes (per profile) whose shape arithmetic this context holds (SHAPE_CACHE_SIZE at most)."""
+        return len(self._shapes)
+
+    @property
+    def cached_graphs(self) -> int:
+        """CUDA graphs this context holds (``graph_cache_size`` at most), failed captures included."""
+        return len(self._graphs)
+
     # -- configuration ---------------------------------------------------------------------------
     def _valid_profile(self, profile: int | None) -> int | None:
-        count = len(self.engine.profiles)
+        count = len(self.program.profiles)
         if profile is not None and (not isinstance(profile, int) or isinstance(profile, bool) or not 0 <= profile < count):
             raise KilnError(f"{self.name}: no optimization profile {profile!r}; the engine has {count} (0..{count - 1})")
         return profile
@@ -160,8 +173,8 @@ class ExecutionContext:
         with self._entered():
             profile = self._valid_profile(profile)
             if self._bound_inputs is not None:  # the bound inputs must fit the new profile
-                names = [spec["name"] for spec in self.engine.inputs]
-                _, self._bound_profile = self.engine.check_inputs(dict(zip(names, self._bound_inputs)), profile)
+                names = [spec["name"] for spec in self.program.inputs]
+                _, self._bound_profile = self.program.check_inputs(dict(zip(names, self._bound_inputs)), profile)
             self.profile = profile
 
     def bind(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor] | None = None) -> None:
@@ -169,12 +182,12 @@ class ExecutionContext:
         outputs into. Fill the input tensors in place between calls; with CUDA graphs, a replay then
         reads and writes them directly. Outputs not given are returned as new tensors."""
         with self._entered():
-            values, profile = self.engine.check_inputs(inputs, self.profile)
-            for spec, value in zip(self.engine.inputs, values):
+            values, profile = self.program.check_inputs(inputs, self.profile)
+            for spec, value in zip(self.program.inputs, values):
                 if value.device.type != self.device.type:
                     raise InputError(f"{self.name}: bound input {spec['name']!r} is on {value.device}; bound tensors "
                                      f"must be on the engine's device ({self.device})")
-            known = {spec["name"]: spec for spec in self.engine.outputs}
+            known = {spec["name"]: spec for spec in self.program.outputs}
             bound: dict[str, torch.Tensor] = {}
             for name, tensor in (outputs or {}).items():
                 if name not in known:
@@ -199,7 +212,7 @@ class ExecutionContext:
         shapes = dict(shapes or {})
         generator = torch.Generator().manual_seed(0)
         inputs = {}
-        for spec in self.engine.inputs:
+        for spec in self.program.inputs:
             shape = shapes.pop(spec["name"], None)
             if shape is None:
                 if spec["shape"] is None or any(d is None for d in spec["shape"]):
@@ -221,7 +234,7 @@ class ExecutionContext:
         (name -> tensor on the engine's device) once they are ready. ``timeout_s``: stop with
         ``kiln.deadline.RunStopped`` after that many seconds."""
         with self._entered(timeout_s):
-            values, profile = self.engine.check_inputs(inputs, self.profile)
+            values, profile = self.program.check_inputs(inputs, self.profile)
             if self.stream is None:
                 return self._enqueue(values, profile)
             return self._sync(lambda: self._enqueue([self._on_device(v, pinned=False) for v in values], profile),
@@ -238,7 +251,7 @@ class ExecutionContext:
                 raise KilnError(f"{self.name}: this engine runs on the CPU, which has no streams; call run_async without one")
             return self.run(inputs, timeout_s)
         with self._entered(timeout_s):
-            values, profile = self.engine.check_inputs(inputs, self.profile)
+            values, profile = self.program.check_inputs(inputs, self.profile)
             return self._async(lambda: self._enqueue([self._on_device(v, pinned=True) for v in values], profile), stream)
 
     def execute(self, timeout_s: float | None = None) -> dict[str, Any]:
@@ -333,11 +346,11 @@ class ExecutionContext:
 
     def _enqueue(self, values: list[torch.Tensor], profile: int, into: Mapping[str, torch.Tensor] | None = None,
                  bound: bool = False) -> dict[str, Any]:
-        engine = self.engine
+        program = self.program
         shape_key = (profile, *(tuple(v.shape) for v in values))
         cached = self._shapes.get(shape_key)
         if cached is None:
-            results, cached = self._execute(engine._steps[profile], values, None, first=True)
+            results, cached = self._execute(program.steps[profile], values, None, first=True)
             self.stats.first_runs += 1
             self.stats.eager_runs += 1
             self._shapes[shape_key] = cached
@@ -359,8 +372,8 @@ class ExecutionContext:
                 return {name: value if name in (into or {}) or not isinstance(value, torch.Tensor) else value.clone()
                         for name, value in entry.outputs.items()}
         if self.profiler is not None:
-            return self._deliver(self._profiled(engine._lean[profile], values, cached), into)
-        results, _ = self._execute(engine._lean[profile], values, cached)
+            return self._deliver(self._profiled(program.lean[profile], values, cached), into)
+        results, _ = self._execute(program.lean[profile], values, cached)
         self.stats.eager_runs += 1
         return self._deliver(results, into)
 
@@ -369,7 +382,7 @@ class ExecutionContext:
         if deadline is not None and deadline.expired():
             raise named(deadline.stopped(where), self.name)
 
-    def _profiled(self, steps: list[_Step], values: list[torch.Tensor], cached: dict[int, Any]) -> dict[str, Any]:
+    def _profiled(self, steps: list[Step], values: list[torch.Tensor], cached: dict[int, Any]) -> dict[str, Any]:
         """One eager run that reports each layer's time to ``profiler`` (CUDA events on the layer's
         stream, or the host clock on the CPU); waits for the GPU to read the events."""
         timings: list[tuple] = []
@@ -420,7 +433,7 @@ class ExecutionContext:
                 self.stream.synchronize()
                 graph.capture_begin(*((self._pool,) if self._pool is not None else ()), capture_error_mode="thread_local")
                 try:
-                    results, _ = self._execute(self.engine._lean[profile], inputs, cached)
+                    results, _ = self._execute(self.program.lean[profile], inputs, cached)
                     outputs = self._deliver(results, into)
                 finally:
                     graph.capture_end()
@@ -436,7 +449,7 @@ class ExecutionContext:
         self.stats.captures += 1
         return _Graph(graph, inputs, outputs, cached)
 
-    def _execute(self, steps: list[_Step], values: list[torch.Tensor], cached: dict[int, Any] | None,
+    def _execute(self, steps: list[Step], values: list[torch.Tensor], cached: dict[int, Any] | None,
                  first: bool = False, timings: list | None = None) -> tuple[dict[str, Any], dict[int, Any]]:
         """Run ``steps`` eagerly (or under capture). ``first``: the first run at a shape, which runs
         the shape arithmetic too, on the context's stream alone, and returns its values to cache.
@@ -444,30 +457,30 @@ class ExecutionContext:
         if self.device.type != "cuda":
             return self._run_steps(steps, values, cached, first, several=False, timings=timings)
         several = not first and len(self._streams) > 1
-        if not first and not self.engine.reads_torch_flags:
+        if not first and not self.program.reads_torch_flags:
             return self._run_steps(steps, values, cached, first, several=several, timings=timings)
         with _TORCH_FLAGS:
-            saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+            benchmark = torch.backends.cudnn.benchmark
             torch.backends.cudnn.benchmark = True
             try:
-                return self._run_steps(steps, values, cached, first, several=several, timings=timings)
+                with tf32_for("fp32"):
+                    return self._run_steps(steps, values, cached, first, several=several, timings=timings)
             finally:
-                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
+                torch.backends.cudnn.benchmark = benchmark
 
-    def _run_steps(self, steps: list[_Step], values: list[torch.Tensor], cached: dict[int, Any] | None, first: bool,
+    def _run_steps(self, steps: list[Step], values: list[torch.Tensor], cached: dict[int, Any] | None, first: bool,
                    several: bool, timings: list | None = None) -> tuple[dict[str, Any], dict[int, Any]]:
-        engine = self.engine
-        env: list[Any] = [None] * engine._slot_count
-        for slot, value in zip(engine._input_slots, values):
+        program = self.program
+        env: list[Any] = [None] * program.slot_count
+        for slot, value in zip(program.input_slots, values):
             env[slot] = value
-        for slot, value in engine._constant_slots.items():
+        for slot, value in program.constant_slots.items():
             env[slot] = value
         if cached is not None:
             for slot, value in cached.items():
                 env[slot] = value
         captured: dict[int, Any] = {}
-        wanted = engine._cached_slots
+        wanted = program.cached_slots
         on_cuda = self.device.type == "cuda"
         main = self.stream
         if several:
@@ -513,11 +526,11 @@ class ExecutionContext:
                         join.record(aux)
                         main.wait_event(join)
                 results = {}
-                for spec, slot, dtype in zip(engine.outputs, engine._output_slots, engine._output_dtypes):
+                for spec, slot, dtype in zip(program.outputs, program.output_slots, program.output_dtypes):
                     value = env[slot]
                     if isinstance(value, torch.Tensor):
                         # an input or a constant handed straight out is a copy: the caller may write to it
-                        value = value.to(dtype, copy=slot in engine._held_slots).contiguous()
+                        value = value.to(dtype, copy=slot in program.held_slots).contiguous()
                     results[spec["name"]] = value
         except KilnError as error:
             if str(error).startswith(f"{self.name}: "):
@@ -531,14 +544,14 @@ class ExecutionContext:
             raise OpError(f"{self.name}: {where} failed: {type(error).__name__}: {error}") from error
         return results, captured
 
-    def _check_broadcast(self, step: _Step, env: list[Any]) -> None:
+    def _check_broadcast(self, step: Step, env: list[Any]) -> None:
         """A Pointwise layer's output (the broadcast of its inputs and weights) against the tensor-size
         ceiling, before it is computed: on the first run at a shape, which later runs repeat."""
         inputs = [env[s] for s in step.in_slots]
         shape = torch.broadcast_shapes(*(tuple(v.shape) for v in inputs), *step.broadcast)
         check_tensor_bytes(shape, step.cast_dtype or inputs[0].dtype, f"{step.where}: its output", device=self.device)
 
-    def _timed_step(self, step: _Step, env: list[Any], on_cuda: bool, timings: list | None, stream) -> None:
+    def _timed_step(self, step: Step, env: list[Any], on_cuda: bool, timings: list | None, stream) -> None:
         if timings is None:
             self._step(step, env, on_cuda)
         elif on_cuda:
@@ -553,18 +566,18 @@ class ExecutionContext:
             timings.append((step.name, start, time.perf_counter()))
 
     @staticmethod
-    def _step(step: _Step, env: list[Any], on_cuda: bool) -> None:
+    def _step(step: Step, env: list[Any], on_cuda: bool) -> None:
         ins = [env[s] for s in step.in_slots]
         dtype = step.cast_dtype
         for i in step.cast:
             if ins[i].dtype != dtype:
                 ins[i] = ins[i].to(dtype)
         if step.tf32 and on_cuda:  # a tf32 step reads the switches: its engine runs under _TORCH_FLAGS
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+            set_tf32(True)
             try:
                 outs = step.run(ins)
             finally:
-                torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+                set_tf32(False)
         else:
             outs = step.run(ins)
         for s, value in zip(step.out_slots, outs):
