@@ -15,8 +15,9 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
+from kiln.activations import apply_spec
 from kiln.builder.layers import Layer
-from kiln.builder.tactics import PRECISION_DTYPES, Tactic, activation, canonical_weights, tactic
+from kiln.builder.tactics import PRECISION_DTYPES, Tactic, canonical_weights, tactic
 
 
 @canonical_weights("Conv")
@@ -59,7 +60,7 @@ class _ConvTorch(Tactic):
             y = _conv(inputs[0].contiguous(memory_format=fmt), w, b, attrs)
             if attrs["residual"]:
                 y = y.add_(inputs[1])
-            return [activation.apply(y, act)]
+            return [apply_spec(y, act)]
 
         return run
 
