@@ -48,7 +48,7 @@ from kiln.builder.layers import FLOAT_TYPES, GraphFacts, Layer, lower
 from kiln.builder.plan import BuildReport, BuiltPlan
 from kiln.builder.schedule import assign_streams
 from kiln.builder.tactics import PRECISION_DTYPES, Tactic
-from kiln.builder.tactics.conv import nhwc_region
+from kiln.builder.tactics.conv import conv_runs_nhwc
 from kiln.builder.tactics.node import castable
 from kiln.builder.timing_cache import TimingCache
 from kiln.errors import InputError, KilnError, OpError, PrecisionError, UnsupportedModelError, first_line, named
@@ -634,7 +634,7 @@ class _Builder:
             kind = facts.dtypes.get(name)
             if kind in FLOAT_TYPES:
                 value = torch.randn(shape, generator=generator).to(self.device, dtype)
-                if layer.kind == "Conv" and value.dim() == 4 and nhwc_region(precision, self.device.type, layer):
+                if layer.kind == "Conv" and value.dim() == 4 and conv_runs_nhwc(layer, precision, self.device.type):
                     value = value.contiguous(memory_format=torch.channels_last)
                 inputs.append(value)
             else:
