@@ -14,13 +14,13 @@ than ``A``, or one element; ``act`` an activation of ``kiln.passes.match_activat
 4. ``act(Gemm(A, W[, C]))``                      -> ``FusedGemm(A, W, [C], activation=act)`` with
    the Gemm's alpha, beta and transB (C a constant bias as b above).
 
-``A`` may have any rank >= 2 for a MatMul (FusedGemm views it as 2-D, one GEMM over all rows: the
+``A`` may have any rank >= 2 for a MatMul (an unknown rank too, with a bias of at most one dim) (FusedGemm views it as 2-D, one GEMM over all rows: the
 "4-D MatMul -> 2-D" rule as the builder's GEMM layers run it), rank 2 for a Gemm. The longest chain
 wins (an activation is never left behind a fused bias). A MatMul or Gemm alone is left as it is:
 the builder runs it as one GEMM layer already.
 
-Does not fire when: W is not a constant of rank 2, or not float16/bfloat16/float; A is not of one of
-those types or its rank is unknown (or below 2, or not 2 for a Gemm); the Gemm has ``transA=1`` or a
+Does not fire when: W is not a constant of rank 2, or not float16/bfloat16/float; A's type is known
+and not W's; A's rank is below 2 (or known and not 2 for a Gemm); the Gemm has ``transA=1`` or a
 C that is not a constant bias; the bias Add's other operand is not such a constant (a full tensor:
 the Add is not an epilogue); an intermediate value has a consumer outside the chain or is a graph
 output; the activation has something FusedGemm cannot express. Only the main graph is rewritten;
@@ -132,26 +132,28 @@ def _analyse(model: ir.Model, spec: _Spec, bindings: dict, nodes: list[ir.Node])
     gemm = bindings["gemm_out"].producer()
     a, w = bindings["a"], bindings["w"]
     weight = constant_array(w)
-    if weight is None or weight.ndim != 2 or w.dtype not in FLOAT_TYPES or a.dtype not in FLOAT_TYPES:
+    # MatMul and Gemm take one type: A's, where a pass left it unset, is W's
+    if weight is None or weight.ndim != 2 or w.dtype not in FLOAT_TYPES or a.dtype not in (None, w.dtype):
         return None
-    if a.shape is None or len(a.shape) < 2:
+    rank = len(a.shape) if a.shape is not None else None  # unknown: the bias may add no dims
+    if rank is not None and rank < 2:
         return None
     fusion = _Fusion(gemm, nodes, a, w, None)
     trans_b = False
     if spec.producer == "Gemm":
         attrs = {k: v.value for k, v in gemm.attributes.items()}
-        if not set(attrs) <= GEMM_ATTRIBUTES or attrs.get("transA", 0) or len(a.shape) != 2 or len(gemm.inputs) > 3:
+        if not set(attrs) <= GEMM_ATTRIBUTES or attrs.get("transA", 0) or rank not in (None, 2) or len(gemm.inputs) > 3:
             return None
         trans_b = bool(attrs.get("transB", 0))
         fusion.attributes = {"alpha": float(attrs.get("alpha", 1.0)), "beta": float(attrs.get("beta", 1.0)),
                              "transB": int(trans_b)}
         c = gemm.inputs[2] if len(gemm.inputs) > 2 else None
         if c is not None:
-            if not _is_bias(c, int(weight.shape[0] if trans_b else weight.shape[1]), 2, gemm.outputs[0].dtype):
+            if not _is_bias(c, int(weight.shape[0] if trans_b else weight.shape[1]), 2, w.dtype):
                 return None
             fusion.bias = c
     elif spec.bias:
-        if not _is_bias(bindings["b"], int(weight.shape[1]), len(a.shape), bindings["gemm_out"].dtype):
+        if not _is_bias(bindings["b"], int(weight.shape[1]), rank if rank is not None else 1, w.dtype):
             return None
         fusion.bias = bindings["b"]
     act = activation_of(model, spec.activation, bindings)

@@ -72,7 +72,9 @@ def _matches(model: ir.Model) -> list[tuple[ir.Node, ir.Node]]:
         a, r, add = b["a"], b["r"], b["sum"].producer()
         if add.attributes or constant_array(a) is not None or constant_array(r) is not None:
             continue
-        if a.dtype not in FLOAT_TYPES or a.dtype != r.dtype or _provably_different(a, r):
+        # Add takes one type (a pass may have left one operand's unset); LayerNormalization's X and Scale share it
+        dtypes = {v.dtype for v in (a, r, node.inputs[1]) if v.dtype is not None}
+        if len(dtypes) != 1 or not dtypes <= set(FLOAT_TYPES) or _provably_different(a, r):
             continue
         if any(v is not None and constant_array(v) is None for v in node.inputs[1:]):
             continue
