@@ -38,6 +38,10 @@ from kiln.passes.choose_layout import LAYOUT
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 KILN_DOMAIN = "ai.kiln"
 _STANDARD = ("", "ai.onnx")
+# ai.kiln ops whose Gemm, LayerNorm and Pointwise layers are named by the model's first op they
+# compute (MatMul for MatMul+Add+Relu), as the plan did when lowering fused them; ``origins`` lists
+# them all. A Node layer names the op it runs.
+_NAMED_BY_ORIGINS = ("FusedGemm", "AddLayerNormalization", "FusedPointwise")
 # ai.kiln ops with the semantics of the standard op of the same name (for opsets before it)
 _KILN_STANDARD_OPS = ("Gelu", "LayerNormalization")
 
@@ -102,10 +106,11 @@ class _Lowering:
         return self.facts.shapes.get(value.name)
 
     def add(self, kind: str, node: ir.Node, inputs: list[str], outputs: list[str], attrs=None, weights=None) -> bool:
+        origins = [[name, op] for name, op in fused_from(node)]
+        op_types = [origins[0][1]] if kind != "Node" and node.op_type in _NAMED_BY_ORIGINS else [node.op_type]
         self.layers.append(Layer(
             name=node.name, kind=kind, nodes=[node.name], inputs=inputs, outputs=outputs,
-            attrs=attrs or {}, weights=weights or {}, op_types=[node.op_type], position=self.index[id(node)],
-            origins=[[name, op] for name, op in fused_from(node)],
+            attrs=attrs or {}, weights=weights or {}, op_types=op_types, position=self.index[id(node)], origins=origins,
         ))
         return True
 

@@ -8,7 +8,7 @@ Rewrite, matched with onnxscript's pattern matcher (the LayerNormalization stand
 ``ai.kiln`` op of the same semantics that ``fuse_layernorm`` writes for older opsets):
 
 1. ``LayerNormalization(Add(A, R), Scale[, B])`` -> ``AddLayerNormalization(A, R, Scale[, B])``
-   with the LayerNormalization's attributes (axis, epsilon, stash_type).
+   with the LayerNormalization's attributes (axis, epsilon, stash_type), named after the Add.
 
 Does not fire when: the Add's output has another consumer or is a graph output; either operand of
 the Add is a constant (a bias, not a residual); the operands' dtypes differ or are not float16,
@@ -111,7 +111,7 @@ class FuseLayerNormResidual(Pass):
         count = 0
         for add, norm in _matches(model):
             node = ir.Node(KILN_DOMAIN, "AddLayerNormalization", [*add.inputs, *norm.inputs[1:]],
-                           attributes=list(norm.attributes.values()), name=norm.name)
+                           attributes=list(norm.attributes.values()), name=add.name)
             record_fusion([node], [add, norm])
             old = norm.outputs[0]
             ir.convenience.replace_nodes_and_values(graph, norm, [add, norm], [node], [old], [node.outputs[0]])

@@ -13,7 +13,8 @@ No onnxscript pattern fits (a chain is any tree of any of ~35 ops), so the pass 
    lists the steps in graph order: ``input`` steps for the chain's outside inputs (computed values
    first, then non-scalar constants), ``const`` steps for one-element constants, one step per op
    with its float (and Gelu's ``approximate``) attributes, and Clip's bounds as ``min``/``max``.
-   The fused node stands where the chain's last node stood and computes its output.
+   The fused node, named after the chain's first node, stands where its last node stood and
+   computes its output.
 
 Runs last in ``ORDER``: the fusions with a fused op of their own (conv, GEMM and LayerNorm epilogues,
 GELU, attention) take their elementwise ops first.
@@ -175,10 +176,10 @@ class FusePointwise(Pass):
                 continue  # all constants: fold_constants' work, not a chain's
             last = chain[-1]
             node = ir.Node(KILN_DOMAIN, "FusedPointwise", inputs,
-                           attributes=[ir.AttrString("program", json.dumps(program))], name=last.name)
+                           attributes=[ir.AttrString("program", json.dumps(program))], name=chain[0].name)
             record_fusion([node], chain)
             ir.convenience.replace_nodes_and_values(graph, last, chain, [node], [last.outputs[0]], [node.outputs[0]])
-            ctx.log.append(f"{last.name}: {len(chain)} elementwise ops -> FusedPointwise")
+            ctx.log.append(f"{chain[0].name}: {len(chain)} elementwise ops -> FusedPointwise")
             count += 1
         if count:
             model.opset_imports.setdefault(KILN_DOMAIN, KILN_DOMAIN_VERSION)
