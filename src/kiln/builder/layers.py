@@ -45,6 +45,7 @@ _NAMED_BY_ORIGINS = ("FusedGemm", "AddLayerNormalization", "FusedPointwise")
 # ai.kiln ops with the semantics of the standard op of the same name (for opsets before it)
 _KILN_STANDARD_OPS = ("Gelu", "LayerNormalization")
 
+
 @dataclass
 class Layer:
     """One unit of the plan. ``inputs`` are runtime values (activations); ``weights`` maps a role to
