@@ -310,14 +310,14 @@ def _attention_attrs(attrs: dict, where: str, layer: dict) -> int:
     return 3 + (_bool(attrs["mask"], f"{where}.mask") and "mask" not in layer.get("weights", {}))
 
 
-# The pointwise program's ops (kiln.builder.layers.POINTWISE_OPS): how many args, which attributes.
+# The pointwise program's ops (kiln.activations.ELEMENTWISE): how many args, which attributes.
 _BINARY_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"})
 _POINTWISE_NUMBER_ATTRS = {"LeakyRelu": ("alpha",), "HardSigmoid": ("alpha", "beta"), "Elu": ("alpha",),
                            "Selu": ("alpha", "gamma"), "ThresholdedRelu": ("alpha",), "Celu": ("alpha",)}
 
 
 def _pointwise_attrs(attrs: dict, where: str, layer: dict) -> int:
-    from kiln.builder.layers import POINTWISE_OPS
+    from kiln.activations import ELEMENTWISE
 
     _object(attrs, where, ("program",))
     count = len(layer["inputs"]) + len(layer["weights"])
@@ -331,7 +331,7 @@ def _pointwise_attrs(attrs: dict, where: str, layer: dict) -> int:
         if op == "const":
             _number(_object(step, at, ("op", "value"))["value"], f"{at}.value", finite=False)
             continue
-        _choice(op, f"{at}.op", POINTWISE_OPS)
+        _choice(op, f"{at}.op", ELEMENTWISE)
         _object(step, at, ("op", "args", "attrs"))
         for k, arg in enumerate(_list(step["args"], f"{at}.args", 2 if op in _BINARY_OPS else 1)):
             _int(arg, f"{at}.args[{k}]", 0, i - 1)

@@ -252,8 +252,8 @@ def test_erf_gelu_after_a_gemm_is_its_activation(rng, form):
 
 def test_layout_pass_marks_reach_the_conv_layers(rng):
     """choose_layout's NHWC marks (fp16 build) arrive in the conv layers' attributes, where the conv
-    tactics read them (nhwc_region); an fp32 build has none."""
-    from kiln.builder.tactics.conv import nhwc_region
+    tactics read them (conv_runs_nhwc); an fp32 build has none."""
+    from kiln.builder.tactics.conv import conv_runs_nhwc
 
     m = model([node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), node("Relu", ["c"], ["r"]),
                node("Conv", ["r", "w2", "b2"], ["y"], pads=[1, 1, 1, 1])],
@@ -262,13 +262,13 @@ def test_layout_pass_marks_reach_the_conv_layers(rng):
     fp16 = kiln.build(m, BuildConfig(device="cpu", opt_level=1, fp16=True))
     convs = [layer for layer in fp16.plan["layers"] if layer["kind"] == "Conv"]
     assert len(convs) == 2 and all(layer["attrs"].get("layout") == "nhwc" for layer in convs)
-    assert nhwc_region("fp32", "cuda", _Layer(convs[0])) and not nhwc_region("fp32", "cuda", _Layer({"attrs": {}}))
+    assert conv_runs_nhwc(_Layer(convs[0]), "fp32", "cuda") and not conv_runs_nhwc(_Layer({"attrs": {}}), "fp32", "cuda")
     fp32 = kiln.build(m, BuildConfig(device="cpu", opt_level=1))
     assert not any("layout" in layer["attrs"] for layer in fp32.plan["layers"])
 
 
 class _Layer:
-    """What nhwc_region reads of a layer: its attributes."""
+    """What conv_runs_nhwc reads of a layer: its attributes."""
 
     def __init__(self, record):
         self.attrs = record["attrs"]

@@ -116,3 +116,29 @@ def _close(name: str, got: np.ndarray, want: np.ndarray, rtol: float, who: str) 
 def finding_cost(model: ir.Model, finding, dims: Mapping[str, int] | None = None) -> Cost:
     """The FLOPs and bytes ``kiln doctor`` reports for ``finding``: ``kiln.cost``'s estimate of its nodes."""
     return model_cost(model, dims).of(finding.nodes)
+
+
+def assert_matches_unfused(before: onnx.ModelProto, after: ir.Model, precision: str = "fp32",
+                           dims: Mapping[str, int] | None = None, seeds: Sequence[int] = (0, 1)) -> None:
+    """The fused model, run by kiln's executor (it holds ai.kiln ops), computes what onnxruntime
+    computes on the unfused original, on fresh random inputs: ``|a - ref| <= atol + rtol * |ref|``
+    elementwise, with ``kiln.precision.TOLERANCES[precision]``."""
+    import onnxruntime as ort
+
+    from kiln.precision import TOLERANCES
+
+    tol = TOLERANCES[precision]
+    after_proto = to_proto(after)
+    onnx.checker.check_model(after_proto)
+    fused = kiln.Executor(kiln.load_model_proto(copy.deepcopy(after_proto), name="fused"))
+    session = ort.InferenceSession(before.SerializeToString(), providers=["CPUExecutionProvider"])
+    for seed in seeds:
+        feeds = random_feeds(before, dims, seed)
+        want = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
+        got = {k: np.asarray(v) for k, v in fused.run(feeds).items()}
+        assert set(got) == set(want), (sorted(got), sorted(want))
+        for name, ref in want.items():
+            a, ref = got[name].astype(np.float64), np.asarray(ref).astype(np.float64)
+            assert a.shape == ref.shape, (name, a.shape, ref.shape)
+            excess = np.abs(a - ref) - (tol.atol + tol.rtol * np.abs(ref))
+            assert not np.any(excess > 0), f"output {name!r}: {int(np.sum(excess > 0))} elements beyond {precision} tolerance"

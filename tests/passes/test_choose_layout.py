@@ -168,3 +168,14 @@ def test_a_resize_with_computed_scales_stays_in_the_region():
     nhwc, changes = _layouts(model)
     assert nhwc == {"conv1", "up", "conv2"}
     assert changes == {"x": "to_nhwc", "y": "to_nchw"}  # the scales are a parameter, not data
+
+
+def test_the_conv_layout_rule_the_conv_tactics_follow():
+    """runs_nhwc is the one decider: a conv this pass marked runs NHWC at any precision; unmarked, NHWC
+    on the CPU and at fp16/bf16/tf32 on the GPU, NCHW at fp32 on the GPU (today's ResNet choices)."""
+    from kiln.passes.choose_layout import runs_nhwc
+
+    assert runs_nhwc("nhwc", "fp32", "cuda")
+    assert all(runs_nhwc(None, p, "cuda") for p in ("fp16", "bf16", "tf32"))
+    assert all(runs_nhwc(None, p, "cpu") for p in ("fp32", "tf32", "fp16", "bf16"))
+    assert not runs_nhwc(None, "fp32", "cuda")

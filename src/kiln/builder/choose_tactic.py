@@ -22,7 +22,7 @@ from kiln.builder.layers import FLOAT_TYPES, Layer
 from kiln.builder.state import BuildState, Choice, PlannedLayer
 from kiln.builder.tactics import registry as tactic_registry
 from kiln.builder.tactics.base import Tactic
-from kiln.builder.tactics.conv import nhwc_region
+from kiln.builder.tactics.conv import conv_runs_nhwc
 from kiln.errors import KilnError
 from kiln.precision import PRECISION_DTYPES, layer_rtol, scaled_error, tf32_for
 from kiln.timing import median_ms
@@ -143,7 +143,7 @@ def _layer_inputs(state: BuildState, layer: Layer, profile: int, precision: str)
         kind = facts.dtypes.get(name)
         if kind in FLOAT_TYPES:
             value = torch.randn(shape, generator=generator).to(state.device, dtype)
-            if layer.kind == "Conv" and value.dim() == 4 and nhwc_region(precision, state.device.type, layer):
+            if layer.kind == "Conv" and value.dim() == 4 and conv_runs_nhwc(layer, precision, state.device.type):
                 value = value.contiguous(memory_format=torch.channels_last)
             inputs.append(value)
         else:

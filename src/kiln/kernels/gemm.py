@@ -17,9 +17,10 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from kiln.activations import TRITON_EPILOGUES
 from kiln.kernels.tanh import tanh as _tanh
 
-ACTIVATIONS = ("none", "relu", "gelu_erf", "gelu_tanh", "sigmoid", "silu")
+ACTIVATIONS = ("none", *TRITON_EPILOGUES)
 _INT32_LIMIT = 2**31  # offsets at or past this need 64-bit index math
 
 # precision -> (operand dtype it needs, tl.dot input_precision). fp16/bf16 go to tensor cores as

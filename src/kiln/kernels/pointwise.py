@@ -33,30 +33,11 @@ from typing import Any
 import torch
 import triton
 
+from kiln.activations import BINARY, ELEMENTWISE, FLOAT_ATTRS, UNARY
 from kiln.atomic_file import write_atomically
 
-_SELU_ALPHA = 1.67326319217681884765625
-_SELU_GAMMA = 1.05070102214813232421875
-
-# Float attributes each op reads, with ONNX's defaults. None means "absent" (Clip's bounds).
-_FLOAT_ATTRS: dict[str, dict[str, float | None]] = {
-    "LeakyRelu": {"alpha": 0.01},
-    "HardSigmoid": {"alpha": 0.2, "beta": 0.5},
-    "Elu": {"alpha": 1.0},
-    "Selu": {"alpha": _SELU_ALPHA, "gamma": _SELU_GAMMA},
-    "ThresholdedRelu": {"alpha": 1.0},
-    "Celu": {"alpha": 1.0},
-    "Clip": {"min": None, "max": None},  # opset < 11 gives the bounds as attributes
-}
-
-_UNARY = frozenset({
-    "Neg", "Abs", "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Exp", "Log", "Sqrt", "Reciprocal", "Erf",
-    "HardSigmoid", "HardSwish", "Gelu", "Elu", "Selu", "Softplus", "Softsign", "Identity", "Floor",
-    "Ceil", "Sin", "Cos", "Mish", "ThresholdedRelu", "Celu",
-})  # fmt: skip
-_BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Pow"})
-_VARIADIC = frozenset({"Max", "Min"})
-SUPPORTED_OPS: frozenset[str] = _UNARY | _BINARY | _VARIADIC | {"Clip"}
+# The ops, their float attributes and defaults: the one table's (kiln.activations).
+SUPPORTED_OPS: frozenset[str] = ELEMENTWISE
 
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 _INT32_LIMIT = 2**31  # offsets at or past this need 64-bit index math
@@ -133,7 +114,7 @@ def _validate(program: Any, num_inputs: int) -> list[dict[str, Any]]:
                 None if a is None else _index(a, i, f"{where}'s arg {k}") for k, a in enumerate(args[1:], 1)
             ]
         else:
-            low, high = (1, 1) if op in _UNARY else (2, 2) if op in _BINARY else (1, None)
+            low, high = (1, 1) if op in UNARY else (2, 2) if op in BINARY else (1, None)
             if len(args) < low or (high is not None and len(args) > high):
                 raise ValueError(f"pointwise: {where} ({op}) takes {low}{'' if high == low else '+'} args, got {len(args)}")
             args = [_index(a, i, f"{where}'s arg {k}") for k, a in enumerate(args)]
@@ -147,7 +128,7 @@ def _attrs(op: str, attrs: Any, where: str) -> dict[str, Any]:
     if op == "Gelu":
         known: dict[str, Any] = {"approximate": "none"}
     else:
-        known = dict(_FLOAT_ATTRS.get(op, {}))
+        known = dict(FLOAT_ATTRS.get(op, {}))
     unknown = set(attrs) - set(known)
     if unknown:
         raise ValueError(f"pointwise: {where} ({op}): unsupported attributes {sorted(unknown)}")

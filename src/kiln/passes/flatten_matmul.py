@@ -27,10 +27,11 @@ Rewrites (onnxscript rewrite rules, ``check()`` holding the conditions; one swee
 MatMuls reading the same ``A`` (q, k and v projections) share the one view of ``A`` and, when it
 is computed at run time, the target shape.
 
-Builds skip this pass unless ``BuildConfig.passes`` names it (``in_builds = False``): the builder's
-GEMM layers already view an N-D ``A`` as 2-D with no copy, and in a build the explicit Reshape
-back would stand between the GEMM and the activation it fuses. It serves ``kiln optimize``, whose
-output other runtimes read.
+Builds skip this pass unless ``BuildConfig.passes`` names it (``in_builds = False``): in a build
+the GEMM is ``ai.kiln::FusedGemm`` or a Gemm layer, both of which view an N-D ``A`` as 2-D with no
+copy, and the Reshapes would stand between the MatMul and the activation ``fuse_gemm_activation``
+fuses into it (and each be a layer of its own). It serves ``kiln optimize``, whose output other
+runtimes read.
 
 Does not fire when:
 - ``A`` has rank 2 or less, or its rank is unknown;

@@ -177,6 +177,9 @@ ORDER = (
     "pad_input_channels",
     "pad_for_tensor_cores",
     "choose_layout",
+    "fuse_gemm_activation",
+    "fuse_layernorm_residual",
+    "fuse_pointwise",
 )
 
 

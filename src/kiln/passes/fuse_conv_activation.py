@@ -15,12 +15,9 @@ the activations below, ``b`` a constant per-channel bias, ``Z`` a residual of th
 6. ``Conv(X, W) + b`` alone                    -> the standard ``Conv(X, W, b)`` (no kiln op needed).
 
 Both operand orders of every Add are matched. ``b`` is a constant that broadcasts along the
-channel axis only (``[C,1,1]``, ``[1,C,1,1]``, a scalar, ...). Activations, with FusedConv's
-``activation_params`` (``kiln.ops.kiln_domain``): Relu; Clip with min/max as attributes (before
-opset 11, absent = the spec's +-FLT_MAX) or constant scalar inputs (absent = unbounded), Relu6 being
-Clip(0, 6); LeakyRelu (alpha); Sigmoid; Tanh; HardSigmoid (alpha, beta); HardSwish; SiLU written as
-``Mul(x, Sigmoid(x))`` in either order; Gelu (the standard op, or ``ai.kiln::Gelu`` that
-``fuse_gelu`` writes for older opsets) with ``approximate`` "none" or "tanh". Where several chains
+channel axis only (``[C,1,1]``, ``[1,C,1,1]``, a scalar, ...). The activations and their
+``activation_params`` are ``kiln.passes.match_activation``'s (the table of ``kiln.activations``).
+Where several chains
 could start at one Conv the longest wins (an activation is never left behind a fused Add).
 
 Does not fire (leaves the place alone) when: W, or B where present, is not constant; the Conv has an
@@ -34,7 +31,6 @@ Rewrites 1-5 need ``ai.kiln`` ops, so the pass runs only when ``ctx.kiln_ops``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,11 +40,11 @@ from onnxscript.rewriter.pattern import Pattern
 from kiln.errors import KilnError
 from kiln.passes._conv import elements
 from kiln.passes.framework import KILN_DOMAIN, KILN_DOMAIN_VERSION, Finding, Pass, PassContext, register_pass
+from kiln.passes.match_activation import PATTERNS, activation_of
 from kiln.passes.rewriting import (
     Names,
     add_initializer,
     constant_array,
-    opset,
     record_fusion,
     remove_unused_producers,
     shapes_of,
@@ -56,23 +52,7 @@ from kiln.passes.rewriting import (
 )
 
 CONV_ATTRIBUTES = {"auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"}
-FLT_MAX = float(np.finfo(np.float32).max)
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
-
-# activation pattern name -> (root op domain, root op type, pattern builder)
-_ACTIVATIONS: dict[str, tuple[str, str, Callable]] = {
-    "Relu": ("", "Relu", lambda op, y: op.Relu(y, _outputs=["act_out"])),
-    "Clip": ("", "Clip", lambda op, y: op.Clip(y, _allow_other_inputs=True, _outputs=["act_out"])),
-    "LeakyRelu": ("", "LeakyRelu", lambda op, y: op.LeakyRelu(y, _outputs=["act_out"])),
-    "Sigmoid": ("", "Sigmoid", lambda op, y: op.Sigmoid(y, _outputs=["act_out"])),
-    "Tanh": ("", "Tanh", lambda op, y: op.Tanh(y, _outputs=["act_out"])),
-    "HardSigmoid": ("", "HardSigmoid", lambda op, y: op.HardSigmoid(y, _outputs=["act_out"])),
-    "HardSwish": ("", "HardSwish", lambda op, y: op.HardSwish(y, _outputs=["act_out"])),
-    "Gelu": ("", "Gelu", lambda op, y: op.Gelu(y, _outputs=["act_out"])),
-    "kiln.Gelu": (KILN_DOMAIN, "Gelu", lambda op, y: op.Gelu(y, _domain=KILN_DOMAIN, _outputs=["act_out"])),
-    "SiLU": ("", "Mul", lambda op, y: op.Mul(y, op.Sigmoid(y, _outputs=["sig_out"]), _outputs=["act_out"])),
-    "SiLU-swapped": ("", "Mul", lambda op, y: op.Mul(op.Sigmoid(y, _outputs=["sig_out"]), y, _outputs=["act_out"])),
-}
 
 # epilogue -> the Add chains between Conv and activation: each a tuple of (operand name, conv side first)
 _EPILOGUES: dict[str, list[tuple[tuple[str, bool], ...]]] = {
@@ -86,11 +66,11 @@ _EPILOGUES: dict[str, list[tuple[tuple[str, bool], ...]]] = {
 class _Spec:
     epilogue: str  # "", "add" (residual or bias), "bias+add"
     adds: tuple[tuple[str, bool], ...]
-    activation: str  # a key of _ACTIVATIONS or ""
+    activation: str  # a key of PATTERNS or ""
 
     @property
     def root(self) -> tuple[str, str]:
-        return (_ACTIVATIONS[self.activation][0], _ACTIVATIONS[self.activation][1]) if self.activation else ("", "Add")
+        return (PATTERNS[self.activation][0], PATTERNS[self.activation][1]) if self.activation else ("", "Add")
 
     def pattern(self) -> Pattern:
         def build(op, x, w, z, b):
@@ -99,7 +79,7 @@ class _Spec:
                 other = z if operand == "z" else b
                 out = "add_out" if operand == "z" else "bias_out"
                 y = op.Add(y, other, _outputs=[out]) if conv_first else op.Add(other, y, _outputs=[out])
-            return _ACTIVATIONS[self.activation][2](op, y) if self.activation else y
+            return PATTERNS[self.activation][2](op, y) if self.activation else y
 
         return Pattern(build, name=f"conv-{self.epilogue or 'none'}-{self.activation or 'none'}")
 
@@ -107,7 +87,7 @@ class _Spec:
 def _phases() -> list[dict[tuple[str, str], list[tuple[_Spec, Pattern]]]]:
     """Pattern groups tried in turn, each indexed by its root op: first every chain that ends in an
     activation, then Conv + bias + residual, then Conv + one Add; so the longest chain wins."""
-    groups = [[(e, a) for e in ("bias+add", "add", "") for a in _ACTIVATIONS], [("bias+add", "")], [("add", "")]]
+    groups = [[(e, a) for e in ("bias+add", "add", "") for a in PATTERNS], [("bias+add", "")], [("add", "")]]
     phases = []
     for group in groups:
         index: dict[tuple[str, str], list[tuple[_Spec, Pattern]]] = {}
@@ -180,63 +160,6 @@ def _same_shape(a: ir.Value | None, b: ir.Value | None) -> bool:
     return True
 
 
-def _scalar_constant(value: ir.Value | None) -> float | None:
-    """A constant holding one element, as a float (else None)."""
-    array = constant_array(value)
-    if array is None or array.size != 1:
-        return None
-    return float(array.reshape(()))
-
-
-def _only_attributes(node: ir.Node, allowed: set[str]) -> bool:
-    return set(node.attributes) <= allowed
-
-
-def _activation(model: ir.Model, name: str, bindings: dict) -> tuple[str, list[float], list] | None:
-    """(FusedConv activation, params, constant inputs it consumed) for the matched activation, or
-    None when the node has something FusedConv cannot express."""
-    if not name:
-        return "", [], []
-    node = bindings["act_out"].producer()
-    if name in ("Relu", "Sigmoid", "Tanh", "HardSwish"):
-        return (name, [], []) if not node.attributes else None
-    if name in ("SiLU", "SiLU-swapped"):
-        sigmoid = bindings["sig_out"].producer()
-        return ("SiLU", [], []) if not node.attributes and not sigmoid.attributes else None
-    attrs = {k: a.value for k, a in node.attributes.items()}
-    if name == "LeakyRelu":
-        return ("LeakyRelu", [float(attrs.get("alpha", 0.01))], []) if _only_attributes(node, {"alpha"}) else None
-    if name == "HardSigmoid":
-        if not _only_attributes(node, {"alpha", "beta"}):
-            return None
-        return "HardSigmoid", [float(attrs.get("alpha", 0.2)), float(attrs.get("beta", 0.5))], []
-    if name in ("Gelu", "kiln.Gelu"):
-        approximate = attrs.get("approximate", "none")
-        approximate = approximate.decode() if isinstance(approximate, bytes) else approximate
-        if not _only_attributes(node, {"approximate"}) or approximate not in ("none", "tanh"):
-            return None
-        return "Gelu", [0.0 if approximate == "none" else 1.0], []
-    if name == "Clip":
-        if opset(model) < 11:
-            if len(node.inputs) != 1 or not _only_attributes(node, {"min", "max"}):
-                return None
-            return "Clip", [float(attrs.get("min", -FLT_MAX)), float(attrs.get("max", FLT_MAX))], []
-        if node.attributes or len(node.inputs) > 3:
-            return None
-        bounds = []
-        for index, default in ((1, float("-inf")), (2, float("inf"))):
-            value = node.inputs[index] if len(node.inputs) > index else None
-            if value is None:
-                bounds.append(default)
-                continue
-            bound = _scalar_constant(value)
-            if bound is None:
-                return None
-            bounds.append(bound)
-        return "Clip", bounds, list(node.inputs[1:])
-    raise AssertionError(name)
-
-
 def _analyse(model: ir.Model, spec: _Spec, bindings: dict, nodes: list[ir.Node]) -> _Fusion | None:
     """The fusion a structural match stands for, or None where a precondition fails."""
     conv_out: ir.Value = bindings["conv_out"]
@@ -245,7 +168,7 @@ def _analyse(model: ir.Model, spec: _Spec, bindings: dict, nodes: list[ir.Node])
     weights = constant_array(w)
     if weights is None or x.dtype not in FLOAT_TYPES or len(conv.inputs) > 3 or weights.ndim < 3:
         return None
-    if not _only_attributes(conv, CONV_ATTRIBUTES):
+    if not set(conv.attributes) <= CONV_ATTRIBUTES:
         return None
     bias = conv.inputs[2] if len(conv.inputs) == 3 else None
     if bias is not None and constant_array(bias) is None:
@@ -271,7 +194,7 @@ def _analyse(model: ir.Model, spec: _Spec, bindings: dict, nodes: list[ir.Node])
             fusion.z = z
         else:
             return None
-    act = _activation(model, spec.activation, bindings)
+    act = activation_of(model, spec.activation, bindings)
     if act is None:
         return None
     fusion.activation, fusion.params, fusion.extra_inputs = act

@@ -2,9 +2,10 @@
 conv + bias (+ residual add) + ReLU.
 
 NHWC is the tensor-core layout, and oneDNN's own on the CPU (an NCHW conv there pays a reorder of
-its input and output on every call): on the GPU in fp16/bf16/tf32 and on the CPU at every precision
-it is tried from level 1, with NCHW only at levels 4-5 (a layout alternative); fp32 on the GPU the
-other way round. An NHWC conv leaves its output channels_last, so the next conv in the region reads
+its input and output on every call). Which one a conv layer runs in is choose_layout's decision
+(``kiln.passes.choose_layout.runs_nhwc``: the pass's mark in the layer's ``layout``, the device and
+the precision): an NHWC conv is tried in NHWC from level 1, with NCHW only at levels 4-5 (a layout
+alternative); an NCHW conv the other way round. An NHWC conv leaves its output channels_last, so the next conv in the region reads
 it without a reformat; torch's pointwise ops keep the layout.
 """
 
@@ -15,9 +16,10 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
+from kiln.activations import apply_spec
 from kiln.builder.layers import Layer
-from kiln.builder.tactics import activation
 from kiln.builder.tactics.base import Tactic, canonical_weights, tactic
+from kiln.passes.choose_layout import runs_nhwc
 from kiln.precision import PRECISION_DTYPES
 
 
@@ -61,19 +63,14 @@ class _ConvTorch(Tactic):
             y = _conv(inputs[0].contiguous(memory_format=fmt), w, b, attrs)
             if attrs["residual"]:
                 y = y.add_(inputs[1])
-            return [activation.apply(y, act)]
+            return [apply_spec(y, act)]
 
         return run
 
 
-def nhwc_region(precision: str, device: str, layer=None) -> bool:
-    """Convolutions on the CPU, and reduced-precision ones on the GPU, run as an NHWC region: the
-    builder times them with channels_last inputs, so an NCHW tactic pays its reformat, and tries
-    NCHW only as a level 4-5 layout alternative. A conv the choose_layout pass marked ``nhwc`` is in
-    such a region too. (On the CPU, fp32 YOLOv8n at 640x640 runs 10% faster in NHWC than in NCHW.)"""
-    if device == "cpu":
-        return True
-    return precision in ("fp16", "bf16", "tf32") or (layer is not None and layer.attrs.get("layout") == "nhwc")
+def conv_runs_nhwc(layer: Layer, precision: str, device: str) -> bool:
+    """Whether this conv layer runs NHWC: choose_layout's rule on its mark, the device and the precision."""
+    return runs_nhwc(layer.attrs.get("layout"), precision, device)
 
 
 @tactic
@@ -84,10 +81,10 @@ class ConvNCHW(_ConvTorch):
     reference = True
 
     def configs(self, layer, level, precision, device):
-        return [{}] if level >= 4 or not nhwc_region(precision, device, layer) else []
+        return [{}] if level >= 4 or not conv_runs_nhwc(layer, precision, device) else []
 
     def heuristic(self, layer, precision, device):
-        return 0 if nhwc_region(precision, device, layer) else 1
+        return 0 if conv_runs_nhwc(layer, precision, device) else 1
 
 
 @tactic
@@ -99,13 +96,13 @@ class ConvNHWC(_ConvTorch):
     level = 1
 
     def configs(self, layer, level, precision, device):
-        return [{}] if level >= (1 if nhwc_region(precision, device, layer) else 4) else []
+        return [{}] if level >= (1 if conv_runs_nhwc(layer, precision, device) else 4) else []
 
     def prep_id(self, config):
         return "conv.nhwc"
 
     def heuristic(self, layer, precision, device):
-        return 2 if nhwc_region(precision, device, layer) else 0
+        return 2 if conv_runs_nhwc(layer, precision, device) else 0
 
 
 @tactic
@@ -125,7 +122,7 @@ class ConvCudnnFused(Tactic):
         return act is not None and act["op"] == "relu" and _symmetric(layer) and hasattr(torch, "cudnn_convolution_relu")
 
     def configs(self, layer, level, precision, device):
-        preferred = "nhwc" if nhwc_region(precision, device, layer) else "nchw"
+        preferred = "nhwc" if conv_runs_nhwc(layer, precision, device) else "nchw"
         layouts = ["nhwc", "nchw"] if level >= 4 else [preferred]
         return [{"layout": layout} for layout in layouts]
 

@@ -11,8 +11,8 @@ from collections.abc import Mapping
 
 import torch
 
+from kiln.activations import TRITON_EPILOGUES, apply_spec
 from kiln.builder.layers import Layer
-from kiln.builder.tactics import activation
 from kiln.builder.tactics.base import Tactic, canonical_weights, tactic
 from kiln.precision import PRECISION_DTYPES
 
@@ -67,7 +67,7 @@ class GemmTorch(_Gemm):
             y = torch.mm(_flat(x, k), w_t)
             if b is not None:
                 y = y.add_(b)
-            return [_unflat(activation.apply(y, act), x, n)]
+            return [_unflat(apply_spec(y, act), x, n)]
 
         return run
 
@@ -101,7 +101,7 @@ class GemmCublasLt(_Gemm):
         else:
             def run(inputs):
                 x = inputs[0]
-                return [_unflat(activation.apply(torch.addmm(b, _flat(x, k), w_t), act), x, n)]
+                return [_unflat(apply_spec(torch.addmm(b, _flat(x, k), w_t), act), x, n)]
         return run
 
 
@@ -117,7 +117,7 @@ class GemmTriton(_Gemm):
 
     def supports(self, layer, precision, device):
         act = layer.attrs["activation"]
-        return (act["op"] if act else None) in activation.TRITON_ACTIVATIONS
+        return act is None or act["op"] in TRITON_EPILOGUES
 
     def heuristic(self, layer, precision, device):
         return 1
@@ -135,7 +135,7 @@ class GemmTriton(_Gemm):
 
         w, b = prepared["w"], prepared.get("b")
         k, n, act = layer.attrs["k"], layer.attrs["n"], layer.attrs["activation"]
-        name = activation.TRITON_ACTIVATIONS[act["op"] if act else None]
+        name = act["op"] if act else "none"
         cfg = GemmConfig.from_dict(config)
 
         def run(inputs):

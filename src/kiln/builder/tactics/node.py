@@ -1,7 +1,7 @@
 """The Node tactic: a layer kiln has no faster kernel for runs its reference op function.
 
 In a reduced-precision layer the float inputs arrive cast (the engine casts them); ops whose
-numerics need range or many-term sums (``ACCUMULATE_FP32``: sums of squares, products, norms)
+numerics need range or many-term sums (the op fact ``accumulate_fp32``: sums of squares, products, norms)
 compute in fp32 and round their result once. Constant inputs are cast once, at build time.
 """
 
@@ -10,33 +10,14 @@ from __future__ import annotations
 import torch
 
 from kiln.builder.tactics.base import Tactic, tactic
+from kiln.ops.registry import op_facts
 from kiln.precision import PRECISION_DTYPES
-
-# Ops that compute in fp32 inside a reduced-precision layer (the "statistics in fp32" rule).
-ACCUMULATE_FP32 = frozenset({
-    "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceProd", "CumSum",
-    "InstanceNormalization", "GroupNormalization", "LpNormalization", "MeanVarianceNormalization",
-    "RMSNormalization", "BatchNormalization", "LpPool", "GlobalLpPool", "LRN", "Softmax", "LogSoftmax",
-    "Hardmax", "Einsum",
-})
-
-# (op, input index) pairs that carry parameters, not data: never cast to a reduced precision.
-PARAMETER_INPUTS = frozenset({("Resize", 1), ("Resize", 2), ("Upsample", 1), ("Range", 0), ("Range", 1), ("Range", 2)})
-
-
-# (op, input) positions the reference ops read with ``tolist()``: constants there stay on the CPU,
-# so reading them neither waits for the GPU nor breaks CUDA-graph capture.
-_REDUCE_OPS = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
-               "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
-HOST_INPUTS = frozenset({("Reshape", 1), ("Expand", 1), ("Slice", 1), ("Slice", 2), ("Slice", 3), ("Slice", 4),
-                         ("Squeeze", 1), ("Unsqueeze", 1), ("ConstantOfShape", 0), ("Tile", 1), ("Split", 1),
-                         ("Pad", 1), ("Pad", 3), ("Resize", 2), ("Resize", 3), ("Upsample", 1), ("TopK", 1),
-                         ("OneHot", 1), ("CenterCropPad", 1), ("Trilu", 1), ("CumSum", 1),
-                         *((op, 1) for op in _REDUCE_OPS)})
 
 
 def castable(op_type: str, index: int) -> bool:
-    return (op_type, index) not in PARAMETER_INPUTS
+    """Whether input ``index`` of ``op_type`` carries data that a reduced-precision layer may cast (not a
+    parameter such as Resize's scales: the op's ``parameter_inputs`` fact)."""
+    return index not in op_facts(op_type, None).parameter_inputs
 
 
 @tactic
@@ -51,6 +32,7 @@ class NodeReference(Tactic):
     def prepare(self, layer, weights, precision, config):
         dtype = PRECISION_DTYPES.get(precision)
         op_type = layer.op_types[0]
+        facts = op_facts(op_type, None)
         prepared = {}
         for slot, arg in enumerate(layer.attrs["args"]):
             if arg is None or "weight" not in arg:
@@ -58,7 +40,7 @@ class NodeReference(Tactic):
             name = arg["weight"]
             tensor = weights[name]
             if dtype is not None and tensor.dtype == torch.float32 and castable(op_type, slot) \
-                    and op_type not in ACCUMULATE_FP32:
+                    and not facts.accumulate_fp32:
                 tensor = tensor.to(dtype)
             prepared[name] = tensor
         for name in layer.attrs.get("captured_weights", []):
@@ -69,20 +51,20 @@ class NodeReference(Tactic):
         step = context.node_step(layer.nodes[0])
         fn, op = step.fn, step.op
         plan = []
-        op_type = layer.op_types[0]
+        facts = op_facts(layer.op_types[0], None)
         for position, arg in enumerate(layer.attrs["args"]):
             if arg is None:
                 plan.append((0, None))
             elif "weight" in arg:
                 value = prepared[arg["weight"]]
-                plan.append((1, value.cpu() if (op_type, position) in HOST_INPUTS else value))
+                plan.append((1, value.cpu() if position in facts.host_inputs else value))
             else:
                 plan.append((2, arg["input"]))
         captured = layer.attrs.get("captured", [])
         first_captured = len(layer.inputs) - len(captured)
         captured_weights = {name: prepared[name] for name in layer.attrs.get("captured_weights", [])}
         dtype = PRECISION_DTYPES.get(precision)
-        upcast = dtype in (torch.float16, torch.bfloat16) and layer.op_types[0] in ACCUMULATE_FP32
+        upcast = dtype in (torch.float16, torch.bfloat16) and facts.accumulate_fp32
 
         def run(inputs):
             args = [value if kind == 1 else inputs[value] if kind == 2 else None for kind, value in plan]
