@@ -310,14 +310,8 @@ def _attention_attrs(attrs: dict, where: str, layer: dict) -> int:
     return 3 + (_bool(attrs["mask"], f"{where}.mask") and "mask" not in layer.get("weights", {}))
 
 
-# The pointwise program's ops (kiln.activations.ELEMENTWISE): how many args, which attributes.
-_BINARY_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"})
-_POINTWISE_NUMBER_ATTRS = {"LeakyRelu": ("alpha",), "HardSigmoid": ("alpha", "beta"), "Elu": ("alpha",),
-                           "Selu": ("alpha", "gamma"), "ThresholdedRelu": ("alpha",), "Celu": ("alpha",)}
-
-
 def _pointwise_attrs(attrs: dict, where: str, layer: dict) -> int:
-    from kiln.activations import ELEMENTWISE
+    from kiln.activations import BINARY, ELEMENTWISE, FLOAT_ATTRS, VARIADIC
 
     _object(attrs, where, ("program",))
     count = len(layer["inputs"]) + len(layer["weights"])
@@ -333,7 +327,7 @@ def _pointwise_attrs(attrs: dict, where: str, layer: dict) -> int:
             continue
         _choice(op, f"{at}.op", ELEMENTWISE)
         _object(step, at, ("op", "args", "attrs"))
-        for k, arg in enumerate(_list(step["args"], f"{at}.args", 2 if op in _BINARY_OPS else 1)):
+        for k, arg in enumerate(_list(step["args"], f"{at}.args", 2 if op in BINARY or op in VARIADIC else 1)):
             _int(arg, f"{at}.args[{k}]", 0, i - 1)
         if op == "Clip":
             for name, bound in _object(step["attrs"], f"{at}.attrs", ("min", "max")).items():
@@ -343,7 +337,7 @@ def _pointwise_attrs(attrs: dict, where: str, layer: dict) -> int:
             if "approximate" in _object(step["attrs"], f"{at}.attrs", (), ("approximate",)):
                 _choice(step["attrs"]["approximate"], f"{at}.attrs.approximate", ("none", "tanh"))
         else:
-            for name, v in _object(step["attrs"], f"{at}.attrs", (), _POINTWISE_NUMBER_ATTRS.get(op, ())).items():
+            for name, v in _object(step["attrs"], f"{at}.attrs", (), tuple(FLOAT_ATTRS.get(op, ()))).items():
                 _number(v, f"{at}.attrs.{name}", finite=False)
     if program[-1]["op"] in ("input", "const"):
         raise SchemaError(f"{where}.program", "must end with an op")

@@ -35,10 +35,15 @@ import onnx_ir as ir
 from onnxscript.rewriter.pattern import Pattern
 
 from kiln.errors import KilnError
-from kiln.passes._conv import remove_dead_constants
 from kiln.passes.framework import KILN_DOMAIN, KILN_DOMAIN_VERSION, Finding, Pass, PassContext, register_pass
 from kiln.passes.match_activation import PATTERNS, activation_of
-from kiln.passes.rewriting import constant_array, record_fusion, shapes_of, unique_node_names
+from kiln.passes.rewriting import (
+    constant_array,
+    record_fusion,
+    remove_unused_producers,
+    shapes_of,
+    unique_node_names,
+)
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 GEMM_ATTRIBUTES = {"alpha", "beta", "transA", "transB"}
@@ -226,7 +231,7 @@ class FuseGemmActivation(Pass):
             record_fusion([node], f.nodes)
             ir.convenience.replace_nodes_and_values(graph, f.nodes[-1], f.nodes, [node], [f.output], [new_out])
             replaced[id(f.output)] = new_out
-            remove_dead_constants(graph, f.extra_inputs)
+            remove_unused_producers(graph, f.extra_inputs)
             ctx.log.append(f"{f.gemm.name}: {f.describe()} -> FusedGemm ({len(f.nodes)} nodes -> 1)")
             count += 1
         if count:
