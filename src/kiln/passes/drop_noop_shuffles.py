@@ -69,6 +69,7 @@ from kiln.passes.rewriting import (
     record_fusion,
     remove_unused_producers,
     shapes_of,
+    node_names,
     unique_node_names,
 )
 
@@ -287,7 +288,7 @@ class DropNoopShuffles(Pass):
         return Finding(
             rule="noop-shuffle",
             title=_describe(unit),
-            nodes=[n.name for n in unit.nodes],
+            nodes=node_names(unit.nodes),
             why="each shuffle node is a kernel launch or a copy unless the runtime proves it a view; "
                 "shuffles that cancel or keep the memory layout need no kernel at all",
             fix=f"fixed automatically by pass {self.name}",

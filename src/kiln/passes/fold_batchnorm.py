@@ -46,7 +46,7 @@ from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
 
 from kiln.passes._shuffles import apply_rules, rule_matches
 from kiln.passes.framework import Finding, Pass, PassContext, register_pass
-from kiln.passes.rewriting import Names, constant_array, shapes_of, unique_node_names
+from kiln.passes.rewriting import Names, constant_array, node_names, shapes_of, unique_node_names
 
 PRODUCERS = ("Conv", "ConvTranspose", "Gemm")
 FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
@@ -187,7 +187,7 @@ class FoldBatchNorm(Pass):
         return Finding(
             rule="unfolded-batchnorm",
             title=f"BatchNormalization after {producer.op_type} can be folded into its weights",
-            nodes=[producer.name, bn.name],
+            nodes=node_names([producer, bn]),
             why="a separate BatchNormalization reads and writes the whole activation once more for a "
                 "per-channel scale and shift that the producer's weights and bias can absorb",
             fix=f"fixed automatically by pass {self.name}",

@@ -66,6 +66,7 @@ from kiln.passes.rewriting import (
     opset,
     remove_unused_producers,
     shapes_of,
+    node_names,
     unique_node_names,
 )
 from kiln.precision import PRECISION_DTYPES, tf32_for
@@ -516,7 +517,7 @@ class PadForTensorCores(Pass):
             findings.append(Finding(
                 rule="misaligned-dims",
                 title=f"{node.name}: {s.describe()} (multiples of {s.alignment} for {ctx.precision} tensor cores)",
-                nodes=[node.name],
+                nodes=node_names([node]),
                 why=f"{ctx.precision} tensor-core kernels need K and N (channels for a conv) to be multiples of "
                     f"{s.alignment}; otherwise a slower kernel, or no tensor-core kernel at all, runs",
                 fix=s.fix,

@@ -55,7 +55,7 @@ from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
 
 from kiln.passes._shuffles import apply_rules, int64s
 from kiln.passes.framework import Finding, Pass, PassContext, register_pass
-from kiln.passes.rewriting import Names, opset, shapes_of, unique_node_names
+from kiln.passes.rewriting import Names, node_names, opset, shapes_of, unique_node_names
 
 REDUCE_OPS = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
               "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
@@ -297,7 +297,7 @@ class ReduceToLastAxis(Pass):
         return Finding(
             rule="reduce-not-last-axis",
             title=f"{node.op_type} over axes {plan.axes} of a rank-{len(x.shape)} tensor, not the last axes",
-            nodes=[node.name],
+            nodes=node_names([node]),
             why="a reduction over a strided axis reads memory in short runs; reducing contiguous rows "
                 "after one transpose can be faster",
             fix=(f"fixed automatically by pass {self.name}" if plan.rewrite
