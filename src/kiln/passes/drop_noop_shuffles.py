@@ -65,11 +65,11 @@ from kiln.passes.framework import Finding, Pass, PassContext, register_pass
 from kiln.passes.rewriting import (
     Names,
     add_initializer,
+    node_names,
     opset,
     record_fusion,
     remove_unused_producers,
     shapes_of,
-    node_names,
     unique_node_names,
 )
 

@@ -63,10 +63,10 @@ from kiln.passes.rewriting import (
     add_initializer,
     attrs_of,
     constant_array,
+    node_names,
     opset,
     remove_unused_producers,
     shapes_of,
-    node_names,
     unique_node_names,
 )
 from kiln.precision import PRECISION_DTYPES, tf32_for

@@ -41,9 +41,9 @@ from kiln.passes.rewriting import (
     attrs_of,
     constant_array,
     itemsize,
+    node_names,
     remove_unused_producers,
     shapes_of,
-    node_names,
     unique_node_names,
 )
 
