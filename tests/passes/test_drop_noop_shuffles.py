@@ -90,6 +90,14 @@ def test_transpose_of_size1_axes_is_a_reshape():
     assert finding_cost(load(_model(nodes, ["B", 1, 3, 4], ["B", 3, 1, 4])), finding).bytes == 2 * 12 * 4
 
 
+def test_transpose_of_size1_axes_of_an_empty_tensor_is_left_alone():
+    # no constant Reshape shape says [1, 1, 0] (0 means "copy"): the pass used to fail on it
+    proto = _model([node("Transpose", ["x"], ["y"], perm=[1, 0, 2], name="t")], [1, 1, 0], [1, 1, 0])
+    model, count, _ = run_pass(proto, "drop_noop_shuffles")
+    assert count == 0 and ops(model) == ["Transpose"]
+    assert get_pass("drop_noop_shuffles").find(load(proto), PassContext()) == []
+
+
 def test_reshape_chain_becomes_one_reshape():
     nodes = [node("Reshape", ["x", "s"], ["a"], name="r1"), node("Unsqueeze", ["a", "ax"], ["b"], name="unsq"),
              node("Flatten", ["b"], ["c"], axis=2, name="flat"), node("Squeeze", ["c", "ax1"], ["y"], name="sq")]
