@@ -161,7 +161,8 @@ def _param_value(op: Any, plan: tuple[str, np.ndarray | None], param: ir.Value |
     if fill is None:
         return None
     assert x.shape is not None and x.dtype is not None, "_param_plan found x's normalized dims all known"
-    return _constant(op, np.full(list(x.shape.numpy())[-k:], fill, dtype=x.dtype.numpy()))
+    sizes = [d for d in list(x.shape)[-k:] if isinstance(d, int)]  # all of them: the plan checked
+    return _constant(op, np.full(sizes, fill, dtype=x.dtype.numpy()))
 
 
 class _NormRule(FusionRule):
