@@ -160,8 +160,9 @@ def _param_value(op: Any, plan: tuple[str, np.ndarray | None], param: ir.Value |
         return _constant(op, array)
     if fill is None:
         return None
-    assert x.shape is not None and x.dtype is not None, "_param_plan found x's normalized dims all known"
-    sizes = [d for d in list(x.shape)[-k:] if isinstance(d, int)]  # all of them: the plan checked
+    assert x.shape is not None and x.dtype is not None, "_reduced_last found x's rank; x is a float tensor"
+    sizes = [d for d in list(x.shape)[-k:] if isinstance(d, int)]
+    assert len(sizes) == k, "_param_plan found x's normalized dims all known"
     return _constant(op, np.full(sizes, fill, dtype=x.dtype.numpy()))
 
 
