@@ -68,12 +68,14 @@ def test_identity_transpose_vanishes():
 
 
 def test_transposes_compose():
-    nodes = [node("Transpose", ["x"], ["a"], perm=[0, 2, 1], name="t1"), node("Transpose", ["a"], ["b"], perm=[1, 0, 2], name="t2"),
+    nodes = [node("Transpose", ["x"], ["a"], perm=[0, 2, 1], name="t1"),
+             node("Transpose", ["a"], ["b"], perm=[1, 0, 2], name="t2"),
              node("Transpose", ["b"], ["y"], name="t3")]  # no perm: reversed axes
     model, (finding,) = _check(_model(nodes, [2, 3, 4], [3, 2, 4]), ["Transpose"], 1)
     assert list(next(iter(model.graph)).attributes["perm"].as_ints()) == [1, 0, 2]
     assert finding.nodes == ["t1", "t2", "t3"] and finding.details["perm"] == [1, 0, 2]
-    assert finding_cost(load(_model(nodes, [2, 3, 4], [3, 2, 4])), finding).bytes == 3 * 2 * 24 * 4  # each Transpose reads and writes 24 floats
+    # each Transpose reads and writes 24 floats
+    assert finding_cost(load(_model(nodes, [2, 3, 4], [3, 2, 4])), finding).bytes == 3 * 2 * 24 * 4
 
 
 def test_transposes_that_cancel_vanish():
@@ -88,6 +90,14 @@ def test_transpose_of_size1_axes_is_a_reshape():
     assert next(iter(model.graph)).inputs[1].const_value.numpy().tolist() == [0, 3, 1, 4]
     assert finding.details["kind"] == "reshape"
     assert finding_cost(load(_model(nodes, ["B", 1, 3, 4], ["B", 3, 1, 4])), finding).bytes == 2 * 12 * 4
+
+
+def test_transpose_of_size1_axes_of_an_empty_tensor_is_left_alone():
+    # no constant Reshape shape says [1, 1, 0] (0 means "copy"): the pass used to fail on it
+    proto = _model([node("Transpose", ["x"], ["y"], perm=[1, 0, 2], name="t")], [1, 1, 0], [1, 1, 0])
+    model, count, _ = run_pass(proto, "drop_noop_shuffles")
+    assert count == 0 and ops(model) == ["Transpose"]
+    assert get_pass("drop_noop_shuffles").find(load(proto), PassContext()) == []
 
 
 def test_reshape_chain_becomes_one_reshape():
@@ -106,7 +116,8 @@ def test_old_opset_squeeze_unsqueeze_attributes():
 
 
 def test_reshape_with_allowzero_keeps_the_meaning():
-    nodes = [node("Reshape", ["x", "s"], ["a"], allowzero=1, name="r1"), node("Unsqueeze", ["a", "ax"], ["y"], name="unsq")]
+    nodes = [node("Reshape", ["x", "s"], ["a"], allowzero=1, name="r1"),
+             node("Unsqueeze", ["a", "ax"], ["y"], name="unsq")]
     proto = _model(nodes, [2, 6], [3, 4, 1], [_i64("s", [3, 4]), _i64("ax", [2])], opset=14)
     _check(proto, ["Reshape"], 1)
 
@@ -131,7 +142,8 @@ def test_single_reshape_to_the_same_shape_vanishes():
 
 def test_several_chains_in_one_graph():
     nodes = [node("Identity", ["x"], ["a"], name="id"), node("Relu", ["a"], ["r"], name="relu"),
-             node("Transpose", ["r"], ["b"], perm=[1, 0], name="t1"), node("Transpose", ["b"], ["y"], perm=[1, 0], name="t2")]
+             node("Transpose", ["r"], ["b"], perm=[1, 0], name="t1"),
+             node("Transpose", ["b"], ["y"], perm=[1, 0], name="t2")]
     _check(_model(nodes, [2, 3], [2, 3]), ["Relu"], 2)
 
 
@@ -145,7 +157,8 @@ def test_left_alone():
              node("Unsqueeze", ["d", "ax"], ["e"], name="dyn_unsq")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, [2, 3, 4]),
                                            helper.make_tensor_value_info("dyn", TensorProto.INT64, [2])],
-                              [helper.make_tensor_value_info("y", F, [3, 8, 1]), _out("r", [3, 8]), _out("e", ["d0", "d1", "d2"])],
+                              [helper.make_tensor_value_info("y", F, [3, 8, 1]), _out("r", [3, 8]),
+                               _out("e", ["d0", "d1", "d2"])],
                               [_i64("s", [3, 8]), _i64("ax", [2])])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model, count, _ = run_pass(proto, "drop_noop_shuffles")
@@ -156,14 +169,16 @@ def test_left_alone():
 def test_shape_tensor_input_of_reshape_is_not_part_of_a_chain():
     """An Unsqueeze feeding a Reshape's shape input is shape arithmetic, not a shuffle of the data."""
     nodes = [node("Shape", ["x"], ["sh"], name="shape"), node("Gather", ["sh", "zero"], ["n"], name="gather", axis=0),
-             node("Unsqueeze", ["n", "ax0"], ["n1"], name="unsq"), node("Concat", ["n1", "m1"], ["target"], axis=0, name="cat"),
+             node("Unsqueeze", ["n", "ax0"], ["n1"], name="unsq"),
+             node("Concat", ["n1", "m1"], ["target"], axis=0, name="cat"),
              node("Reshape", ["x", "target"], ["y"], name="r")]
     proto = _model(nodes, ["B", 3, 4], ["B", 12], [_i64("zero", 0), _i64("ax0", [0]), _i64("m1", [-1])])
     model, count, _ = run_pass(proto, "drop_noop_shuffles")
     assert count == 0 and ops(model) == ["Shape", "Gather", "Unsqueeze", "Concat", "Reshape"]
 
 
-@pytest.mark.parametrize("family,exporter", [("vit", "torchscript"), ("vit", "dynamo"), ("bert", "torchscript"), ("resnet", "dynamo")])
+@pytest.mark.parametrize("family,exporter", [("vit", "torchscript"), ("vit", "dynamo"), ("bert", "torchscript"),
+                                             ("resnet", "dynamo")])
 def test_exported_families_stay_correct(tmp_path, family, exporter):
     proto = onnx.load(export_family(tmp_path, family, exporter))
     model, count, _ = run_pass(proto, "drop_noop_shuffles")

@@ -265,7 +265,8 @@ def test_folds_the_batchnorms_a_torch_export_keeps(tmp_path):
     assert_same(proto, model, dims={"batch": 2})
 
 
-@pytest.mark.parametrize("family,exporter", [("resnet", "torchscript"), ("mobilenet_v2", "dynamo"), ("bert", "torchscript")])
+@pytest.mark.parametrize("family,exporter", [("resnet", "torchscript"), ("mobilenet_v2", "dynamo"),
+                                             ("bert", "torchscript")])
 def test_exported_families_stay_correct(tmp_path, family, exporter):
     proto = onnx.load(export_family(tmp_path, family, exporter))
     model, _, _ = run_pass(proto, "fold_batchnorm")

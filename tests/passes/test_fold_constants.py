@@ -37,7 +37,8 @@ def _run(proto, dims=None):
     model, count, ctx = run_pass(proto, "fold_constants")
     assert count == len(findings) == len(ctx.log)
     assert [f"{f.rule}: {', '.join(f.nodes)}" for f in findings] == ctx.log
-    assert all(f.pass_name == "fold_constants" and f.fix == "fixed automatically by pass fold_constants" for f in findings)
+    assert all(f.pass_name == "fold_constants" and f.fix == "fixed automatically by pass fold_constants"
+               for f in findings)
     assert [v.name for v in model.graph.outputs] == [v.name for v in proto.graph.output]
     assert_same(proto, model, dims=dims or {"B": 3})
     return model, findings
@@ -54,14 +55,17 @@ def test_constant_subgraph_becomes_one_initializer():
     assert list(model.graph.initializers) == ["w2"]  # the folded weight, under its own name; "w" is gone
     assert finding.rule == "constant-subgraph" and finding.nodes == ["tw", "two", "scale"]
     assert finding.shapes == {"wt": [3, 4], "two": [], "w2": [3, 4]}
-    assert finding_cost(load(proto), finding).bytes == 4 * (12 + 12) + 4 * 1 + 4 * (12 + 1 + 12)  # Transpose, Constant, Mul
+    # Transpose, Constant, Mul
+    assert finding_cost(load(proto), finding).bytes == 4 * (12 + 12) + 4 * 1 + 4 * (12 + 1 + 12)
 
 
 def test_static_shape_arithmetic_folds():
     nodes = [node("Shape", ["x"], ["sh"], name="shape"), node("Gather", ["sh", "zero"], ["n"], axis=0, name="gather"),
-             node("Unsqueeze", ["n", "ax"], ["n1"], name="unsq"), node("Concat", ["n1", "m1"], ["target"], axis=0, name="cat"),
+             node("Unsqueeze", ["n", "ax"], ["n1"], name="unsq"),
+             node("Concat", ["n1", "m1"], ["target"], axis=0, name="cat"),
              node("Reshape", ["x", "target"], ["y"], name="reshape")]
-    inits = [numpy_helper.from_array(np.array(0, np.int64), "zero"), numpy_helper.from_array(np.array([0], np.int64), "ax"),
+    inits = [numpy_helper.from_array(np.array(0, np.int64), "zero"),
+             numpy_helper.from_array(np.array([0], np.int64), "ax"),
              numpy_helper.from_array(np.array([-1], np.int64), "m1")]
     model, (finding,) = _run(_model(nodes, [2, 3, 4], [("y", [2, 12])], inits))
     assert ops(model) == ["Reshape"]
@@ -72,9 +76,11 @@ def test_static_shape_arithmetic_folds():
 
 def test_dynamic_shape_arithmetic_stays():
     nodes = [node("Shape", ["x"], ["sh"], name="shape"), node("Gather", ["sh", "zero"], ["n"], axis=0, name="gather"),
-             node("Unsqueeze", ["n", "ax"], ["n1"], name="unsq"), node("Concat", ["n1", "m1"], ["target"], axis=0, name="cat"),
+             node("Unsqueeze", ["n", "ax"], ["n1"], name="unsq"),
+             node("Concat", ["n1", "m1"], ["target"], axis=0, name="cat"),
              node("Reshape", ["x", "target"], ["y"], name="reshape")]
-    inits = [numpy_helper.from_array(np.array(0, np.int64), "zero"), numpy_helper.from_array(np.array([0], np.int64), "ax"),
+    inits = [numpy_helper.from_array(np.array(0, np.int64), "zero"),
+             numpy_helper.from_array(np.array([0], np.int64), "ax"),
              numpy_helper.from_array(np.array([-1], np.int64), "m1")]
     model, findings = _run(_model(nodes, ["B", 3, 4], [("y", ["B", 12])], inits))
     assert findings == [] and ops(model) == ["Shape", "Gather", "Unsqueeze", "Concat", "Reshape"]
@@ -111,8 +117,10 @@ def test_unused_optional_outputs_are_dropped():
 def test_constant_graph_output_keeps_its_name():
     nodes = [node("Add", ["c1", "c2"], ["k"], name="add"), node("Relu", ["x"], ["y"], name="relu")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, [2, 3])],
-                              [helper.make_tensor_value_info("y", F, [2, 3]), helper.make_tensor_value_info("k", F, [3])],
-                              [numpy_helper.from_array(_arr([3], 1), "c1"), numpy_helper.from_array(_arr([3], 2), "c2")])
+                              [helper.make_tensor_value_info("y", F, [2, 3]),
+                               helper.make_tensor_value_info("k", F, [3])],
+                              [numpy_helper.from_array(_arr([3], 1), "c1"),
+                               numpy_helper.from_array(_arr([3], 2), "c2")])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model, (finding,) = _run(proto)
     assert ops(model) == ["Relu"] and "k" in model.graph.initializers and finding.nodes == ["add"]
@@ -146,8 +154,8 @@ def test_torch_export_without_optimization_is_cleaned_up(tmp_path):
     path = tmp_path / "resnet_raw.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(build("resnet"), tuple(example_inputs("resnet").values()), str(path), input_names=["pixel_values"],
-                          opset_version=18, dynamo=True, optimize=False, verbose=False)
+        torch.onnx.export(build("resnet"), tuple(example_inputs("resnet").values()), str(path),
+                          input_names=["pixel_values"], opset_version=18, dynamo=True, optimize=False, verbose=False)
     proto = onnx.load(path)
     model, findings = _run(proto)
     assert len(list(model.graph)) < len(proto.graph.node) and findings

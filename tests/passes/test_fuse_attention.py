@@ -68,9 +68,11 @@ KILN_CASES = {
     "sdpa-torchscript": ([n("Transpose", ["k"], "kt0", perm=[0, 1, 3, 2]), n("Mul", ["q", "r"], "qs"),
                           n("Mul", ["kt0", "r"], "ks"), n("MatMul", ["qs", "ks"], "s")] + tail("s"),
                          {"r": ROOT}, ROOT * ROOT, 0),
-    "swapped": ([n("MatMul", ["q", "kt"], "s"), n("Mul", ["c", "s"], "sd"), n("Add", ["mask", "sd"], "sm")] + tail("sm"),
+    "swapped": ([n("MatMul", ["q", "kt"], "s"), n("Mul", ["c", "s"], "sd"), n("Add", ["mask", "sd"], "sm")]
+                + tail("sm"),
                 {"c": 0.25}, 0.25, 0),
-    "dynamo-vit": ([n("Mul", ["q", "r"], "qs"), n("Mul", ["r", "kt"], "ks"), n("MatMul", ["qs", "ks"], "s")] + tail("s"),
+    "dynamo-vit": ([n("Mul", ["q", "r"], "qs"), n("Mul", ["r", "kt"], "ks"), n("MatMul", ["qs", "ks"], "s")]
+                   + tail("s"),
                    {"r": np.array([0.5], np.float32)}, 0.25, 0),
     "div-q": ([n("Div", ["q", "c"], "qs"), n("MatMul", ["qs", "kt"], "s")] + tail("s"), {"c": 4.0}, 0.25, 0),
     "nan-cleanup": ([n("Where", ["keep", "zero", "ninf"], "mask4"), n("MatMul", ["q", "kt"], "s"),

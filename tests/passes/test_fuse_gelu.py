@@ -65,7 +65,8 @@ TANH_FORMS = {
               n("Add", ["th", "one"], "a"), n("Mul", ["x", "half"], "h"), n("Mul", ["h", "a"], "y")],
              {"k": 0.044715, "c": C_TANH, "one": 1.0, "half": 0.5}),
 }
-CASES = [(f"erf-{k}", "none", v) for k, v in ERF_FORMS.items()] + [(f"tanh-{k}", "tanh", v) for k, v in TANH_FORMS.items()]
+CASES = ([(f"erf-{k}", "none", v) for k, v in ERF_FORMS.items()]
+         + [(f"tanh-{k}", "tanh", v) for k, v in TANH_FORMS.items()])
 
 
 @pytest.mark.parametrize("case, approximate, form", CASES, ids=[c[0] for c in CASES])
@@ -154,7 +155,8 @@ def test_find_reports_what_apply_rewrites():
     ctx = PassContext(kiln_ops=True)
     findings = get_pass("fuse_gelu").find(m, ctx)
     assert ops(m) == ops(load(proto))  # find changes nothing
-    assert [f.nodes for f in findings] == [["d1", "e1", "a1", "m1", "h"], ["cube2", "t2", "i2", "u2", "th2", "a2", "h2", "y"]]
+    assert [f.nodes for f in findings] == [["d1", "e1", "a1", "m1", "h"],
+                                           ["cube2", "t2", "i2", "u2", "th2", "a2", "h2", "y"]]
     assert {f.pass_name for f in findings} == {"fuse_gelu"} and {f.rule for f in findings} == {"unfused-gelu"}
     assert [f.details["approximate"] for f in findings] == ["none", "tanh"]
     assert findings[0].shapes == {"x": [2, 3, 16], "h": [2, 3, 16]}
@@ -167,7 +169,8 @@ def test_find_reports_what_apply_rewrites():
     assert_same(proto, m)
 
 
-EXPORTS = [(family, exporter) for family in ("bert", "distilbert", "gpt2", "vit") for exporter in ("torchscript", "dynamo")]
+EXPORTS = [(family, exporter) for family in ("bert", "distilbert", "gpt2", "vit")
+           for exporter in ("torchscript", "dynamo")]
 
 
 @pytest.mark.parametrize("family, exporter", EXPORTS)

@@ -94,7 +94,8 @@ def layernorm(opset=17, axes=(-1,), x_shape=(2, 3, 16), square="pow", norm="div"
     for name in (scale, eps):
         if isinstance(name, str):
             inputs.append(helper.make_tensor_value_info(name, elem, [16] if name == "gamma" else [1]))
-    outs = [helper.make_tensor_value_info(o, elem, x_shape if o.startswith("y") else [None] * len(x_shape)) for o in outputs]
+    outs = [helper.make_tensor_value_info(o, elem, x_shape if o.startswith("y") else [None] * len(x_shape))
+            for o in outputs]
     graph = helper.make_graph(nodes, "g", inputs, outs, tensors)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 

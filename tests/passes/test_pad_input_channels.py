@@ -21,7 +21,8 @@ def _model(opset=17, channels=3, group=1, extra_nodes=(), outputs=(), weight_inp
         [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1], strides=[2, 2], group=group),
          *extra_nodes], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels, 8, 8]),
-         *([helper.make_tensor_value_info("w", TensorProto.FLOAT, [6, channels // group, 3, 3])] if weight_input else [])],
+         *([helper.make_tensor_value_info("w", TensorProto.FLOAT, [6, channels // group, 3, 3])]
+           if weight_input else [])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 4, 4]), *outputs],
         [] if weight_input else [w])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
@@ -56,8 +57,9 @@ def test_before_opset_11_pads_is_an_attribute():
 def test_other_readers_of_the_input_keep_it_unpadded_and_convs_share_one_pad():
     w2 = helper.make_node("Conv", ["x", "w"], ["y2"], name="conv2", pads=[1, 1, 1, 1], strides=[2, 2])
     mean = helper.make_node("ReduceMean", ["x"], ["m"], name="mean", keepdims=0)
-    proto = _model(extra_nodes=[w2, mean], outputs=[helper.make_tensor_value_info("y2", TensorProto.FLOAT, ["N", 6, 4, 4]),
-                                                    helper.make_tensor_value_info("m", TensorProto.FLOAT, [])])
+    proto = _model(extra_nodes=[w2, mean],
+                   outputs=[helper.make_tensor_value_info("y2", TensorProto.FLOAT, ["N", 6, 4, 4]),
+                            helper.make_tensor_value_info("m", TensorProto.FLOAT, [])])
     model, count, _ = run_pass(proto, "pad_input_channels", precision="fp16")
     assert count == 2 and ops(model) == ["Pad", "Conv", "Conv", "ReduceMean"]
     pad, conv1, conv2, reduce = list(model.graph)

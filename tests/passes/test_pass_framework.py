@@ -50,7 +50,8 @@ def test_unique_node_names_fills_empty_and_repeated_names():
     assert len(set(names)) == 3 and all(names) and names[1] == "same"
 
 
-@pytest.mark.parametrize("opset,kiln_ops,expected", [(20, False, ("", "Gelu")), (17, True, ("ai.kiln", "Gelu")), (17, False, None)])
+@pytest.mark.parametrize("opset,kiln_ops,expected",
+                         [(20, False, ("", "Gelu")), (17, True, ("ai.kiln", "Gelu")), (17, False, None)])
 def test_fused_op_prefers_the_standard_op(opset, kiln_ops, expected):
     assert fused_op(load(_model(opset)), PassContext(kiln_ops=kiln_ops), "Gelu", 20) == expected
 
@@ -154,7 +155,8 @@ def _sorted_graphs() -> dict[str, onnx.ModelProto]:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])],
         [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "cw")]
         + [numpy_helper.from_array(rng.uniform(0.5, 1.5, 8).astype(np.float32), k) for k in ("s", "bb", "m", "v")])
-    return {"attention-dynamo-order": dynamo, "layernorm-gelu": helper.make_model(text, opset_imports=[helper.make_opsetid("", 17)]),
+    return {"attention-dynamo-order": dynamo,
+            "layernorm-gelu": helper.make_model(text, opset_imports=[helper.make_opsetid("", 17)]),
             "conv-bn-relu": helper.make_model(conv, opset_imports=[helper.make_opsetid("", 17)]),
             "if-with-constant-work": _if_model()}
 
@@ -312,14 +314,17 @@ def _opset14_layernorm() -> onnx.ModelProto:
     large enough to travel around the version converter."""
     from tests.passes.test_fuse_layernorm import layernorm
 
-    proto = layernorm(opset=14, extra_nodes=[helper.make_node("MatMul", ["y", "w"], ["z"], name="z")], outputs=("y", "z"))
-    proto.graph.initializer.append(numpy_helper.from_array(np.random.default_rng(3).standard_normal((16, 32)).astype(np.float32), "w"))
+    proto = layernorm(opset=14, extra_nodes=[helper.make_node("MatMul", ["y", "w"], ["z"], name="z")],
+                      outputs=("y", "z"))
+    weight = np.random.default_rng(3).standard_normal((16, 32)).astype(np.float32)
+    proto.graph.initializer.append(numpy_helper.from_array(weight, "w"))
     del proto.graph.output[1].type.tensor_type.shape.dim[:]
     return proto
 
 
 @pytest.mark.parametrize("flags, opset, expected", [
-    ([], 14, None), (["--kiln-ops"], 14, "ai.kiln::LayerNormalization"), (["--target-opset", "17"], 17, "LayerNormalization"),
+    ([], 14, None), (["--kiln-ops"], 14, "ai.kiln::LayerNormalization"),
+    (["--target-opset", "17"], 17, "LayerNormalization"),
 ])
 def test_target_opset_lets_an_old_export_fuse_layernorm(tmp_path, capsys, flags, opset, expected):
     import onnxruntime as ort

@@ -63,7 +63,8 @@ def test_all_passes_keep_the_family_correct(tmp_path, family, exporter, opset):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,exporter,opset", [("bert", "torchscript", 17), ("resnet", "dynamo", 18), ("gpt2", "torchscript", 17)])
+@pytest.mark.parametrize("family,exporter,opset",
+                         [("bert", "torchscript", 17), ("resnet", "dynamo", 18), ("gpt2", "torchscript", 17)])
 def test_find_changes_nothing(tmp_path, family, exporter, opset):
     """Every pass's find() (what kiln doctor runs) leaves the model byte for byte as it was."""
     import onnx_ir as ir

@@ -93,7 +93,8 @@ def test_rule_keeps_long_runs_and_says_why():
     proto = _reduce("ReduceSum", [2, 6, 64], [1], 1, 13)
     model, count, ctx = run_pass(proto, "reduce_to_last_axis")
     assert count == 0 and ops(model) == ["ReduceSum"]
-    assert ctx.log == ["red (ReduceSum over axes [1]): kept, not measured (no measure hook); contiguous run 256 bytes > 8"]
+    assert ctx.log == ["red (ReduceSum over axes [1]): kept, not measured (no measure hook); "
+                       "contiguous run 256 bytes > 8"]
     (finding,) = get_pass("reduce_to_last_axis").find(load(proto), PassContext())
     assert finding.pass_name is None and finding.details["rewrite"] is False and "left as is" in finding.fix
 
@@ -170,7 +171,8 @@ def test_find_reports_every_non_last_axis_reduce_and_marks_the_rewritten():
              helper.make_node("ReduceSum", ["r2", "a3"], ["y"], name="last", keepdims=0)]
     inits = [numpy_helper.from_array(np.array(a, np.int64), n) for n, a in (("a1", [1]), ("a2", [0]), ("a3", [-1]))]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, [3, 40, 2])],
-                              [helper.make_tensor_value_info("r1", F, [3, 1, 2]), helper.make_tensor_value_info("y", F, [40])],
+                              [helper.make_tensor_value_info("r1", F, [3, 1, 2]),
+                               helper.make_tensor_value_info("y", F, [40])],
                               inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     findings = get_pass("reduce_to_last_axis").find(load(proto), PassContext())
@@ -192,5 +194,6 @@ def test_find_reports_every_non_last_axis_reduce_and_marks_the_rewritten():
 @pytest.mark.parametrize("family,exporter", [("resnet", "dynamo"), ("regnet", "torchscript"), ("bert", "torchscript")])
 def test_exported_families_stay_correct(tmp_path, family, exporter):
     proto = onnx.load(export_family(tmp_path, family, exporter))
-    model, _, _ = run_pass(proto, "reduce_to_last_axis", dims={"batch": 2, "sequence": 8}, measure=lambda a, b: (1.0, 0.5))
+    model, _, _ = run_pass(proto, "reduce_to_last_axis", dims={"batch": 2, "sequence": 8},
+                           measure=lambda a, b: (1.0, 0.5))
     assert_same(proto, model, dims={"batch": 2, "sequence": 8})

@@ -1,5 +1,5 @@
-"""What the convolution and GEMM passes share: element counts, new initializers, and the standard ONNX ``Pad`` (in the form the model's opset defines) that pads a value
-with zeros on one axis."""
+"""What the convolution and GEMM passes share: element counts, new initializers, and the standard
+ONNX ``Pad`` (in the form the model's opset defines) that pads a value with zeros on one axis."""
 
 from __future__ import annotations
 
@@ -55,11 +55,15 @@ def can_pad(model: ir.Model) -> bool:
 def make_pad(model: ir.Model, names: Names, x: ir.Value, axis: int, size: int, base: str) -> ir.Node:
     """A standard ``Pad`` node appending zeros to ``x`` on ``axis`` up to ``size``; ``x`` must have a
     known rank and a static size on ``axis``. The node is not inserted."""
-    rank = len(x.shape)
+    shape = x.shape
+    assert shape is not None, "make_pad needs x's rank"
+    rank = len(shape)
     axis = axis % rank
     pads = [0] * (2 * rank)
-    pads[rank + axis] = size - x.shape[axis]
-    out = ir.Value(name=names.fresh(f"{base}_padded"), type=x.type, shape=with_dim(x.shape, axis, size))
+    dim = shape[axis]
+    assert isinstance(dim, int), "make_pad needs x's size on the padded axis"
+    pads[rank + axis] = size - dim
+    out = ir.Value(name=names.fresh(f"{base}_padded"), type=x.type, shape=with_dim(shape, axis, size))
     if opset(model) >= 11:
         pads_value = add_initializer(model.graph, names, f"{base}_pads", np.asarray(pads, dtype=np.int64))
         node = ir.Node("", "Pad", [x, pads_value], outputs=[out], name=names.fresh(f"{base}/pad"))

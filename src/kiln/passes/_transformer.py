@@ -41,7 +41,7 @@ from kiln.passes.rewriting import Names, constant_array, record_fusion, remove_u
 CONST_RTOL = 1e-6
 
 FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
-_TYPE_EPS = {ir.DataType.FLOAT16: 2.0**-10, ir.DataType.BFLOAT16: 2.0**-7}
+_TYPE_EPS: dict[ir.DataType | None, float] = {ir.DataType.FLOAT16: 2.0**-10, ir.DataType.BFLOAT16: 2.0**-7}
 
 
 def const_scalar(value: ir.Value | None) -> float | None:

@@ -65,6 +65,7 @@ from kiln.passes.framework import Finding, Pass, PassContext, register_pass
 from kiln.passes.rewriting import (
     Names,
     add_initializer,
+    node_names,
     opset,
     record_fusion,
     remove_unused_producers,
@@ -88,7 +89,9 @@ class _Unit:
 
     @property
     def source(self) -> ir.Value:
-        return self.nodes[0].inputs[0]
+        source = self.nodes[0].inputs[0]
+        assert source is not None, "_is_shuffle: a shuffle reads a data input"
+        return source
 
     @property
     def out(self) -> ir.Value:
@@ -136,6 +139,7 @@ def _chains(graph: ir.Graph) -> list[list[ir.Node]]:
 def _unit(node: ir.Node, reshape_ok: bool) -> _Unit:
     """The unit of one shuffle node."""
     x, y = node.inputs[0], node.outputs[0]
+    assert x is not None, "_is_shuffle: a shuffle reads a data input"
     if node.op_type == "Identity":
         return _Unit("identity", [node])
     if node.op_type == "Transpose":
@@ -166,10 +170,11 @@ def _merge(below: _Unit, above: _Unit) -> _Unit | None:
         return None
     if "identity" in (below.kind, above.kind):
         other = above if below.kind == "identity" else below
-        if other.kind == "reshape" and not _expressible(nodes[0].inputs[0].shape, nodes[-1].outputs[0].shape):
+        if other.kind == "reshape" and not _expressible(below.source.shape, above.out.shape):
             return None
         return _Unit(other.kind, nodes, perm=other.perm, changed=True, notes=notes)
     if below.kind == above.kind == "perm":
+        assert below.perm is not None and above.perm is not None, "a perm unit has its permutation"
         perm = compose(below.perm, above.perm)
         if perm == sorted(perm):
             return _Unit("identity", nodes, changed=True, notes=[*notes, "permutations cancel"])
@@ -206,6 +211,8 @@ def _rewrites(model: ir.Model) -> list[_Unit]:
         for unit in _units(chain, reshape_ok):
             if unit.kind == "opaque":
                 continue
+            if unit.kind == "reshape" and reshape_target(unit.source.shape, unit.out.shape) is None:
+                continue  # same shape, but no constant Reshape says it (a zero-size axis)
             if unit.kind == "identity":
                 if len(unit.nodes) == 1 and unit.nodes[0].op_type == "Identity" and not _can_vanish(unit):
                     continue  # must stay an Identity to keep a graph output's name
@@ -272,9 +279,11 @@ class DropNoopShuffles(Pass):
             if unit.kind == "identity":
                 new = ir.Node("", "Identity", [source])
             elif unit.kind == "perm":
+                assert unit.perm is not None, "a perm unit has its permutation"
                 new = ir.Node("", "Transpose", [source], attributes=[ir.AttrInt64s("perm", unit.perm)])
             else:
                 target = reshape_target(source.shape, out.shape)
+                assert target is not None, "_rewrites keeps only reshape units a constant target says"
                 shape = add_initializer(graph, names, f"{last.name}/shape", int64s(target))
                 new = ir.Node("", "Reshape", [source, shape])
             same = [n.name for n in unit.nodes if n.op_type == new.op_type]
@@ -287,7 +296,7 @@ class DropNoopShuffles(Pass):
         return Finding(
             rule="noop-shuffle",
             title=_describe(unit),
-            nodes=[n.name for n in unit.nodes],
+            nodes=node_names(unit.nodes),
             why="each shuffle node is a kernel launch or a copy unless the runtime proves it a view; "
                 "shuffles that cancel or keep the memory layout need no kernel at all",
             fix=f"fixed automatically by pass {self.name}",

@@ -46,7 +46,7 @@ from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
 
 from kiln.passes._shuffles import apply_rules, rule_matches
 from kiln.passes.framework import Finding, Pass, PassContext, register_pass
-from kiln.passes.rewriting import Names, constant_array, shapes_of, unique_node_names
+from kiln.passes.rewriting import Names, constant_array, node_names, shapes_of, unique_node_names
 
 PRODUCERS = ("Conv", "ConvTranspose", "Gemm")
 FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
@@ -85,7 +85,7 @@ def _fold(producer: ir.Node, bn: ir.Node) -> tuple[np.ndarray, np.ndarray] | str
     channels = scale.shape[0]
     weight_value = producer.inputs[1] if len(producer.inputs) > 1 else None
     weight = _const(weight_value)
-    if weight is None:
+    if weight_value is None or weight is None:
         return f"{producer.op_type} weight is not constant"
     if weight_value.dtype not in FLOATS:
         return f"{producer.op_type} weight is not float32/float16/bfloat16/float64"
@@ -146,14 +146,21 @@ class _FoldIntoProducer(RewriteRuleClassBase):
         result = MatchResult()
         if context.model.opset_imports.get("", 0) < 7:
             return result.fail("opset below 7: BatchNormalization's is_test semantics")
-        folded = _fold(inbound.producer(), normalized.producer())
+        producer, bn = inbound.producer(), normalized.producer()
+        assert producer is not None and bn is not None, "the pattern matched both nodes"
+        folded = _fold(producer, bn)
         return result.fail(folded) if isinstance(folded, str) else result
 
     def rewrite(self, op, x, inbound: ir.Value, normalized: ir.Value):
         producer, bn = inbound.producer(), normalized.producer()
-        weight, bias = _fold(producer, bn)  # type: ignore[misc]  (check() accepted this pair)
+        assert producer is not None and bn is not None, "the pattern matched both nodes"
+        folded = _fold(producer, bn)
+        assert not isinstance(folded, str), "check() accepted this pair"
+        weight, bias = folded
         attributes = {k: v for k, v in producer.attributes.items() if not (self.producer == "Gemm" and k == "beta")}
-        w_name = producer.inputs[1].name or f"{producer.name}.weight"
+        weight_value = producer.inputs[1]
+        assert weight_value is not None, "check() found the producer's constant weight"
+        w_name = weight_value.name or f"{producer.name}.weight"
         new_weight = op.initializer(ir.tensor(weight), name=f"{w_name}.bn_folded")
         new_bias = op.initializer(ir.tensor(bias), name=f"{bn.name}.bias_folded")
         return op.op(self.producer, x, new_weight, new_bias, **attributes)
@@ -187,7 +194,7 @@ class FoldBatchNorm(Pass):
         return Finding(
             rule="unfolded-batchnorm",
             title=f"BatchNormalization after {producer.op_type} can be folded into its weights",
-            nodes=[producer.name, bn.name],
+            nodes=node_names([producer, bn]),
             why="a separate BatchNormalization reads and writes the whole activation once more for a "
                 "per-channel scale and shift that the producer's weights and bias can absorb",
             fix=f"fixed automatically by pass {self.name}",

@@ -103,7 +103,8 @@ def _snapshot(model: ir.Model) -> list[_Before]:
     out = []
     for node in model.graph.all_nodes():
         inputs = list(node.inputs)
-        const = [v is not None and not v.is_graph_input() and ir.convenience.get_const_tensor(v) is not None for v in inputs]
+        const = [v is not None and not v.is_graph_input() and ir.convenience.get_const_tensor(v) is not None
+                 for v in inputs]
         info = [(v.name or "", v.shape, v.dtype) for v in node.outputs]
         out.append(_Before(node, node.name or node.op_type, node.op_type, list(node.outputs), info, inputs, const,
                            id(node) in dead))
@@ -120,7 +121,9 @@ def _lift_new_constants(graph: ir.Graph, existing: set[int]) -> None:
         if tensor is None or out.is_graph_output():
             continue
         name = out.name
-        value = ir.Value(name=None, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape.dims), const_value=tensor)
+        # a TensorProtocol's dims are typed as SymbolicDimProtocol, which ir.Shape's signature does not list
+        shape = ir.Shape(tensor.shape.dims)  # type: ignore[arg-type]
+        value = ir.Value(name=None, type=ir.TensorType(tensor.dtype), shape=shape, const_value=tensor)
         ir.convenience.replace_all_uses_with(out, value)
         graph.remove(node, safe=True)
         out.name = None
@@ -147,7 +150,9 @@ def _fold(model: ir.Model) -> list[_Group]:
     for node in hidden:
         node.domain = _HIDDEN_DOMAIN
     try:
-        onnxscript.optimizer.fold_constants(model, input_size_limit=INPUT_SIZE_LIMIT, output_size_limit=OUTPUT_SIZE_LIMIT)
+        onnxscript.optimizer.fold_constants(
+            model, input_size_limit=INPUT_SIZE_LIMIT, output_size_limit=OUTPUT_SIZE_LIMIT
+        )
     finally:
         folder.setLevel(level)
         for node, domain in zip(hidden, domains):

@@ -128,7 +128,8 @@ class Pass:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "find" in cls.__dict__:
-            cls.find = _keeping_tensor_names(cls.__dict__["find"])
+            # wrapping the subclass's own method on purpose; mypy forbids assigning to any method
+            cls.find = _keeping_tensor_names(cls.__dict__["find"])  # type: ignore[method-assign]
 
 
 def _keeping_tensor_names(find: Callable) -> Callable:
@@ -271,12 +272,13 @@ def run_passes(
         except KilnError:
             raise
         except Exception as error:  # a pass bug must not surface as a bare traceback
+            first_line = str(error).splitlines()[0][:200] if str(error) else ''
             raise KilnError(
-                f"{name}: graph pass {p.name} failed ({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); "
+                f"{name}: graph pass {p.name} failed ({type(error).__name__}: {first_line}); "
                 f"{_SKIP_IT.format(p.name)}"
             ) from error
-        if (error := order_error(model.graph)) is not None:
-            raise KilnError(f"{name}: graph pass {p.name} left an invalid graph: {error}; {_SKIP_IT.format(p.name)}")
+        if (problem := order_error(model.graph)) is not None:
+            raise KilnError(f"{name}: graph pass {p.name} left an invalid graph: {problem}; {_SKIP_IT.format(p.name)}")
         report.log.extend(f"{p.name}: {line}" for line in ctx.log[start:])
     if any(n.domain == KILN_DOMAIN for n in model.graph.all_nodes()):
         model.opset_imports.setdefault(KILN_DOMAIN, KILN_DOMAIN_VERSION)

@@ -70,7 +70,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from onnxscript.rewriter import pattern
+from onnxscript.rewriter import MatchResult, pattern
 
 from kiln.passes._transformer import (
     FLOAT_TYPES,
@@ -85,7 +85,7 @@ from kiln.passes._transformer import (
 from kiln.passes.framework import KILN_DOMAIN, Finding, Pass, PassContext, register_pass
 from kiln.passes.rewriting import constant_array, itemsize, opset, same_dim, shape_of, shapes_of
 
-_MASK_SAFE_FILL = {ir.DataType.FLOAT: np.float32, ir.DataType.DOUBLE: np.float64}
+_MASK_SAFE_FILL: dict[ir.DataType, type[np.floating]] = {ir.DataType.FLOAT: np.float32, ir.DataType.DOUBLE: np.float64}
 _NEEDS_OP = "no fused attention op to emit"
 _FULL_ROW = ("a fully masked row gives NaN here but zeros in Attention (opset 23); the pattern has no "
              "Where(IsNaN(p), 0, p) clean-up to make them agree")
@@ -98,8 +98,9 @@ def _zero_or_minus_inf(mask: ir.Value) -> bool:
     node = mask.producer()
     if node is None or node.op_type != "Where" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 3:
         return False
+    cond = node.inputs[0]
     values = {const_scalar(node.inputs[1]), const_scalar(node.inputs[2])}
-    return node.inputs[0].dtype == ir.DataType.BOOL and values == {0.0, float("-inf")}
+    return cond is not None and cond.dtype == ir.DataType.BOOL and values == {0.0, float("-inf")}
 
 
 def _lowest(dtype: ir.DataType) -> float | None:
@@ -157,19 +158,21 @@ class AttentionRule(FusionRule):
             total *= 1.0 / factor if how == "div" else factor
         return total if np.isfinite(total) else None
 
-    def check(self, context, q, k_t, v, **bindings) -> pattern.MatchResult:
-        result = pattern.MatchResult()
+    # onnxscript passes the match's bindings as keywords; its base class declares (op, *args, **kwargs)
+    def check(self, context, q, k_t, v, **bindings) -> MatchResult:  # type: ignore[override]
+        result = MatchResult()
         reason = self._why_not(q, k_t, v, bindings)
         return result.fail(reason) if reason else result
 
     def _why_not(self, q: ir.Value, k_t: ir.Value, v: ir.Value, bindings: dict[str, Any]) -> str | None:
         scores = bindings["scores"]
         ranks = {rank(t) for t in (q, k_t, v, scores)}
-        if len(ranks) != 1 or None in ranks or min(ranks) < 2:
+        r = ranks.pop() if len(ranks) == 1 else None
+        if r is None or r < 2:
             return "Q, K_T, V and the scores do not have one known rank >= 2"
-        r = ranks.pop()
         dtypes = {t.dtype for t in (q, k_t, v)}
-        if len(dtypes) != 1 or dtypes.pop() not in FLOAT_TYPES:
+        dtype = dtypes.pop() if len(dtypes) == 1 else None
+        if dtype is None or dtype not in FLOAT_TYPES:
             return "Q, K_T and V are not of one float dtype"
         softmax = bindings["probs"].producer()
         default_axis = -1 if self.model_opset >= 13 else 1
@@ -190,13 +193,15 @@ class AttentionRule(FusionRule):
         masking = bindings.get("masking", "none")
         if masking == "add":
             mask = bindings["mask"]
-            if rank(mask) is None or rank(mask) > r or mask.dtype not in FLOAT_TYPES:
+            mask_rank = rank(mask)
+            if mask_rank is None or mask_rank > r or mask.dtype not in FLOAT_TYPES:
                 return "the mask's rank is unknown or larger than the scores'"
         elif masking != "none":
             cond, fill = bindings["cond"], const_scalar(bindings["fill"])
-            if cond.dtype != ir.DataType.BOOL or rank(cond) is None or rank(cond) > r:
+            cond_rank = rank(cond)
+            if cond.dtype != ir.DataType.BOOL or cond_rank is None or cond_rank > r:
                 return "the Where condition is not a bool tensor of at most the scores' rank"
-            if fill is None or not (fill == float("-inf") or fill == _lowest(q.dtype)):
+            if fill is None or not (fill == float("-inf") or fill == _lowest(dtype)):
                 return f"the Where fill {fill} is neither -inf nor the dtype's lowest finite value"
         return None
 
@@ -224,7 +229,8 @@ class AttentionRule(FusionRule):
             return None
         mask = bindings["mask"] if masking == "add" else bindings["cond"]
         scores = list(bindings["scores"].shape)
-        if mask.shape is None or not all(d == 1 or same_dim(d, e) for d, e in zip(reversed(list(mask.shape)), reversed(scores))):
+        if mask.shape is None or not all(d == 1 or same_dim(d, e)
+                                         for d, e in zip(reversed(list(mask.shape)), reversed(scores))):
             return f"{_NEEDS_OP}: the mask is not known to broadcast to the scores' shape without growing it"
         if not bindings.get("cleanup"):
             return f"{_NEEDS_OP}: {_FULL_ROW}"
@@ -266,11 +272,14 @@ class AttentionRule(FusionRule):
         if masking == "add":
             return bindings["mask"]
         cond, fill = bindings["cond"], bindings["fill"]
+        assert q.dtype is not None, "check() found Q, K_T and V of one float dtype"
         zero = op.Constant(value=ir.tensor(np.zeros((), dtype=q.dtype.numpy())))
         zero.type, zero.shape = ir.TensorType(q.dtype), ir.Shape([])
         mask = op.Where(cond, zero, fill) if masking == "keep-where-true" else op.Where(cond, fill, zero)
         mask.type = ir.TensorType(q.dtype)
-        fill_rank = constant_array(fill).ndim
+        fill_array = constant_array(fill)
+        assert fill_array is not None, "check() found the Where fill a constant"
+        fill_rank = fill_array.ndim
         if cond.shape is not None and len(cond.shape) >= fill_rank:
             mask.shape = ir.Shape(list(cond.shape))
         return mask
@@ -280,7 +289,9 @@ class AttentionRule(FusionRule):
         producer = k_t.producer()
         if producer is not None and producer.op_type == "Transpose" and producer.domain in ("", "ai.onnx") \
                 and "perm" in producer.attributes and list(producer.attributes["perm"].value) == [0, 1, 3, 2]:
-            return producer.inputs[0]
+            key = producer.inputs[0]
+            assert key is not None, "a Transpose reads its data input"
+            return key
         key = op.Transpose(k_t, perm=[0, 1, 3, 2])
         key.type = k_t.type
         if k_t.shape is not None:
@@ -325,14 +336,16 @@ class FuseAttention(Pass):
                 what = "ai.kiln FusedAttention" if target[0] == KILN_DOMAIN else "one Attention (opset 23)"
                 fix = f"fused automatically by pass fuse_attention into {what}"
             mask_kind = {"none": "no mask", "add": "additive mask"}.get(b.get("masking", "none"), "Where mask")
-            lengths = f"{shape_of(scores)[-2]}x{shape_of(scores)[-1]}" if scores.shape is not None else "LxS"
+            dims = shape_of(scores)
+            lengths = f"{dims[-2]}x{dims[-1]}" if dims is not None else "LxS"
             findings.append(Finding(
                 rule="unfused-attention",
                 title=f"attention ({mask_kind}) as {len(site.nodes)} ops: the {lengths} score matrix of every head "
                       "goes through memory",
                 nodes=[n.name for n in site.nodes],
                 why=f"the {len(inner)} ops before the last MatMul each write (and the next reads) the whole score "
-                    "tensor; a fused attention kernel (FlashAttention via scaled_dot_product_attention) keeps it on chip",
+                    "tensor; a fused attention kernel (FlashAttention via scaled_dot_product_attention) "
+                    "keeps it on chip",
                 fix=fix,
                 pass_name=None if site.blocked else self.name,
                 shapes=shapes_of([q, k_t, v] + ([b["mask"]] if b.get("masking") == "add" else [])),
@@ -350,5 +363,6 @@ class FuseAttention(Pass):
         sites = self._sites(model, ctx)
         blocked = [s for s in sites if s.blocked]
         if blocked:
-            ctx.log.append(f"{len(blocked)} attention block(s) left unfused: " + "; ".join(sorted({s.blocked for s in blocked})))
+            reasons = "; ".join(sorted({s.blocked for s in blocked}))
+            ctx.log.append(f"{len(blocked)} attention block(s) left unfused: " + reasons)
         return rewrite_sites(model, sites, ctx)

@@ -37,7 +37,7 @@ import math
 from typing import Any
 
 import onnx_ir as ir
-from onnxscript.rewriter import pattern
+from onnxscript.rewriter import MatchResult, pattern
 
 from kiln.passes._transformer import (
     FLOAT_TYPES,
@@ -92,8 +92,9 @@ class GeluRule(FusionRule):
             return pair(x, pattern.OrValue([op.Mul(half, e), op.Mul(e, half), op.Div(e, two)]))
         return pair(pattern.OrValue([op.Mul(half, x), op.Mul(x, half), op.Div(x, two)]), e)  # (0.5 * x) * e
 
-    def check(self, context, x, **bindings) -> pattern.MatchResult:
-        result = pattern.MatchResult()
+    # onnxscript passes the match's bindings as keywords; its base class declares (op, *args, **kwargs)
+    def check(self, context, x, **bindings) -> MatchResult:  # type: ignore[override]
+        result = MatchResult()
         if x.dtype not in FLOAT_TYPES:
             return result.fail(f"{x.name} is not a float tensor")
         r = rank(x)
@@ -140,7 +141,8 @@ class FuseGelu(Pass):
                 fix = f"fused automatically by pass fuse_gelu into one Gelu(approximate=\"{approximate}\")"
             findings.append(Finding(
                 rule="unfused-gelu",
-                title=f"GELU ({'erf' if approximate == 'none' else 'tanh'} form) computed as {len(site.nodes)} elementwise ops",
+                title=f"GELU ({'erf' if approximate == 'none' else 'tanh'} form) computed as "
+                      f"{len(site.nodes)} elementwise ops",
                 nodes=[n.name for n in site.nodes],
                 why=f"each of the {len(site.nodes)} ops reads and writes the whole tensor; one Gelu reads it once "
                     "and can run as the epilogue of the GEMM before it",

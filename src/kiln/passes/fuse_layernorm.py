@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-from onnxscript.rewriter import pattern
+from onnxscript.rewriter import MatchResult, pattern
 
 from kiln.passes._transformer import (
     FLOAT_TYPES,
@@ -66,7 +66,8 @@ from kiln.passes.rewriting import constant_array, opset, same_dim, shapes_of
 
 _LN_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 # root forms: the op whose output is the result, and whether its operands are written swapped
-_LN_FORMS = (("bias", False), ("bias", True), ("scale", False), ("scale", True), ("div", False), ("mul", False), ("mul", True))
+_LN_FORMS = (("bias", False), ("bias", True), ("scale", False), ("scale", True), ("div", False), ("mul", False),
+             ("mul", True))
 _RMS_FORMS = (("scale", False), ("scale", True), ("div", False), ("mul", False), ("mul", True))
 
 
@@ -102,20 +103,26 @@ def trailing_count(axes: list[int] | None, r: int) -> int | None:
     return len(axes)
 
 
-def _reduced_last(x: ir.Value, reductions: list[ir.Value]) -> int | None:
+def _reduced_last(x: ir.Value | None, reductions: list[ir.Value]) -> int | None:
     """k when every ReduceMean producing ``reductions`` reduces ``x``'s last k axes, else None."""
     r = rank(x)
     if r is None or r == 0:
         return None
-    ks = {trailing_count(reduce_axes(v.producer(), r), r) for v in reductions}
+    ks = set()
+    for v in reductions:
+        node = v.producer()
+        assert node is not None, "each reduction is the output of a matched ReduceMean"
+        ks.add(trailing_count(reduce_axes(node, r), r))
     return ks.pop() if len(ks) == 1 and None not in ks else None
 
 
 def _param_plan(param: ir.Value | None, x: ir.Value, k: int) -> tuple[str, np.ndarray | None] | str:
     """How a scale/bias reaches the fused op: ("as-is", None), ("constant", array of the normalized
     shape), ("absent", None); or a string saying why it cannot."""
+    assert x.shape is not None, "_reduced_last found x's rank"
     normalized = list(x.shape)[-k:]
-    static = all(isinstance(d, int) for d in normalized)
+    sizes = [d for d in normalized if isinstance(d, int)]
+    static = len(sizes) == len(normalized)
     if param is None:
         return ("absent", None) if static else "the normalized dims are not all known"
     if param.dtype != x.dtype:
@@ -133,7 +140,7 @@ def _param_plan(param: ir.Value | None, x: ir.Value, k: int) -> tuple[str, np.nd
         return f"{param.name} would need expanding to the normalized shape, which needs a constant and known dims"
     if any(a != 1 and a != b for a, b in zip(shape, tail)):
         return f"{param.name} of shape {shape} does not broadcast to the normalized shape {normalized}"
-    return ("constant", np.ascontiguousarray(np.broadcast_to(array, normalized)))
+    return ("constant", np.ascontiguousarray(np.broadcast_to(array, sizes)))
 
 
 def _constant(op: Any, array: np.ndarray) -> ir.Value:
@@ -149,10 +156,14 @@ def _param_value(op: Any, plan: tuple[str, np.ndarray | None], param: ir.Value |
     if kind == "as-is":
         return param
     if kind == "constant":
+        assert array is not None, "a constant plan holds its array"
         return _constant(op, array)
     if fill is None:
         return None
-    return _constant(op, np.full([int(d) for d in list(x.shape)[-k:]], fill, dtype=x.dtype.numpy()))
+    assert x.shape is not None and x.dtype is not None, "_reduced_last found x's rank; x is a float tensor"
+    sizes = [d for d in list(x.shape)[-k:] if isinstance(d, int)]
+    assert len(sizes) == k, "_param_plan found x's normalized dims all known"
+    return _constant(op, np.full(sizes, fill, dtype=x.dtype.numpy()))
 
 
 class _NormRule(FusionRule):
@@ -192,6 +203,7 @@ class _NormRule(FusionRule):
         if k is None:
             return "the reductions are not over the same trailing axes of a tensor of known rank"
         r = rank(x)
+        assert r is not None, "_reduced_last found x's rank"
         eps = const_scalar(bindings.get("eps"))
         if eps is None or not np.isfinite(eps):
             return "epsilon is not a finite single-element constant"
@@ -221,8 +233,13 @@ class _NormRule(FusionRule):
         stash = ir.DataType.DOUBLE if x.dtype == ir.DataType.DOUBLE else ir.DataType.FLOAT
         return op.op(op_type, *inputs, _domain=domain, axis=-k, epsilon=float(plan["eps"]), stash_type=int(stash))
 
-    def check(self, context, x, **bindings) -> pattern.MatchResult:
-        result = pattern.MatchResult()
+    def plan(self, x: ir.Value, bindings: dict[str, Any]) -> dict[str, Any] | str:
+        """The plan for the rewrite, or why the match cannot be fused (each norm's own)."""
+        raise NotImplementedError
+
+    # onnxscript passes the match's bindings as keywords; its base class declares (op, *args, **kwargs)
+    def check(self, context, x, **bindings) -> MatchResult:  # type: ignore[override]
+        result = MatchResult()
         plan = self.plan(x, bindings)
         return result.fail(plan) if isinstance(plan, str) else result
 
@@ -302,7 +319,8 @@ class FuseLayerNorm(Pass):
             since = 17 if rule.kind == "LayerNorm" else 23
             if site.blocked:
                 fix = (f"the model's opset ({opset(model)}) predates {rule.op_name} (opset {since}): run with "
-                       f"--kiln-ops (kiln build does) to fuse it into ai.kiln's {rule.op_name}, or export at opset {since}")
+                       f"--kiln-ops (kiln build does) to fuse it into ai.kiln's {rule.op_name}, "
+                       f"or export at opset {since}")
             else:
                 fix = f"fused automatically by pass fuse_layernorm into one {rule.op_name}"
             findings.append(Finding(

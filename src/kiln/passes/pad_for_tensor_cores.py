@@ -41,7 +41,7 @@ misaligned GEMMs it cannot fix (both operands computed, grouped convs), saying w
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -63,6 +63,7 @@ from kiln.passes.rewriting import (
     add_initializer,
     attrs_of,
     constant_array,
+    node_names,
     opset,
     remove_unused_producers,
     shapes_of,
@@ -173,7 +174,11 @@ def _site(model: ir.Model, node: ir.Node, ctx: PassContext) -> _Site | None:
 
 def _matmul_site(node: ir.Node, a: int, ctx: PassContext) -> _Site | None:
     x, w = node.inputs[0], node.inputs[1]
+    if x is None or w is None:
+        return None
     weights = constant_array(w)
+    k: int | None
+    n: int | None
     if weights is not None and weights.ndim == 2:
         k, n = (int(d) for d in weights.shape)
     else:
@@ -201,7 +206,11 @@ def _gemm_site(node: ir.Node, a: int, ctx: PassContext) -> _Site | None:
     trans_a, trans_b = int(attrs.get("transA", 0)), int(attrs.get("transB", 0))
     x, w = node.inputs[0], node.inputs[1]
     c = node.inputs[2] if len(node.inputs) > 2 else None
+    if x is None or w is None:
+        return None
     weights = constant_array(w)
+    k: int | None
+    n: int | None
     if weights is not None and weights.ndim == 2:
         k, n = (int(d) for d in (weights.shape[::-1] if trans_b else weights.shape))
     else:
@@ -232,6 +241,7 @@ def _gemm_site(node: ir.Node, a: int, ctx: PassContext) -> _Site | None:
             if c_const is not None:
                 site.weight_pads.append((2, c_const.ndim - 1, site.n_padded, 0.0))
             else:
+                assert c.shape is not None, "c_last came from C's shape"
                 site.inputs.append(_Input(2, len(c.shape) - 1, n, site.n_padded))
     return site
 
@@ -252,14 +262,17 @@ def _plan_gemm(site: _Site, k_axis: int, n_axis: int, x_index: int, x_axis: int,
 def _first_layer(model: ir.Model, x: ir.Value) -> bool:
     """Whether ``x`` is a graph input, or a graph input through one Pad (``pad_input_channels``)."""
     inputs = {id(v) for v in model.graph.inputs}
+    source: ir.Value | None = x
     producer = x.producer()
     if producer is not None and producer.op_type == "Pad" and producer.domain in ("", "ai.onnx"):
-        x = producer.inputs[0]
-    return id(x) in inputs
+        source = producer.inputs[0]
+    return id(source) in inputs
 
 
 def _conv_site(model: ir.Model, node: ir.Node, a: int, ctx: PassContext) -> _Site | None:
     x, w = node.inputs[0], node.inputs[1]
+    if x is None or w is None:
+        return None
     weights = constant_array(w)
     w_shape = list(weights.shape) if weights is not None else (
         [_known(d) for d in w.shape] if w is not None and w.shape is not None else None)
@@ -338,7 +351,8 @@ def _constant_fill(node: ir.Node, index: int) -> float | None:
     return _BINARY_FILL.get(node.op_type)
 
 
-def _constant_padding(node: ir.Node, index: int, rank: int, axis: int, size: int) -> tuple[int, float] | None | bool:
+def _constant_padding(node: ir.Node, index: int, rank: int, axis: int,
+                      size: int) -> tuple[int, float] | None | Literal[False]:
     """For a constant input of a pointwise op on the path: (axis of the constant to pad, fill), None
     when it needs no padding (broadcast on that axis), False when it cannot be padded."""
     array = constant_array(node.inputs[index])
@@ -377,7 +391,8 @@ def _fold(value: ir.Value, consumer: ir.Node, axis: int, size: int, padded: int,
         if current.is_graph_output():
             return None
         users = list(current.uses())
-        if len(users) != 1 or (chain and users[0].node is not chain[-1][0]) or (not chain and users[0].node is not consumer):
+        if len(users) != 1 or (chain and users[0].node is not chain[-1][0]) \
+                or (not chain and users[0].node is not consumer):
             return None
         if len(chain) == FOLD_DEPTH or node.domain not in ("", "ai.onnx", KILN_DOMAIN):
             return None
@@ -394,7 +409,9 @@ def _fold(value: ir.Value, consumer: ir.Node, axis: int, size: int, padded: int,
             if v is not None and i != computed[0] and _constant_padding(node, i, rank, axis, size) is False:
                 return None
         chain.append((node, computed[0]))
-        current = node.inputs[computed[0]]
+        upstream = node.inputs[computed[0]]
+        assert upstream is not None, "computed lists present inputs"
+        current = upstream
     return None
 
 
@@ -402,7 +419,9 @@ def _commit_fold(model: ir.Model, names: Names, fold: _Fold, axis: int, size: in
     """Rewire the path onto the unsliced tensor; returns the padded value the consumer should read."""
     graph = model.graph
     current = fold.padded
-    rank = len(current.shape) if current.shape is not None else None
+    # _fold found the Slice's output of known rank; the Slice's input (its shape with one dim padded) has it too
+    assert current.shape is not None, "a fold's padded value has a known rank"
+    rank = len(current.shape)
     for node, index in fold.chain:
         node.replace_input_with(index, current)
         for i, v in enumerate(list(node.inputs)):
@@ -412,7 +431,9 @@ def _commit_fold(model: ir.Model, names: Names, fold: _Fold, axis: int, size: in
             if padding:
                 p_axis, fill = padding
                 array = constant_array(v)
-                new = add_initializer(graph, names, f"{v.name or node.name}_padded", pad_array(array, p_axis, padded, fill))
+                assert array is not None, "_constant_padding pads only a constant"
+                new = add_initializer(graph, names, f"{v.name or node.name}_padded",
+                                      pad_array(array, p_axis, padded, fill))
                 node.replace_input_with(i, new)
                 remove_unused_producers(graph, [v])
         out = node.outputs[0]
@@ -453,6 +474,7 @@ def _measured(site: _Site, model: ir.Model, ctx: PassContext, padded_weights: di
     domain = "" if node.domain in ("", "ai.onnx") else node.domain
     version = max(opset(model, domain), 1) if domain else opset(model)
     fn = lookup(domain, node.op_type, version)
+    assert fn is not None, "kiln runs MatMul, Gemm and Conv at every opset"
     op = OpContext(node, version, device)
     generator = torch.Generator().manual_seed(0)
 
@@ -475,6 +497,7 @@ def _measured(site: _Site, model: ir.Model, ctx: PassContext, padded_weights: di
                 padded.append(t)
         else:
             array = constant_array(v)
+            assert array is not None, "an input without a shape to time is a constant"
             original.append(tensor(array))
             padded.append(tensor(padded_weights.get(i, array)))
     copies = {i: p for i, p in pads.items() if i not in folded}
@@ -516,7 +539,7 @@ class PadForTensorCores(Pass):
             findings.append(Finding(
                 rule="misaligned-dims",
                 title=f"{node.name}: {s.describe()} (multiples of {s.alignment} for {ctx.precision} tensor cores)",
-                nodes=[node.name],
+                nodes=node_names([node]),
                 why=f"{ctx.precision} tensor-core kernels need K and N (channels for a conv) to be multiples of "
                     f"{s.alignment}; otherwise a slower kernel, or no tensor-core kernel at all, runs",
                 fix=s.fix,
@@ -536,13 +559,16 @@ class PadForTensorCores(Pass):
             if not site.fixable:
                 continue
             node = site.node
-            padded_weights = {}
+            padded_weights: dict[int, np.ndarray] = {}
             for index, axis, size, fill in site.weight_pads:
                 array = padded_weights.get(index, constant_array(node.inputs[index]))
+                assert array is not None, "the site pads only constant weights"
                 padded_weights[index] = pad_array(array, axis, size, fill)
             folds = {}
             for p in site.inputs:
-                fold = _fold(node.inputs[p.index], node, p.axis, p.size, p.padded, slices)
+                value = node.inputs[p.index]
+                assert value is not None, "the site pads only inputs it read"
+                fold = _fold(value, node, p.axis, p.size, p.padded, slices)
                 if fold is not None:
                     folds[p.index] = fold
             keep, how = _measured(site, model, ctx, padded_weights, set(folds))
@@ -560,13 +586,17 @@ class PadForTensorCores(Pass):
         inputs = list(node.inputs)
         old_constants = []
         for index, array in padded_weights.items():
-            old_constants.append(inputs[index])
-            inputs[index] = add_initializer(graph, names, f"{inputs[index].name or node.name}_aligned", array)
+            weight = inputs[index]
+            assert weight is not None, "the site pads only constant weights"
+            old_constants.append(weight)
+            inputs[index] = add_initializer(graph, names, f"{weight.name or node.name}_aligned", array)
         for p in site.inputs:
             if p.index in folds:
                 inputs[p.index] = _commit_fold(model, names, folds[p.index], p.axis, p.size, p.padded)
             else:
-                pad = make_pad(model, names, inputs[p.index], p.axis, p.padded, f"{node.name}_in{p.index}")
+                x = inputs[p.index]
+                assert x is not None, "the site pads only inputs it read"
+                pad = make_pad(model, names, x, p.axis, p.padded, f"{node.name}_in{p.index}")
                 graph.insert_before(node, pad)
                 inputs[p.index] = pad.outputs[0]
         y = node.outputs[0]
@@ -579,7 +609,7 @@ class PadForTensorCores(Pass):
         final = out
         if sliced:
             final = ir.Value(type=y.type, shape=y.shape)
-            cut = _make_slice(model, names, out, site.out_axis, site.n, final, node.name)
+            cut = _make_slice(model, names, out, site.out_axis, site.n, final, node_names([node])[0])
             new_nodes.append(cut)
             slices[id(cut)] = (out, site.out_axis, site.n_padded)
         ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [y], [final])

@@ -41,6 +41,7 @@ from kiln.passes.rewriting import (
     attrs_of,
     constant_array,
     itemsize,
+    node_names,
     remove_unused_producers,
     shapes_of,
     unique_node_names,
@@ -71,7 +72,7 @@ def _sites(model: ir.Model, ctx: PassContext) -> list[_Site]:
         if len(x.shape) != 4 or x.shape[1] != 3 or int(attrs_of(node).get("group", 1)) != 1:
             continue
         weights = constant_array(w)
-        if weights is None or weights.ndim != 4 or weights.shape[1] != 3:
+        if w is None or weights is None or weights.ndim != 4 or weights.shape[1] != 3:
             continue
         sites.append(_Site(node, x, w, weights))
     return sites
@@ -90,7 +91,7 @@ class PadInputChannels(Pass):
             findings.append(Finding(
                 rule="first-conv-c3",
                 title=f"first conv {s.conv.name} reads 3 input channels",
-                nodes=[s.conv.name],
+                nodes=node_names([s.conv]),
                 why="tensor-core conv kernels need the channel count to be a multiple of 4/8; cuDNN's "
                     "NHWC kernels for C=4 are much faster than the fallback it runs for C=3",
                 fix=f"fixed automatically by pass {self.name} (a zero weight channel; the input is padded to C=4)",

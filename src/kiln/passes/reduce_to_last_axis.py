@@ -29,8 +29,8 @@ is kept and may be larger than 1 lies after a reduced axis larger than 1. Whethe
 - **by rule** otherwise ("not measured" in the log): rewrite when the contiguous run the strided
   reduction reads is at most ``MAX_RUN_BYTES`` = 8 bytes. The run is the product of the kept axes
   after the last reduced axis (the elements a warp reads side by side for neighbouring outputs),
-  or, when the last axis is reduced, of the trailing reduced axes (size-1 axes ignored). GPU memory is fetched in 32-byte
-  sectors: a run of r bytes uses r/32 of each sector fetched, so the strided reduction moves
+  or, when the last axis is reduced, of the trailing reduced axes (size-1 axes ignored). GPU memory is fetched
+  in 32-byte sectors: a run of r bytes uses r/32 of each sector fetched, so the strided reduction moves
   32/r times the tensor, while the rewrite moves it three times (transpose read and write, then a
   contiguous read). 32/r > 3 holds for r <= 10 bytes; with power-of-two element sizes that is
   r <= 8 (at most 2 fp32 or 4 fp16 elements). Unknown sizes (not in ``ctx.dims``): not rewritten.
@@ -55,7 +55,7 @@ from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
 
 from kiln.passes._shuffles import apply_rules, int64s
 from kiln.passes.framework import Finding, Pass, PassContext, register_pass
-from kiln.passes.rewriting import Names, opset, shapes_of, unique_node_names
+from kiln.passes.rewriting import Names, node_names, opset, shapes_of, unique_node_names
 
 REDUCE_OPS = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
               "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
@@ -102,7 +102,8 @@ def _candidate(node: ir.Node) -> _Plan | None:
     x = node.inputs[0]
     if x is None or x.shape is None or x.dtype is None:
         return None
-    rank = len(x.shape)
+    shape = x.shape
+    rank = len(shape)
     found = _axes(node)
     if found is None:
         return None
@@ -114,7 +115,7 @@ def _candidate(node: ir.Node) -> _Plan | None:
     reduced = sorted({a % rank for a in axes})
 
     def big(axis: int) -> bool:
-        d = x.shape[axis]
+        d = shape[axis]
         return not (isinstance(d, int) and d == 1)
 
     kept = [i for i in range(rank) if i not in reduced]
@@ -127,9 +128,9 @@ def _candidate(node: ir.Node) -> _Plan | None:
         for a in reversed(bigs):
             if a not in reduced:
                 break
-            run_dims.append(x.shape[a])
+            run_dims.append(shape[a])
     else:  # neighbouring outputs side by side: the kept axes after the last reduced one
-        run_dims = [x.shape[i] for i in bigs if i > last_reduced]
+        run_dims = [shape[i] for i in bigs if i > last_reduced]
     return _Plan(node=node, axes=reduced, perm=kept + reduced, keepdims=bool(_int_attr(node, "keepdims", 1)),
                  axes_as_input=as_input, run_dims=run_dims)
 
@@ -172,6 +173,7 @@ class _Decider:
 
     def __call__(self, plan: _Plan) -> _Plan:
         x = plan.node.inputs[0]
+        assert x is not None and x.shape is not None, "_candidate found the reduced input's shape and dtype"
         concrete = self.ctx.concrete(x.shape)
         key = (plan.node.op_type, x.dtype, tuple(concrete) if concrete else tuple(map(str, x.shape)), tuple(plan.axes))
         if key not in self.cache:
@@ -181,6 +183,7 @@ class _Decider:
 
     def _decide(self, plan: _Plan, concrete: list[int] | None) -> tuple[bool, str, dict]:
         x = plan.node.inputs[0]
+        assert x is not None and x.dtype is not None, "_candidate found the reduced input's shape and dtype"
         if self.ctx.measure is not None and concrete is not None:
             strided, transposed = self.ctx.measure(*self._callables(plan, concrete))
             rewrite = transposed <= MIN_SPEEDUP * strided
@@ -201,6 +204,7 @@ class _Decider:
         from kiln import dtypes
 
         x_value = plan.node.inputs[0]
+        assert x_value is not None and x_value.dtype is not None, "_candidate found the reduced input's shape and dtype"
         try:
             dtype = dtypes.to_torch_dtype(x_value.dtype)
         except (KeyError, TypeError, ValueError):  # a dtype torch lacks: time the access pattern in fp32
@@ -229,7 +233,9 @@ class _ReduceToLastAxis(RewriteRuleClassBase):
         return getattr(op, self.op_type)(x, _allow_other_inputs=True, _outputs=["y"])
 
     def check(self, context, x: ir.Value, y: ir.Value) -> MatchResult:
-        plan = _candidate(y.producer())
+        node = y.producer()
+        assert node is not None, "the pattern matched y's producer"
+        plan = _candidate(node)
         if plan is None:
             return MatchResult().fail("not a reduction over non-trailing axes")
         if not self.decide(plan).rewrite:
@@ -238,8 +244,10 @@ class _ReduceToLastAxis(RewriteRuleClassBase):
 
     def rewrite(self, op, x: ir.Value, y: ir.Value):
         node = y.producer()
+        assert node is not None, "the pattern matched y's producer"
         plan = _candidate(node)
         assert plan is not None  # check() accepted this node
+        assert x.shape is not None, "_candidate found the reduced input's shape and dtype"
         rank, k = len(x.shape), len(plan.axes)
         base = node.name or self.op_type
         t = op.Transpose(x, perm=plan.perm)
@@ -294,15 +302,17 @@ class ReduceToLastAxis(Pass):
     def _finding(self, plan: _Plan, ctx: PassContext) -> Finding:
         node = plan.node
         x, y = node.inputs[0], node.outputs[0]
+        assert x is not None and x.shape is not None, "_candidate found the reduced input's shape and dtype"
         return Finding(
             rule="reduce-not-last-axis",
             title=f"{node.op_type} over axes {plan.axes} of a rank-{len(x.shape)} tensor, not the last axes",
-            nodes=[node.name],
+            nodes=node_names([node]),
             why="a reduction over a strided axis reads memory in short runs; reducing contiguous rows "
                 "after one transpose can be faster",
             fix=(f"fixed automatically by pass {self.name}" if plan.rewrite
                  else f"left as is by pass {self.name}: {plan.how}"),
             pass_name=self.name if plan.rewrite else None,
             shapes=shapes_of([x, y]),
-            details={"axes": plan.axes, "perm": plan.perm, "rewrite": plan.rewrite, "decision": plan.how, **plan.details},
+            details={"axes": plan.axes, "perm": plan.perm, "rewrite": plan.rewrite, "decision": plan.how,
+                     **plan.details},
         )
