@@ -245,11 +245,12 @@ def saturation(points: Sequence[tuple[int, float]], threshold: float = SATURATIO
             saturated_at = b0
     if saturated_at is None:
         last = steps[-1]
-        verdict = (f"not saturated: throughput still grows with the batch up to {points[-1][0]} (batch x{last['batch_ratio']:g} "
-                   f"-> throughput x{last['throughput_ratio']:.2f}); larger batches may raise it further")
+        verdict = (f"not saturated: throughput still grows with the batch up to {points[-1][0]} (batch "
+                   f"x{last['batch_ratio']:g} -> throughput x{last['throughput_ratio']:.2f}); larger batches may raise "
+                   "it further")
     else:
         step = next(s for s in steps if s["from"] == saturated_at)
-        verdict = (f"saturated from batch {saturated_at}: going to batch {step['to']:g} (x{step['batch_ratio']:g}) raises "
-                   f"throughput only x{step['throughput_ratio']:.2f} (efficiency {step['efficiency']:.2f} < {threshold}); "
-                   f"90% of the best throughput ({best:,.0f} samples/s) is reached at batch {knee}")
+        verdict = (f"saturated from batch {saturated_at}: going to batch {step['to']:g} (x{step['batch_ratio']:g}) "
+                   f"raises throughput only x{step['throughput_ratio']:.2f} (efficiency {step['efficiency']:.2f} < "
+                   f"{threshold}); 90% of the best throughput ({best:,.0f} samples/s) is reached at batch {knee}")
     return Saturation(verdict, saturated_at, knee, threshold, steps)

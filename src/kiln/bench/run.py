@@ -200,7 +200,8 @@ class _Judge:
         self.note = (f"verdicts per element, |out - other| <= atol + rtol * |other|: float outputs at {shown} "
                      f"(the engine's {self.computed_in}; --atol/--rtol override), other dtypes exactly")
 
-    def __call__(self, got: Mapping[str, Any], truth: Mapping[str, np.ndarray] | None) -> tuple[float | None, bool | None]:
+    def __call__(self, got: Mapping[str, Any],
+                 truth: Mapping[str, np.ndarray] | None) -> tuple[float | None, bool | None]:
         """(the largest max|got - truth| / max|truth| over the outputs, whether every element is within
         tolerance); (None, None) without a truth."""
         from kiln.compare import compare_outputs
@@ -332,7 +333,8 @@ def _now() -> str:
 
 def _config_json(options: BenchOptions, axes: Mapping[str, int], engine) -> dict[str, Any]:
     build = options.build.to_json() if options.build is not None else None
-    return {"batches": options.batches, "batch_axes": dict(axes), "shapes": {k: list(v) for k, v in options.shapes.items()},
+    return {"batches": options.batches, "batch_axes": dict(axes),
+            "shapes": {k: list(v) for k, v in options.shapes.items()},
             "warmup_ms": options.warmup_ms, "duration_s": options.duration_s if options.iterations is None else None,
             "iterations": options.iterations, "repeats": options.repeats, "peers": list(options.peers),
             "cuda_graph": options.cuda_graph, "contexts": options.contexts, "aux_streams": options.aux_streams,
