@@ -26,7 +26,7 @@ def opt_dims(model: ir.Model, config: BuildConfig) -> dict[str, int]:
     dims: dict[str, int] = {}
     for profile in config.profiles:
         for value in model.graph.inputs:
-            if value.name not in profile.shapes or value.shape is None:
+            if value.name is None or value.name not in profile.shapes or value.shape is None:
                 continue
             opt = profile.shapes[value.name][1]
             for axis, dim in enumerate(value.shape):
@@ -81,9 +81,10 @@ def random_feeds(state: BuildState, shapes: Mapping[str, tuple[int, ...]],
     generator = np.random.default_rng(state.config.seed)
     feeds = {}
     for value in state.executor.inputs:
-        shape = shapes[value.name]
+        name = value.name or ""
+        shape = shapes[name]
         dtype = value.dtype
-        given = None if state.calibration is None else state.calibration.get(value.name)
+        given = None if state.calibration is None else state.calibration.get(name)
         if given is not None and tuple(np.shape(given)) != tuple(shape):
             if strict:
                 raise InputError(f"{state.name}: calibration input {value.name!r} has shape {list(np.shape(given))}, "
@@ -96,6 +97,6 @@ def random_feeds(state: BuildState, shapes: Mapping[str, tuple[int, ...]],
         else:
             raise InputError(f"{state.name}: cannot make inputs for {value.name!r} of type {value.type}")
         if given is None:
-            state.made_up.add(value.name)
-        feeds[value.name] = dtypes.tensor_from_numpy(array, state.device)
+            state.made_up.add(name)
+        feeds[name] = dtypes.tensor_from_numpy(array, state.device)
     return feeds

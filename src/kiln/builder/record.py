@@ -35,7 +35,8 @@ def record(state: BuildState, feeds: Mapping[str, torch.Tensor]) -> GraphFacts:
     for name, value in {**constants, **feeds}.items():
         if isinstance(value, torch.Tensor):
             shapes[name] = tuple(value.shape)
-            kinds[name] = dtypes.ONNX_DTYPES.get(value.dtype)
+            if value.dtype in dtypes.ONNX_DTYPES:
+                kinds[name] = dtypes.ONNX_DTYPES[value.dtype]
 
     def observe(step: NodeStep, outputs: tuple) -> None:
         # A node computed from constants alone is a constant (the builder's constant folding);
@@ -46,7 +47,8 @@ def record(state: BuildState, feeds: Mapping[str, torch.Tensor]) -> GraphFacts:
         for out_name, value in zip(step.outputs, outputs):
             if out_name and isinstance(value, torch.Tensor):
                 shapes[out_name] = tuple(value.shape)
-                kinds[out_name] = dtypes.ONNX_DTYPES.get(value.dtype)
+                if value.dtype in dtypes.ONNX_DTYPES:
+                    kinds[out_name] = dtypes.ONNX_DTYPES[value.dtype]
                 if folded:
                     constants[out_name] = value
 

@@ -72,7 +72,7 @@ class BuildState:
         self.pass_report: Any = None  # kiln.passes' report of the graph passes
         # filled in after the passes (kiln.builder.build): the reference executor, its steps by node
         # name, the profiles, and per profile its opt-shape feeds and the facts recorded on them
-        self.executor: Executor | None = None
+        self._executor: Executor | None = None
         self.steps: dict[str, NodeStep] = {}
         self.profiles: list[Profile] = []
         self.opt_feeds: list[dict[str, torch.Tensor]] = []
@@ -82,6 +82,16 @@ class BuildState:
         self.constants: dict[str, Any] = {}  # values known before the run (initializers, folded nodes)
         self.canonical: dict[int, dict[str, torch.Tensor]] = {}  # layer index -> its weights, canonical form
         self.output_precision = "fp32"  # what the engine's outputs are judged at
+
+    @property
+    def executor(self) -> Executor:
+        """The reference executor over the passes' graph (set by ``kiln.builder.build`` after the passes)."""
+        assert self._executor is not None, "the reference executor is made right after the passes"
+        return self._executor
+
+    @executor.setter
+    def executor(self, executor: Executor) -> None:
+        self._executor = executor
 
     def check_time(self, where: str) -> None:
         """Stop at the build's time limit (``BuildConfig.timeout_s``), naming the model and ``where``."""
