@@ -152,12 +152,13 @@ def _read_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, what: str, l
 
 def write_npz(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray]) -> None:
     """Write the arrays to an .npz atomically (never half a file, even on a full disk)."""
-    write_atomically(path, lambda handle: np.savez(handle, **{k: np.asarray(v) for k, v in arrays.items()}))
+    # numpy's stub types savez's **kwds against its allow_pickle: bool keyword
+    write_atomically(path, lambda handle: np.savez(handle, **{k: np.asarray(v) for k, v in arrays.items()}))  # type: ignore[arg-type]
 
 
 def concrete_shape(value: ir.Value, shapes: Mapping[str, Sequence[int]], model: str) -> tuple[int, ...]:
     """The shape to use for an input: ``--shapes`` if given, else its declared static shape."""
-    if value.name in shapes:
+    if value.name is not None and value.name in shapes:
         given = tuple(shapes[value.name])
         declared = value.shape
         if declared is not None:
@@ -172,15 +173,15 @@ def concrete_shape(value: ir.Value, shapes: Mapping[str, Sequence[int]], model: 
     if value.shape is None:
         raise InputError(f"{model}: input {value.name!r} has no declared shape; give one with --shapes "
                          f"{value.name}:AxB...")
-    dynamic = [axis for axis, dim in enumerate(value.shape) if not isinstance(dim, int)]
+    dynamic = {axis: dim for axis, dim in enumerate(value.shape) if not isinstance(dim, int)}
     if dynamic:
-        names = [str(value.shape[a].value or "?") for a in dynamic]
+        names = [str(dim.value or "?") for dim in dynamic.values()]
         raise InputError(
-            f"{model}: input {value.name!r} has dynamic dimension(s) {names} at axis {dynamic}; "
+            f"{model}: input {value.name!r} has dynamic dimension(s) {names} at axis {list(dynamic)}; "
             "give sizes with --shapes "
             f"{value.name}:{'x'.join(str(d) if isinstance(d, int) else 'N' for d in value.shape)}"
         )
-    return tuple(int(d) for d in value.shape)
+    return value.shape.numpy()  # every dim an int (checked above)
 
 
 def engine_input_values(engine) -> list[ir.Value]:
@@ -219,7 +220,7 @@ def random_inputs(
         if dtype is None or dtype == ir.DataType.STRING:
             raise InputError(f"{model}: cannot make a random value for input {value.name!r} of type {value.type}; pass "
                              "--inputs")
-        feeds[value.name] = random_array(rng, shape, dtype, f"{model}: random input {value.name!r}")
+        feeds[value.name or ""] = random_array(rng, shape, dtype, f"{model}: random input {value.name!r}")
     return feeds
 
 

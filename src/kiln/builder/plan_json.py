@@ -110,8 +110,8 @@ def _outputs_json(state: BuildState, planned: list[PlannedLayer], tensors: dict[
                 raise UnsupportedModelError(f"{state.name}: output {value.name!r} is a constant kiln cannot store in "
                                             f"an engine ({type(constant).__name__}); run the model with kiln run "
                                             f"instead")
-            spec["constant"] = f"output.{len(outputs)}"
-            tensors[spec["constant"]] = constant.detach()
+            spec["constant"] = key = f"output.{len(outputs)}"
+            tensors[key] = constant.detach()
         outputs.append(spec)
     return outputs
 

@@ -40,7 +40,7 @@ def full_profiles(state: BuildState) -> list[Profile]:
     """The config's profiles with every input of the model in each, checked against the model."""
     name = state.name
     inputs = list(state.executor.inputs)
-    names = {v.name for v in inputs}
+    names = {v.name or "" for v in inputs}
     profiles = list(state.config.profiles) or [Profile({})]
     for index, profile in enumerate(profiles):
         unknown = sorted(set(profile.shapes) - names)
@@ -66,8 +66,8 @@ def full_profiles(state: BuildState) -> list[Profile]:
                     f"{name}: input {value.name!r} has dynamic dimensions ({shown}); give its shapes with "
                     f"--min-shapes/--opt-shapes/--max-shapes {value.name}:{shown.replace('N', '1')}"
                 )
-            static = tuple(int(d) for d in declared)
-            full[value.name] = (static, static, static)
+            static = declared.numpy()  # every dim an int (checked above)
+            full[value.name or ""] = (static, static, static)
         profiles[index] = Profile(full)
     return profiles
 
