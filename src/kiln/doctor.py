@@ -215,7 +215,7 @@ def _plain(value: Any) -> Any:
 
 def dims_from_shapes(model: ir.Model, shapes: Mapping[str, Sequence[int]], label: str = "model") -> dict[str, int]:
     """Symbolic dimension name -> size, read off concrete input shapes (``--shapes``, a profile's opt)."""
-    inputs = {v.name: v for v in _graph_inputs(model)}
+    inputs = {v.name or "": v for v in _graph_inputs(model)}
     dims: dict[str, int] = {}
     for name, given in shapes.items():
         if name not in inputs:
@@ -314,7 +314,7 @@ def _sized(shapes: Mapping[str, Sequence[int | str]], recorded: Mapping[str, Seq
            dims: Mapping[str, int]) -> dict[str, list[int | str]]:
     """A finding's shapes with the symbolic dims the given shapes size (and, when every input dim was
     given, the shapes the reference run recorded); dims nothing sizes keep their names."""
-    out = {}
+    out: dict[str, list[int | str]] = {}
     for name, shape in shapes.items():
         got = recorded.get(name) if recorded is not None else None
         if got is not None and len(got) == len(shape):
@@ -341,11 +341,12 @@ def _input_sizes(model: ir.Model, dims: Mapping[str, int], shapes: Mapping[str, 
     example: dict[str, str] = {}
     names: dict[str, None] = {}
     for value in _graph_inputs(model):
-        if value.name in given:
-            sizes[value.name] = tuple(int(d) for d in given[value.name])
+        key = value.name or ""
+        if key in given:
+            sizes[key] = tuple(int(d) for d in given[key])
             continue
         if value.shape is None:
-            sizes[value.name] = None
+            sizes[key] = None
             continue
         shape = []
         for axis, dim in enumerate(value.shape):
@@ -354,11 +355,11 @@ def _input_sizes(model: ir.Model, dims: Mapping[str, int], shapes: Mapping[str, 
                 shape.append(int(dim) if isinstance(dim, int) else int(dims[str(name)]))
                 continue
             shape.append(1)
-            assumed.setdefault(value.name, []).append(str(name) if name is not None else f"? (axis {axis})")
+            assumed.setdefault(key, []).append(str(name) if name is not None else f"? (axis {axis})")
             names[str(name) if name is not None else "?"] = None
-        sizes[value.name] = tuple(shape)
-        if value.name in assumed:
-            example[value.name] = "x".join(str(d) if isinstance(d, int) else _placeholder(d) for d in value.shape)
+        sizes[key] = tuple(shape)
+        if key in assumed:
+            example[key] = "x".join(str(d) if isinstance(d, int) else _placeholder(d) for d in value.shape)
     return sizes, assumed, example, list(names)
 
 
@@ -381,6 +382,7 @@ def _recorded_shapes(model: ir.Model, sizes: Mapping[str, tuple[int, ...] | None
     if unranked:
         return None, (f"no reference run: input {unranked[0]!r} has no declared rank (give its shape with --shapes "
                       f"{unranked[0]}:AxB...); dims unknown to shape inference taken as 1")
+    ranked = {name: shape for name, shape in sizes.items() if shape is not None}  # all of them (checked above)
     recorded: dict[str, tuple[int, ...]] = {}
 
     def observe(step, outputs) -> None:
@@ -388,12 +390,12 @@ def _recorded_shapes(model: ir.Model, sizes: Mapping[str, tuple[int, ...] | None
             if out_name and hasattr(result, "shape"):
                 recorded[out_name] = tuple(int(d) for d in result.shape)
 
-    shown = ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in sizes.items())
+    shown = ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in ranked.items())
     taken = (" (" + "; ".join(f"{name} {', '.join(dims)} taken as 1" for name, dims in assumed.items()) + ")"
              if assumed else "")
     try:
         executor = Executor(model, device="cpu", name=label)
-        feeds = random_inputs(executor.inputs, sizes, model=label)
+        feeds = random_inputs(executor.inputs, ranked, model=label)
         for name, array in feeds.items():
             recorded[name] = tuple(array.shape)
         executor.run(feeds, on_node=observe)
@@ -419,7 +421,7 @@ def _dynamic_input_findings(model: ir.Model, profiles: Sequence[Profile], shapes
         if profiles and all(value.name in p.shapes for p in profiles):
             continue
         shown = "?" if declared is None else "x".join(_show_dim(d) for d in declared)
-        if value.name in shapes:
+        if value.name is not None and value.name in shapes:
             example = "x".join(str(int(s)) for s in shapes[value.name])
             flags = (f"--min-shapes {value.name}:{example} --opt-shapes {value.name}:{example} "
                      f"--max-shapes {value.name}:{example}")
@@ -427,9 +429,10 @@ def _dynamic_input_findings(model: ir.Model, profiles: Sequence[Profile], shapes
         else:
             flags = (f"--min-shapes {value.name}:{shown} --opt-shapes {value.name}:{shown} "
                      f"--max-shapes {value.name}:{shown}")
-            dims = ", ".join(_show_dim(declared[a]) for a in dynamic) if declared is not None else "the whole shape"
+            dims = (", ".join(_show_dim(declared[a]) for a in dynamic) if declared is not None and dynamic is not None
+                    else "the whole shape")
             hint = f" with sizes for the dynamic dims ({dims})"
-        consumers = list(dict.fromkeys(node.name for node, _ in value.uses() if node.graph is model.graph))
+        consumers = list(dict.fromkeys(node.name or "" for node, _ in value.uses() if node.graph is model.graph))
         findings.append(Finding(
             rule=DYNAMIC_INPUT,
             title=f"input {value.name!r} has dynamic dims ({shown}) and no optimization profile",
@@ -439,7 +442,7 @@ def _dynamic_input_findings(model: ir.Model, profiles: Sequence[Profile], shapes
                  "it), and a profile far from the real shapes picks tactics for the wrong sizes."),
             fix=f"give kiln build an optimization profile: {flags}{hint}; several profiles for distinct ranges "
                 f"(repeat the flags).",
-            shapes={value.name: shape_of(value) or []},
+            shapes={value.name or "": shape_of(value) or []},
             details={"input": value.name, "dynamic_axes": dynamic, "model": label,
                      "_downstream": _downstream(model, value)},
         ))
@@ -457,7 +460,7 @@ def _downstream(model: ir.Model, value: ir.Value) -> list[str]:
             if node.graph is not model.graph or id(node) in visited:
                 continue
             visited.add(id(node))
-            seen[node.name] = None
+            seen[node.name or ""] = None
             stack.extend(node.outputs)
     return list(seen)
 
@@ -539,10 +542,10 @@ def _slow_path_findings(model: ir.Model) -> list[Finding]:
         findings.append(Finding(
             rule=SLOW_PATH,
             title=f"{node.op_type} {node.name!r} runs on a slow path ({kind})",
-            nodes=[node.name],
+            nodes=[node.name or ""],
             why=why,
             fix=_SLOW_FIXES[kind],
-            shapes={v.name: shape_of(v) for v in values if shape_of(v) is not None},
+            shapes={v.name or "": shape for v in values if (shape := shape_of(v)) is not None},
             details={"kind": kind, "op_type": node.op_type, "domain": node.domain},
         ))
     return findings

@@ -98,7 +98,7 @@ def batch_shapes(values, shapes: Mapping[str, tuple[int, ...]], batch: int | Non
             raise KilnError(f"{model}: input {value.name!r} has dynamic dimensions ({shown}); give them with --shapes "
                             f"{value.name}:{'x'.join(str(d or 'N') for d in dims)}"
                             + ("" if axis is not None else f", or batch it with --batch-axes {value.name}:AXIS"))
-        result[value.name] = tuple(dims)
+        result[value.name] = tuple(d for d in dims if d is not None)  # none is None (checked above)
     return result
 
 
@@ -146,7 +146,7 @@ def feeds_at(engine, options: BenchOptions, batch: int | None, axes: Mapping[str
     for value in values:
         if value.name in options.inputs:
             feeds[value.name] = batched(options.inputs[value.name], axes.get(value.name), batch)
-    return {v.name: feeds[v.name] for v in values}
+    return {v.name or "": feeds[v.name or ""] for v in values}
 
 
 def batched(array, axis: int | None, batch: int | None) -> np.ndarray:
