@@ -746,8 +746,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--work", help="folder for ONNX files and timing caches (default: a temporary folder, removed)")
     parser.add_argument("--plots-dir", help="copy the plots here (default docs/bench of this repository; "
                                             "none for --smoke and for --render of a smoke run)")
-    parser.add_argument("--update", help="splice the markdown into this file between the zoo markers (e.g. "
-                                         "BENCHMARKS.md)")
+    parser.add_argument("--update",
+                        help="splice the markdown into this file between the zoo markers (e.g. BENCHMARKS.md)")
     parser.add_argument("--details", action="store_true",
                         help="also write OUT/details/MODEL_PRECISION.json and .png (report.write_json, report.plot)")
     parser.add_argument("--render", nargs="+", metavar="ZOO_JSON",
@@ -760,8 +760,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--warmup-ms", type=float, help="warm-up per measurement (default 100; --smoke 10)")
     parser.add_argument("--duration-s", type=float, help="timed part of a measurement (default 1.0; --smoke 0.05)")
     parser.add_argument("--repeats", type=int, default=2, help="measurements per target and batch (default 2)")
-    parser.add_argument("--opt-level", type=int, choices=range(6), help="kiln optimization level (default 3; --smoke "
-                                                                        "1)")
+    parser.add_argument("--opt-level", type=int, choices=range(6),
+                        help="kiln optimization level (default 3; --smoke 1)")
     args = parser.parse_args(argv)
     smoke = args.smoke
     defaults = {"budget_s": (300.0, 540.0), "compile_estimate_s": (20.0, 60.0), "warmup_ms": (10.0, 100.0),
@@ -810,8 +810,8 @@ def render_only(args) -> int:
                 continue
             mine["stages"] += record.get("stages", [])
             for precision, result in record.get("results", {}).items():
-                base = BenchResult.from_json(mine["results"][precision]) if precision in mine.get("results",
-                                                                                                  {}) else None
+                base = (BenchResult.from_json(mine["results"][precision]) if precision in mine.get("results", {})
+                        else None)
                 mine.setdefault("results", {})[precision] = merge(base, BenchResult.from_json(result))[0].to_json()
     zoo["notes"] = [n for n in zoo["notes"] if not n.startswith(_PER_RUN_NOTES)]
     if len(args.render) > 1:

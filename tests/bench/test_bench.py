@@ -118,8 +118,8 @@ def test_cli_writes_json_and_plot_and_prints_the_tables(model_path, tmp_path, ca
         assert piece in out
     data = json.loads(out_json.read_text())
     assert data["command"].startswith("kiln bench ") and len(data["rows"]) == 4 and data["saturation"]["steps"]
-    assert all(row["ref_ok"] is True for row in data["rows"]) and data["config"]["tolerance"] == {"atol": None,
-                                                                                                  "rtol": None}
+    assert all(row["ref_ok"] is True for row in data["rows"])
+    assert data["config"]["tolerance"] == {"atol": None, "rtol": None}
     assert out_png.read_bytes()[:4] == b"\x89PNG"
 
 
