@@ -69,7 +69,8 @@ class Profile:
 
     @staticmethod
     def from_json(data: Mapping) -> Profile:
-        return Profile({name: tuple(tuple(int(d) for d in s) for s in shapes) for name, shapes in data.items()})
+        return Profile({name: (tuple(int(d) for d in lo), tuple(int(d) for d in opt), tuple(int(d) for d in hi))
+                        for name, (lo, opt, hi) in data.items()})  # [min, opt, max] each (kiln.engine_schema)
 
 
 @dataclass

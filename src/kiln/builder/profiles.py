@@ -73,7 +73,7 @@ def full_profiles(state: BuildState) -> list[Profile]:
 
 
 def random_feeds(state: BuildState, shapes: Mapping[str, tuple[int, ...]],
-                 strict: bool = True) -> dict[str, torch.Tensor]:
+                 strict: bool = True) -> dict[str, torch.Tensor | np.ndarray]:
     """Inputs at ``shapes``: the calibration arrays where given, seeded random values for the rest
     (floats standard normal, integers in [0, 2), bools coin flips; see ``record.failed_run``), noted
     in ``state.made_up``. ``strict``: a calibration array must have its shape (the first profile's

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 import torch
 
@@ -26,7 +27,7 @@ def has_subgraph(node: ir.Node) -> bool:
     return any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())
 
 
-def record(state: BuildState, feeds: Mapping[str, torch.Tensor]) -> GraphFacts:
+def record(state: BuildState, feeds: Mapping[str, torch.Tensor | np.ndarray]) -> GraphFacts:
     """The model's value shapes, dtypes and constants on ``feeds``; the first call's outputs become
     the fp32 reference (``state.reference``)."""
     shapes: dict[str, tuple[int, ...]] = {}
@@ -58,7 +59,7 @@ def record(state: BuildState, feeds: Mapping[str, torch.Tensor]) -> GraphFacts:
     return GraphFacts(shapes, kinds, constants)
 
 
-def run_reference(state: BuildState, feeds: Mapping[str, torch.Tensor],
+def run_reference(state: BuildState, feeds: Mapping[str, torch.Tensor | np.ndarray],
                   observe: Callable[[NodeStep, tuple], None]) -> dict[str, Any]:
     """The model on the reference executor (fp32 means IEEE fp32), ``observe(step, outputs)`` after
     each main-graph node (``Executor.run``'s ``on_node``). A failure of the model's own nodes is

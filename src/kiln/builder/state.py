@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 import torch
 
@@ -75,7 +76,7 @@ class BuildState:
         self._executor: Executor | None = None
         self.steps: dict[str, NodeStep] = {}
         self.profiles: list[Profile] = []
-        self.opt_feeds: list[dict[str, torch.Tensor]] = []
+        self.opt_feeds: list[dict[str, torch.Tensor | np.ndarray]] = []  # numpy: a string input
         self.facts: list[GraphFacts] = []
         self.made_up: set[str] = set()  # inputs the build gave random values (no calibration array)
         self.reference: dict[str, Any] = {}  # the fp32 reference's outputs on the first profile's feeds
