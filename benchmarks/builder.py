@@ -129,7 +129,8 @@ def time_model(spec: ModelSpec, engine, module: nn.Module, batches: list[int], d
         for b in batches:
             timing[str(b)]["compile"] = {"error": f"{type(error).__name__}: {str(error)[:2000]}",
                                          "traceback": traceback.format_exc()[-6000:]}
-        log(f"  {spec.name}: torch.compile FAILED {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}")
+        log(f"  {spec.name}: torch.compile FAILED {type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200] if str(error) else ''}")
         return
     for b in batches:
         try:
@@ -137,7 +138,8 @@ def time_model(spec: ModelSpec, engine, module: nn.Module, batches: list[int], d
             timing[str(b)]["compile"] = with_throughput(time_calls(lambda a=args: compiled(*a), device), b)
             log(f"  {spec.name} batch {b}: compile {timing[str(b)]['compile']['ms']:.3f} ms")
         except Exception as error:  # noqa: BLE001
-            timing[str(b)]["compile"] = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+            timing[str(b)]["compile"] = {"error": f"{type(error).__name__}: {error}",
+                                         "traceback": traceback.format_exc()}
             log(f"  {spec.name} batch {b}: compile FAILED {type(error).__name__}: {error}")
     save()
 
@@ -155,7 +157,8 @@ def bench_model(spec: ModelSpec, args, out: Path, state: dict[str, Any], save: C
             shutil.rmtree(work, ignore_errors=True)
 
 
-def measure_model(spec: ModelSpec, args, out: Path, work: Path, state: dict[str, Any], save: Callable[[], None]) -> None:
+def measure_model(spec: ModelSpec, args, out: Path, work: Path, state: dict[str, Any],
+                  save: Callable[[], None]) -> None:
     import kiln
     from kiln import BuildConfig, Profile
     from kiln.compare import run_onnxruntime
@@ -205,9 +208,11 @@ def measure_model(spec: ModelSpec, args, out: Path, work: Path, state: dict[str,
     cold_hash, warm_hash = file_digest(cold_file), file_digest(warm_file)
     build.update(engine_bytes=cold_file.stat().st_size, warm_engine_bytes=warm_file.stat().st_size,
                  sha256_cold=cold_hash, sha256_warm=warm_hash, identical=cold_hash == warm_hash,
-                 plans_equal=engine.plan == warm_engine.plan, timing_cache_bytes=cache.stat().st_size if cache.exists() else None)
+                 plans_equal=engine.plan == warm_engine.plan,
+                 timing_cache_bytes=cache.stat().st_size if cache.exists() else None)
     del warm_engine
-    log(f"{spec.name}: warm build {warm_s:.1f} s (cold/warm {cold_s / warm_s:.1f}x); engine files identical: {build['identical']}")
+    log(f"{spec.name}: warm build {warm_s:.1f} s (cold/warm {cold_s / warm_s:.1f}x); engine files identical: "
+        f"{build['identical']}")
     stage("warm_build_and_save", t0)
 
     # 3. correctness: fp16 engine vs onnxruntime fp32, and load-then-run
@@ -222,7 +227,8 @@ def measure_model(spec: ModelSpec, args, out: Path, work: Path, state: dict[str,
         correctness[f"fp16_vs_ort_batch{b}"] = compare_with_ort(kiln_out, reference, engine, spec.atol_for("fp16"))
         # the second run captures a CUDA graph at this shape, the third replays it: both must match too
         for run_index in (2, 3):
-            correctness[f"fp16_vs_ort_batch{b}_run{run_index}"] = compare_with_ort(engine.run(torch_feeds), reference, engine, spec.atol_for("fp16"))
+            correctness[f"fp16_vs_ort_batch{b}_run{run_index}"] = compare_with_ort(engine.run(torch_feeds), reference,
+                                                                                   engine, spec.atol_for("fp16"))
         correctness[f"cuda_graph_errors_batch{b}"] = list(getattr(engine, "graph_errors", []))
         correctness[f"load_then_run_batch{b}"] = same_outputs(kiln_out, loaded.run(to_torch(feeds, device)))
         log(f"{spec.name}: fp16 vs ort at batch {b}: rel {correctness[f'fp16_vs_ort_batch{b}']['max_rel']:.2e}, "
@@ -252,10 +258,12 @@ def measure_model(spec: ModelSpec, args, out: Path, work: Path, state: dict[str,
         log(f"{spec.name}: skipping the CPU fp32 build (time budget)")
     else:
         cpu_config = BuildConfig(device="cpu", opt_level=1, atol=spec.atol_for("fp32"),
-                                 profiles=[Profile.from_lists(opt_shapes={n: [1, *s] for n, (s, _) in spec.inputs.items()})])
+                                 profiles=[Profile.from_lists(opt_shapes={n: [1, *s]
+                                                                          for n, (s, _) in spec.inputs.items()})])
         cpu_engine, cpu_s = timed_build(onnx_path, cpu_config, f"{spec.name} cpu fp32 build")
         feeds = make_feeds(spec, 1, seed=1)
-        result = compare_with_ort(cpu_engine.run(to_torch(feeds, torch.device("cpu"))), run_onnxruntime(onnx_path, feeds),
+        result = compare_with_ort(cpu_engine.run(to_torch(feeds, torch.device("cpu"))),
+                                  run_onnxruntime(onnx_path, feeds),
                                   cpu_engine, spec.atol_for("fp32"))
         result["build_s"] = cpu_s
         result["summary"] = cpu_engine.summary()
@@ -319,13 +327,14 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"# kiln builder benchmark ({meta['date']})", "",
         f"Device: {meta['gpu']['name'] or 'CPU (smoke)'}; torch {v['torch']} (CUDA {v['cuda']}), triton {v['triton']}, "
-        f"onnx {v['onnx']}, onnxruntime {v['onnxruntime']}, transformers {v['transformers']}, torchvision {v['torchvision']}, "
-        f"kiln {v['kiln']}, Python {v['python']}.", "",
+        f"onnx {v['onnx']}, onnxruntime {v['onnxruntime']}, transformers {v['transformers']}, torchvision "
+        f"{v['torchvision']}, kiln {v['kiln']}, Python {v['python']}.", "",
         f"Command: `{meta['command']}`", "",
-        f"Times are ms per batch, median of {REPETITIONS} repetitions of N back-to-back calls after {WARMUP_CALLS} warm-up "
-        f"calls ({'CUDA events on a side stream' if not meta['smoke'] else 'perf_counter'}). kiln: fp16 engine, inputs "
-        f"already on the device; eager: the torch module in {eager} under inference_mode; compile: torch.compile of it "
-        "(default mode, dynamic=False). eager/kiln and compile/kiln above 1 mean kiln is faster.", "",
+        f"Times are ms per batch, median of {REPETITIONS} repetitions of N back-to-back calls after {WARMUP_CALLS} "
+        f"warm-up calls ({'CUDA events on a side stream' if not meta['smoke'] else 'perf_counter'}). kiln: fp16 "
+        f"engine, inputs already on the device; eager: the torch module in {eager} under inference_mode; compile: "
+        "torch.compile of it (default mode, dynamic=False). eager/kiln and compile/kiln above 1 mean kiln is faster.",
+        "",
         "| model | batch | kiln ms | eager ms | compile ms | kiln samples/s | eager/kiln | compile/kiln |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -340,25 +349,32 @@ def markdown(results: dict[str, Any]) -> str:
                   "| model | batch | kiln | eager | compile |", "|---|---:|---:|---:|---:|"]
         for r in results["table"]:
             peak = r["peak_extra_mb"]
-            lines.append(f"| {r['model']} | {r['batch']} | " + " | ".join(_fmt(peak.get(k), ".0f") for k in ("kiln", "eager", "compile")) + " |")
-    skipped = {name: state["compile_skipped"] for name, state in results["models"].items() if "compile_skipped" in state}
+            lines.append(f"| {r['model']} | {r['batch']} "
+                         "| " + " | ".join(_fmt(peak.get(k), ".0f") for k in ("kiln", "eager", "compile")) + " |")
+    skipped = {name: state["compile_skipped"] for name, state in results["models"].items()
+               if "compile_skipped" in state}
     if skipped:
         lines += ["", "torch.compile skipped: " + "; ".join(f"{n}: {why}" for n, why in skipped.items())]
-    lines += ["", "| model | cold build s | warm build s | cold/warm | engines identical | fp16 vs ort b1 | fp16 vs ort b2 | "
+    lines += ["", "| model | cold build s | warm build s | cold/warm | engines identical | fp16 vs ort b1 | "
+                  "fp16 vs ort b2 | "
               "cpu fp32 vs ort b1 | loaded = in-memory | status |", "|---|---:|---:|---:|---|---:|---:|---:|---|---|"]
     for name, state in results["models"].items():
         build, corr = state.get("build", {}), state.get("correctness", {})
-        rel = [corr.get(k, {}).get("max_rel") for k in ("fp16_vs_ort_batch1", "fp16_vs_ort_batch2", "fp32_cpu_vs_ort_batch1")]
+        rel = [corr.get(k, {}).get("max_rel")
+               for k in ("fp16_vs_ort_batch1", "fp16_vs_ort_batch2", "fp32_cpu_vs_ort_batch1")]
         loaded = [corr[k]["identical"] for k in ("load_then_run_batch1", "load_then_run_batch2") if k in corr]
         status = "error: " + state["error"].splitlines()[0][:100].replace("|", "/") if "error" in state else (
             "ok" if state.get("ok") else "CHECK FAILED")
         lines.append(f"| {name} | {_fmt(build.get('cold_s'), '.1f')} | {_fmt(build.get('warm_s'), '.1f')} | "
                      f"{_ratio(build.get('speedup_cold_over_warm'), '.1f')} | {build.get('identical', '-')} | "
                      + " | ".join(_fmt(x, '.1e') for x in rel) + f" | {all(loaded) if loaded else '-'} | {status} |")
-    lines += ["", "Columns: max|kiln - ort| / max|ort| over each output. Verdicts per element, |kiln - ort| <= atol + rtol * "
-              f"|ort| at the engine's loosest precision (kiln.precision: fp16 {TOLERANCES['fp16']}; fp32 {TOLERANCES['fp32']})"
-              + "".join(f"; {n}'s outputs reach ~{spec.output_scale:g}, so its engines are built and judged with atol = rtol x "
-                        f"{spec.output_scale:g} (fp16 {spec.atol_for('fp16'):.3g}, fp32 {spec.atol_for('fp32'):.3g})"
+    lines += ["", "Columns: max|kiln - ort| / max|ort| over each output. Verdicts per element, |kiln - ort| <= atol "
+                  "+ rtol * "
+              f"|ort| at the engine's loosest precision (kiln.precision: fp16 {TOLERANCES['fp16']}; fp32 "
+              f"{TOLERANCES['fp32']})"
+              + "".join(f"; {n}'s outputs reach ~{spec.output_scale:g}, so its engines are built and judged with atol "
+                        f"= rtol x {spec.output_scale:g} (fp16 {spec.atol_for('fp16'):.3g}, fp32 "
+                        f"{spec.atol_for('fp32'):.3g})"
                         for n, spec in {**FULL_MODELS, **SMOKE_MODELS}.items()
                         if n in results.get("models", {}) and spec.output_scale is not None) + "."]
     return "\n".join(lines) + "\n"
@@ -377,7 +393,8 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
 
 def parse_args(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(prog="python3 -m benchmarks.builder", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="folder for bench_builder.json, bench_builder.md and timing caches")
+    parser.add_argument("--out", required=True,
+                        help="folder for bench_builder.json, bench_builder.md and timing caches")
     parser.add_argument("--models", default=None, help="comma-separated: resnet50,bert (smoke: tiny_cnn,tiny_encoder)")
     parser.add_argument("--smoke", action="store_true", help="tiny stand-in models on CPU, for testing this script")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
@@ -417,9 +434,11 @@ def main(argv: list[str] | None = None) -> int:
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": command_line("benchmarks.builder", argv),
             "smoke": args.smoke, "versions": versions(), "gpu": gpu_info(), "host_cpus": os.cpu_count(),
             "cudnn_benchmark": torch.backends.cudnn.benchmark, "budget_s": args.budget_s,
-            "timing": {"warmup_calls": WARMUP_CALLS, "repetitions": REPETITIONS, "target_repetition_ms": TARGET_REPETITION_MS,
+            "timing": {"warmup_calls": WARMUP_CALLS, "repetitions": REPETITIONS,
+                       "target_repetition_ms": TARGET_REPETITION_MS,
                        "max_calls": MAX_CALLS, "clock": "perf_counter" if args.smoke else "cuda events, side stream"},
-            "tolerances": {p: {"atol": TOLERANCES[p].atol, "rtol": TOLERANCES[p].rtol} for p in ("fp16", "bf16", "fp32")},
+            "tolerances": {p: {"atol": TOLERANCES[p].atol, "rtol": TOLERANCES[p].rtol}
+                           for p in ("fp16", "bf16", "fp32")},
         },
         "models": {},
     }

@@ -26,7 +26,8 @@ def compare_with_ort(outputs: dict[str, Any], reference: dict[str, np.ndarray], 
     got = to_numpy(outputs)
     per_output = {}
     for name, ref in reference.items():
-        d = diff(name, got[name], np.asarray(ref, dtype=np.float32) if ref.dtype.kind == "f" else ref, computed_in=precision, atol=atol)
+        d = diff(name, got[name], np.asarray(ref, dtype=np.float32) if ref.dtype.kind == "f" else ref,
+                 computed_in=precision, atol=atol)
         per_output[name] = {"shape": list(d.shape), "max_abs": d.max_abs, "rel": d.max_rel, "over": d.bad, "ok": d.ok,
                             "atol": d.tolerance.atol, "rtol": d.tolerance.rtol}
     return {"precision": precision, "max_rel": max(v["rel"] for v in per_output.values()),
@@ -38,7 +39,8 @@ def same_outputs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     for name in a:
         x, y = a[name], b[name]
         identical = bool(x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y))
-        max_abs = 0.0 if identical else (float((x.double() - y.double()).abs().max()) if x.shape == y.shape else float("inf"))
+        max_abs = 0.0 if identical else (float((x.double() - y.double()).abs().max()) if x.shape == y.shape
+                                         else float("inf"))
         result[name] = {"identical": identical, "max_abs_diff": max_abs}
     return {"identical": all(v["identical"] for v in result.values()), "outputs": result}
 

@@ -68,7 +68,8 @@ def bench_model(spec, args, out: Path, state: dict[str, Any], save) -> None:
             continue
         row: dict[str, Any] = rows.setdefault(label, {"passes": passes, "skip": skip})
         try:
-            config = BuildConfig(fp16=True, device=device.type, opt_level=1 if args.smoke else 3, timing_cache=str(cache),
+            config = BuildConfig(fp16=True, device=device.type, opt_level=1 if args.smoke else 3,
+                                 timing_cache=str(cache),
                                  profiles=profiles_for(spec, spec.large), passes=passes, skip_passes=skip)
             engine, seconds = timed_build(path, config, f"{spec.name} / {label}")
             row.update(build_s=seconds, layers=len(engine.plan["layers"]),
@@ -100,7 +101,8 @@ def table(results: dict[str, Any]) -> str:
         rows = state.get("variants", {})
         base = rows.get("all passes", {})
         lines += [f"## {name}", "",
-                  f"| variant | layers | fused | b1 ms | b{large} ms | b1 vs all | b{large} vs all | rel diff vs ort | rewrites |",
+                  f"| variant | layers | fused | b1 ms | b{large} ms | b1 vs all | b{large} vs all | rel diff vs ort | "
+                  "rewrites |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for label, row in rows.items():
             if "ms_b1" not in row:
@@ -119,7 +121,8 @@ def table(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m benchmarks.passes", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--models", default=None, help="comma-separated (default: resnet50,bert; smoke: tiny_cnn,tiny_encoder)")
+    parser.add_argument("--models", default=None, help="comma-separated (default: resnet50,bert; smoke: "
+                                                       "tiny_cnn,tiny_encoder)")
     parser.add_argument("--budget-s", type=float, default=480.0)
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)

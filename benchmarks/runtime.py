@@ -127,7 +127,8 @@ def steady_ms(fn, device: torch.device, calls: int = 5) -> float:
 
 def versus(outputs: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
     """outputs against another run's: identical, and the max abs difference."""
-    return same_outputs({k: v.detach().float() for k, v in outputs.items()}, {k: v.detach().float() for k, v in reference.items()})
+    return same_outputs({k: v.detach().float() for k, v in outputs.items()},
+                        {k: v.detach().float() for k, v in reference.items()})
 
 
 def as_outputs(live: Live, value: Any) -> dict[str, Any]:
@@ -151,7 +152,8 @@ def stage_build(live: Live, args, state: dict[str, Any]) -> None:
     state["export_s"] = time.perf_counter() - t0
     shapes = lambda b: {name: [b, *shape] for name, (shape, _) in spec.inputs.items()}  # noqa: E731
     profiles = [kiln.Profile.from_lists(opt_shapes=shapes(1)),
-                kiln.Profile.from_lists(min_shapes=shapes(2), opt_shapes=shapes(live.mid), max_shapes=shapes(spec.large))]
+                kiln.Profile.from_lists(min_shapes=shapes(2), opt_shapes=shapes(live.mid),
+                                        max_shapes=shapes(spec.large))]
     cache = Path(args.out) / f"timing_runtime_{spec.name}.cache"
     cache.unlink(missing_ok=True)
     live.config = kiln.BuildConfig(fp16=True, device=live.device.type, opt_level=1 if args.smoke else 3,
@@ -170,7 +172,8 @@ def time_row(live: Live, row: dict[str, Any], first, wait, queued) -> None:
     with torch.inference_mode():
         row["vs_ort_first_call"] = compare_with_ort(first(), live.ort(1), live.engine)
     row["wait"] = timing.time_calls(wait, dev)
-    row["queued"] = timing.time_calls(queued, dev) if live.on_cuda() else {"skipped": "CPU: no streams, queued = waiting"}
+    row["queued"] = (timing.time_calls(queued, dev) if live.on_cuda()
+                     else {"skipped": "CPU: no streams, queued = waiting"})
     with torch.inference_mode():
         row["vs_ort"] = compare_with_ort(wait(), live.ort(1), live.engine)
 
@@ -192,11 +195,13 @@ def stage_latency(live: Live, args, state: dict[str, Any]) -> None:
                     ctx.bind(feeds, outs)
                     time_row(live, row, ctx.execute, ctx.execute, ctx.execute_async)
                 else:
-                    time_row(live, row, lambda c=ctx: c.run(feeds), lambda c=ctx: c.run(feeds), lambda c=ctx: c.run_async(feeds))
+                    time_row(live, row,
+                             lambda c=ctx: c.run(feeds), lambda c=ctx: c.run(feeds), lambda c=ctx: c.run_async(feeds))
                 row.update(context_info(ctx))
             else:
                 eager_call(live, row, live.eager)
-            log(f"{live.spec.name}: b1 {label}: {fmt_cell(row.get('wait'))} ms waiting, {fmt_cell(row.get('queued'))} queued")
+            log(f"{live.spec.name}: b1 {label}: {fmt_cell(row.get('wait'))} ms waiting, {fmt_cell(row.get('queued'))} "
+                "queued")
         except Exception as error:  # noqa: BLE001 - one failing row is a row, not a crash
             row.update(failure(error))
             log(f"{live.spec.name}: b1 {label} FAILED {row['error'][:300]}")
@@ -222,14 +227,16 @@ def stage_compile(live: Live, args, state: dict[str, Any], mode: str) -> None:
     try:
         compiled = torch.compile(copy.deepcopy(live.eager), mode=mode, dynamic=False)
         t0 = time.perf_counter()
-        with torch.inference_mode(), (torch.cuda.stream(timing.side_stream()) if live.on_cuda() else contextlib.nullcontext()):
+        with torch.inference_mode(), (torch.cuda.stream(timing.side_stream()) if live.on_cuda()
+                                      else contextlib.nullcontext()):
             for _ in range(3):
                 compiled(*live.eager_args(1))
         sync(live.device)
         row["warmup_s"] = time.perf_counter() - t0
         log(f"{live.spec.name}: torch.compile {mode} warm-up {row['warmup_s']:.1f} s")
         eager_call(live, row, compiled)
-        log(f"{live.spec.name}: b1 torch.compile {mode}: {fmt_cell(row['wait'])} ms waiting, {fmt_cell(row['queued'])} queued")
+        log(f"{live.spec.name}: b1 torch.compile {mode}: {fmt_cell(row['wait'])} ms waiting, {fmt_cell(row['queued'])} "
+            "queued")
     except Exception as error:  # noqa: BLE001 - torch.compile failing is a result, not a crash
         row.update(failure(error))
         log(f"{live.spec.name}: torch.compile {mode} FAILED {row['error'][:300]}")
@@ -281,7 +288,8 @@ def stage_throughput(live: Live, args, state: dict[str, Any]) -> None:
     for ctx, f in zip(ctxs, feeds):
         ctx.bind(f, {k: torch.empty(v.shape, dtype=v.dtype, device=v.device) for k, v in first.items()})
         for _ in range(3):
-            wall_ms(lambda c=ctx, f=f: (c.run(f), c.run_async(f, stream=c.stream if on_cuda else None), c.execute()), dev)
+            wall_ms(lambda c=ctx, f=f: (c.run(f), c.run_async(f, stream=c.stream if on_cuda else None),
+                                        c.execute()), dev)
     if on_cuda:  # each context: its graphs' pool (reserved), their outputs and its bound buffers (allocated)
         out["mib_per_context"] = {"allocated": (torch.cuda.memory_allocated() - memory[0]) / 2**20 / len(ctxs),
                                   "reserved": (torch.cuda.memory_reserved() - memory[1]) / 2**20 / len(ctxs)}
@@ -291,7 +299,8 @@ def stage_throughput(live: Live, args, state: dict[str, Any]) -> None:
     single = steady_ms(lambda: ctxs[0].run(feeds[0]), dev)
     total = max(8, min(4000, round(THROUGHPUT_REP_S * 1e3 / max(single, 1e-3))))
     total += -total % 4
-    out.update(single_call_ms=single, calls_per_repetition=total, reference_vs_ort=compare_with_ort(reference, live.ort(b), live.engine))
+    out.update(single_call_ms=single, calls_per_repetition=total,
+               reference_vs_ort=compare_with_ort(reference, live.ort(b), live.engine))
     calls = {"run": lambda i: ctxs[i].run(feeds[i]),
              "run_async (caller's stream)": lambda i: ctxs[i].run_async(feeds[i]),
              "run_async (context's stream)": lambda i: ctxs[i].run_async(feeds[i], stream=ctxs[i].stream),
@@ -358,13 +367,15 @@ def shape_costs(live: Live, graphs: bool, b: int, new: list[int]) -> dict[str, A
     ev["batch 1: first call after set_profile(0)"] = call(p, 1)
     ev["batch 1: second call"] = call(p, 1)
     ev["batch 1: steady"] = steady(p, 1)
-    ev[f"set_profile(1) + call at batch {b} (warmed before)"] = wall_ms(lambda: (p.set_profile(1), p.run(live.feeds(b))), dev)
+    ev[f"set_profile(1) + call at batch {b} (warmed before)"] = wall_ms(
+        lambda: (p.set_profile(1), p.run(live.feeds(b))), dev)
     q = engine.create_context(profile=0, cuda_graph=graphs)
     call(q, 1), call(q, 1)
     ev["batch 1: one call in a second context warmed on profile 0"] = call(q, 1)
-    log(f"{live.spec.name}: cuda graph {graphs}: first call at b{new[0]} {ev[f'batch {new[0]}: first call (new shape)']:.2f} ms "
-           f"(steady {ev[f'batch {new[0]}: steady']:.2f}); first call after set_profile {ev['batch 1: first call after set_profile(0)']:.2f}"
-           f" ms (steady {ev['batch 1: steady']:.2f})")
+    log(f"{live.spec.name}: cuda graph {graphs}: first call at b{new[0]} "
+        f"{ev[f'batch {new[0]}: first call (new shape)']:.2f} ms "
+        f"(steady {ev[f'batch {new[0]}: steady']:.2f}); first call after set_profile "
+        f"{ev['batch 1: first call after set_profile(0)']:.2f} ms (steady {ev['batch 1: steady']:.2f})")
     return {"events_ms": ev, "contexts": {"shape": context_info(ctx), "profile": context_info(p)}}
 
 
@@ -399,7 +410,8 @@ def stage_aux_streams(live: Live, args, state: dict[str, Any]) -> None:
             row["max_rel_vs_ort"], row["ok_vs_ort"] = vs_ort["max_rel"], vs_ort["ok"]
             log(f"{live.spec.name}: aux streams, graph {graphs}, b{b}: 0 -> {row['aux0_wait']:.3f} ms, "
                    f"2 -> {row['aux2_wait']:.3f} ms; identical {row['identical']}")
-        out.setdefault("contexts", {})["cuda_graph" if graphs else "no_graph"] = {k: context_info(c) for k, c in ctxs.items()}
+        out.setdefault("contexts", {})["cuda_graph" if graphs else "no_graph"] = {k: context_info(c)
+                                                                                  for k, c in ctxs.items()}
 
 
 STAGES = [("build", stage_build), ("latency", stage_latency), ("throughput", stage_throughput),
@@ -432,57 +444,69 @@ def table(header: list[str], rows: list[list[Any]], align: str) -> list[str]:
 def markdown(results: dict[str, Any]) -> str:
     meta, v = results["meta"], results["meta"]["versions"]
     lines = [f"# kiln runtime benchmark ({meta['date']})", "",
-             f"Device: {meta['gpu']['name'] or 'CPU (smoke)'}; torch {v['torch']} (CUDA {v['cuda']}), triton {v['triton']}, "
-             f"onnx {v['onnx']}, onnxruntime {v['onnxruntime']}, transformers {v['transformers']}, "
-             f"torchvision {v['torchvision']}, kiln {v['kiln']}, Python {v['python']}.", "", f"Command: `{meta['command']}`", "",
-             "One fp16 engine per model (two profiles: batch 1; 2..LARGE tuned at MID); eager and torch.compile run the torch "
-             f"module in {'fp32 (smoke, CPU)' if meta['smoke'] else 'fp16'}; inputs already on the device. 'waiting': each call "
-             "waits for its outputs (run, execute, eager + stream sync); 'queued': calls back to back without a host sync "
-             f"(run_async, execute_async, eager). ms per call, median of {meta['timing']['repetitions']} repetitions "
-             "(benchmarks.timing.time_calls). 'ro / this' above 1: this row is faster than torch.compile "
-             "reduce-overhead. "
+             f"Device: {meta['gpu']['name'] or 'CPU (smoke)'}; torch {v['torch']} (CUDA {v['cuda']}), triton "
+             f"{v['triton']}, onnx {v['onnx']}, onnxruntime {v['onnxruntime']}, transformers {v['transformers']}, "
+             f"torchvision {v['torchvision']}, kiln {v['kiln']}, Python {v['python']}.", "",
+             f"Command: `{meta['command']}`", "",
+             "One fp16 engine per model (two profiles: batch 1; 2..LARGE tuned at MID); eager and torch.compile run "
+             f"the torch module in {'fp32 (smoke, CPU)' if meta['smoke'] else 'fp16'}; inputs already on the device. "
+             "'waiting': each call waits for its outputs (run, execute, eager + stream sync); 'queued': calls back to "
+             "back without a host sync (run_async, execute_async, eager). ms per call, median of "
+             f"{meta['timing']['repetitions']} repetitions (benchmarks.timing.time_calls). 'ro / this' above 1: this "
+             "row is faster than torch.compile reduce-overhead. "
              "'rel vs ort': max|kiln - ort| / max|ort| against onnxruntime fp32 on the CPU.", ""]
     for name, s in results["models"].items():
         lines += [f"## {name}", ""]
         if "build_s" in s:
-            lines += [f"Built in {s['build_s']:.1f} s; weights {s['weights_bytes'] / 2**20:.1f} MiB, shared by every context.", ""]
+            lines += [f"Built in {s['build_s']:.1f} s; weights {s['weights_bytes'] / 2**20:.1f} MiB, shared by every "
+                      "context.", ""]
         if lat := s.get("latency_b1"):
             ro = lat.get("torch.compile reduce-overhead", {})
-            rows = [[label, r.get("wait"), r.get("queued"), ratio(ro.get("wait"), r.get("wait")), ratio(ro.get("queued"), r.get("queued")),
+            rows = [[label, r.get("wait"), r.get("queued"), ratio(ro.get("wait"), r.get("wait")),
+                     ratio(ro.get("queued"), r.get("queued")),
                      fmt_cell(r.get("vs_ort", {}).get("max_rel"), ".1e"),
                      "{captures} / {replays}".format(**r["stats"]) if "stats" in r else "-",
-                     r.get("skipped") or r.get("error", "")[:80] or (f"warm-up {r['warmup_s']:.1f} s" if "warmup_s" in r else "")
+                     r.get("skipped") or r.get("error", "")[:80]
+                     or (f"warm-up {r['warmup_s']:.1f} s" if "warmup_s" in r else "")
                      + ("graph errors: " + "; ".join(r.get("graph_errors", []))[:150] if r.get("graph_errors") else "")]
                     for label, r in lat.items()]
             lines += ["### Batch-1 latency", "", *table(["mode", "ms waiting", "ms queued", "ro / this, waiting",
-                                                          "ro / this, queued", "rel vs ort", "graphs captured / replayed", "note"], rows, "lrrrrrll")]
+                                                          "ro / this, queued", "rel vs ort",
+                                                          "graphs captured / replayed", "note"], rows, "lrrrrrll")]
         if (tp := s.get("throughput", {})).get("rows"):
             one = {(r["driver"], r["call"]): r.get("samples_per_s") for r in tp["rows"] if r["contexts"] == 1}
             rows = [[r["driver"], r["call"], r["contexts"], fmt_cell(r.get("samples_per_s"), ".0f"),
                      ratio(r.get("samples_per_s"), one.get((r["driver"], r["call"]))),
-                     r.get("identical_to_single", r.get("error", "-")[:80]), fmt_cell(r.get("max_abs_vs_single"), ".1e"),
+                     r.get("identical_to_single", r.get("error", "-")[:80]),
+                     fmt_cell(r.get("max_abs_vs_single"), ".1e"),
                      fmt_cell(r.get("max_rel_vs_ort"), ".1e")] for r in tp["rows"]]
-            lines += [f"### Throughput at batch {tp['batch']} ({tp['calls_per_repetition']} calls over all contexts, median of "
-                      f"{THROUGHPUT_REPS} runs; CUDA graphs where there is a GPU)", "",
+            lines += [f"### Throughput at batch {tp['batch']} ({tp['calls_per_repetition']} calls over all contexts, "
+                      f"median of {THROUGHPUT_REPS} runs; CUDA graphs where there is a GPU)", "",
                       *table(["driver", "call", "contexts", "samples/s", "vs 1 context", "identical to 1 context",
                               "max abs diff", "rel vs ort"], rows, "llrrrlrr")]
             if "mib_per_context" in tp:
                 lines += ["Device memory per warm context (its CUDA graphs, their outputs, its bound buffers): "
-                          "{allocated:.1f} MiB allocated, {reserved:.1f} MiB reserved.".format(**tp["mib_per_context"]), ""]
+                          "{allocated:.1f} MiB allocated, {reserved:.1f} MiB reserved.".format(**tp["mib_per_context"]),
+                          ""]
             if "first_call_vs_warm" in tp:
-                lines += [f"A context's first call (eager) identical to its warm calls: {tp['first_call_vs_warm']['identical']}.", ""]
-        if sc := {k: s.get("shape_change", {}).get(k) for k in ("no_graph", "cuda_graph") if k in s.get("shape_change", {})}:
+                lines += ["A context's first call (eager) identical to its warm calls: "
+                          f"{tp['first_call_vs_warm']['identical']}.", ""]
+        if sc := {k: s.get("shape_change", {}).get(k) for k in ("no_graph", "cuda_graph")
+                  if k in s.get("shape_change", {})}:
             labels = list(dict.fromkeys(e for c in sc.values() for e in c["events_ms"]))
             lines += ["### New batch size and profile switch (host wall ms, device synchronized)", "",
-                      *table(["call", *(k.replace("_", " ") for k in sc)], [[e, *(c["events_ms"].get(e) for c in sc.values())]
-                                                                            for e in labels], "l" + "r" * len(sc))]
+                      *table(["call", *(k.replace("_", " ") for k in sc)],
+                             [[e, *(c["events_ms"].get(e) for c in sc.values())] for e in labels],
+                             "l" + "r" * len(sc))]
         if (aux := s.get("aux_streams", {})).get("rows"):
-            lines += [f"### Auxiliary streams (an engine built with max_aux_streams=2: the plan uses {aux['plan_aux_streams']}, "
-                      f"{aux['layers_on_aux']} layers on them)", "", *([aux["note"], ""] if "note" in aux else []),
-                      *table(["CUDA graph", "batch", "aux 0 ms waiting", "aux 2 ms waiting", "aux 0 ms queued", "aux 2 ms queued",
-                              "identical", "max abs diff", "rel vs ort"],
-                             [[r["cuda_graph"], r["batch"], r.get("aux0_wait"), r.get("aux2_wait"), r.get("aux0_queued"),
-                               r.get("aux2_queued"), r.get("identical"), fmt_cell(r.get("max_abs_diff"), ".1e"),
+            lines += ["### Auxiliary streams (an engine built with max_aux_streams=2: the plan uses "
+                      f"{aux['plan_aux_streams']}, {aux['layers_on_aux']} layers on them)", "",
+                      *([aux["note"], ""] if "note" in aux else []),
+                      *table(["CUDA graph", "batch", "aux 0 ms waiting", "aux 2 ms waiting", "aux 0 ms queued",
+                              "aux 2 ms queued", "identical", "max abs diff", "rel vs ort"],
+                             [[r["cuda_graph"], r["batch"], r.get("aux0_wait"), r.get("aux2_wait"),
+                               r.get("aux0_queued"), r.get("aux2_queued"), r.get("identical"),
+                               fmt_cell(r.get("max_abs_diff"), ".1e"),
                                fmt_cell(r.get("max_rel_vs_ort"), ".1e")] for r in aux["rows"]], "lrrrrrlrr")]
         lines += [f"- {stage}: skipped ({why})" for stage, why in s.get("skipped", {}).items()]
         lines += [f"- {stage}: FAILED {why.splitlines()[0][:200]}" for stage, why in s.get("errors", {}).items()]
@@ -507,9 +531,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_all(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m benchmarks.runtime", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="folder for bench_runtime.json, bench_runtime.md and timing caches")
+    parser.add_argument("--out", required=True,
+                        help="folder for bench_runtime.json, bench_runtime.md and timing caches")
     parser.add_argument("--models", default=None, help="comma-separated: resnet50,bert (smoke: tiny_cnn,tiny_encoder)")
-    parser.add_argument("--budget-s", type=float, default=400.0, help="soft wall-clock budget: stages that no longer fit are skipped")
+    parser.add_argument("--budget-s", type=float, default=400.0,
+                        help="soft wall-clock budget: stages that no longer fit are skipped")
     parser.add_argument("--smoke", action="store_true", help="tiny stand-in models on CPU, for testing this script")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--keep-artifacts", action="store_true", help="keep the ONNX files under OUT/tmp")
@@ -545,7 +571,8 @@ def run_all(argv: list[str] | None) -> int:
         (out / "bench_runtime.md").write_text(markdown(results))
 
     lives = {n: Live(specs[n], device, MID.get(n, specs[n].large), out / "tmp" / n / f"{n}.onnx") for n in names}
-    states = {n: results["models"].setdefault(n, {"mid_batch": lives[n].mid, "large_batch": specs[n].large}) for n in names}
+    states = {n: results["models"].setdefault(n, {"mid_batch": lives[n].mid, "large_batch": specs[n].large})
+              for n in names}
     log(f"kiln runtime benchmark on {results['meta']['gpu']['name'] or 'CPU (smoke)'}; models {names}")
     failed = False
     for stage, fn in STAGES:
@@ -556,7 +583,8 @@ def run_all(argv: list[str] | None) -> int:
             left = args.budget_s - (time.perf_counter() - started)
             why = ("torch.compile disabled (--no-compile)" if args.no_compile and stage.startswith("compile") else
                    "the build failed" if stage != "build" and live.engine is None else
-                   f"time budget: {left:.0f} s left, the stage needs about {RESERVE[stage]} s" if left < RESERVE[stage] else None)
+                   f"time budget: {left:.0f} s left, the stage needs about {RESERVE[stage]} s" if left < RESERVE[stage]
+                   else None)
             if why:
                 state.setdefault("skipped", {})[stage] = why
                 log(f"{name}: {stage} skipped ({why})")

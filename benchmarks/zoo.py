@@ -256,7 +256,8 @@ def stage_notes(record: dict[str, Any]) -> list[str]:
 
 
 def _model_table(results: dict[str, BenchResult]) -> list[str]:
-    lines = ["| target | precision | batch | median ms | p99 ms | e2e ms | samples/s | vs kiln | rel diff | vs fp32 ref |",
+    lines = ["| target | precision | batch | median ms | p99 ms | e2e ms | samples/s | vs kiln | rel diff | vs fp32 "
+             "ref |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for precision in PRECISIONS:
         result = results.get(precision)
@@ -478,7 +479,8 @@ class Outputs:
         if self.update is not None:
             plots = self.plots_dir or self.out / "plots"
             base = self.update.resolve().parent
-            section = markdown(zoo, lambda name: Path(os.path.relpath((plots / f"{name}.png").resolve(), base)).as_posix())
+            section = markdown(zoo,
+                               lambda name: Path(os.path.relpath((plots / f"{name}.png").resolve(), base)).as_posix())
             old = self.update.read_text() if self.update.exists() else ""
             _write_text(self.update, splice(old, section))
 
@@ -585,13 +587,15 @@ def ensure_exported(live: Live, state: Session) -> bool:
         path = Path(state.args.work) / f"{spec.name}.onnx"
         export_onnx(spec, module, path)
     except Exception as error:  # noqa: BLE001 - a model that cannot be made or exported is a note, not a crash
-        live.record["export"] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}",
+        live.record["export"] = {"error": f"{type(error).__name__}: "
+                                          f"{str(error).splitlines()[0][:300] if str(error) else ''}",
                                  "traceback": traceback.format_exc()}
         log(f"{spec.name}: export FAILED: {live.record['export']['error']}")
         return False
     live.module, live.onnx = module, path
     live.cache = Path(state.args.work) / f"{spec.name}.timing.cache"
-    live.record["export"] = {"seconds": round(time.perf_counter() - start, 2), "onnx_mb": round(path.stat().st_size / 1e6, 1),
+    live.record["export"] = {"seconds": round(time.perf_counter() - start, 2),
+                             "onnx_mb": round(path.stat().st_size / 1e6, 1),
                              "parameters": sum(p.numel() for p in module.parameters())}
     log(f"{spec.name}: exported in {live.record['export']['seconds']:.1f} s ({live.record['export']['onnx_mb']} MB)")
     return True
@@ -630,7 +634,8 @@ def plan(round_name: str, live: Live, state: Session) -> tuple[Stage | None, str
         if projected > args.ort_large_max_s:
             return None, (f"projected {projected:.0f} s (batch-1 latency {row.best.latency_ms.median:.2f} ms x {large} "
                           f"x {ORT_CALLS} calls) is over --ort-large-max-s {args.ort_large_max_s:g} s")
-        return Stage(round_name, "fp32", [large], ["onnxruntime"], estimate_s=export + build("fp32") + m + projected + 3), None
+        return Stage(round_name, "fp32", [large], ["onnxruntime"],
+                     estimate_s=export + build("fp32") + m + projected + 3), None
     if round_name.startswith("compile"):
         if args.no_compile:
             return None, "--no-compile"
@@ -697,7 +702,8 @@ def run_stage(stage: Stage, live: Live, state: Session) -> dict[str, Any]:
     end = time.perf_counter()
     record["seconds"] = round(end - start, 1)
     record["status"] = "ok"
-    durations = [(message, (steps[i + 1][0] if i + 1 < len(steps) else end) - t) for i, (t, message) in enumerate(steps)]
+    durations = [(message, (steps[i + 1][0] if i + 1 < len(steps) else end) - t)
+                 for i, (t, message) in enumerate(steps)]
     record["steps"] = [{"what": message, "s": round(s, 2)} for message, s in durations]
     built = next((s for message, s in durations if message.startswith("building")), None)
     if built is not None:
@@ -740,7 +746,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--work", help="folder for ONNX files and timing caches (default: a temporary folder, removed)")
     parser.add_argument("--plots-dir", help="copy the plots here (default docs/bench of this repository; "
                                             "none for --smoke and for --render of a smoke run)")
-    parser.add_argument("--update", help="splice the markdown into this file between the zoo markers (e.g. BENCHMARKS.md)")
+    parser.add_argument("--update",
+                        help="splice the markdown into this file between the zoo markers (e.g. BENCHMARKS.md)")
     parser.add_argument("--details", action="store_true",
                         help="also write OUT/details/MODEL_PRECISION.json and .png (report.write_json, report.plot)")
     parser.add_argument("--render", nargs="+", metavar="ZOO_JSON",
@@ -753,7 +760,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--warmup-ms", type=float, help="warm-up per measurement (default 100; --smoke 10)")
     parser.add_argument("--duration-s", type=float, help="timed part of a measurement (default 1.0; --smoke 0.05)")
     parser.add_argument("--repeats", type=int, default=2, help="measurements per target and batch (default 2)")
-    parser.add_argument("--opt-level", type=int, choices=range(6), help="kiln optimization level (default 3; --smoke 1)")
+    parser.add_argument("--opt-level", type=int, choices=range(6),
+                        help="kiln optimization level (default 3; --smoke 1)")
     args = parser.parse_args(argv)
     smoke = args.smoke
     defaults = {"budget_s": (300.0, 540.0), "compile_estimate_s": (20.0, 60.0), "warmup_ms": (10.0, 100.0),
@@ -802,7 +810,8 @@ def render_only(args) -> int:
                 continue
             mine["stages"] += record.get("stages", [])
             for precision, result in record.get("results", {}).items():
-                base = BenchResult.from_json(mine["results"][precision]) if precision in mine.get("results", {}) else None
+                base = (BenchResult.from_json(mine["results"][precision]) if precision in mine.get("results", {})
+                        else None)
                 mine.setdefault("results", {})[precision] = merge(base, BenchResult.from_json(result))[0].to_json()
     zoo["notes"] = [n for n in zoo["notes"] if not n.startswith(_PER_RUN_NOTES)]
     if len(args.render) > 1:
@@ -923,7 +932,8 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as error:  # noqa: BLE001 - a bug in one stage must not lose the others
                     with state.lock:
                         lives[name].record["stages"].append(
-                            {"round": round_name, "status": "error", "precision": None, "traceback": traceback.format_exc(),
+                            {"round": round_name, "status": "error", "precision": None,
+                             "traceback": traceback.format_exc(),
                              "error": f"{type(error).__name__}: {str(error)[:300]}"})
                         state.current = None
                     log(f"{name} [{round_name}]: FAILED\n{traceback.format_exc()}")
@@ -937,7 +947,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(args.work, ignore_errors=True)
     state.save(plot_models=[])
     log(f"wrote {Path(args.out) / 'zoo.json'}, {Path(args.out) / 'zoo.md'} and the plots")
-    failed = [f"{name} {s['round']}" for name, r in zoo["models"].items() for s in r["stages"] if s["status"] == "error"]
+    failed = [f"{name} {s['round']}" for name, r in zoo["models"].items() for s in r["stages"]
+              if s["status"] == "error"]
     failed += [f"{name} export" for name, r in zoo["models"].items() if r["export"].get("error")]
     if failed:
         log(f"failed: {', '.join(failed)}")

@@ -26,7 +26,8 @@ def test_bench_runtime_smoke(tmp_path):
     assert latency["kiln, CUDA graph"]["skipped"] == "CPU: no CUDA graphs"
 
     rows = state["throughput"]["rows"]
-    assert {(r["driver"], r["contexts"]) for r in rows} == {(d, n) for d in ("threads", "round-robin") for n in (1, 2, 4)}
+    assert {(r["driver"], r["contexts"]) for r in rows} == {(d, n) for d in ("threads", "round-robin")
+                                                            for n in (1, 2, 4)}
     assert all(r["samples_per_s"] > 0 and r["identical_to_single"] and r["max_rel_vs_ort"] <= 1e-2 for r in rows)
 
     events = state["shape_change"]["no_graph"]["events_ms"]

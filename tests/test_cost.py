@@ -32,7 +32,8 @@ def _only(model, op_type):
 
 def test_batched_matmul_symbolic_dims():
     # [B, 4, 6] @ [6, 8] -> [B, 4, 8]: 2*K*numel(Y) = 2*6*(B*32)
-    m = _model([helper.make_node("MatMul", ["a", "w"], ["y"], name="mm")], [_vi("a", ["B", 4, 6])], [_vi("y", ["B", 4, 8])],
+    m = _model([helper.make_node("MatMul", ["a", "w"], ["y"], name="mm")], [_vi("a", ["B", 4, 6])],
+               [_vi("y", ["B", 4, 8])],
                [_w("w", (6, 8))])
     node = _only(m, "MatMul")
     assert node_cost(node, {"B": 3}) == Cost(2 * 6 * 3 * 32, 4 * (3 * 24 + 48 + 3 * 32))
@@ -42,7 +43,8 @@ def test_batched_matmul_symbolic_dims():
 
 
 def test_matmul_of_two_activations_broadcasts_batches():
-    m = _model([helper.make_node("MatMul", ["a", "b"], ["y"], name="mm")], [_vi("a", [2, 3, 5, 7]), _vi("b", [1, 3, 7, 4])],
+    m = _model([helper.make_node("MatMul", ["a", "b"], ["y"], name="mm")],
+               [_vi("a", [2, 3, 5, 7]), _vi("b", [1, 3, 7, 4])],
                [_vi("y", [2, 3, 5, 4])])
     assert node_cost(_only(m, "MatMul")).flops == 2 * 7 * (2 * 3 * 5 * 4)
 
@@ -57,7 +59,8 @@ def test_gemm_with_bias_and_transposes():
 @pytest.mark.parametrize("group", [1, 2])
 def test_conv_2d_grouped_with_bias(group):
     # N=2, Cin=4, 9x9 input, Cout=6, 3x3, stride 2, pads 1 -> 5x5 output
-    m = _model([helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", group=group, strides=[2, 2], pads=[1, 1, 1, 1])],
+    m = _model([helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", group=group, strides=[2, 2],
+                                 pads=[1, 1, 1, 1])],
                [_vi("x", [2, 4, 9, 9])], [_vi("y", [2, 6, 5, 5])], [_w("w", (6, 4 // group, 3, 3)), _w("b", (6,))])
     y = 2 * 6 * 5 * 5
     assert node_cost(_only(m, "Conv")).flops == 2 * y * (4 // group) * 9 + y
@@ -74,7 +77,8 @@ def test_conv_1d_and_3d():
 
 def test_conv_transpose():
     # X [1, 4, 3, 3], W [4, 6, 2, 2] (Cin, Cout/group, kh, kw): each input element feeds 6*4 outputs
-    m = _model([helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="ct", strides=[2, 2])], [_vi("x", [1, 4, 3, 3])],
+    m = _model([helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="ct", strides=[2, 2])],
+               [_vi("x", [1, 4, 3, 3])],
                [_vi("y", [1, 6, 6, 6])], [_w("w", (4, 6, 2, 2))])
     assert node_cost(_only(m, "ConvTranspose")).flops == 2 * 36 * 6 * 4
 
@@ -88,7 +92,8 @@ def test_fused_attention_and_standard_attention():
     assert node_cost(_only(m, "FusedAttention")).flops == expected
     # opset-23 Attention, 4-D: K is [B, H, S, D]
     m4 = _model([helper.make_node("Attention", ["q", "k", "v"], ["y"], name="att")],
-                [_vi("q", [1, 2, 4, 8]), _vi("k", [1, 2, 6, 8]), _vi("v", [1, 2, 6, 8])], [_vi("y", [1, 2, 4, 8])], opset=23)
+                [_vi("q", [1, 2, 4, 8]), _vi("k", [1, 2, 6, 8]), _vi("v", [1, 2, 6, 8])], [_vi("y", [1, 2, 4, 8])],
+                opset=23)
     assert node_cost(_only(m4, "Attention")).flops == expected
     # 3-D with heads as attributes: Q [1, 4, 2*8], K/V [1, 6, 2*8]
     m3 = _model([helper.make_node("Attention", ["q", "k", "v"], ["y"], name="att", q_num_heads=2, kv_num_heads=2)],
@@ -123,7 +128,8 @@ def test_pool_and_lstm():
 
 def test_if_counts_the_costlier_branch():
     then = helper.make_graph([helper.make_node("Relu", ["x"], ["a"], name="r1")], "then", [], [_vi("a", [4, 4])])
-    other = helper.make_graph([helper.make_node("Relu", ["x"], ["b0"], name="r2"), helper.make_node("Neg", ["b0"], ["b"], name="n2")],
+    other = helper.make_graph([helper.make_node("Relu", ["x"], ["b0"], name="r2"),
+                               helper.make_node("Neg", ["b0"], ["b"], name="n2")],
                               "else", [], [_vi("b", [4, 4])])
     m = _model([helper.make_node("If", ["c"], ["y"], name="if", then_branch=then, else_branch=other)],
                [_vi("c", [], TensorProto.BOOL), _vi("x", [4, 4])], [_vi("y", [4, 4])])

@@ -48,7 +48,8 @@ def _assert_reported(report, pass_name, node, rule=None):
     """A finding of ``pass_name`` (and ``rule``) that names ``node``, with a share and a fix naming the pass."""
     assert not report.errors, report.errors
     found = [e for e in _entries(report, rule, pass_name) if node in e.finding.nodes]
-    assert found, f"no {rule or pass_name} finding on {node}: {[(e.finding.rule, e.finding.nodes) for e in report.entries]}"
+    assert found, (f"no {rule or pass_name} finding on {node}: "
+                   f"{[(e.finding.rule, e.finding.nodes) for e in report.entries]}")
     entry = found[0]
     assert entry.share > 0
     assert pass_name in entry.finding.fix
@@ -81,7 +82,8 @@ def conv_model(cin=16, cout=32, name="conv"):
 def conv_relu_model():
     return _proto([helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
                    helper.make_node("Relu", ["c"], ["y"], name="relu")],
-                  [_vi("x", [1, 16, 16, 16])], [_vi("y", [1, 16, 16, 16])], [_w("w", (16, 16, 3, 3)), _w("b", (16,), 1)])
+                  [_vi("x", [1, 16, 16, 16])], [_vi("y", [1, 16, 16, 16])],
+                  [_w("w", (16, 16, 3, 3)), _w("b", (16,), 1)])
 
 
 def layernorm_model():
@@ -133,7 +135,8 @@ def shuffle_model():
 
 
 def dynamic_model():
-    return _proto([helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Relu", ["h"], ["y"], name="relu")],
+    return _proto([helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+                   helper.make_node("Relu", ["h"], ["y"], name="relu")],
                   [_vi("x", ["batch", 64])], [_vi("y", ["batch", 64])], [_w("w", (64, 64))])
 
 
@@ -167,7 +170,8 @@ def test_nd_matmul():
 
 
 def test_first_conv_with_three_channels():
-    _assert_reported(_diagnose(conv_model(cin=3, cout=16, name="stem"), "fp16"), "pad_input_channels", "stem", "first-conv-c3")
+    _assert_reported(_diagnose(conv_model(cin=3, cout=16, name="stem"), "fp16"), "pad_input_channels", "stem",
+                     "first-conv-c3")
 
 
 def test_nchw_conv_in_low_precision():
@@ -241,7 +245,8 @@ def test_dynamic_input_without_profile():
 
 def test_input_without_a_declared_shape():
     # onnx's checker wants a shape field on graph inputs; an IR built in memory may still lack one
-    model = kiln.load_model_proto(_proto([helper.make_node("Relu", ["x"], ["y"], name="relu")], [_vi("x", [2])], [_vi("y", [2])]))
+    model = kiln.load_model_proto(_proto([helper.make_node("Relu", ["x"], ["y"], name="relu")], [_vi("x", [2])],
+                                         [_vi("y", [2])]))
     model.graph.inputs[0].shape = None
     [entry] = _entries(diagnose(model), DYNAMIC_INPUT)
     assert entry.finding.nodes == ["relu"] and entry.finding.details["dynamic_axes"] is None
@@ -280,12 +285,14 @@ def test_slow_path_ops():
         helper.make_node("LSTM", ["seq", "lw", "lr"], ["lstm_y"], name="lstm", hidden_size=4),
         helper.make_node("StringNormalizer", ["text"], ["norm"], name="lower", case_change_action="LOWER"),
     ]
-    inputs = [_vi("x", [4, 4]), _vi("x1", [10]), _vi("k", [1], TensorProto.INT64), _vi("target", [2], TensorProto.INT64),
+    inputs = [_vi("x", [4, 4]), _vi("x1", [10]), _vi("k", [1], TensorProto.INT64),
+              _vi("target", [2], TensorProto.INT64),
               _vi("acc0", [4]), _vi("seq", [5, 2, 3]), _vi("text", [3], TensorProto.STRING)]
     outputs = [_vi("nz", [2, None], TensorProto.INT64), _vi("vals", [None]), _vi("idx", [None], TensorProto.INT64),
                _vi("reshaped", [None, None]), _vi("same", [4, 4]), _vi("nz_const", [2, None], TensorProto.INT64),
                _vi("acc", [4]), _vi("lstm_y", [5, 1, 2, 4]), _vi("norm", [3], TensorProto.STRING)]
-    inits = [_c("const", [[1.0, 0.0], [0.0, 1.0]]), _c("trips", 3, np.int64), _c("cond", True, np.bool_), _c("one", 1.0),
+    inits = [_c("const", [[1.0, 0.0], [0.0, 1.0]]), _c("trips", 3, np.int64), _c("cond", True, np.bool_),
+             _c("one", 1.0),
              _w("lw", (1, 16, 3)), _w("lr", (1, 16, 4))]
     report = _diagnose(_proto(nodes, inputs, outputs, inits))
     assert _slow(report) == {
@@ -358,7 +365,8 @@ def test_failed_reference_run_is_quoted_whole():
     report = _diagnose(_proto(nodes, [_vi("x", ["batch", 3, "height", "width"])], [_vi("y", ["batch", 3, "oh", "ow"])]))
     [note] = report.notes
     assert note.startswith("no reference run at x:1x3x1x1 (x batch, height, width taken as 1): ")
-    assert f"node '{long_name}'" in note and "is larger than the padded input (1); give --shapes x:batchx3xheightxwidth" in note
+    assert f"node '{long_name}'" in note
+    assert "is larger than the padded input (1); give --shapes x:batchx3xheightxwidth" in note
 
 
 # -- the report --------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ ROWS = [["/model.22/dfl/conv/Conv_output_0_sigmoid_map", "1x84x2100", "float32",
 def printed(width: int, terminal: bool, columns=COLUMNS, rows=ROWS) -> tuple[str, list[str]]:
     buffer = io.StringIO()
     console = Console(file=buffer, width=width, force_terminal=terminal, color_system=None)
-    left_out = print_table(console, columns, rows, title="a title longer than the table would be at this width, kept whole")
+    left_out = print_table(console, columns, rows, title="a title longer than the table would be at this width, kept "
+                                                         "whole")
     return buffer.getvalue(), left_out
 
 

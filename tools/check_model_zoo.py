@@ -28,7 +28,8 @@ import torch
 
 from benchmarks.models import TextModel, VisionModel, redraw_zero_parameters
 
-VISION = ["resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny", "regnet_y_400mf", "vit_b_16"]
+VISION = ["resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny", "regnet_y_400mf",
+          "vit_b_16"]
 TEXT = ["bert", "distilbert", "gpt2"]
 USES_SDPA = {"vit_b_16", "bert", "distilbert", "gpt2"}
 BATCH, SEQ = 2, 64
@@ -44,11 +45,13 @@ def _build(name: str):
         return model, {"images": torch.randn(BATCH, 3, 224, 224)}
     import transformers
 
-    config = {"bert": transformers.BertConfig, "distilbert": transformers.DistilBertConfig, "gpt2": transformers.GPT2Config}[name]()
+    config = {"bert": transformers.BertConfig, "distilbert": transformers.DistilBertConfig,
+              "gpt2": transformers.GPT2Config}[name]()
     config.return_dict = False
     if name == "gpt2":
         config.use_cache = False
-    model = {"bert": transformers.BertModel, "distilbert": transformers.DistilBertModel, "gpt2": transformers.GPT2Model}[name](config).eval()
+    model = {"bert": transformers.BertModel, "distilbert": transformers.DistilBertModel,
+             "gpt2": transformers.GPT2Model}[name](config).eval()
     ids = torch.randint(0, config.vocab_size, (BATCH, SEQ))
     mask = torch.ones(BATCH, SEQ, dtype=torch.long)
     mask[0, SEQ // 2:] = 0
@@ -110,7 +113,8 @@ def check(name: str, exporter: str, opset: int, work: str, devices: list[str]) -
                 torch.cuda.synchronize()
             diffs = compare_outputs(outputs, reference)
             row[f"max_rel_{device}"] = max(d.max_rel for d in diffs)
-            row[f"outputs_{device}"] = {d.name: {"shape": list(d.shape), "max_abs": d.max_abs, "max_rel": d.max_rel} for d in diffs}
+            row[f"outputs_{device}"] = {d.name: {"shape": list(d.shape), "max_abs": d.max_abs, "max_rel": d.max_rel}
+                                        for d in diffs}
         row["ok"] = all(row[f"max_rel_{d}"] <= 1e-4 for d in devices)
         del np
     except Exception as error:  # noqa: BLE001 - a failing model is a row in the report, not a crash
@@ -150,7 +154,8 @@ def main() -> int:
             rows.append(row)
             status = "ok" if row["ok"] else "FAIL " + row.get("error", "over tolerance")
             print(f"{row['model']:20s} {row['exporter']:11s} opset {row['opset']:2d}: "
-                  + " ".join(f"{d} {row.get(f'max_rel_{d}', float('nan')):.2e}" for d in devices) + f"  {status}", flush=True)
+                  + " ".join(f"{d} {row.get(f'max_rel_{d}', float('nan')):.2e}" for d in devices) + f"  {status}",
+                  flush=True)
     rows.sort(key=lambda r: (r["model"], r["exporter"], r["opset"]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,8 +168,10 @@ def main() -> int:
              "|---|---|---|---|" + "---|" * len(devices) + "---|"]
     for r in rows:
         cells = [f"{r.get(f'max_rel_{d}', float('nan')):.1e}" for d in devices]
-        verdict = "ok" if r["ok"] else ("error: " + r.get("error", "")[:80].replace("|", "/") if "error" in r else "over")
-        lines.append(f"| {r['model']} | {r['exporter']} | {r['opset']} | {r.get('nodes', '-')} | " + " | ".join(cells) + f" | {verdict} |")
+        verdict = "ok" if r["ok"] else ("error: " + r.get("error", "")[:80].replace("|", "/") if "error" in r
+                                        else "over")
+        lines.append(f"| {r['model']} | {r['exporter']} | {r['opset']} | {r.get('nodes', '-')} "
+                     "| " + " | ".join(cells) + f" | {verdict} |")
     (out / "model_zoo.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if all(r["ok"] for r in rows) else 1

@@ -29,9 +29,11 @@ def _family(op: str) -> str | None:
 
 # Cases whose failure was investigated and is not kiln's to fix, by name prefix.
 _EXPLAINED = {
-    "test_bernoulli": "random op: onnx's expected values come from numpy's unseeded generator (shapes and dtypes match)",
+    "test_bernoulli": "random op: onnx's expected values come from numpy's unseeded generator (shapes and dtypes "
+                      "match)",
     "test_dft_inverse": "numpy's float32 FFT leaves ~2e-7 noise where the exact answer (kiln's) is 0; atol is 1e-7",
-    "test_attention_4d_causal_fp16_expanded": "fp16 Softmax: kiln accumulates in fp32, onnx's reference in fp16 (1 ulp apart)",
+    "test_attention_4d_causal_fp16_expanded": "fp16 Softmax: kiln accumulates in fp32, onnx's reference in fp16 (1 ulp "
+                                              "apart)",
     "test_loop16_seq_none": "onnx's harness cannot compare a sequence whose first element is 0-d (values match)",
 }
 
@@ -69,7 +71,8 @@ def node_tests(device: str = "CPU") -> tuple[list[str], type[unittest.TestCase]]
 
     import kiln.backend
 
-    runner = onnx.backend.test.BackendTest(kiln.backend, __name__)
+    # onnx types the backend as type[Backend]; its runner takes a backend module too (as onnx's docs do)
+    runner = onnx.backend.test.BackendTest(kiln.backend, __name__)  # type: ignore[arg-type]
     case = runner.test_cases["OnnxBackendNodeModelTest"]
     suffix = "_" + device.lower()
     return [name for name in dir(case) if name.startswith("test_") and name.endswith(suffix)], case

@@ -161,7 +161,8 @@ def symbol_value(name: str, dims: Mapping[str, int]) -> int | None:
     return _evaluate(name, dims)
 
 
-def resolve_dim(dim: int | ir.SymbolicDim | None, dims: Mapping[str, int], notes: _Notes | None = None) -> int:
+def resolve_dim(dim: int | ir.SymbolicDim | ir.SymbolicDimProtocol | None, dims: Mapping[str, int],
+                notes: _Notes | None = None) -> int:
     """A dimension's size: its int, its symbol's value in ``dims`` (or the expression's), else 1. A
     negative int is an unknown dim (an in-memory model's ``-1``, as in a loaded file)."""
     if isinstance(dim, int) and dim >= 0:
@@ -185,7 +186,7 @@ def _shape(value: ir.Value | None, dims: Mapping[str, int], notes: _Notes) -> li
         return None
     if value.name and value.name in notes.shapes:
         return [int(d) for d in notes.shapes[value.name]]
-    shape = value.shape
+    shape: ir.Shape | ir.ShapeProtocol | None = value.shape
     if shape is None and value.const_value is not None:
         shape = value.const_value.shape
     if shape is None:
@@ -228,8 +229,8 @@ def _bytes(node: ir.Node, dims: Mapping[str, int], notes: _Notes) -> float:
 
 
 def _input(node: ir.Node, index: int) -> ir.Value | None:
-    return node.inputs[index] if index < len(node.inputs) and node.inputs[index] is not None \
-        and node.inputs[index].name else None
+    value = node.inputs[index] if index < len(node.inputs) else None
+    return value if value is not None and value.name else None
 
 
 def _attr(node: ir.Node, name: str, default):

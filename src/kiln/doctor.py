@@ -123,7 +123,8 @@ class Entry:
         return "FLOPs" if self.flops_share >= self.bytes_share else "bytes"
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.finding.to_json(), "flops": self.flops, "bytes": self.bytes, "share": self.share, "flops_share": self.flops_share,
+        return {**self.finding.to_json(), "flops": self.flops, "bytes": self.bytes, "share": self.share,
+                "flops_share": self.flops_share,
                 "bytes_share": self.bytes_share}
 
 
@@ -167,7 +168,8 @@ class Report:
         return {
             "model": self.model, "precision": self.precision, "nodes": self.nodes, "gflops": self.cost.flops / 1e9,
             "mbytes": self.cost.bytes / 1e6, "dims": dict(self.dims), "profiles": self.profiles,
-            "assumed_dims": list(self.cost.assumed), "assumed_input_dims": {k: list(v) for k, v in self.assumed.items()},
+            "assumed_dims": list(self.cost.assumed),
+            "assumed_input_dims": {k: list(v) for k, v in self.assumed.items()},
             "unmodelled_ops": dict(self.cost.unmodelled),
             "findings": len(self.entries), "by_rule": self.rule_counts(), "fixed_automatically": sum(fixed.values()),
             "fixed_by": fixed, "need_model_change": sum(1 for e in self.entries if not e.finding.pass_name),
@@ -198,7 +200,7 @@ def _plain(value: Any) -> Any:
 
 def dims_from_shapes(model: ir.Model, shapes: Mapping[str, Sequence[int]], label: str = "model") -> dict[str, int]:
     """Symbolic dimension name -> size, read off concrete input shapes (``--shapes``, a profile's opt)."""
-    inputs = {v.name: v for v in _graph_inputs(model)}
+    inputs = {v.name or "": v for v in _graph_inputs(model)}
     dims: dict[str, int] = {}
     for name, given in shapes.items():
         if name not in inputs:
@@ -207,11 +209,13 @@ def dims_from_shapes(model: ir.Model, shapes: Mapping[str, Sequence[int]], label
         if declared is None:
             continue
         if len(declared) != len(given):
-            raise InputError(f"{label}: shapes give input {name!r} rank {len(given)}, the model declares rank {len(declared)}")
+            raise InputError(f"{label}: shapes give input {name!r} rank {len(given)}, the model declares rank "
+                             f"{len(declared)}")
         for axis, (dim, size) in enumerate(zip(declared, given)):
             if isinstance(dim, int):
                 if dim != size:
-                    raise InputError(f"{label}: shapes give input {name!r} size {size} on axis {axis}, the model fixes it at {dim}")
+                    raise InputError(f"{label}: shapes give input {name!r} size {size} on axis {axis}, the model fixes "
+                                     f"it at {dim}")
             elif getattr(dim, "value", None) is not None:
                 dims.setdefault(str(dim.value), int(size))
     return dims
@@ -265,7 +269,8 @@ def diagnose(
         try:
             findings.extend(pass_.find(model, ctx))
         except Exception as error:  # noqa: BLE001 - one broken pass must not hide the other findings
-            report.errors.append(f"{pass_.name}: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}")
+            report.errors.append(f"{pass_.name}: {type(error).__name__}: "
+                                 f"{str(error).splitlines()[0][:200] if str(error) else ''}")
     findings.extend(_dynamic_input_findings(model, profiles, shapes or {}, label))
     findings.extend(_slow_path_findings(model))
 
@@ -274,7 +279,8 @@ def diagnose(
     for finding in findings:
         if finding.rule != DYNAMIC_INPUT:
             finding.shapes = _sized(finding.shapes, None if inputs_at_one else recorded, dims)
-        names = downstream.get(finding.details.get("input"), finding.nodes) if finding.rule == DYNAMIC_INPUT else finding.nodes
+        names = (downstream.get(finding.details.get("input"), finding.nodes) if finding.rule == DYNAMIC_INPUT
+                 else finding.nodes)
         estimate = cost.of(names)
         report.entries.append(Entry(
             finding, flops=estimate.flops, bytes=estimate.bytes,
@@ -293,7 +299,7 @@ def _sized(shapes: Mapping[str, Sequence[int | str]], recorded: Mapping[str, Seq
            dims: Mapping[str, int]) -> dict[str, list[int | str]]:
     """A finding's shapes with the symbolic dims the given shapes size (and, when every input dim was
     given, the shapes the reference run recorded); dims nothing sizes keep their names."""
-    out = {}
+    out: dict[str, list[int | str]] = {}
     for name, shape in shapes.items():
         got = recorded.get(name) if recorded is not None else None
         if got is not None and len(got) == len(shape):
@@ -320,11 +326,12 @@ def _input_sizes(model: ir.Model, dims: Mapping[str, int], shapes: Mapping[str, 
     example: dict[str, str] = {}
     names: dict[str, None] = {}
     for value in _graph_inputs(model):
-        if value.name in given:
-            sizes[value.name] = tuple(int(d) for d in given[value.name])
+        key = value.name or ""
+        if key in given:
+            sizes[key] = tuple(int(d) for d in given[key])
             continue
         if value.shape is None:
-            sizes[value.name] = None
+            sizes[key] = None
             continue
         shape = []
         for axis, dim in enumerate(value.shape):
@@ -333,11 +340,11 @@ def _input_sizes(model: ir.Model, dims: Mapping[str, int], shapes: Mapping[str, 
                 shape.append(int(dim) if isinstance(dim, int) else int(dims[str(name)]))
                 continue
             shape.append(1)
-            assumed.setdefault(value.name, []).append(str(name) if name is not None else f"? (axis {axis})")
+            assumed.setdefault(key, []).append(str(name) if name is not None else f"? (axis {axis})")
             names[str(name) if name is not None else "?"] = None
-        sizes[value.name] = tuple(shape)
-        if value.name in assumed:
-            example[value.name] = "x".join(str(d) if isinstance(d, int) else _placeholder(d) for d in value.shape)
+        sizes[key] = tuple(shape)
+        if key in assumed:
+            example[key] = "x".join(str(d) if isinstance(d, int) else _placeholder(d) for d in value.shape)
     return sizes, assumed, example, list(names)
 
 
@@ -360,6 +367,7 @@ def _recorded_shapes(model: ir.Model, sizes: Mapping[str, tuple[int, ...] | None
     if unranked:
         return None, (f"no reference run: input {unranked[0]!r} has no declared rank (give its shape with --shapes "
                       f"{unranked[0]}:AxB...); dims unknown to shape inference taken as 1")
+    ranked = {name: shape for name, shape in sizes.items() if shape is not None}  # all of them (checked above)
     recorded: dict[str, tuple[int, ...]] = {}
 
     def observe(step, outputs) -> None:
@@ -367,12 +375,12 @@ def _recorded_shapes(model: ir.Model, sizes: Mapping[str, tuple[int, ...] | None
             if out_name and hasattr(result, "shape"):
                 recorded[out_name] = tuple(int(d) for d in result.shape)
 
-    shown = ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in sizes.items())
+    shown = ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in ranked.items())
     taken = (" (" + "; ".join(f"{name} {', '.join(dims)} taken as 1" for name, dims in assumed.items()) + ")"
              if assumed else "")
     try:
         executor = Executor(model, device="cpu", name=label)
-        feeds = random_inputs(executor.inputs, sizes, model=label)
+        feeds = random_inputs(executor.inputs, ranked, model=label)
         for name, array in feeds.items():
             recorded[name] = tuple(array.shape)
         executor.run(feeds, on_node=observe)
@@ -398,24 +406,28 @@ def _dynamic_input_findings(model: ir.Model, profiles: Sequence[Profile], shapes
         if profiles and all(value.name in p.shapes for p in profiles):
             continue
         shown = "?" if declared is None else "x".join(_show_dim(d) for d in declared)
-        if value.name in shapes:
+        if value.name is not None and value.name in shapes:
             example = "x".join(str(int(s)) for s in shapes[value.name])
-            flags = f"--min-shapes {value.name}:{example} --opt-shapes {value.name}:{example} --max-shapes {value.name}:{example}"
+            flags = (f"--min-shapes {value.name}:{example} --opt-shapes {value.name}:{example} "
+                     f"--max-shapes {value.name}:{example}")
             hint = " (your --shapes as min = opt = max; widen min and max to the range you will run)"
         else:
-            flags = f"--min-shapes {value.name}:{shown} --opt-shapes {value.name}:{shown} --max-shapes {value.name}:{shown}"
-            hint = f" with sizes for the dynamic dims ({', '.join(_show_dim(declared[a]) for a in dynamic) if declared is not None else 'the whole shape'})"
-        consumers = list(dict.fromkeys(node.name for node, _ in value.uses() if node.graph is model.graph))
+            flags = (f"--min-shapes {value.name}:{shown} --opt-shapes {value.name}:{shown} "
+                     f"--max-shapes {value.name}:{shown}")
+            dims = (", ".join(_show_dim(declared[a]) for a in dynamic) if declared is not None and dynamic is not None
+                    else "the whole shape")
+            hint = f" with sizes for the dynamic dims ({dims})"
+        consumers = list(dict.fromkeys(node.name or "" for node, _ in value.uses() if node.graph is model.graph))
         findings.append(Finding(
             rule=DYNAMIC_INPUT,
             title=f"input {value.name!r} has dynamic dims ({shown}) and no optimization profile",
             nodes=consumers,
             why=("kiln build chooses and times every tactic at a profile's opt shape and sizes the engine's buffers "
-                 "for its max shape; an input with dynamic dims and no profile cannot be built (kiln build refuses it), "
-                 "and a profile far from the real shapes picks tactics for the wrong sizes."),
+                 "for its max shape; an input with dynamic dims and no profile cannot be built (kiln build refuses "
+                 "it), and a profile far from the real shapes picks tactics for the wrong sizes."),
             fix=f"give kiln build an optimization profile: {flags}{hint}; several profiles for distinct ranges "
                 f"(repeat the flags).",
-            shapes={value.name: shape_of(value) or []},
+            shapes={value.name or "": shape_of(value) or []},
             details={"input": value.name, "dynamic_axes": dynamic, "model": label,
                      "_downstream": _downstream(model, value)},
         ))
@@ -433,7 +445,7 @@ def _downstream(model: ir.Model, value: ir.Value) -> list[str]:
             if node.graph is not model.graph or id(node) in visited:
                 continue
             visited.add(id(node))
-            seen[node.name] = None
+            seen[node.name or ""] = None
             stack.extend(node.outputs)
     return list(seen)
 
@@ -462,8 +474,9 @@ def _slow_reason(node: ir.Node, derived: set[int]) -> tuple[str, str] | None:
     standard = node.domain in ("", "ai.onnx")
     facts = op_facts(op) if standard else OpFacts()  # the rules below are about standard ops
     if facts.control_flow:
-        return "control-flow", (f"{op} runs its body node by node in kiln's reference executor: nothing inside is fused "
-                                "or timed, and its condition or trip count is read back from the GPU on every run")
+        return "control-flow", (f"{op} runs its body node by node in kiln's reference executor: nothing inside is "
+                                "fused or timed, and its condition or trip count is read back from the GPU on every "
+                                "run")
     if all(v is None or not v.name or id(v) in derived for v in node.inputs):
         return None  # folded at build time, or computed once per input shape
     if any(_is_string(v) for v in [*node.inputs, *node.outputs]) or (standard and op in STRING_OPS) \
@@ -476,14 +489,14 @@ def _slow_reason(node: ir.Node, derived: set[int]) -> tuple[str, str] | None:
     if (standard or node.domain == _ML_DOMAIN) and op in HEAVY_OPS:
         return "no-fast-tactic", f"{op} has no fast tactic: kiln's reference op {HEAVY_OPS[op]}"
     if facts.data_dependent:
-        return "data-dependent-shape", (f"{op}'s output size depends on the values it reads: the host waits for the GPU "
-                                        "on every run and the engine cannot capture a CUDA graph")
+        return "data-dependent-shape", (f"{op}'s output size depends on the values it reads: the host waits for the "
+                                        "GPU on every run and the engine cannot capture a CUDA graph")
     if standard:
         for index, value in enumerate(node.inputs):
             if index in facts.host_reads and value is not None and value.name and id(value) not in derived:
-                return "host-read", (f"{op} reads input {index} ({value.name!r}) on the host as numbers, and that value "
-                                     "is computed from data at run time: a GPU->host copy and a wait on every run, "
-                                     "and the engine cannot capture a CUDA graph")
+                return "host-read", (f"{op} reads input {index} ({value.name!r}) on the host as numbers, and that "
+                                     "value is computed from data at run time: a GPU->host copy and a wait on every "
+                                     "run, and the engine cannot capture a CUDA graph")
     return None
 
 
@@ -494,7 +507,8 @@ _SLOW_FIXES = {
                              "replace it by a fixed-size equivalent (a mask with Where instead of NonZero/Compress, "
                              "TopK with a constant k instead of a dynamic filter)"),
     "host-read": ("make the value a constant or derive it from input shapes only (Shape -> Gather -> ...), not "
-                  "from tensor values; for dynamic sizes export with dynamic axes instead of computing sizes from data"),
+                  "from tensor values; for dynamic sizes export with dynamic axes instead of computing sizes from "
+                  "data"),
     "strings": "do the string processing (tokenizing, label mapping) outside the model, before or after kiln runs it",
     "sequences": "export with fixed tensors (Concat/Split) instead of sequence ops",
     "no-fast-tactic": ("replace the op: RNNs by an unrolled or attention-based layer where you can; quantized "
@@ -515,10 +529,10 @@ def _slow_path_findings(model: ir.Model) -> list[Finding]:
         findings.append(Finding(
             rule=SLOW_PATH,
             title=f"{node.op_type} {node.name!r} runs on a slow path ({kind})",
-            nodes=[node.name],
+            nodes=[node.name or ""],
             why=why,
             fix=_SLOW_FIXES[kind],
-            shapes={v.name: shape_of(v) for v in values if shape_of(v) is not None},
+            shapes={v.name or "": shape for v in values if (shape := shape_of(v)) is not None},
             details={"kind": kind, "op_type": node.op_type, "domain": node.domain},
         ))
     return findings
@@ -588,7 +602,8 @@ def render_text(report: Report) -> str:
         for entry in report.entries:
             if entry.finding.rule == rule:
                 fixers[entry.finding.pass_name] = fixers.get(entry.finding.pass_name, 0) + 1
-        by = ", ".join((f"fixed by {name}" if name else "not fixed automatically") + (f" ({n})" if len(fixers) > 1 else "")
+        by = ", ".join((f"fixed by {name}" if name else "not fixed automatically") + (f" ({n})" if len(fixers) > 1
+                                                                                      else "")
                        for name, n in fixers.items())
         rows.append([rule, f"x{count}", by])
     lines += plain_lines([Column("rule"), Column("count", numeric=True), Column("fixed by")], rows, header=False,
@@ -604,7 +619,8 @@ def render_text(report: Report) -> str:
         lines.append(f"    nodes:  {_nodes_text(f.nodes)}")
         if f.shapes:
             shapes = list(f.shapes.items())
-            text = ", ".join(f"{k} {_shape_text(v)}" for k, v in shapes[:6]) + (f" (+{len(shapes) - 6} more)" if len(shapes) > 6 else "")
+            text = ", ".join(f"{k} {_shape_text(v)}" for k, v in shapes[:6]) + (f" (+{len(shapes) - 6} more)"
+                                                                                if len(shapes) > 6 else "")
             lines.append(f"    shapes: {text}")
         lines.append(f"    impact: {_percent(entry.flops_share)} of FLOPs, {_percent(entry.bytes_share)} of bytes "
                      f"({_amount(entry.flops, 'FLOPs')}, {_amount(entry.bytes, 'B')})")

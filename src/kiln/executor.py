@@ -64,8 +64,8 @@ class _GraphPlan:
 
     def __init__(self, graph: ir.Graph, executor: Executor) -> None:
         self.graph = graph
-        self.input_names = [v.name for v in graph.inputs]
-        self.output_names = [v.name for v in graph.outputs]
+        self.input_names = [v.name or "" for v in graph.inputs]  # unnamed (built in Python): "", as in the file
+        self.output_names = [v.name or "" for v in graph.outputs]
         self.constants: dict[str, Any] = {}
         for name, value in graph.initializers.items():
             if value.const_value is not None:
@@ -81,7 +81,7 @@ class _GraphPlan:
             fn = sizes.bind(domain, node.op_type, fn)
             op = OpContext(node, opset, executor.device, executor.run_subgraph)
             inputs = [v.name if v is not None and v.name else None for v in node.inputs]
-            outputs = [v.name for v in node.outputs]
+            outputs = [v.name or "" for v in node.outputs]
             self.steps.append(NodeStep(fn, op, inputs, outputs, []))
             for name in [n for n in inputs if n] + sorted(_captured_names(node)):
                 last_use[name] = index
@@ -163,7 +163,7 @@ class Executor:
     def node_steps(self) -> dict[str, NodeStep]:
         """The main graph's bound steps by node name, in the order ``run`` runs them (the builder's
         Node layers run them)."""
-        return {step.op.node.name: step for step in self._main.steps}
+        return {step.op.node.name or "": step for step in self._main.steps}
 
     @property
     def constants(self) -> dict[str, Any]:
@@ -248,7 +248,7 @@ class Executor:
         return [env[name] for name in plan.output_names]
 
     def _check_feeds(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
-        expected = {v.name: v for v in self.inputs}
+        expected = {v.name or "": v for v in self.inputs}
         unknown = sorted(set(feeds) - set(expected) - set(self._main.constants))
         if unknown:
             raise InputError(f"{self.name}: unknown input(s) {unknown}; the model's inputs are {sorted(expected)}")

@@ -65,17 +65,20 @@ def read_npz(path: str | os.PathLike[str], *, max_tensor_bytes: int | None = Non
     except (FileNotFoundError, NotADirectoryError):
         raise InputError(f"{label}: no such inputs file") from None
     except (OSError, ValueError) as error:
-        raise InputError(f"{label}: cannot read the inputs file ({getattr(error, 'strerror', None) or error})") from None
+        raise InputError(f"{label}: cannot read the inputs file "
+                         f"({getattr(error, 'strerror', None) or error})") from None
     if not stat.S_ISREG(info.st_mode):
         raise InputError(f"{label}: it is {file_kind(info.st_mode)}, not a regular file; inputs are an .npz file")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))  # replaced by a FIFO since: no wait
+        # replaced by a FIFO since: no wait
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         with os.fdopen(fd, "rb") as handle:
             if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
                 raise InputError(f"{label}: not a regular file; inputs are an .npz file")
             with zipfile.ZipFile(handle) as archive:
                 members = _npz_members(archive, label, limit)
-                return {key: _read_member(archive, member, f"{label}: array {key!r}", limit) for key, member in members.items()}
+                return {key: _read_member(archive, member, f"{label}: array {key!r}", limit)
+                        for key, member in members.items()}
     except KilnError:
         raise
     except _READ_ERRORS as error:
@@ -88,7 +91,8 @@ def _npz_members(archive: zipfile.ZipFile, label: str, limit: int) -> dict[str, 
     total = 0
     for member in archive.infolist():
         if not member.filename.endswith(".npy"):
-            raise InputError(f"{label}: member {member.filename[:100]!r} is not a .npy array; an inputs file holds only arrays")
+            raise InputError(f"{label}: member {member.filename[:100]!r} is not a .npy array; an inputs file holds "
+                             "only arrays")
         key = member.filename[:-4]
         if key in members:
             raise InputError(f"{label}: array {key[:100]!r} is stored twice")
@@ -96,8 +100,8 @@ def _npz_members(archive: zipfile.ZipFile, label: str, limit: int) -> dict[str, 
             raise InputError(f"{label}: array {key[:100]!r} is encrypted")
         total += member.file_size
         if total > limit:
-            raise ResourceLimitError(f"{label}: its arrays inflate to more than {limits.format_bytes(limit)}, the limit on "
-                                     f"one tensor ({limits.HOW_TO_RAISE})")
+            raise ResourceLimitError(f"{label}: its arrays inflate to more than {limits.format_bytes(limit)}, the "
+                                     f"limit on one tensor ({limits.HOW_TO_RAISE})")
         members[key] = member
     return members
 
@@ -109,7 +113,8 @@ def _read_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, what: str, l
     with archive.open(member) as stream:
         version = fmt.read_magic(stream)
         if version not in ((1, 0), (2, 0)):
-            raise InputError(f"{what}: .npy format version {version[0]}.{version[1]} is not one numpy writes for plain arrays")
+            raise InputError(f"{what}: .npy format version {version[0]}.{version[1]} is not one numpy writes for plain "
+                             "arrays")
         try:
             read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
             shape, _, dtype = read_header(stream)
@@ -124,9 +129,10 @@ def _read_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, what: str, l
         raise InputError(f"{what}: a structured dtype {str(dtype)[:100]}; give each field as its own array")
     wide = dtype.itemsize > {"f": 8, "c": 16}.get(dtype.kind, dtype.itemsize)  # long double
     if dtype.kind not in _NPZ_KINDS or wide:
-        raise InputError(f"{what}: dtype {str(dtype)[:100]} is not one kiln can hold (bool, integers, floats up to 64 bits, "
-                         "complex, strings)" + ("; bfloat16 and float8 arrays lose their type in .npy: store their bits "
-                                                "as uint16/uint8 or the values as float32" if dtype.kind == "V" else ""))
+        raise InputError(f"{what}: dtype {str(dtype)[:100]} is not one kiln can hold (bool, integers, floats up to 64 "
+                         "bits, complex, strings)"
+                         + ("; bfloat16 and float8 arrays lose their type in .npy: store their bits "
+                            "as uint16/uint8 or the values as float32" if dtype.kind == "V" else ""))
     if dtype.itemsize == 0:
         raise InputError(f"{what}: dtype {dtype} has elements of zero bytes")
     if len(shape) > 64 or any(type(d) is not int or d < 0 for d in shape):  # numpy's parser lets True through
@@ -135,7 +141,8 @@ def _read_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, what: str, l
     size = math.prod(shape) * dtype.itemsize
     if size > member.file_size - header:
         raise InputError(f"{what}: the header declares {'x'.join(map(str, shape)) or 'a scalar'} {dtype} "
-                         f"({size:,} bytes) but the member holds {max(member.file_size - header, 0):,}; the file is corrupt")
+                         f"({size:,} bytes) but the member holds {max(member.file_size - header, 0):,}; the file is "
+                         "corrupt")
     with archive.open(member) as stream:
         array = fmt.read_array(stream, allow_pickle=False)
     if array.dtype.byteorder == ">":
@@ -145,31 +152,36 @@ def _read_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, what: str, l
 
 def write_npz(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray]) -> None:
     """Write the arrays to an .npz atomically (never half a file, even on a full disk)."""
-    write_atomically(path, lambda handle: np.savez(handle, **{k: np.asarray(v) for k, v in arrays.items()}))
+    # numpy's stub types savez's **kwds against its allow_pickle: bool keyword
+    write_atomically(path, lambda handle: np.savez(handle, **{k: np.asarray(v) for k, v in arrays.items()}))  # type: ignore[arg-type]
 
 
 def concrete_shape(value: ir.Value, shapes: Mapping[str, Sequence[int]], model: str) -> tuple[int, ...]:
     """The shape to use for an input: ``--shapes`` if given, else its declared static shape."""
-    if value.name in shapes:
+    if value.name is not None and value.name in shapes:
         given = tuple(shapes[value.name])
         declared = value.shape
         if declared is not None:
             if len(declared) != len(given):
-                raise InputError(f"{model}: --shapes gives input {value.name!r} rank {len(given)}, the model declares rank {len(declared)}")
+                raise InputError(f"{model}: --shapes gives input {value.name!r} rank {len(given)}, the model declares "
+                                 f"rank {len(declared)}")
             for axis, (dim, size) in enumerate(zip(declared, given)):
                 if isinstance(dim, int) and dim != size:
-                    raise InputError(f"{model}: --shapes gives input {value.name!r} size {size} on axis {axis}, the model fixes it at {dim}")
+                    raise InputError(f"{model}: --shapes gives input {value.name!r} size {size} on axis {axis}, the "
+                                     f"model fixes it at {dim}")
         return given
     if value.shape is None:
-        raise InputError(f"{model}: input {value.name!r} has no declared shape; give one with --shapes {value.name}:AxB...")
-    dynamic = [axis for axis, dim in enumerate(value.shape) if not isinstance(dim, int)]
+        raise InputError(f"{model}: input {value.name!r} has no declared shape; give one with --shapes "
+                         f"{value.name}:AxB...")
+    dynamic = {axis: dim for axis, dim in enumerate(value.shape) if not isinstance(dim, int)}
     if dynamic:
-        names = [str(value.shape[a].value or "?") for a in dynamic]
+        names = [str(dim.value or "?") for dim in dynamic.values()]
         raise InputError(
-            f"{model}: input {value.name!r} has dynamic dimension(s) {names} at axis {dynamic}; "
-            f"give sizes with --shapes {value.name}:{'x'.join(str(d) if isinstance(d, int) else 'N' for d in value.shape)}"
+            f"{model}: input {value.name!r} has dynamic dimension(s) {names} at axis {list(dynamic)}; "
+            "give sizes with --shapes "
+            f"{value.name}:{'x'.join(str(d) if isinstance(d, int) else 'N' for d in value.shape)}"
         )
-    return tuple(int(d) for d in value.shape)
+    return value.shape.numpy()  # every dim an int (checked above)
 
 
 def engine_input_values(engine) -> list[ir.Value]:
@@ -187,7 +199,8 @@ def engine_input_values(engine) -> list[ir.Value]:
             symbols = names.get(spec["name"], [])
             shape = ir.Shape([d if d is not None else ir.SymbolicDim(symbols[axis] if axis < len(symbols) else None)
                               for axis, d in enumerate(spec["shape"])])
-        values.append(ir.Value(name=spec["name"], type=ir.TensorType(getattr(ir.DataType, spec["dtype"].upper())), shape=shape))
+        values.append(ir.Value(name=spec["name"], type=ir.TensorType(getattr(ir.DataType, spec["dtype"].upper())),
+                               shape=shape))
     return values
 
 
@@ -205,8 +218,9 @@ def random_inputs(
         shape = concrete_shape(value, shapes, model)
         dtype = value.dtype
         if dtype is None or dtype == ir.DataType.STRING:
-            raise InputError(f"{model}: cannot make a random value for input {value.name!r} of type {value.type}; pass --inputs")
-        feeds[value.name] = random_array(rng, shape, dtype, f"{model}: random input {value.name!r}")
+            raise InputError(f"{model}: cannot make a random value for input {value.name!r} of type {value.type}; pass "
+                             "--inputs")
+        feeds[value.name or ""] = random_array(rng, shape, dtype, f"{model}: random input {value.name!r}")
     return feeds
 
 

@@ -78,7 +78,8 @@ def print_table(console: Console, columns: Sequence[Column], rows: Sequence[Sequ
 def build_summary(engine) -> list[list[str]]:
     """What a build made, as (what, value) rows: layers and fusions, tactics, precisions, profiles, time."""
     summary, report, plan = engine.summary(), engine.report, engine.plan
-    rows = [["passes", ", ".join(f"{k} x{v}" for k, v in plan.get("passes", {}).items() if v) or "none rewrote anything"],
+    rows = [["passes", ", ".join(f"{k} x{v}" for k, v in plan.get("passes", {}).items() if v) or "none rewrote "
+                                                                                                 "anything"],
             ["layers", f"{summary['layers']} ({summary['fused_layers']} fused, from {summary['nodes']} nodes)"],
             ["tactics", ", ".join(f"{k} x{v}" for k, v in summary["tactics"].items())],
             ["precisions", ", ".join(f"{k} x{v}" for k, v in summary["precisions"].items())],

@@ -84,7 +84,8 @@ def test_the_shared_symbolic_dim_batches_the_state_on_axis_1_and_the_scalar_pass
 
 def test_real_inputs_repeat_along_each_batch_axis_and_a_scalar_is_used_as_given(model_path, seen):
     state = np.random.default_rng(1).standard_normal((2, 3, 4)).astype(np.float32)
-    options = BenchOptions(batches=[2, 5], batch_axes={"x": 0, "state": 1}, inputs={"sr": np.array(16000), "state": state},
+    options = BenchOptions(batches=[2, 5], batch_axes={"x": 0, "state": 1},
+                           inputs={"sr": np.array(16000), "state": state},
                            build=kiln.BuildConfig(device="cpu", opt_level=0), **QUICK)
     result = run_bench(model_path, options)
     np.testing.assert_array_equal(seen[0]["state"], state[:, :2])
@@ -104,7 +105,8 @@ def test_unnamed_batch_dims_batch_axis_0_by_default_and_take_batch_axes(tmp_path
     axes, note = batch_axes(inputs, BenchOptions(batches=[2]))
     assert axes == {"x": 0} and "axis 0 of each input whose axis 0 is dynamic" in note and "as given: state, sr" in note
     options = BenchOptions(batches=[2], build=kiln.BuildConfig(device="cpu", opt_level=0), **QUICK)
-    with pytest.raises(KilnError, match=r"input .state. has dynamic dimensions \(2x\?x4\).*--shapes state:2xNx4, or batch it with --batch-axes state:AXIS"):
+    with pytest.raises(KilnError, match=r"input .state. has dynamic dimensions \(2x\?x4\).*--shapes state:2xNx4, or "
+                                        r"batch it with --batch-axes state:AXIS"):
         run_bench(path, options)
     run_bench(path, replace(options, batch_axes={"x": 0, "state": -2}))
     assert _shapes(seen[0]) == {"x": (2, 8), "state": (2, 2, 4), "sr": ()}
@@ -133,7 +135,8 @@ def test_static_models_batch_axis_0_at_their_own_size():
 def test_batch_axes_that_cannot_be_are_refused(model_path, axes, message):
     model = kiln.load_model(model_path)
     with pytest.raises(KilnError, match=message):
-        batch_axes([v for v in model.graph.inputs if not v.is_initializer()], BenchOptions(batches=[2], batch_axes=axes))
+        batch_axes([v for v in model.graph.inputs if not v.is_initializer()],
+                   BenchOptions(batches=[2], batch_axes=axes))
 
 
 def test_parse_batch_axes():
@@ -169,7 +172,8 @@ def test_the_build_runs_the_model_on_the_given_inputs(tmp_path):
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8]),
          helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", "cols"])],
-        [numpy_helper.from_array(np.array(16000, np.int64), "rate"), numpy_helper.from_array(np.array([-1, 3], np.int64), "three")],
+        [numpy_helper.from_array(np.array(16000, np.int64), "rate"),
+         numpy_helper.from_array(np.array([-1, 3], np.int64), "three")],
     )
     path = tmp_path / "branches_on_sr.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)

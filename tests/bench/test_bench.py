@@ -45,7 +45,8 @@ class Branches(torch.nn.Module):
 
 
 def test_batch_sweep_with_peers_saturation_and_layer_profile(model_path):
-    options = BenchOptions(batches=[1, 4, 16], shapes={"x": (1, WIDTH)}, build=kiln.BuildConfig(device="cpu", opt_level=1),
+    options = BenchOptions(batches=[1, 4, 16], shapes={"x": (1, WIDTH)},
+                           build=kiln.BuildConfig(device="cpu", opt_level=1),
                            peers=["eager", "onnxruntime", "compile-reduce-overhead"], profile_layers=True, **QUICK)
     messages: list[str] = []
     result = run_bench(model_path, options, progress=messages.append, command="kiln bench test")
@@ -108,7 +109,8 @@ def test_the_reference_shows_when_kiln_itself_is_wrong(model_path, monkeypatch):
 
 def test_cli_writes_json_and_plot_and_prints_the_tables(model_path, tmp_path, capsys):
     out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
-    assert main(["bench", str(model_path), "--device", "cpu", "--batch", "1,8", "--shapes", f"x:1x{WIDTH}", "--iterations", "15",
+    assert main(["bench", str(model_path), "--device", "cpu", "--batch", "1,8", "--shapes", f"x:1x{WIDTH}",
+                 "--iterations", "15",
                  "--warmup-ms", "5", "--peers", "onnxruntime", "--profile-layers", "--opt-level", "0",
                  "--json", str(out_json), "--plot", str(out_png)]) == 0
     out = capsys.readouterr().out
@@ -116,7 +118,8 @@ def test_cli_writes_json_and_plot_and_prints_the_tables(model_path, tmp_path, ca
         assert piece in out
     data = json.loads(out_json.read_text())
     assert data["command"].startswith("kiln bench ") and len(data["rows"]) == 4 and data["saturation"]["steps"]
-    assert all(row["ref_ok"] is True for row in data["rows"]) and data["config"]["tolerance"] == {"atol": None, "rtol": None}
+    assert all(row["ref_ok"] is True for row in data["rows"])
+    assert data["config"]["tolerance"] == {"atol": None, "rtol": None}
     assert out_png.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -125,7 +128,8 @@ def test_an_engine_file_with_its_onnx_for_the_peers(model_path, tmp_path, capsys
     assert main(["build", str(model_path), "-o", str(engine), "--device", "cpu", "--opt-level", "0", "--quiet",
                  "--min-shapes", f"x:1x{WIDTH}", "--opt-shapes", f"x:4x{WIDTH}", "--max-shapes", f"x:8x{WIDTH}"]) == 0
     capsys.readouterr()
-    assert main(["bench", str(engine), "--batch", "2,8", "--shapes", f"x:1x{WIDTH}", "--iterations", "10", "--warmup-ms", "1",
+    assert main(["bench", str(engine), "--batch", "2,8", "--shapes", f"x:1x{WIDTH}", "--iterations", "10",
+                 "--warmup-ms", "1",
                  "--peers", "eager", "--onnx", str(model_path), "--contexts", "2"]) == 0
     assert "eager" in capsys.readouterr().out
     result = run_bench(engine, BenchOptions(batches=[4], shapes={"x": (1, WIDTH)}, contexts=3, **QUICK))
@@ -145,7 +149,8 @@ def test_an_engine_file_with_its_onnx_for_the_peers(model_path, tmp_path, capsys
     (["--onnx", "m.onnx"], "--onnx names the ONNX file a .kiln engine was built from"),
 ])
 def test_bad_options_are_one_line_exit_2(model_path, capsys, flags, message):
-    assert main(["bench", str(model_path), "--device", "cpu", "--shapes", f"x:2x{WIDTH}", "--iterations", "2", *flags]) == 2
+    assert main(["bench", str(model_path), "--device", "cpu", "--shapes", f"x:2x{WIDTH}", "--iterations", "2",
+                 *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
 
@@ -171,7 +176,8 @@ def test_parse_batches():
 
 
 def test_without_batches_the_given_shapes_are_measured(model_path):
-    result = run_bench(model_path, BenchOptions(shapes={"x": (3, WIDTH)}, build=kiln.BuildConfig(device="cpu", opt_level=0),
+    result = run_bench(model_path,
+                       BenchOptions(shapes={"x": (3, WIDTH)}, build=kiln.BuildConfig(device="cpu", opt_level=0),
                                                 repeats=1, **QUICK))
     assert result.batches == [3] and result.saturation is None and result.row("kiln", 3).spread is None
     assert np.isfinite(result.row("kiln", 3).best.latency_ms.p99)
@@ -189,7 +195,8 @@ def test_an_engine_object_and_real_inputs(model_path, tmp_path, monkeypatch, cap
     data = np.random.default_rng(7).standard_normal((3, WIDTH)).astype(np.float32)
     seen: list[np.ndarray] = []
     original = targets.KilnTarget.setup
-    monkeypatch.setattr(targets.KilnTarget, "setup", lambda self, feeds: (seen.append(feeds["x"]), original(self, feeds))[1])
+    monkeypatch.setattr(targets.KilnTarget, "setup",
+                        lambda self, feeds: (seen.append(feeds["x"]), original(self, feeds))[1])
     options = BenchOptions(batches=[2, 5], inputs={"x": data}, peers=["onnxruntime"], onnx=model_path, **QUICK)
     result = run_bench(engine, options)
     assert result.model == engine.name and result.batches == [2, 5]
@@ -209,6 +216,7 @@ def test_an_engine_object_and_real_inputs(model_path, tmp_path, monkeypatch, cap
     write_npz(npz, {"x": data})
     capsys.readouterr()
     seen.clear()
-    assert main(["bench", str(model_path), "--device", "cpu", "--inputs", str(npz), "--iterations", "5", "--warmup-ms", "0",
+    assert main(["bench", str(model_path), "--device", "cpu", "--inputs", str(npz), "--iterations", "5", "--warmup-ms",
+                 "0",
                  "--repeats", "1", "--opt-level", "0"]) == 0
     np.testing.assert_array_equal(seen[0], data)  # no --batch, no --shapes: the data's own shape

@@ -68,8 +68,8 @@ def outer_scope_if_model() -> onnx.ModelProto:
                    else: Reshape(Reshape(x, [-1, 3]), xs))
 
     The branches read a top-level value (h), a shape-arithmetic value (xs), graph inputs (x, c),
-    initializers (w, frames, and k, which the top level reads too) and, in the nested If, a value of the enclosing branch (t). The else
-    branch (the "8 kHz" one) fails unless 4 * N is a multiple of 3: at N=2 the model needs
+    initializers (w, frames, and k, which the top level reads too) and, in the nested If, a value of the enclosing
+    branch (t). The else branch (the "8 kHz" one) fails unless 4 * N is a multiple of 3: at N=2 the model needs
     sr == 16000, which random integers in [0, 2) never are."""
     rng = np.random.default_rng(3)
     f = TensorProto.FLOAT
@@ -83,7 +83,8 @@ def outer_scope_if_model() -> onnx.ModelProto:
     other = helper.make_graph([helper.make_node("Reshape", ["x", "frames"], ["framed"]),
                                helper.make_node("Reshape", ["framed", "xs"], ["e"])],
                               "else", [], [helper.make_tensor_value_info("e", f, ["N", 4])])
-    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"), helper.make_node("Mul", ["r", "k"], ["h"], name="scale"),
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Mul", ["r", "k"], ["h"], name="scale"),
              helper.make_node("Shape", ["x"], ["xs"], name="shape"),
              helper.make_node("Equal", ["sr", "sixteen"], ["eq"], name="is_16k"),
              helper.make_node("If", ["eq"], ["y"], name="branch", then_branch=then, else_branch=other)]
@@ -92,7 +93,8 @@ def outer_scope_if_model() -> onnx.ModelProto:
              numpy_helper.from_array(np.array(16000, np.int64), "sixteen"),
              numpy_helper.from_array(np.array([-1, 3], np.int64), "frames")]
     graph = helper.make_graph(nodes, "outer_scope_if",
-                              [helper.make_tensor_value_info("x", f, ["N", 4]), helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+                              [helper.make_tensor_value_info("x", f, ["N", 4]),
+                               helper.make_tensor_value_info("sr", TensorProto.INT64, []),
                                helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
                               [helper.make_tensor_value_info("y", f, ["N", 4])], inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)

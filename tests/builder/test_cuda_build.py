@@ -16,7 +16,8 @@ from tests.builder.graphs import model, node, weights
 
 pytestmark = pytest.mark.cuda
 
-CASES = [("resnet", "torchscript"), ("bert", "torchscript"), ("gpt2", "dynamo"), ("vit", "dynamo"), ("convnext", "torchscript"),
+CASES = [("resnet", "torchscript"), ("bert", "torchscript"), ("gpt2", "dynamo"), ("vit", "dynamo"),
+         ("convnext", "torchscript"),
          ("mobilenet_v3", "dynamo"), ("efficientnet", "torchscript")]
 
 
@@ -25,7 +26,8 @@ CASES = [("resnet", "torchscript"), ("bert", "torchscript"), ("gpt2", "dynamo"),
 def test_engine_matches_onnxruntime_on_every_run(tmp_path, family, exporter, precision, tol):
     """Run 1 runs every layer, run 2 captures a CUDA graph, run 3 replays it: all three match."""
     path = export_family(tmp_path, family, exporter)
-    feeds = {k: v.numpy() for k, v in example_inputs(family, batch=3, seq=6, generator=torch.Generator().manual_seed(5)).items()}
+    feeds = {k: v.numpy()
+             for k, v in example_inputs(family, batch=3, seq=6, generator=torch.Generator().manual_seed(5)).items()}
     profile = Profile.from_lists(opt_shapes={k: v.shape for k, v in feeds.items()})
     flags = {} if precision == "fp32" else {precision: True}
     engine = kiln.build(path, BuildConfig(device="cuda", opt_level=2, profiles=[profile], **flags))
@@ -38,27 +40,32 @@ def test_engine_matches_onnxruntime_on_every_run(tmp_path, family, exporter, pre
 
 
 def _models(rng):
-    conv = model([node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), node("Add", ["c", "z"], ["s"]), node("Relu", ["s"], ["y"])],
+    conv = model([node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), node("Add", ["c", "z"], ["s"]),
+                  node("Relu", ["s"], ["y"])],
                  [("x", [4, 16, 8, 8]), ("z", [4, 32, 8, 8])], [("y", [4, 32, 8, 8])],
                  [("w", weights(rng, 32, 16, 3, 3)), ("b", weights(rng, 32))])
     gemm = model([node("MatMul", ["x", "w"], ["m"]), node("Add", ["m", "b"], ["a"]), node("Relu", ["a"], ["y"])],
                  [("x", [4, 32, 64])], [("y", [4, 32, 128])], [("w", weights(rng, 64, 128)), ("b", weights(rng, 128))])
     norm = model([node("Add", ["x", "r"], ["s"]), node("LayerNormalization", ["s", "g", "b"], ["y"])],
-                 [("x", [4, 32, 96]), ("r", [4, 32, 96])], [("y", [4, 32, 96])], [("g", weights(rng, 96) + 1), ("b", weights(rng, 96))])
+                 [("x", [4, 32, 96]), ("r", [4, 32, 96])], [("y", [4, 32, 96])],
+                 [("g", weights(rng, 96) + 1), ("b", weights(rng, 96))])
     softmax = model([node("Softmax", ["x"], ["y"], axis=-1)], [("x", [4, 8, 100])], [("y", [4, 8, 100])])
     chain = model([node("Mul", ["x", "r"], ["a"]), node("Tanh", ["a"], ["b"]), node("Add", ["b", "r"], ["y"])],
                   [("x", [4, 32, 64]), ("r", [64])], [("y", [4, 32, 64])])
     from onnx import TensorProto
 
-    attention = model([node("Mul", ["q", "r"], ["qs"]), node("Mul", ["k", "r"], ["ks"]), node("MatMul", ["qs", "ks"], ["s"]),
+    attention = model([node("Mul", ["q", "r"], ["qs"]), node("Mul", ["k", "r"], ["ks"]),
+                       node("MatMul", ["qs", "ks"], ["s"]),
                        node("Where", ["m", "zero", "ninf"], ["bias"]), node("Add", ["s", "bias"], ["x"]),
                        node("Softmax", ["x"], ["p"], axis=-1), node("IsNaN", ["p"], ["nan"]),
                        node("Where", ["nan", "zero", "p"], ["pc"]), node("MatMul", ["pc", "v"], ["y"])],
-                      [("q", [4, 12, 64, 64]), ("k", [4, 12, 64, 64]), ("v", [4, 12, 64, 64]), ("m", [4, 1, 1, 64], TensorProto.BOOL)],
+                      [("q", [4, 12, 64, 64]), ("k", [4, 12, 64, 64]), ("v", [4, 12, 64, 64]),
+                       ("m", [4, 1, 1, 64], TensorProto.BOOL)],
                       [("y", [4, 12, 64, 64])],
                       [("r", np.array(64 ** -0.25, np.float32)), ("zero", np.array(0.0, np.float32)),
                        ("ninf", np.array(-np.inf, np.float32))])
-    return {"attention.torch": attention, "attention.sdpa": attention, "conv.nchw": conv, "conv.nhwc": conv, "conv.cudnn_fused": conv, "gemm.torch": gemm, "gemm.cublaslt": gemm,
+    return {"attention.torch": attention, "attention.sdpa": attention, "conv.nchw": conv, "conv.nhwc": conv,
+            "conv.cudnn_fused": conv, "gemm.torch": gemm, "gemm.cublaslt": gemm,
             "gemm.triton": gemm, "layernorm.torch": norm, "layernorm.triton": norm, "softmax.torch": softmax,
             "softmax.triton": softmax, "pointwise.torch": chain, "pointwise.triton": chain}
 

@@ -77,8 +77,10 @@ def test_a_looser_tolerance_keeps_the_layers_where_they_are():
 
 def test_pinned_layers_that_keep_the_outputs_over_tolerance_fail_the_build():
     m, feeds = _model_and_inputs()
-    with pytest.raises(PrecisionError, match=r"'a' .* over the fp16 tolerance of fp32 .*pinned by --layer-precision: a"):
-        kiln.build(m, BuildConfig(device="cpu", fp16=True, opt_level=1, layer_precisions={"a": "fp16"}), calibration=feeds)
+    with pytest.raises(PrecisionError,
+                       match=r"'a' .* over the fp16 tolerance of fp32 .*pinned by --layer-precision: a"):
+        kiln.build(m, BuildConfig(device="cpu", fp16=True, opt_level=1, layer_precisions={"a": "fp16"}),
+                   calibration=feeds)
 
 
 class _Drifting(GemmTorch):
@@ -108,7 +110,8 @@ def test_an_engine_over_tolerance_even_in_fp32_fails_the_build(monkeypatch):
     m = model([node("MatMul", ["x", "w"], ["y"])], [("x", [4, K])], [("y", [4, 8])],
               [("w", rng.standard_normal((K, 8)).astype(np.float32))])
     config = dict(device="cpu", opt_level=0, allow_tactics=["gemm.drifting"])
-    with pytest.raises(PrecisionError, match=r"on seeded random inputs the engine's output\(s\) 'y' .* over the fp32 tolerance"):
+    with pytest.raises(PrecisionError, match=r"on seeded random inputs the engine's output\(s\) 'y' .* over the fp32 "
+                                             r"tolerance"):
         kiln.build(m, BuildConfig(**config))
     engine = kiln.build(m, BuildConfig(**config, precision_check=False))  # the check is what refuses it
     assert engine.plan["layers"][0]["choices"][0]["tactic"] == "gemm.drifting"
@@ -120,7 +123,8 @@ def test_a_strongly_typed_model_is_judged_at_its_own_types(elem, precision):
     from onnx import TensorProto
 
     rng = np.random.default_rng(4)
-    m = model([node("Transpose", ["x"], ["t"], perm=[1, 0]), node("Neg", ["t"], ["y"])], [("x", [4, 8])], [("y", [8, 4])],
+    m = model([node("Transpose", ["x"], ["t"], perm=[1, 0]), node("Neg", ["t"], ["y"])], [("x", [4, 8])],
+              [("y", [8, 4])],
               elem=TensorProto.FLOAT if elem == np.float32 else TensorProto.FLOAT16)
     engine = kiln.build(m, BuildConfig(device="cpu", strongly_typed=True, opt_level=1))
     assert {layer["precision"] for layer in engine.plan["layers"]} == {"native"}  # Node layers, in the model's types
@@ -135,12 +139,16 @@ def test_a_layer_that_cannot_take_the_reduced_precision_values_fails_the_build_n
     from onnx import TensorProto, helper, numpy_helper
 
     graph = helper.make_graph(
-        [node("Mul", ["x", "k"], ["tiny"]), node("NonZero", ["tiny"], ["nz"]), node("Reshape", ["nz", "to"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])], [helper.make_tensor_value_info("y", TensorProto.INT64, [4, 8])],
-        [numpy_helper.from_array(np.array(1e-8, np.float32), "k"), numpy_helper.from_array(np.array([4, 8], np.int64), "to")])
-    m = kiln.load_model_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), name="g")
-    with pytest.raises(kiln.KilnError, match=r"layer 'y' \(Reshape, fp16\) failed in the end-to-end run .* pin it or the "
-                                             r"reduced-precision layers before it \(tiny\) to fp32"):
+        [node("Mul", ["x", "k"], ["tiny"]), node("NonZero", ["tiny"], ["nz"]), node("Reshape", ["nz", "to"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, [4, 8])],
+        [numpy_helper.from_array(np.array(1e-8, np.float32), "k"),
+         numpy_helper.from_array(np.array([4, 8], np.int64), "to")])
+    m = kiln.load_model_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10),
+                              name="g")
+    with pytest.raises(kiln.KilnError, match=r"layer 'y' \(Reshape, fp16\) failed in the end-to-end run .* pin it or "
+                                             r"the reduced-precision layers before it \(tiny\) to fp32"):
         kiln.build(m, BuildConfig(device="cpu", fp16=True, opt_level=1, layer_precisions={"tiny": "fp16"}))
     engine = kiln.build(m, BuildConfig(device="cpu", fp16=True, opt_level=1))  # unpinned, tiny falls back
     x = np.random.default_rng(5).standard_normal((4, 4)).astype(np.float32)

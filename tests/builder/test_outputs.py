@@ -25,7 +25,8 @@ def _model() -> onnx.ModelProto:
     """Outputs: w (an initializer), x (the input), y = x + w, y again, z = w * 2 (folded from constants)."""
     w = np.arange(6, dtype=np.float32).reshape(2, 3)
     graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "w"], ["y"], name="add"), helper.make_node("Mul", ["w", "two"], ["z"], name="double")],
+        [helper.make_node("Add", ["x", "w"], ["y"], name="add"),
+         helper.make_node("Mul", ["w", "two"], ["z"], name="double")],
         "outputs", [helper.make_tensor_value_info("x", F, [2, 3])],
         [helper.make_tensor_value_info(name, F, [2, 3]) for name in ("w", "x", "y", "y", "z")],
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(2, np.float32), "two")])
@@ -67,9 +68,11 @@ def test_constant_and_passthrough_outputs_are_copies(files):
 
 
 @pytest.mark.parametrize("mutate,match", [
-    (lambda plan, stored: plan["outputs"][0].update(constant="nothing.here"), "plan.outputs[0].constant names \"nothing.here\", not a stored tensor"),
+    (lambda plan, stored: plan["outputs"][0].update(constant="nothing.here"),
+     "plan.outputs[0].constant names \"nothing.here\", not a stored tensor"),
     (lambda plan, stored: plan["outputs"][0].update(dtype="float16"), "plan.outputs[0].constant is torch.float32"),
-    (lambda plan, stored: plan["outputs"][2].update(constant=plan["outputs"][0]["constant"]), "plan.outputs[2].name names \"y\", which is also an input or a layer's output"),
+    (lambda plan, stored: plan["outputs"][2].update(constant=plan["outputs"][0]["constant"]),
+     "plan.outputs[2].name names \"y\", which is also an input or a layer's output"),
     (lambda plan, stored: plan["outputs"][0].update(constant=7), "plan.outputs[0].constant"),
 ], ids=["missing tensor", "wrong dtype", "also computed", "not a string"])
 def test_the_schema_refuses_constant_outputs_that_do_not_fit(files, tmp_path, mutate, match):

@@ -43,7 +43,8 @@ def test_a_layer_faster_in_fp32_runs_in_fp32_and_says_so(times):
     assert _precision(engine) == "fp32"
     notes = engine.plan["layers"][0]["notes"]
     assert any("runs in fp32, 1 ms against 5 ms in fp16" in note for note in notes), notes
-    assert any("1 layer(s) run in fp32: their tactics there were faster than in fp16" in line for line in engine.report.lines)
+    assert any("1 layer(s) run in fp32: their tactics there were faster than in fp16" in line
+               for line in engine.report.lines)
 
 
 def test_a_layer_faster_in_fp16_keeps_fp16(times):

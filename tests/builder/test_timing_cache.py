@@ -403,7 +403,8 @@ def test_concurrent_saves_lose_nothing(tmp_path):
     assert len(cache) == 800
     for worker in range(4):
         for i in range(200):
-            assert cache.get(cache.key({**FIELDS, "worker": worker, "i": i})) == {"ms": i / 10, "ok": True, "worker": worker}
+            assert cache.get(cache.key({**FIELDS, "worker": worker, "i": i})) == {"ms": i / 10, "ok": True,
+                                                                                  "worker": worker}
 
 
 def test_a_cache_saying_every_tactic_failed_does_not_fail_the_build(tmp_path):

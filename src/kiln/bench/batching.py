@@ -34,7 +34,8 @@ def batch_axes(values, options: BenchOptions, model: str = "model") -> tuple[dic
             axes[name] = axis % rank if rank else axis
         how = "--batch-axes"
     else:
-        places: dict[str, list[tuple[int, int]]] = {}  # symbolic dim name -> (input index, axis) of each input having it
+        # symbolic dim name -> (input index, axis) of each input having it
+        places: dict[str, list[tuple[int, int]]] = {}
         for index, value in enumerate(values):
             for axis, dim in enumerate(value.shape or ()):
                 symbol = None if isinstance(dim, int) else getattr(dim, "value", None)
@@ -80,26 +81,29 @@ def batch_shapes(values, shapes: Mapping[str, tuple[int, ...]], batch: int | Non
         dims = list(given) if given is not None else ([d if isinstance(d, int) else None for d in value.shape]
                                                        if value.shape is not None else None)
         if dims is None:
-            raise KilnError(f"{model}: input {value.name!r} has no declared shape; give it with --shapes {value.name}:AxB...")
+            raise KilnError(f"{model}: input {value.name!r} has no declared shape; give it with --shapes "
+                            f"{value.name}:AxB...")
         axis = axes.get(value.name)
         if axis is not None:
             if axis >= len(dims):
                 raise KilnError(f"{model}: input {value.name!r} has shape {dims}: no batch axis {axis}")
             declared = value.shape[axis] if value.shape is not None and axis < len(value.shape) else None
             if isinstance(declared, int) and declared != batch:
-                raise KilnError(f"{model}: input {value.name!r} has a fixed batch of {declared} (axis {axis}); it cannot run "
-                                f"at batch {batch} (choose the inputs and axes that batch with --batch-axes NAME:AXIS,...)")
+                raise KilnError(f"{model}: input {value.name!r} has a fixed batch of {declared} (axis {axis}); it "
+                                f"cannot run at batch {batch} (choose the inputs and axes that batch with --batch-axes "
+                                "NAME:AXIS,...)")
             dims[axis] = batch
         if any(d is None for d in dims):
             shown = "x".join(str(d) if isinstance(d, int) else (d.value or "?") for d in value.shape)
             raise KilnError(f"{model}: input {value.name!r} has dynamic dimensions ({shown}); give them with --shapes "
                             f"{value.name}:{'x'.join(str(d or 'N') for d in dims)}"
                             + ("" if axis is not None else f", or batch it with --batch-axes {value.name}:AXIS"))
-        result[value.name] = tuple(dims)
+        result[value.name] = tuple(d for d in dims if d is not None)  # none is None (checked above)
     return result
 
 
-def shapes_with_inputs(values, options: BenchOptions, axes: Mapping[str, int], model: str) -> dict[str, tuple[int, ...]]:
+def shapes_with_inputs(values, options: BenchOptions, axes: Mapping[str, int],
+                       model: str) -> dict[str, tuple[int, ...]]:
     """``--shapes`` plus the shape of each array given in ``inputs`` (the two must agree but on the
     batch axis)."""
     known = {v.name: v for v in values}
@@ -112,12 +116,15 @@ def shapes_with_inputs(values, options: BenchOptions, axes: Mapping[str, int], m
         given = tuple(np.shape(array))
         declared = known[name].shape
         if declared is not None and len(declared) != len(given):
-            raise KilnError(f"{model}: input {name!r} from --inputs has shape {list(given)}, the model declares rank {len(declared)}")
+            raise KilnError(f"{model}: input {name!r} from --inputs has shape {list(given)}, the model declares rank "
+                            f"{len(declared)}")
         axis = axes.get(name)
         if axis is not None and given[axis] == 0:
-            raise KilnError(f"{model}: input {name!r} from --inputs has no rows on its batch axis {axis} (shape {list(given)})")
+            raise KilnError(f"{model}: input {name!r} from --inputs has no rows on its batch axis {axis} (shape "
+                            f"{list(given)})")
         if name in shapes:
-            same = len(shapes[name]) == len(given) and all(a == axis or s == g for a, (s, g) in enumerate(zip(shapes[name], given)))
+            same = len(shapes[name]) == len(given) and all(a == axis or s == g
+                                                           for a, (s, g) in enumerate(zip(shapes[name], given)))
             if not same:
                 raise KilnError(f"{model}: --shapes gives input {name!r} shape {list(shapes[name])}, but its array in "
                                 f"--inputs has shape {list(given)}; give one of the two")
@@ -125,7 +132,8 @@ def shapes_with_inputs(values, options: BenchOptions, axes: Mapping[str, int], m
     return shapes
 
 
-def feeds_at(engine, options: BenchOptions, batch: int | None, axes: Mapping[str, int], model: str) -> dict[str, np.ndarray]:
+def feeds_at(engine, options: BenchOptions, batch: int | None, axes: Mapping[str, int],
+             model: str) -> dict[str, np.ndarray]:
     """The inputs at one batch size: ``options.inputs`` (repeated in turn or cut to the batch along
     the input's batch axis; as given when it does not batch), random arrays for the rest."""
     from kiln.inputs import engine_input_values, random_inputs
@@ -133,11 +141,12 @@ def feeds_at(engine, options: BenchOptions, batch: int | None, axes: Mapping[str
     values = engine_input_values(engine)
     shapes = batch_shapes(values, options.shapes, batch, axes, model)
     rest = [v for v in values if v.name not in options.inputs]
-    feeds = random_inputs(rest, {v.name: shapes[v.name] for v in rest if v.name in shapes}, seed=options.seed, model=model)
+    feeds = random_inputs(rest, {v.name: shapes[v.name] for v in rest if v.name in shapes}, seed=options.seed,
+                          model=model)
     for value in values:
         if value.name in options.inputs:
             feeds[value.name] = batched(options.inputs[value.name], axes.get(value.name), batch)
-    return {v.name: feeds[v.name] for v in values}
+    return {v.name or "": feeds[v.name or ""] for v in values}
 
 
 def batched(array, axis: int | None, batch: int | None) -> np.ndarray:

@@ -127,7 +127,11 @@ def _measure_gpu(target: Target, warmup_ms: float, duration_s: float | None, ite
     baseline = torch.cuda.memory_allocated(device)
     with torch.cuda.stream(stream):
         warm_up(lambda: _iteration(target), warmup_ms, stream.synchronize)
-        out = _Samples([], 0.0, [], [], [], [])
+        compute: list[float] = []
+        h2d: list[float] = []
+        d2h: list[float] = []
+        enqueue: list[float] = []
+        out = _Samples([], 0.0, compute, h2d, d2h, enqueue)
         begin = time.perf_counter()
         while not _done(target, len(out.total), begin, duration_s, iterations):
             chunk = []
@@ -138,16 +142,16 @@ def _measure_gpu(target: Target, warmup_ms: float, duration_s: float | None, ite
                 events[1].record(stream)
                 t0 = time.perf_counter()
                 target.compute()
-                out.enqueue.append((time.perf_counter() - t0) * 1e3)
+                enqueue.append((time.perf_counter() - t0) * 1e3)
                 events[2].record(stream)
                 target.d2h()
                 events[3].record(stream)
                 chunk.append(events)
             stream.synchronize()
             for e in chunk:
-                out.h2d.append(e[0].elapsed_time(e[1]))
-                out.compute.append(e[1].elapsed_time(e[2]))
-                out.d2h.append(e[2].elapsed_time(e[3]))
+                h2d.append(e[0].elapsed_time(e[1]))
+                compute.append(e[1].elapsed_time(e[2]))
+                d2h.append(e[2].elapsed_time(e[3]))
                 out.total.append(e[0].elapsed_time(e[3]))
             if tick is not None:
                 tick()
@@ -164,9 +168,8 @@ def measure_parallel(targets: Sequence[Target], batch: int, *, warmup_ms: float 
     stream), as execution contexts of one engine serve requests side by side. The latencies of
     every iteration of every target are pooled; throughput is all iterations over the common wall
     time (``iterations``, if given, is per target)."""
-    options = {"warmup_ms": warmup_ms, "duration_s": duration_s, "iterations": iterations, "tick": tick}
     if len(targets) == 1:
-        return measure(targets[0], batch, **options)
+        return measure(targets[0], batch, warmup_ms=warmup_ms, duration_s=duration_s, iterations=iterations, tick=tick)
     gpu = targets[0].gpu_timed
     if gpu:
         torch.cuda.synchronize(targets[0].device)
@@ -179,7 +182,8 @@ def measure_parallel(targets: Sequence[Target], batch: int, *, warmup_ms: float 
     def work(index: int) -> None:
         try:
             barrier.wait()
-            results[index] = _samples(targets[index], **options, track_peak=False)
+            results[index] = _samples(targets[index], warmup_ms=warmup_ms, duration_s=duration_s,
+                                      iterations=iterations, tick=tick, track_peak=False)
         except BaseException as error:  # noqa: BLE001 - re-raised on the calling thread
             errors.append(error)
             barrier.abort()
@@ -201,7 +205,8 @@ def measure_parallel(targets: Sequence[Target], batch: int, *, warmup_ms: float 
         return None if any(p is None for p in parts) else [x for p in parts for x in p]
 
     peak = max(torch.cuda.max_memory_allocated(targets[0].device) - baseline, 0) if gpu else None
-    merged = _Samples(pooled("total"), wall, pooled("compute"), pooled("h2d"), pooled("d2h"), pooled("enqueue"), peak)
+    total = [x for r in done for x in r.total]
+    merged = _Samples(total, wall, pooled("compute"), pooled("h2d"), pooled("d2h"), pooled("enqueue"), peak)
     # the timed loops overlap but their warm-ups add to the wall time: count the slowest loop's span
     return merged.run(batch, wall_s=max(r.wall_s for r in done))
 
@@ -245,11 +250,12 @@ def saturation(points: Sequence[tuple[int, float]], threshold: float = SATURATIO
             saturated_at = b0
     if saturated_at is None:
         last = steps[-1]
-        verdict = (f"not saturated: throughput still grows with the batch up to {points[-1][0]} (batch x{last['batch_ratio']:g} "
-                   f"-> throughput x{last['throughput_ratio']:.2f}); larger batches may raise it further")
+        verdict = (f"not saturated: throughput still grows with the batch up to {points[-1][0]} (batch "
+                   f"x{last['batch_ratio']:g} -> throughput x{last['throughput_ratio']:.2f}); larger batches may raise "
+                   "it further")
     else:
         step = next(s for s in steps if s["from"] == saturated_at)
-        verdict = (f"saturated from batch {saturated_at}: going to batch {step['to']:g} (x{step['batch_ratio']:g}) raises "
-                   f"throughput only x{step['throughput_ratio']:.2f} (efficiency {step['efficiency']:.2f} < {threshold}); "
-                   f"90% of the best throughput ({best:,.0f} samples/s) is reached at batch {knee}")
+        verdict = (f"saturated from batch {saturated_at}: going to batch {step['to']:g} (x{step['batch_ratio']:g}) "
+                   f"raises throughput only x{step['throughput_ratio']:.2f} (efficiency {step['efficiency']:.2f} < "
+                   f"{threshold}); 90% of the best throughput ({best:,.0f} samples/s) is reached at batch {knee}")
     return Saturation(verdict, saturated_at, knee, threshold, steps)

@@ -95,7 +95,7 @@ def _run_bench(model, source, onnx_path, label: str, options: BenchOptions, modu
         for flag, on in (("--cuda-graph", options.cuda_graph), ("--aux-streams", bool(options.aux_streams))):
             if on:
                 raise KilnError(f"{label}: {flag} needs a CUDA GPU; this engine runs on the CPU")
-    batches = options.batches or [None]
+    batches: list[int | None] = [*options.batches] if options.batches else [None]
     feeds = {b: feeds_at(engine, options, b, axes, label) for b in batches}
     batch_of = {b: b if b is not None else batch_size(feeds[b], axes) for b in batches}
     result = BenchResult(model=label, device=device.type, gpu=_gpu_name(device), date=_now(), command=command,
@@ -110,9 +110,10 @@ def _run_bench(model, source, onnx_path, label: str, options: BenchOptions, modu
     for name, reason in unavailable:
         result.notes.append(f"{name}: not run: {reason}")
     for peer in peers:
-        if getattr(peer, "note", None):
-            result.notes.append(f"{peer.name}: {peer.note}")
-    timing = {"warmup_ms": options.warmup_ms, "duration_s": options.duration_s, "iterations": options.iterations}
+        if note := getattr(peer, "note", None):
+            result.notes.append(f"{peer.name}: {note}")
+    timing: dict[str, Any] = {"warmup_ms": options.warmup_ms, "duration_s": options.duration_s,
+                              "iterations": options.iterations}
     truths = (_reference_outputs(onnx_path, device, feeds, batch_of, result.notes, say) if options.reference
               else dict.fromkeys(batches))
     judge = _Judge(engine, options)
@@ -133,19 +134,22 @@ def _run_bench(model, source, onnx_path, label: str, options: BenchOptions, modu
             say(f"{peer.name} at batch {batch}")
             row = _measure_peer(peer, feeds[b], batch, reference, truth, options, timing, judge)
             result.rows.append(row)
-            if row.error is None and getattr(peer, "compile_s", None) is not None:
-                result.notes.append(f"{peer.name} at batch {batch}: compiled in {peer.compile_s:.1f} s "
-                                    f"({peer.graphs} graph(s), {peer.graph_breaks} graph break(s))")
-    kiln_rows = [r for r in result.rows if r.target == "kiln" and r.best is not None]
-    if len(kiln_rows) > 1:
-        result.saturation = saturation([(r.batch, r.best.samples_per_s) for r in kiln_rows])
+            compile_s = getattr(peer, "compile_s", None)  # torch.compile peers only
+            if row.error is None and compile_s is not None:
+                result.notes.append(f"{peer.name} at batch {batch}: compiled in {compile_s:.1f} s "
+                                    f"({getattr(peer, 'graphs', None)} graph(s), "
+                                    f"{getattr(peer, 'graph_breaks', None)} graph break(s))")
+    kiln_points = [(r.batch, best.samples_per_s) for r in result.rows if r.target == "kiln"
+                   and (best := r.best) is not None]
+    if len(kiln_points) > 1:
+        result.saturation = saturation(kiln_points)
     if options.profile_layers:
         largest = max(batches, key=lambda b: batch_of[b])
         say(f"per-layer profile at batch {batch_of[largest]}")
         result.layers = layer_profile(engine, feeds[largest], context_options)
         result.layer_batch = batch_of[largest]
-    for target in [*kiln_targets, *peers]:
-        target.close()
+    for each in [*kiln_targets, *peers]:
+        each.close()
     return result
 
 
@@ -200,7 +204,8 @@ class _Judge:
         self.note = (f"verdicts per element, |out - other| <= atol + rtol * |other|: float outputs at {shown} "
                      f"(the engine's {self.computed_in}; --atol/--rtol override), other dtypes exactly")
 
-    def __call__(self, got: Mapping[str, Any], truth: Mapping[str, np.ndarray] | None) -> tuple[float | None, bool | None]:
+    def __call__(self, got: Mapping[str, Any],
+                 truth: Mapping[str, np.ndarray] | None) -> tuple[float | None, bool | None]:
         """(the largest max|got - truth| / max|truth| over the outputs, whether every element is within
         tolerance); (None, None) without a truth."""
         from kiln.compare import compare_outputs
@@ -244,7 +249,7 @@ def _build(model, path: Path, values, axes: Mapping[str, int], options: BenchOpt
     from kiln.inputs import concrete_shape
 
     config = options.build or BuildConfig()
-    batches = options.batches or [None]
+    batches: list[int | None] = [*options.batches] if options.batches else [None]
     profiles = []
     for b in batches:
         shapes = {v.name: tuple(concrete_shape(v, batch_shapes(values, options.shapes, b, axes, str(path)), str(path)))
@@ -332,7 +337,8 @@ def _now() -> str:
 
 def _config_json(options: BenchOptions, axes: Mapping[str, int], engine) -> dict[str, Any]:
     build = options.build.to_json() if options.build is not None else None
-    return {"batches": options.batches, "batch_axes": dict(axes), "shapes": {k: list(v) for k, v in options.shapes.items()},
+    return {"batches": options.batches, "batch_axes": dict(axes),
+            "shapes": {k: list(v) for k, v in options.shapes.items()},
             "warmup_ms": options.warmup_ms, "duration_s": options.duration_s if options.iterations is None else None,
             "iterations": options.iterations, "repeats": options.repeats, "peers": list(options.peers),
             "cuda_graph": options.cuda_graph, "contexts": options.contexts, "aux_streams": options.aux_streams,

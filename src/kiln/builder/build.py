@@ -107,7 +107,7 @@ def _build(state: BuildState) -> BuiltPlan:
     state.executor = Executor(state.model, state.device, state.name)
     state.steps = state.executor.node_steps()
     state.profiles = full_profiles(state)
-    inputs = sorted(v.name for v in state.executor.inputs)
+    inputs = sorted(v.name or "" for v in state.executor.inputs)
     unknown = sorted(set(state.calibration or {}) - set(inputs))
     if unknown:
         raise InputError(f"{state.name}: calibration input(s) {unknown} are not inputs of the model; its inputs are "

@@ -42,7 +42,7 @@ def check_outputs(state: BuildState, planned: list[PlannedLayer]) -> None:
     precision = state.output_precision
     tol = tolerance(precision, config.atol, config.rtol)
     inputs = state.executor.inputs
-    made_up = [v.name for v in inputs if v.name not in (state.calibration or {})]  # first profile's
+    made_up = [v.name or "" for v in inputs if v.name not in (state.calibration or {})]  # first profile's
     given = len(made_up) < len(inputs)
     on = ("seeded random inputs" if not given else "the calibration inputs" +
           (f" (random values for {', '.join(made_up)})" if made_up else ""))

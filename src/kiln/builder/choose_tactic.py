@@ -57,7 +57,7 @@ def select(state: BuildState, index: int, item: PlannedLayer, profile: int, prec
     inputs = None
     reference = None
     best: Choice | None = None
-    cached_failures = []
+    cached_failures: list[tuple[Tactic, dict]] = []
     for attempt in range(2):
         for t, cfg in candidates if attempt == 0 else cached_failures:
             state.check_time(f"tactic selection for layer {layer.name!r} (op {'+'.join(layer.op_types)})")
@@ -249,7 +249,9 @@ def run_choice(state: BuildState, index: int, item: PlannedLayer, choice: Choice
     key = (index, choice.tactic, repr(sorted(choice.config.items())), precision)
     run = runners.get(key) if runners is not None else None
     if run is None:
-        run = _runner(state, tactic_registry.get(choice.tactic), choice.config, item, index, precision)
+        tactic = tactic_registry.get(choice.tactic)
+        assert tactic is not None, f"{choice.tactic} is one of the registered candidates"
+        run = _runner(state, tactic, choice.config, item, index, precision)
         if runners is not None:
             runners[key] = run
     with tf32_for(precision), torch.inference_mode():
@@ -300,7 +302,9 @@ def time_node(state: BuildState, index: int, item: PlannedLayer, ref_inputs: lis
     entry = state.cache.get(key)
     if entry is None:
         try:
-            run = _runner(state, tactic_registry.get("node.reference"), {}, item, index, precision)
+            node_reference = tactic_registry.get("node.reference")
+            assert node_reference is not None, "node.reference is a built-in tactic"
+            run = _runner(state, node_reference, {}, item, index, precision)
             values = cast_inputs(item, ref_inputs, precision)
             with torch.inference_mode():
                 ms = median_ms(lambda: run(values), state.device, 3)
@@ -334,8 +338,12 @@ def _widen_if_faster(state: BuildState, item: PlannedLayer, low_ms: float | None
 
 def _total_ms(choices: list[Choice]) -> float | None:
     """The choices' times over every profile; None where one was not timed."""
-    times = [c.time_ms for c in choices]
-    return None if None in times else sum(times)
+    total = 0.0
+    for choice in choices:
+        if choice.time_ms is None:
+            return None
+        total += choice.time_ms
+    return total
 
 
 def _node_signature(node: ir.Node) -> str:

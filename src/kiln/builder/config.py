@@ -58,16 +58,19 @@ class Profile:
     def validate(self, index: int) -> None:
         for name, (lo, opt, hi) in self.shapes.items():
             if not (len(lo) == len(opt) == len(hi)):
-                raise KilnError(f"profile {index}: input {name!r} has min/opt/max shapes of different ranks: {lo}, {opt}, {hi}")
+                raise KilnError(f"profile {index}: input {name!r} has min/opt/max shapes of different ranks: {lo}, "
+                                f"{opt}, {hi}")
             if any(d < 0 for d in lo) or not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
-                raise KilnError(f"profile {index}: input {name!r} needs min <= opt <= max on every axis, got {lo}, {opt}, {hi}")
+                raise KilnError(f"profile {index}: input {name!r} needs min <= opt <= max on every axis, got {lo}, "
+                                f"{opt}, {hi}")
 
     def to_json(self) -> dict:
         return {name: [list(lo), list(opt), list(hi)] for name, (lo, opt, hi) in sorted(self.shapes.items())}
 
     @staticmethod
     def from_json(data: Mapping) -> Profile:
-        return Profile({name: tuple(tuple(int(d) for d in s) for s in shapes) for name, shapes in data.items()})
+        return Profile({name: (tuple(int(d) for d in lo), tuple(int(d) for d in opt), tuple(int(d) for d in hi))
+                        for name, (lo, opt, hi) in data.items()})  # [min, opt, max] each (kiln.engine_schema)
 
 
 @dataclass
@@ -108,17 +111,21 @@ class BuildConfig:
         if self.opt_level not in OPT_LEVELS:
             raise KilnError(f"optimization level must be 0-5, got {self.opt_level}")
         if self.strongly_typed and (self.fp16 or self.bf16 or self.tf32):
-            raise KilnError("a strongly typed build takes precisions from the model; drop --fp16/--bf16/--tf32 or --strongly-typed")
+            raise KilnError("a strongly typed build takes precisions from the model; drop --fp16/--bf16/--tf32 or "
+                            "--strongly-typed")
         for key, precision in self.layer_precisions.items():
             if precision not in PRECISIONS:
-                raise KilnError(f"layer precision for {key!r} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+                raise KilnError(f"layer precision for {key!r} must be one of {', '.join(PRECISIONS)}, got "
+                                f"{precision!r}")
             if precision != "fp32" and not self.strongly_typed and not getattr(self, precision):
                 raise KilnError(f"layer precision {key}:{precision} needs the --{precision} flag as well")
-        if not isinstance(self.max_aux_streams, int) or isinstance(self.max_aux_streams, bool) or self.max_aux_streams < 0:
+        if (not isinstance(self.max_aux_streams, int) or isinstance(self.max_aux_streams, bool)
+                or self.max_aux_streams < 0):
             raise KilnError(f"max_aux_streams must be a number >= 0, got {self.max_aux_streams!r}")
         for name in ("atol", "rtol"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                          and value >= 0):
                 raise KilnError(f"{name} must be a number >= 0, got {value!r}")
         from kiln.deadline import check_timeout
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import onnx
 import onnx_ir as ir
@@ -32,6 +33,7 @@ def prepare_weights(state: BuildState, planned: list[PlannedLayer]):
         roles: dict[str, list[str]] = {}
         for choice in item.choices:
             t = tactic_registry.get(choice.tactic)
+            assert t is not None, f"{choice.tactic} was chosen from the registered tactics"
             prep = f"{index}.{t.prep_id(choice.config)}"
             if prep not in roles:
                 prepared = t.prepare(item.layer, state.weights(index, item.layer), item.precision, choice.config)
@@ -49,10 +51,11 @@ def plan_json(state: BuildState, planned: list[PlannedLayer], records, tensors: 
     """The plan (see the module docstring); outputs that are constants join ``tensors``."""
     declared = []
     for value in state.executor.inputs:
+        assert value.dtype is not None, "the loader's checker requires a type on every graph input"
         declared.append({"name": value.name, "dtype": dtypes.onnx_name(value.dtype),
                          "shape": [d if isinstance(d, int) else None for d in value.shape]
                          if value.shape is not None else None})
-    layers = []
+    layers: list[dict[str, Any]] = []
     for item, prep in zip(planned, records):
         layer = item.layer
         layers.append({
@@ -66,8 +69,8 @@ def plan_json(state: BuildState, planned: list[PlannedLayer], records, tensors: 
         })
     config = state.config
     streams = assign_streams(layers, config.max_aux_streams)
-    for layer, stream in zip(layers, streams):
-        layer["stream"] = stream
+    for entry, stream in zip(layers, streams):
+        entry["stream"] = stream
     used = max(streams, default=0)
     if config.max_aux_streams:
         busy = sum(1 for s in streams if s)
@@ -92,21 +95,23 @@ def _outputs_json(state: BuildState, planned: list[PlannedLayer], tensors: dict[
     constants alone, is stored as a tensor of the engine (``constant``: its name)."""
     facts = state.facts[0]
     produced = {name for item in planned for name in item.layer.outputs if name}
-    produced |= {v.name for v in state.executor.inputs}
-    outputs = []
+    produced |= {v.name or "" for v in state.executor.inputs}
+    outputs: list[dict[str, Any]] = []
     for value in state.model.graph.outputs:
         if any(spec["name"] == value.name for spec in outputs):
             continue
-        spec = {"name": value.name, "dtype": dtypes.onnx_name(facts.dtypes[value.name]) if value.name in facts.dtypes
-                else dtypes.onnx_name(value.dtype)}
-        if value.name not in produced:
-            constant = state.constants.get(value.name)
+        name = value.name or ""
+        dtype = facts.dtypes[name] if name in facts.dtypes else value.dtype
+        assert dtype is not None, "the loader's checker requires a type on every graph output"
+        spec = {"name": value.name, "dtype": dtypes.onnx_name(dtype)}
+        if name not in produced:
+            constant = state.constants.get(name)
             if not isinstance(constant, torch.Tensor):
                 raise UnsupportedModelError(f"{state.name}: output {value.name!r} is a constant kiln cannot store in "
                                             f"an engine ({type(constant).__name__}); run the model with kiln run "
                                             f"instead")
-            spec["constant"] = f"output.{len(outputs)}"
-            tensors[spec["constant"]] = constant.detach()
+            spec["constant"] = key = f"output.{len(outputs)}"
+            tensors[key] = constant.detach()
         outputs.append(spec)
     return outputs
 
@@ -132,5 +137,6 @@ def stripped_graph(model: ir.Model) -> bytes:
     kept_inputs = {i.name for i in proto.graph.input}
     for name, tensor in weights.items():
         if name not in kept_inputs and tensor is not None:
-            proto.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.dtype.value, list(tensor.shape)))
+            shape = list(tensor.shape.numpy())
+            proto.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.dtype.value, shape))
     return proto.SerializeToString(deterministic=True)

@@ -46,11 +46,11 @@ def _shape_nodes(graph: ir.Graph) -> set[str]:
     seen: set[int] = set()
     while stack:
         value = stack.pop()
-        producer = value.producer()
+        producer = value.producer() if value is not None else None
         if producer is None or id(producer) in seen:
             continue
         seen.add(id(producer))
-        names.add(producer.name)
+        names.add(producer.name or "")
         if op_facts(producer.op_type).metadata:
             continue
         stack.extend(v for v in producer.inputs if v is not None)
@@ -96,7 +96,8 @@ def _judged_precision(state: BuildState, item: PlannedLayer) -> str:
     """A layer's precision, a strongly typed Node layer's the types it computes in."""
     if item.precision != "native":
         return item.precision
-    return loosest(_REDUCED_TYPES.get(state.facts[0].dtypes.get(n), "fp32") for n in item.layer.outputs if n)
+    kinds = state.facts[0].dtypes
+    return loosest(_REDUCED_TYPES.get(kinds[n], "fp32") if n in kinds else "fp32" for n in item.layer.outputs if n)
 
 
 def _native_precision(state: BuildState, layer: Layer) -> str:
@@ -104,13 +105,15 @@ def _native_precision(state: BuildState, layer: Layer) -> str:
         return "native"
     facts = state.facts[0]
     dtype = facts.dtypes.get(layer.outputs[0] if layer.kind == "Pointwise" else layer.inputs[0])
+    if dtype is None:
+        return "fp32"
     return {ir.DataType.FLOAT16: "fp16", ir.DataType.BFLOAT16: "bf16"}.get(dtype, "fp32")
 
 
 def _check_constraints_used(state: BuildState, layers: list[Layer]) -> None:
     known = {n for layer in layers for n in layer.nodes} | {o for layer in layers for o in layer.op_types}
     known |= {key for layer in layers for origin in layer.origins for key in origin}
-    known |= {n.name for n in state.model.graph} | {n.op_type for n in state.model.graph}
+    known |= {n.name or "" for n in state.model.graph} | {n.op_type for n in state.model.graph}
     unknown = sorted(set(state.config.layer_precisions) - known)
     if unknown:
         raise KilnError(f"{state.name}: --layer-precision names {unknown}, which are neither node names nor op types "

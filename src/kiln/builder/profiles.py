@@ -26,7 +26,7 @@ def opt_dims(model: ir.Model, config: BuildConfig) -> dict[str, int]:
     dims: dict[str, int] = {}
     for profile in config.profiles:
         for value in model.graph.inputs:
-            if value.name not in profile.shapes or value.shape is None:
+            if value.name is None or value.name not in profile.shapes or value.shape is None:
                 continue
             opt = profile.shapes[value.name][1]
             for axis, dim in enumerate(value.shape):
@@ -40,7 +40,7 @@ def full_profiles(state: BuildState) -> list[Profile]:
     """The config's profiles with every input of the model in each, checked against the model."""
     name = state.name
     inputs = list(state.executor.inputs)
-    names = {v.name for v in inputs}
+    names = {v.name or "" for v in inputs}
     profiles = list(state.config.profiles) or [Profile({})]
     for index, profile in enumerate(profiles):
         unknown = sorted(set(profile.shapes) - names)
@@ -66,14 +66,14 @@ def full_profiles(state: BuildState) -> list[Profile]:
                     f"{name}: input {value.name!r} has dynamic dimensions ({shown}); give its shapes with "
                     f"--min-shapes/--opt-shapes/--max-shapes {value.name}:{shown.replace('N', '1')}"
                 )
-            static = tuple(int(d) for d in declared)
-            full[value.name] = (static, static, static)
+            static = declared.numpy()  # every dim an int (checked above)
+            full[value.name or ""] = (static, static, static)
         profiles[index] = Profile(full)
     return profiles
 
 
 def random_feeds(state: BuildState, shapes: Mapping[str, tuple[int, ...]],
-                 strict: bool = True) -> dict[str, torch.Tensor]:
+                 strict: bool = True) -> dict[str, torch.Tensor | np.ndarray]:
     """Inputs at ``shapes``: the calibration arrays where given, seeded random values for the rest
     (floats standard normal, integers in [0, 2), bools coin flips; see ``record.failed_run``), noted
     in ``state.made_up``. ``strict``: a calibration array must have its shape (the first profile's
@@ -81,9 +81,10 @@ def random_feeds(state: BuildState, shapes: Mapping[str, tuple[int, ...]],
     generator = np.random.default_rng(state.config.seed)
     feeds = {}
     for value in state.executor.inputs:
-        shape = shapes[value.name]
+        name = value.name or ""
+        shape = shapes[name]
         dtype = value.dtype
-        given = None if state.calibration is None else state.calibration.get(value.name)
+        given = None if state.calibration is None else state.calibration.get(name)
         if given is not None and tuple(np.shape(given)) != tuple(shape):
             if strict:
                 raise InputError(f"{state.name}: calibration input {value.name!r} has shape {list(np.shape(given))}, "
@@ -96,6 +97,6 @@ def random_feeds(state: BuildState, shapes: Mapping[str, tuple[int, ...]],
         else:
             raise InputError(f"{state.name}: cannot make inputs for {value.name!r} of type {value.type}")
         if given is None:
-            state.made_up.add(value.name)
-        feeds[value.name] = dtypes.tensor_from_numpy(array, state.device)
+            state.made_up.add(name)
+        feeds[name] = dtypes.tensor_from_numpy(array, state.device)
     return feeds

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 import torch
 
@@ -26,7 +27,7 @@ def has_subgraph(node: ir.Node) -> bool:
     return any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values())
 
 
-def record(state: BuildState, feeds: Mapping[str, torch.Tensor]) -> GraphFacts:
+def record(state: BuildState, feeds: Mapping[str, torch.Tensor | np.ndarray]) -> GraphFacts:
     """The model's value shapes, dtypes and constants on ``feeds``; the first call's outputs become
     the fp32 reference (``state.reference``)."""
     shapes: dict[str, tuple[int, ...]] = {}
@@ -35,7 +36,8 @@ def record(state: BuildState, feeds: Mapping[str, torch.Tensor]) -> GraphFacts:
     for name, value in {**constants, **feeds}.items():
         if isinstance(value, torch.Tensor):
             shapes[name] = tuple(value.shape)
-            kinds[name] = dtypes.ONNX_DTYPES.get(value.dtype)
+            if value.dtype in dtypes.ONNX_DTYPES:
+                kinds[name] = dtypes.ONNX_DTYPES[value.dtype]
 
     def observe(step: NodeStep, outputs: tuple) -> None:
         # A node computed from constants alone is a constant (the builder's constant folding);
@@ -46,7 +48,8 @@ def record(state: BuildState, feeds: Mapping[str, torch.Tensor]) -> GraphFacts:
         for out_name, value in zip(step.outputs, outputs):
             if out_name and isinstance(value, torch.Tensor):
                 shapes[out_name] = tuple(value.shape)
-                kinds[out_name] = dtypes.ONNX_DTYPES.get(value.dtype)
+                if value.dtype in dtypes.ONNX_DTYPES:
+                    kinds[out_name] = dtypes.ONNX_DTYPES[value.dtype]
                 if folded:
                     constants[out_name] = value
 
@@ -56,7 +59,7 @@ def record(state: BuildState, feeds: Mapping[str, torch.Tensor]) -> GraphFacts:
     return GraphFacts(shapes, kinds, constants)
 
 
-def run_reference(state: BuildState, feeds: Mapping[str, torch.Tensor],
+def run_reference(state: BuildState, feeds: Mapping[str, torch.Tensor | np.ndarray],
                   observe: Callable[[NodeStep, tuple], None]) -> dict[str, Any]:
     """The model on the reference executor (fp32 means IEEE fp32), ``observe(step, outputs)`` after
     each main-graph node (``Executor.run``'s ``on_node``). A failure of the model's own nodes is

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 import torch
 
@@ -72,16 +73,26 @@ class BuildState:
         self.pass_report: Any = None  # kiln.passes' report of the graph passes
         # filled in after the passes (kiln.builder.build): the reference executor, its steps by node
         # name, the profiles, and per profile its opt-shape feeds and the facts recorded on them
-        self.executor: Executor | None = None
+        self._executor: Executor | None = None
         self.steps: dict[str, NodeStep] = {}
         self.profiles: list[Profile] = []
-        self.opt_feeds: list[dict[str, torch.Tensor]] = []
+        self.opt_feeds: list[dict[str, torch.Tensor | np.ndarray]] = []  # numpy: a string input
         self.facts: list[GraphFacts] = []
         self.made_up: set[str] = set()  # inputs the build gave random values (no calibration array)
         self.reference: dict[str, Any] = {}  # the fp32 reference's outputs on the first profile's feeds
         self.constants: dict[str, Any] = {}  # values known before the run (initializers, folded nodes)
         self.canonical: dict[int, dict[str, torch.Tensor]] = {}  # layer index -> its weights, canonical form
         self.output_precision = "fp32"  # what the engine's outputs are judged at
+
+    @property
+    def executor(self) -> Executor:
+        """The reference executor over the passes' graph (set by ``kiln.builder.build`` after the passes)."""
+        assert self._executor is not None, "the reference executor is made right after the passes"
+        return self._executor
+
+    @executor.setter
+    def executor(self, executor: Executor) -> None:
+        self._executor = executor
 
     def check_time(self, where: str) -> None:
         """Stop at the build's time limit (``BuildConfig.timeout_s``), naming the model and ``where``."""

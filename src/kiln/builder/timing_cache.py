@@ -215,8 +215,9 @@ class TimingCache:
             # O_NOFOLLOW: a symlink put in the lock's place must not make kiln create its target
             lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         except OSError as error:
+            symlink = "; it is a symlink" if os.path.islink(lock_path) else ""
             raise KilnError(f"cannot save the timing cache {path}: cannot open its lock file {lock_path} "
-                            f"({error.strerror or error}{'; it is a symlink' if os.path.islink(lock_path) else ''})") from error
+                            f"({error.strerror or error}{symlink})") from error
         if not stat.S_ISREG(os.fstat(lock_fd).st_mode):
             os.close(lock_fd)
             raise KilnError(f"cannot save the timing cache {path}: its lock file {lock_path} is not a regular file")

@@ -39,7 +39,7 @@ def walk(state: BuildState, planned: list[PlannedLayer]) -> None:
 
     def observe(step: NodeStep, outputs: tuple) -> None:
         held.update((name, value) for name, value in zip(step.outputs, outputs) if name in last_read)
-        index = finishing.get(step.op.node.name)
+        index = finishing.get(step.op.node.name or "")
         if index is None:
             return
         state.progress(phase, index, len(planned))

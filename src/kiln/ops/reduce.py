@@ -157,7 +157,7 @@ def _register_reduce(name: str, kind: str, input_since: int, **facts: Any) -> No
     register(name, since=input_since, host_inputs=(1,), **facts)(axes_input)  # axes: read on the host
 
 
-for _name, _kind, _since, _facts in [
+_REDUCES: list[tuple[str, str, int, dict[str, Any]]] = [
     ("ReduceSum", "sum", 13, {"shape_inputs": (1,)}),
     ("ReduceMean", "mean", 18, {"shape_inputs": (1,)}),
     ("ReduceMax", "max", 18, {"shape_inputs": (1,)}),
@@ -168,7 +168,8 @@ for _name, _kind, _since, _facts in [
     ("ReduceLogSum", "log_sum", 18, {"accumulate_fp32": True}),
     ("ReduceLogSumExp", "log_sum_exp", 18, {"accumulate_fp32": True}),
     ("ReduceSumSquare", "sum_square", 18, {"accumulate_fp32": True}),
-]:
+]
+for _name, _kind, _since, _facts in _REDUCES:
     _register_reduce(_name, _kind, _since, **_facts)
 
 
