@@ -171,7 +171,12 @@ class _Lowering:
         weight = self.const(w)
         geometry = self._conv_geometry(node, weight) if weight is not None and weight.ndim == 4 else None
         activation = _fused_activation(node) if node.domain == KILN_DOMAIN else None
-        if geometry is None or activation is False or not self.is_float(x) or (b is not None and b.name and self.const(b) is None):
+        if (
+            geometry is None
+            or activation is False
+            or not self.is_float(x)
+            or (b is not None and b.name and self.const(b) is None)
+        ):
             return False
         attrs, pads = geometry
         inputs = [x.name] + ([z.name] if z is not None and z.name else [])
@@ -209,16 +214,30 @@ class _Lowering:
         # A constant mask (a causal mask folded at static shapes) is a weight: no layer writes it.
         weights = {"mask": mask.name} if mask is not None and self.const(mask) is not None else {}
         attrs = {k: a.value for k, a in node.attributes.items()}
-        return self.add("Attention", node, [q.name, k.name, v.name] + ([mask.name] if mask is not None and not weights else []),
-                        [node.outputs[0].name], attrs={"scale": float(attrs.get("scale", 1.0)), "mask": mask is not None,
-                                                       "nan_to_zero": bool(attrs.get("nan_to_zero", 0))}, weights=weights)
+        return self.add(
+            "Attention",
+            node,
+            [q.name, k.name, v.name] + ([mask.name] if mask is not None and not weights else []),
+            [node.outputs[0].name],
+            attrs={
+                "scale": float(attrs.get("scale", 1.0)),
+                "mask": mask is not None,
+                "nan_to_zero": bool(attrs.get("nan_to_zero", 0)),
+            },
+            weights=weights,
+        )
 
     # -- Gemm / MatMul ------------------------------------------------------------------------
     def _gemm(self, node: ir.Node) -> bool:
         """Gemm, MatMul by a constant 2-D weight, or ai.kiln::FusedGemm as fuse_gemm_activation wrote it."""
         a, w = node.inputs[0], node.inputs[1]
         weight = self.const(w)
-        if weight is None or weight.ndim != 2 or not self.is_float(a) or self.facts.dtypes.get(w.name) not in FLOAT_TYPES:
+        if (
+            weight is None
+            or weight.ndim != 2
+            or not self.is_float(a)
+            or self.facts.dtypes.get(w.name) not in FLOAT_TYPES
+        ):
             return False
         a_shape = self.shape(a)
         if a_shape is None or len(a_shape) < 2:
@@ -229,7 +248,9 @@ class _Lowering:
             g = {k: a.value for k, a in node.attributes.items()}
             if g.get("transA", 0) or (node.op_type == "Gemm" and len(a_shape) != 2):
                 return False
-            attrs.update(alpha=float(g.get("alpha", 1.0)), beta=float(g.get("beta", 1.0)), trans_b=bool(g.get("transB", 0)))
+            attrs.update(
+                alpha=float(g.get("alpha", 1.0)), beta=float(g.get("beta", 1.0)), trans_b=bool(g.get("transB", 0))
+            )
             c = node.inputs[2] if len(node.inputs) > 2 else None
             if c is not None and c.name:
                 bias = self.const(c)
@@ -317,7 +338,9 @@ def _fused_activation(node: ir.Node) -> dict | None | bool:
     """The activation spec of a FusedConv or FusedGemm node, None for none, False for one the layer cannot hold."""
     name = node.attributes["activation"].value if "activation" in node.attributes else ""
     name = name.decode() if isinstance(name, bytes) else name
-    params = [float(p) for p in node.attributes["activation_params"].value] if "activation_params" in node.attributes else []
+    params = (
+        [float(p) for p in node.attributes["activation_params"].value] if "activation_params" in node.attributes else []
+    )
     if name != "" and name not in FUSED:
         return False
     return layer_spec(name, params)

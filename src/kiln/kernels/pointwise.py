@@ -116,7 +116,9 @@ def _validate(program: Any, num_inputs: int) -> list[dict[str, Any]]:
         else:
             low, high = (1, 1) if op in UNARY else (2, 2) if op in BINARY else (1, None)
             if len(args) < low or (high is not None and len(args) > high):
-                raise ValueError(f"pointwise: {where} ({op}) takes {low}{'' if high == low else '+'} args, got {len(args)}")
+                raise ValueError(
+                    f"pointwise: {where} ({op}) takes {low}{'' if high == low else '+'} args, got {len(args)}"
+                )
             args = [_index(a, i, f"{where}'s arg {k}") for k, a in enumerate(args)]
         steps.append({"op": op, "args": args, "attrs": _attrs(op, step.get("attrs") or {}, where)})
     return steps
@@ -209,7 +211,8 @@ class _Source:
         if not self.block[out]:
             body.append(f"{out} = {out} + tl.zeros([BLOCK], dtype=tl.float32)")
         body.append(f"tl.store(out_ptr + idx, {out}.to(out_ptr.dtype.element_ty), mask=mask)")
-        params = ["out_ptr", *(f"in{k}_ptr" for k in range(n_in)), *self.scalars, "n", *sizes, *strides, "BLOCK: tl.constexpr"]
+        params = ["out_ptr", *(f"in{k}_ptr" for k in range(n_in)), *self.scalars, "n", *sizes, *strides,
+                  "BLOCK: tl.constexpr"]
         head = "@triton.jit\ndef pointwise_kernel(" + ", ".join(params) + "):\n"
         return _PRELUDE + "\n\n" + head + "".join(f"    {line}\n" for line in body)
 
@@ -370,7 +373,9 @@ _EMITTERS: dict[str, Callable[..., str]] = {
     "HardSwish": _emit_hard_swish,
     "Gelu": _emit_gelu,
     "Elu": _unary("tl.where({x} < 0.0, {alpha} * (tl.exp({x}) - 1.0), {x})", "alpha"),
-    "Selu": _unary("tl.where({x} <= 0.0, {gamma} * ({alpha} * tl.exp({x}) - {alpha}), {gamma} * {x})", "alpha", "gamma"),
+    "Selu": _unary(
+        "tl.where({x} <= 0.0, {gamma} * ({alpha} * tl.exp({x}) - {alpha}), {gamma} * {x})", "alpha", "gamma"
+    ),
     "Softplus": _unary("_softplus({x})"),
     "Softsign": _unary("{x} / (1.0 + tl.abs({x}))"),
     "Identity": _unary("{x}"),
@@ -524,7 +529,9 @@ class PointwiseKernel:
         kernel, scalars = self._kernel(plan.layout)
         strides = [s for st in plan.strides for s in st]
         grid = (triton.cdiv(numel, self.block),)
-        kernel[grid](out, *inputs, *scalars, numel, *plan.sizes[1:], *strides, BLOCK=self.block, num_warps=self.num_warps)
+        kernel[grid](
+            out, *inputs, *scalars, numel, *plan.sizes[1:], *strides, BLOCK=self.block, num_warps=self.num_warps
+        )
         return out
 
     def _check(self, inputs: list[torch.Tensor], out_dtype: torch.dtype) -> None:
@@ -534,6 +541,9 @@ class PointwiseKernel:
             raise ValueError(f"pointwise: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
         for k, t in enumerate(inputs):
             if not isinstance(t, torch.Tensor) or t.dtype not in _FLOAT:
-                raise ValueError(f"pointwise: input {k} must be a float32/float16/bfloat16 tensor, got {getattr(t, 'dtype', type(t))}")
+                raise ValueError(
+                    f"pointwise: input {k} must be a float32/float16/bfloat16 tensor, "
+                    f"got {getattr(t, 'dtype', type(t))}"
+                )
             if t.device != inputs[0].device:
                 raise ValueError(f"pointwise: input {k} is on {t.device}, input 0 on {inputs[0].device}")

@@ -59,8 +59,12 @@ _POINTWISE = {"Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish
               "Pow", "Where", "Cast"}
 _RESHAPING = {"Resize", "Upsample", "Concat", "Pad", "Slice", "DepthToSpace", "SpaceToDepth"}
 _REDUCES = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum"}
-_FIRST_INPUT_ONLY = _POOLS | _NORMS | _REDUCES | {"Resize", "Upsample", "Pad", "Slice", "Clip", "Dropout", "DepthToSpace",
-                                                  "SpaceToDepth"}
+_FIRST_INPUT_ONLY = (
+    _POOLS
+    | _NORMS
+    | _REDUCES
+    | {"Resize", "Upsample", "Pad", "Slice", "Clip", "Dropout", "DepthToSpace", "SpaceToDepth"}
+)
 
 
 # GPU precisions whose convs run NHWC even without a mark (tensor-core kernels read NHWC)
@@ -208,5 +212,7 @@ class ChooseLayout(Pass):
             ctx.log.append(f"region {i} (from {r.convs[0].name}): {len(r.convs)} convs, {len(r.nodes)} nodes NHWC; "
                            f"layout changes {n_before} per-conv -> {n_after} at its borders")
         if regions:
-            ctx.log.append(f"{len(regions)} NHWC regions: layout changes {before} per-conv -> {after} at region borders")
+            ctx.log.append(
+                f"{len(regions)} NHWC regions: layout changes {before} per-conv -> {after} at region borders"
+            )
         return len(regions)

@@ -147,7 +147,9 @@ class _FlattenMatMul(RewriteRuleClassBase):
             bias_value = op.initializer(ir.tensor(bias), name=f"{add.inputs[1 if add.inputs[0] is y else 0].name}/flat")
             out = op.Add(out, bias_value) if self.bias == "right" else op.Add(bias_value, out)
             out.dtype, out.shape = y.dtype, ir.Shape([plan["rows"], n])
-        return op.Reshape(out, self._target(op, a, b, plan, base), **({} if plan["target"] is not None else {"allowzero": 1}))
+        return op.Reshape(
+            out, self._target(op, a, b, plan, base), **({} if plan["target"] is not None else {"allowzero": 1})
+        )
 
     def _target(self, op, a: ir.Value, b: ir.Value, plan: dict, base: str) -> ir.Value:
         """The shape to reshape back to: a constant, or Shape(A)[:-1] ++ N (shared per A and N)."""
@@ -219,7 +221,8 @@ class FlattenMatMul(Pass):
             nodes=[node.name] + [n.name for n in nodes if n is not node],
             why="an N-D MatMul reaches the GEMM libraries as a broadcast batched product; one 2-D GEMM "
                 "over all rows gives larger tiles and the tensor-core paths (playbook: 4-D MatMul -> 2-D)",
-            fix=f"fixed automatically by pass {self.name} (kiln optimize); kiln build views the input as 2-D without a copy",
+            fix=f"fixed automatically by pass {self.name} (kiln optimize); "
+                "kiln build views the input as 2-D without a copy",
             pass_name=self.name,
             shapes=shapes_of([a, b, y]),
         )

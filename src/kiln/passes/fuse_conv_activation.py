@@ -245,7 +245,8 @@ class FuseConvActivation(Pass):
                 why="each op after the Conv writes the conv-sized tensor to memory and reads it back; "
                     "a fused conv applies bias, residual and activation before writing once",
                 fix=f"fixed automatically by pass {self.name}"
-                    + ("" if f.standard_conv else " (emits ai.kiln::FusedConv: the builder, or kiln optimize --kiln-ops)"),
+                    + ("" if f.standard_conv
+                       else " (emits ai.kiln::FusedConv: the builder, or kiln optimize --kiln-ops)"),
                 pass_name=self.name,
                 shapes=shapes_of([f.x, f.w, f.z, out]),
                 details={"activation": f.activation, "activation_params": list(f.params),

@@ -14,9 +14,9 @@ than ``A``, or one element; ``act`` an activation of ``kiln.passes.match_activat
 4. ``act(Gemm(A, W[, C]))``                      -> ``FusedGemm(A, W, [C], activation=act)`` with
    the Gemm's alpha, beta and transB (C a constant bias as b above).
 
-``A`` may have any rank >= 2 for a MatMul (an unknown rank too, with a bias of at most one dim) (FusedGemm views it as 2-D, one GEMM over all rows: the
-"4-D MatMul -> 2-D" rule as the builder's GEMM layers run it), rank 2 for a Gemm. The longest chain
-wins (an activation is never left behind a fused bias). A MatMul or Gemm alone is left as it is:
+``A`` may have any rank >= 2 for a MatMul (an unknown rank too, with a bias of at most one dim) (FusedGemm views
+it as 2-D, one GEMM over all rows: the "4-D MatMul -> 2-D" rule as the builder's GEMM layers run it), rank 2 for a
+Gemm. The longest chain wins (an activation is never left behind a fused bias). A MatMul or Gemm alone is left as it is:
 the builder runs it as one GEMM layer already.
 
 Does not fire when: W is not a constant of rank 2, or not float16/bfloat16/float; A's type is known
@@ -197,7 +197,8 @@ class FuseGemmActivation(Pass):
             nodes=[n.name for n in f.nodes],
             why="each op after the GEMM writes its output to memory and reads it back; a GEMM epilogue "
                 "adds the bias and applies the activation before writing once",
-            fix=f"fixed automatically by pass {self.name} (emits ai.kiln::FusedGemm: the builder, or kiln optimize --kiln-ops)",
+            fix=f"fixed automatically by pass {self.name} "
+                "(emits ai.kiln::FusedGemm: the builder, or kiln optimize --kiln-ops)",
             pass_name=self.name,
             shapes=shapes_of([f.a, f.w, f.output]),
             details={"activation": f.activation, "activation_params": list(f.params), "bias": f.bias is not None,

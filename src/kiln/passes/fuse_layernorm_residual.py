@@ -86,7 +86,8 @@ class FuseLayerNormResidual(Pass):
             rule="layernorm-residual",
             title="residual Add + LayerNormalization run as 2 kernels",
             nodes=[add.name, norm.name],
-            why="the Add writes the sum to memory and the LayerNorm reads it back; fused, the sum never leaves registers",
+            why="the Add writes the sum to memory and the LayerNorm reads it back; "
+                "fused, the sum never leaves registers",
             fix=f"fixed automatically by pass {self.name} (emits ai.kiln::AddLayerNormalization: the builder, "
                 "or kiln optimize --kiln-ops)",
             pass_name=self.name,
@@ -95,7 +96,8 @@ class FuseLayerNormResidual(Pass):
 
     def apply(self, model: ir.Model, ctx: PassContext) -> int:
         if not ctx.kiln_ops:
-            raise KilnError(f"pass {self.name} emits ai.kiln::AddLayerNormalization; run it with kiln_ops=True (--kiln-ops)")
+            raise KilnError(
+                f"pass {self.name} emits ai.kiln::AddLayerNormalization; run it with kiln_ops=True (--kiln-ops)")
         graph = model.graph
         unique_node_names(model)
         count = 0

@@ -143,11 +143,13 @@ class FusePointwise(Pass):
         unique_node_names(model)
         return [Finding(
             rule="pointwise-chain",
-            title=f"a chain of {len(chain)} elementwise ops ({', '.join(n.op_type for n in chain)}) runs as {len(chain)} kernels",
+            title=f"a chain of {len(chain)} elementwise ops ({', '.join(n.op_type for n in chain)}) "
+                  f"runs as {len(chain)} kernels",
             nodes=[n.name for n in chain],
             why="each elementwise op reads its inputs from memory and writes its output back; one fused kernel "
                 "reads each input once and writes once",
-            fix=f"fixed automatically by pass {self.name} (emits ai.kiln::FusedPointwise: the builder, or kiln optimize --kiln-ops)",
+            fix=f"fixed automatically by pass {self.name} "
+                "(emits ai.kiln::FusedPointwise: the builder, or kiln optimize --kiln-ops)",
             pass_name=self.name,
             shapes=shapes_of([chain[-1].outputs[0]]),
             details={"ops": [n.op_type for n in chain]},

@@ -110,9 +110,13 @@ class ExecutionContext:
         self.name = program.name
         on_cuda = self.device.type == "cuda"
         if cuda_graph and not on_cuda:
-            raise KilnError(f"{self.name}: CUDA graphs need an engine built for CUDA; this one runs on {self.device.type}")
+            raise KilnError(
+                f"{self.name}: CUDA graphs need an engine built for CUDA; this one runs on {self.device.type}"
+            )
         if not isinstance(graph_cache_size, int) or graph_cache_size < 1:
-            raise KilnError(f"{self.name}: graph_cache_size must be a positive number of graphs, got {graph_cache_size!r}")
+            raise KilnError(
+                f"{self.name}: graph_cache_size must be a positive number of graphs, got {graph_cache_size!r}"
+            )
         if aux_streams is not None and (not isinstance(aux_streams, int) or aux_streams < 0):
             raise KilnError(f"{self.name}: aux_streams must be a number >= 0, got {aux_streams!r}")
         self.profile = self._valid_profile(profile)
@@ -162,8 +166,12 @@ class ExecutionContext:
     # -- configuration ---------------------------------------------------------------------------
     def _valid_profile(self, profile: int | None) -> int | None:
         count = len(self.program.profiles)
-        if profile is not None and (not isinstance(profile, int) or isinstance(profile, bool) or not 0 <= profile < count):
-            raise KilnError(f"{self.name}: no optimization profile {profile!r}; the engine has {count} (0..{count - 1})")
+        if profile is not None and (
+            not isinstance(profile, int) or isinstance(profile, bool) or not 0 <= profile < count
+        ):
+            raise KilnError(
+                f"{self.name}: no optimization profile {profile!r}; the engine has {count} (0..{count - 1})"
+            )
         return profile
 
     def set_profile(self, profile: int | None) -> None:
@@ -196,7 +204,9 @@ class ExecutionContext:
                     raise InputError(f"{self.name}: bound output {name!r} must be a tensor on {self.device}")
                 want = dtypes.to_torch_dtype(getattr(dtypes.DT, known[name]["dtype"].upper()))
                 if tensor.dtype != want:
-                    raise InputError(f"{self.name}: bound output {name!r} has dtype {tensor.dtype}, the engine writes {want}")
+                    raise InputError(
+                        f"{self.name}: bound output {name!r} has dtype {tensor.dtype}, the engine writes {want}"
+                    )
                 if not tensor.is_contiguous():
                     raise InputError(f"{self.name}: bound output {name!r} must be contiguous")
                 bound[name] = tensor
@@ -248,11 +258,15 @@ class ExecutionContext:
         there are no streams and this is ``run``."""
         if self.stream is None:
             if stream is not None:
-                raise KilnError(f"{self.name}: this engine runs on the CPU, which has no streams; call run_async without one")
+                raise KilnError(
+                    f"{self.name}: this engine runs on the CPU, which has no streams; call run_async without one"
+                )
             return self.run(inputs, timeout_s)
         with self._entered(timeout_s):
             values, profile = self.program.check_inputs(inputs, self.profile)
-            return self._async(lambda: self._enqueue([self._on_device(v, pinned=True) for v in values], profile), stream)
+            return self._async(
+                lambda: self._enqueue([self._on_device(v, pinned=True) for v in values], profile), stream
+            )
 
     def execute(self, timeout_s: float | None = None) -> dict[str, Any]:
         """Run the plan on the bound tensors (``bind``) and wait for it."""
@@ -266,7 +280,9 @@ class ExecutionContext:
         """``execute`` queued behind ``stream``'s work (default: the current stream), without waiting."""
         if self.stream is None:
             if stream is not None:
-                raise KilnError(f"{self.name}: this engine runs on the CPU, which has no streams; call execute_async without one")
+                raise KilnError(
+                    f"{self.name}: this engine runs on the CPU, which has no streams; call execute_async without one"
+                )
             return self.execute(timeout_s)
         with self._entered(timeout_s):
             values, profile = self._bound()
@@ -410,7 +426,11 @@ class ExecutionContext:
         plan cannot be captured: an op that waits for the GPU; the reason is in ``graph_errors``)."""
         key = shape_key
         if bound:
-            key += ("bound", *(v.data_ptr() for v in values), *sorted((n, t.data_ptr(), tuple(t.shape)) for n, t in (into or {}).items()))
+            key += (
+                "bound",
+                *(v.data_ptr() for v in values),
+                *sorted((n, t.data_ptr(), tuple(t.shape)) for n, t in (into or {}).items()),
+            )
         if key in self._graphs:
             self._graphs.move_to_end(key)
             return self._graphs[key]
@@ -431,7 +451,9 @@ class ExecutionContext:
             # so contexts in other threads go on running (their streams are not captured).
             with _CAPTURE, torch.cuda.stream(self.stream):
                 self.stream.synchronize()
-                graph.capture_begin(*((self._pool,) if self._pool is not None else ()), capture_error_mode="thread_local")
+                graph.capture_begin(
+                    *((self._pool,) if self._pool is not None else ()), capture_error_mode="thread_local"
+                )
                 try:
                     results, _ = self._execute(self.program.lean[profile], inputs, cached)
                     outputs = self._deliver(results, into)
