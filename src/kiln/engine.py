@@ -63,7 +63,7 @@ MAX_KEY_BYTES = 4096
 
 
 if TYPE_CHECKING:
-    from kiln.builder.plan import BuiltPlan
+    from kiln.builder.plan import BuildReport, BuiltPlan
 
 
 class Engine:
@@ -78,7 +78,7 @@ class Engine:
         self.tensors = {name: t.to(device) for name, t in tensors.items()}
         self.graph = graph
         self.device = torch.device(device)
-        self.report = None
+        self.report: BuildReport | None = None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise EngineLoadError("this engine runs on CUDA, but torch sees no CUDA GPU here")
         self.name = name or self.plan["name"]  # the engine file once loaded; errors start with it
@@ -282,10 +282,10 @@ def load_engine(path: str | os.PathLike[str], device: str | None = None, *, key:
                 f"{path}: built for {header.get('gpu')} (compute capability {header.get('capability')}); this GPU is "
                 f"{here.get('gpu')} ({here.get('capability')}). Rebuild the engine on this GPU"
             )
-    graph = stored.pop(_GRAPH_TENSOR, torch.zeros(0, dtype=torch.uint8))
-    if graph.dtype != torch.uint8 or graph.dim() != 1:
+    graph_tensor = stored.pop(_GRAPH_TENSOR, torch.zeros(0, dtype=torch.uint8))
+    if graph_tensor.dtype != torch.uint8 or graph_tensor.dim() != 1:
         raise EngineLoadError(f"{path}: the engine's graph is not a byte string; the file is corrupt")
-    graph = graph.numpy().tobytes()
+    graph = graph_tensor.numpy().tobytes()
     nodes = _graph_nodes(graph, path)
     try:
         engine_schema.check_tensor_tables(header, stored, _GRAPH_TENSOR)
@@ -420,7 +420,8 @@ def _storable(tensor: torch.Tensor) -> tuple[torch.Tensor, list[int] | None]:
     tensor = tensor.detach()
     if tensor.is_contiguous():
         return tensor.cpu(), None
-    perm = sorted(range(tensor.dim()), key=lambda d: (-tensor.stride(d), d))
+    strides = tensor.stride()
+    perm = sorted(range(tensor.dim()), key=lambda d: (-strides[d], d))
     return tensor.permute(perm).contiguous().cpu(), perm
 
 

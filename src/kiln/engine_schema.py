@@ -344,7 +344,7 @@ def _pointwise_attrs(attrs: dict, where: str, layer: dict) -> int:
         if op == "const":
             _number(_object(step, at, ("op", "value"))["value"], f"{at}.value", finite=False)
             continue
-        _choice(op, f"{at}.op", ELEMENTWISE)
+        op = _choice(op, f"{at}.op", ELEMENTWISE)
         _object(step, at, ("op", "args", "attrs"))
         for k, arg in enumerate(_list(step["args"], f"{at}.args", 2 if op in BINARY or op in VARIADIC else 1)):
             _int(arg, f"{at}.args[{k}]", 0, i - 1)

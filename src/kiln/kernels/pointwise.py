@@ -444,22 +444,23 @@ class _Plan:
 def _plan(inputs: list[torch.Tensor], out: torch.Tensor, like: int | None) -> _Plan:
     shape = tuple(out.shape)
     # Visit the output in memory order (size-1 dims do not matter), so the flat index is its offset.
-    dims = sorted((d for d in range(len(shape)) if shape[d] != 1), key=lambda d: -out.stride(d))
+    out_stride = out.stride()
+    dims = sorted((d for d in range(len(shape)) if shape[d] != 1), key=lambda d: -out_stride[d])
     expanded = [t.expand(shape).stride() if t.dim() else (0,) * len(shape) for t in inputs]
-    tensors = [[out.stride(d) for d in dims]] + [[s[d] for d in dims] for s in expanded]
+    tensors = [[out_stride[d] for d in dims]] + [[s[d] for d in dims] for s in expanded]
     sizes: list[int] = []
     groups: list[list[int]] = [[] for _ in tensors]
     for j, d in enumerate(dims):
         size = shape[d]
         # Merge into the dim outside when every tensor steps over this dim exactly as that one's stride.
-        if j and all(g[-1] == t[j] * size for g, t in zip(groups, tensors)):
+        if j and all(g[-1] == st[j] * size for g, st in zip(groups, tensors)):
             sizes[-1] *= size
-            for g, t in zip(groups, tensors):
-                g[-1] = t[j]
+            for g, st in zip(groups, tensors):
+                g[-1] = st[j]
         else:
             sizes.append(size)
-            for g, t in zip(groups, tensors):
-                g.append(t[j])
+            for g, st in zip(groups, tensors):
+                g.append(st[j])
     out_strides, in_strides = groups[0], groups[1:]
     kinds, zero, strides = [], [], []
     largest = out.numel() - 1

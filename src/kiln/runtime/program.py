@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -62,7 +62,7 @@ class Step:
     stream: int = 0
     waits: tuple[int, ...] = ()
     record: int | None = None
-    free_lean: list[int] | None = None
+    free_lean: list[int] = field(default_factory=list)  # set for every step when there are several
     where: str = ""  # "layer 'name' (op Conv+Relu)", for errors and time limits
     # a Pointwise layer's weight shapes: its output is the broadcast of them and its inputs, checked
     # against the tensor-size ceiling on the first run at each input shape (None: other kinds)
@@ -292,16 +292,17 @@ class Program:
                                      f"{self.device}: pass it there, on the CPU, or as a numpy array")
             else:
                 try:
-                    value = dtypes.tensor_from_numpy(np.asarray(given), "cpu")
+                    converted = dtypes.tensor_from_numpy(np.asarray(given), "cpu")
                 except KeyError as error:
                     raise InputError(
                         f"{self.name}: input {spec['name']!r} has dtype {np.asarray(given).dtype}, "
                         "which kiln cannot hold"
                     ) from error
-                if not isinstance(value, torch.Tensor):
+                if not isinstance(converted, torch.Tensor):
                     raise InputError(
                         f"{self.name}: input {spec['name']!r} is a string tensor; engines take numeric inputs"
                     )
+                value = converted
             got = (dtypes.onnx_name(dtypes.ONNX_DTYPES[value.dtype]) if value.dtype in dtypes.ONNX_DTYPES
                    else str(value.dtype))
             if got != spec["dtype"]:
