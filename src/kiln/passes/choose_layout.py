@@ -45,7 +45,7 @@ import onnx_ir as ir
 
 from kiln.passes._conv import is_conv
 from kiln.passes.framework import KILN_DOMAIN, Finding, Pass, PassContext, register_pass
-from kiln.passes.rewriting import attrs_of, connected_components, shapes_of, unique_node_names
+from kiln.passes.rewriting import attrs_of, connected_components, node_names, shapes_of, unique_node_names
 
 LAYOUT = "kiln.layout"
 LAYOUT_CHANGE = "kiln.layout_change"
@@ -184,7 +184,7 @@ class ChooseLayout(Pass):
             findings.append(Finding(
                 rule="nchw-conv-low-precision",
                 title=f"{len(convs)} convs run NCHW at {ctx.precision} ({len(r.nodes)} nodes in one conv region)",
-                nodes=[convs[0].name] + [n.name for n in r.nodes if n is not convs[0]],
+                nodes=node_names([convs[0]] + [n for n in r.nodes if n is not convs[0]]),
                 why="tensor-core conv kernels read NHWC; NCHW data is transposed in and out around every conv "
                     "(2 layout changes per conv) unless the whole region runs NHWC",
                 fix=f"fixed automatically by pass {self.name} (the builder runs the region channels_last)",

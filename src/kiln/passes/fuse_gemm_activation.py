@@ -39,6 +39,7 @@ from kiln.passes.framework import KILN_DOMAIN, KILN_DOMAIN_VERSION, Finding, Pas
 from kiln.passes.match_activation import PATTERNS, activation_of
 from kiln.passes.rewriting import (
     constant_array,
+    node_names,
     record_fusion,
     remove_unused_producers,
     shapes_of,
@@ -115,7 +116,7 @@ class _Fusion:
 def _is_bias(value: ir.Value | None, n: int | None, rank: int, dtype: ir.DataType | None) -> bool:
     """A constant of ``dtype`` that broadcasts along the last axis only and adds no dims to a rank-``rank`` result."""
     array = constant_array(value)
-    if array is None or value.dtype != dtype or array.ndim > rank:
+    if array is None or value is None or value.dtype != dtype or array.ndim > rank:
         return False
     if array.size == 1:
         return True
@@ -194,7 +195,7 @@ class FuseGemmActivation(Pass):
         return [Finding(
             rule="gemm-epilogue",
             title=f"{f.describe()} run as {len(f.nodes)} kernels",
-            nodes=[n.name for n in f.nodes],
+            nodes=node_names(f.nodes),
             why="each op after the GEMM writes its output to memory and reads it back; a GEMM epilogue "
                 "adds the bias and applies the activation before writing once",
             fix=f"fixed automatically by pass {self.name} "
@@ -227,11 +228,13 @@ class FuseGemmActivation(Pass):
                 attributes.append(ir.AttrFloat32s("activation_params", [float(p) for p in f.params]))
             inputs = [current(f.a), f.w] + ([f.bias] if f.bias is not None else [])
             node = ir.Node(KILN_DOMAIN, "FusedGemm", inputs, attributes=attributes, name=f.gemm.name)
-            new_out = node.outputs[0]
-            new_out.dtype, new_out.shape = f.output.dtype, f.output.shape
+            new_out, output = node.outputs[0], f.output
+            assert output is not None, "_analyse sets every fusion's output"
+            # onnx_ir types the dtype setter DataType, its getter DataType | None: an unknown dtype is copied as is
+            new_out.dtype, new_out.shape = output.dtype, output.shape  # type: ignore[assignment]
             record_fusion([node], f.nodes)
-            ir.convenience.replace_nodes_and_values(graph, f.nodes[-1], f.nodes, [node], [f.output], [new_out])
-            replaced[id(f.output)] = new_out
+            ir.convenience.replace_nodes_and_values(graph, f.nodes[-1], f.nodes, [node], [output], [new_out])
+            replaced[id(output)] = new_out
             remove_unused_producers(graph, f.extra_inputs)
             ctx.log.append(f"{f.gemm.name}: {f.describe()} -> FusedGemm ({len(f.nodes)} nodes -> 1)")
             count += 1

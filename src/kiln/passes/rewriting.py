@@ -38,8 +38,19 @@ def unique_node_names(model: ir.Model) -> None:
     NameFixPass(_NodeNames(model.graph))(model)
 
 
+def node_names(nodes: Iterable[ir.Node]) -> list[str]:
+    """The names of nodes that ``unique_node_names`` has named (a finding lists its nodes by name)."""
+    names = []
+    for node in nodes:
+        assert node.name is not None, "unique_node_names runs before a finding names its nodes"
+        names.append(node.name)
+    return names
+
+
 def opset(model: ir.Model, domain: str = "") -> int:
-    return model.opset_imports.get(domain, model.opset_imports.get("ai.onnx", 0)) if domain == "" else model.opset_imports.get(domain, 0)
+    if domain == "":
+        return model.opset_imports.get(domain, model.opset_imports.get("ai.onnx", 0))
+    return model.opset_imports.get(domain, 0)
 
 
 def shape_of(value: ir.Value | None) -> list[int | str] | None:
@@ -204,7 +215,7 @@ def remove_unused_producers(graph: ir.Graph, values: Iterable[ir.Value | None]) 
             continue
         node = value.producer()
         if node is None:
-            if (value.is_initializer() and not value.is_graph_input()
+            if (value.is_initializer() and not value.is_graph_input() and value.name is not None
                     and graph.initializers.get(value.name) is value):
                 del graph.initializers[value.name]
             continue
