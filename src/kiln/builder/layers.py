@@ -312,7 +312,8 @@ class _Lowering:
         axis = int(node.attributes["axis"].value) if "axis" in node.attributes else default
         if axis % len(shape) != len(shape) - 1:
             return False
-        return self.add("Softmax", node, [_name(x)], [_name(node.outputs[0])], attrs={"log": node.op_type == "LogSoftmax"})
+        return self.add("Softmax", node, [_name(x)], [_name(node.outputs[0])],
+                        attrs={"log": node.op_type == "LogSoftmax"})
 
     # -- pointwise chains ---------------------------------------------------------------------
     def _pointwise(self, node: ir.Node) -> bool:
