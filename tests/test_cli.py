@@ -51,12 +51,8 @@ def test_run_compare_onnxruntime(model_path, capsys):
 def test_run_inputs_and_save_outputs(model_path, tmp_path):
     x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
     np.savez(tmp_path / "in.npz", x=x)
-    assert (
-        main(
-            ["run", str(model_path), "--inputs", str(tmp_path / "in.npz"), "--save-outputs", str(tmp_path / "out.npz")]
-        )
-        == 0
-    )
+    assert main(["run", str(model_path), "--inputs", str(tmp_path / "in.npz"),
+                 "--save-outputs", str(tmp_path / "out.npz")]) == 0
     w = numpy_helper.to_array(onnx.load(model_path).graph.initializer[0])
     with np.load(tmp_path / "out.npz") as saved:
         np.testing.assert_allclose(saved["y"], np.maximum(x + w, 0), rtol=1e-6)
@@ -280,9 +276,8 @@ def test_engine_built_for_cpu_is_not_run_on_cuda(static_profile_engine, capsys, 
     _, engine = static_profile_engine
     assert main(["run", str(engine), "--device", "cuda"]) == 2
     assert "torch sees no CUDA GPU" in capsys.readouterr().err
-    monkeypatch.setattr(
-        kiln.device, "cuda_available", lambda: True
-    )  # a GPU machine: the engine says what it was built for
+    # a GPU machine: the engine says what it was built for
+    monkeypatch.setattr(kiln.device, "cuda_available", lambda: True)
     assert main(["run", str(engine), "--device", "cuda"]) == 2
     assert "the engine was built for cpu, not cuda; rebuild it with --device cuda" in capsys.readouterr().err
 

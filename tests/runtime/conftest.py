@@ -68,36 +68,10 @@ def build_branches_file(folder, device: str) -> tuple:
     model = folder / "branches.onnx"
     onnx.save(branches_model(), model)
     engine = folder / "branches.kiln"
-    assert (
-        main(
-            [
-                "build",
-                str(model),
-                "-o",
-                str(engine),
-                "--device",
-                device,
-                "--opt-level",
-                "1",
-                "--quiet",
-                "--aux-streams",
-                "2",
-                "--min-shapes",
-                f"x:1x{WIDTH}",
-                "--opt-shapes",
-                f"x:2x{WIDTH}",
-                "--max-shapes",
-                f"x:4x{WIDTH}",
-                "--min-shapes",
-                f"x:5x{WIDTH}",
-                "--opt-shapes",
-                f"x:8x{WIDTH}",
-                "--max-shapes",
-                f"x:16x{WIDTH}",
-            ]
-        )
-        == 0
-    )
+    assert main(["build", str(model), "-o", str(engine), "--device", device, "--opt-level", "1", "--quiet",
+                 "--aux-streams", "2", "--min-shapes", f"x:1x{WIDTH}", "--opt-shapes", f"x:2x{WIDTH}", "--max-shapes",
+                 f"x:4x{WIDTH}", "--min-shapes", f"x:5x{WIDTH}", "--opt-shapes", f"x:8x{WIDTH}", "--max-shapes",
+                 f"x:16x{WIDTH}"]) == 0
     return model, engine
 
 

@@ -198,18 +198,11 @@ def _if_model():
         [],
         out_else,
     )
-    graph = helper.make_graph(
-        [
-            helper.make_node("Relu", ["x0"], ["x"]),
-            helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other),
-        ],
-        "if",
-        [
-            helper.make_tensor_value_info("x0", TensorProto.FLOAT, ["N", 4]),
-            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
-        ],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-    )
+    graph = helper.make_graph([helper.make_node("Relu", ["x0"], ["x"]),
+                               helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)],
+                              "if", [helper.make_tensor_value_info("x0", TensorProto.FLOAT, ["N", 4]),
+                                     helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
 
@@ -270,16 +263,12 @@ def test_which_layers_read_torchs_process_wide_switches():
         return {"kind": kind, "precision": precision, "op_types": [op]}
 
     assert layer_reads_torch_flags(layer("Conv", "fp16", "Conv"))  # cuDNN's benchmark switch picks its algorithm
-    assert layer_reads_torch_flags(layer("Gemm", "fp32")) and layer_reads_torch_flags(
-        layer("Attention", "tf32", "Softmax")
-    )
-    assert layer_reads_torch_flags(layer("Node", "fp32", "Einsum")) and layer_reads_torch_flags(
-        layer("Node", "fp32", "Loop")
-    )
-    assert not layer_reads_torch_flags(layer("Gemm", "fp16")) and not layer_reads_torch_flags(
-        layer("Node", "fp32", "Gather")
-    )
+    assert layer_reads_torch_flags(layer("Gemm", "fp32"))
+    assert layer_reads_torch_flags(layer("Attention", "tf32", "Softmax"))
+    assert layer_reads_torch_flags(layer("Node", "fp32", "Einsum"))
+    assert layer_reads_torch_flags(layer("Node", "fp32", "Loop"))
+    assert not layer_reads_torch_flags(layer("Gemm", "fp16"))
+    assert not layer_reads_torch_flags(layer("Node", "fp32", "Gather"))
     assert layer_reads_torch_flags(layer("Node", "tf32", "Gather"))
-    assert not layer_reads_torch_flags(layer("Pointwise", "fp32", "Add")) and not layer_reads_torch_flags(
-        layer("LayerNorm", "fp32")
-    )
+    assert not layer_reads_torch_flags(layer("Pointwise", "fp32", "Add"))
+    assert not layer_reads_torch_flags(layer("LayerNorm", "fp32"))
