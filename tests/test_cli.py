@@ -51,7 +51,8 @@ def test_run_compare_onnxruntime(model_path, capsys):
 def test_run_inputs_and_save_outputs(model_path, tmp_path):
     x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
     np.savez(tmp_path / "in.npz", x=x)
-    assert main(["run", str(model_path), "--inputs", str(tmp_path / "in.npz"), "--save-outputs", str(tmp_path / "out.npz")]) == 0
+    assert main(["run", str(model_path), "--inputs", str(tmp_path / "in.npz"),
+                 "--save-outputs", str(tmp_path / "out.npz")]) == 0
     w = numpy_helper.to_array(onnx.load(model_path).graph.initializer[0])
     with np.load(tmp_path / "out.npz") as saved:
         np.testing.assert_allclose(saved["y"], np.maximum(x + w, 0), rtol=1e-6)
@@ -156,10 +157,15 @@ def test_full_disk_leaves_no_partial_outputs_file(model_path, tmp_path, capsys, 
 def _tiny_sigmoid_model(tmp_path):
     """y = sigmoid(x) * 1.2e-3: a detection score map whose values are all tiny."""
     graph = helper.make_graph(
-        [helper.make_node("Sigmoid", ["x"], ["s"], name="sigmoid"), helper.make_node("Mul", ["s", "k"], ["y"], name="scale")],
-        "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [
+            helper.make_node("Sigmoid", ["x"], ["s"], name="sigmoid"),
+            helper.make_node("Mul", ["s", "k"], ["y"], name="scale"),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
-        [numpy_helper.from_array(np.array(1.2e-3, np.float32), "k")])
+        [numpy_helper.from_array(np.array(1.2e-3, np.float32), "k")],
+    )
     path = tmp_path / "tiny.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), path)
     return path
@@ -270,7 +276,8 @@ def test_engine_built_for_cpu_is_not_run_on_cuda(static_profile_engine, capsys, 
     _, engine = static_profile_engine
     assert main(["run", str(engine), "--device", "cuda"]) == 2
     assert "torch sees no CUDA GPU" in capsys.readouterr().err
-    monkeypatch.setattr(kiln.device, "cuda_available", lambda: True)  # a GPU machine: the engine says what it was built for
+    # a GPU machine: the engine says what it was built for
+    monkeypatch.setattr(kiln.device, "cuda_available", lambda: True)
     assert main(["run", str(engine), "--device", "cuda"]) == 2
     assert "the engine was built for cpu, not cuda; rebuild it with --device cuda" in capsys.readouterr().err
 
@@ -289,7 +296,9 @@ def test_internal_error_is_one_line_exit_3_with_the_traceback_in_a_file(model_pa
     assert main(["run", str(model_path), "--device", "cpu"]) == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    match = re.fullmatch(r"kiln: internal error: ZeroDivisionError: a bug in kiln \(traceback written to (.+)\)", err[0])
+    match = re.fullmatch(
+        r"kiln: internal error: ZeroDivisionError: a bug in kiln \(traceback written to (.+)\)", err[0]
+    )
     assert match, err[0]
     written = Path(match.group(1))
     assert written.parent == tmp_path / "cache" / "kiln" / "crashes"
@@ -331,7 +340,9 @@ def test_onnx_warnings_become_one_kiln_note(tmp_path, capsys):
     path.write_bytes(proto.SerializeToString())
     assert main(["run", str(path), "--device", "cpu"]) == 0
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith(f"kiln: note: {path}: Ignoring unknown external data key(s) ['producer_note']")
+    assert len(err) == 1 and err[0].startswith(
+        f"kiln: note: {path}: Ignoring unknown external data key(s) ['producer_note']"
+    )
 
 
 def test_demo_builds_runs_and_checks_an_engine(tmp_path, capsys):

@@ -157,7 +157,9 @@ UNARY: dict[str, Callable] = {
     "HardSwish": lambda a, x: x * torch.clamp(x / 6 + 0.5, 0.0, 1.0),
     "Gelu": lambda a, x: F.gelu(x, approximate="tanh" if a.get("approximate", "none") == "tanh" else "none"),
     "Elu": lambda a, x: torch.where(x > 0, x, a.get("alpha", 1.0) * (torch.exp(x) - 1)),
-    "Selu": lambda a, x: a.get("gamma", SELU_GAMMA) * torch.where(x > 0, x, a.get("alpha", SELU_ALPHA) * (torch.exp(x) - 1)),
+    "Selu": lambda a, x: (
+        a.get("gamma", SELU_GAMMA) * torch.where(x > 0, x, a.get("alpha", SELU_ALPHA) * (torch.exp(x) - 1))
+    ),
     "Softplus": lambda a, x: F.softplus(x),
     "Softsign": lambda a, x: x / (1 + x.abs()),
     "Identity": lambda a, x: x,

@@ -63,14 +63,14 @@ MAX_KEY_BYTES = 4096
 
 
 if TYPE_CHECKING:
-    from kiln.builder.plan import BuiltPlan
+    from kiln.builder.plan import BuildReport, BuiltPlan
 
 
 class Engine:
     """A built model: the plan, its prepared weights and its ``program`` (the runnable steps,
-    ``kiln.runtime.Program``), shared by every execution context. ``run`` takes inputs by name (numpy arrays or tensors) and returns outputs
-    by name as tensors on the engine's device, in one default context; ``create_context`` gives
-    more (one per thread or stream)."""
+    ``kiln.runtime.Program``), shared by every execution context. ``run`` takes inputs by name (numpy arrays or
+    tensors) and returns outputs by name as tensors on the engine's device, in one default context;
+    ``create_context`` gives more (one per thread or stream)."""
 
     def __init__(self, plan: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], graph: bytes, device: str = "cuda",
                  name: str | None = None) -> None:
@@ -78,7 +78,7 @@ class Engine:
         self.tensors = {name: t.to(device) for name, t in tensors.items()}
         self.graph = graph
         self.device = torch.device(device)
-        self.report = None
+        self.report: BuildReport | None = None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise EngineLoadError("this engine runs on CUDA, but torch sees no CUDA GPU here")
         self.name = name or self.plan["name"]  # the engine file once loaded; errors start with it
@@ -194,15 +194,17 @@ class Engine:
                 continue
             seen[identity] = name
             flat, perm = _storable(tensor)
-            if flat.untyped_storage().data_ptr() in storages or flat.numel() != flat.untyped_storage().nbytes() // max(flat.element_size(), 1):
+            if (flat.untyped_storage().data_ptr() in storages
+                    or flat.numel() != flat.untyped_storage().nbytes() // max(flat.element_size(), 1)):
                 flat = flat.clone()
             storages.add(flat.untyped_storage().data_ptr())
             stored[name] = flat
             if perm is not None:
                 layouts[name] = perm
-        stored[_GRAPH_TENSOR] = torch.frombuffer(bytearray(self.graph), dtype=torch.uint8) if self.graph else torch.zeros(0, dtype=torch.uint8)
-        header = {"format": FORMAT, "version": VERSION, **environment(self.device), "plan": self.plan, "layouts": layouts,
-                  "aliases": aliases}
+        stored[_GRAPH_TENSOR] = (torch.frombuffer(bytearray(self.graph), dtype=torch.uint8) if self.graph
+                                 else torch.zeros(0, dtype=torch.uint8))
+        header = {"format": FORMAT, "version": VERSION, **environment(self.device), "plan": self.plan,
+                  "layouts": layouts, "aliases": aliases}
         header["sha256"] = digest(header, stored)
         key = configured_key(key)
         metadata = {"kiln": json.dumps(header, sort_keys=True, separators=(",", ":"))}
@@ -234,7 +236,9 @@ def load_engine(path: str | os.PathLike[str], device: str | None = None, *, key:
     except engine_schema.SchemaError as error:
         raise EngineLoadError(f"{path}: not a kiln engine, or truncated: {error}") from error
     except (SafetensorError, ValueError, RuntimeError, KeyError, OverflowError) as error:
-        raise EngineLoadError(f"{path}: not a kiln engine, or truncated ({str(error).splitlines()[0][:200]})") from error
+        raise EngineLoadError(
+            f"{path}: not a kiln engine, or truncated ({str(error).splitlines()[0][:200]})"
+        ) from error
     header_text = metadata.get("kiln")
     if header_text is None:
         raise EngineLoadError(f"{path}: a safetensors file without kiln's plan; not a kiln engine")
@@ -248,7 +252,9 @@ def load_engine(path: str | os.PathLike[str], device: str | None = None, *, key:
         raise EngineLoadError(f"{path}: engine format version {engine_schema.show(header.get('version'))}; "
                               f"this kiln reads version {VERSION}. Rebuild it")
     if header.get("sha256") != digest({k: v for k, v in header.items() if k != "sha256"}, stored):
-        raise EngineLoadError(f"{path}: checksum mismatch: the engine file was modified or damaged after it was written; rebuild it")
+        raise EngineLoadError(
+            f"{path}: checksum mismatch: the engine file was modified or damaged after it was written; rebuild it"
+        )
     try:
         engine_schema.check_header(header)
     except engine_schema.SchemaError as error:
@@ -258,21 +264,28 @@ def load_engine(path: str | os.PathLike[str], device: str | None = None, *, key:
         raise EngineLoadError(f"{path}: device must be 'cpu' or 'cuda', got {device!r}")
     here = environment(torch.device(device or built_on))
     if header.get("kiln") != here["kiln"]:
-        raise EngineLoadError(f"{path}: built by kiln {header.get('kiln')}, this is kiln {here['kiln']}; rebuild the engine with this version")
+        raise EngineLoadError(
+            f"{path}: built by kiln {header.get('kiln')}, this is kiln {here['kiln']}; "
+            "rebuild the engine with this version"
+        )
     if device is not None and device != built_on:
-        raise EngineLoadError(f"{path}: the engine was built for {built_on}, not {device}; rebuild it with --device {device}")
+        raise EngineLoadError(
+            f"{path}: the engine was built for {built_on}, not {device}; rebuild it with --device {device}"
+        )
     if built_on == "cuda":
         if not torch.cuda.is_available():
-            raise EngineLoadError(f"{path}: the engine was built for CUDA ({header.get('gpu')}), and torch sees no CUDA GPU here")
+            raise EngineLoadError(
+                f"{path}: the engine was built for CUDA ({header.get('gpu')}), and torch sees no CUDA GPU here"
+            )
         if header.get("capability") != here.get("capability"):
             raise EngineLoadError(
                 f"{path}: built for {header.get('gpu')} (compute capability {header.get('capability')}); this GPU is "
                 f"{here.get('gpu')} ({here.get('capability')}). Rebuild the engine on this GPU"
             )
-    graph = stored.pop(_GRAPH_TENSOR, torch.zeros(0, dtype=torch.uint8))
-    if graph.dtype != torch.uint8 or graph.dim() != 1:
+    graph_tensor = stored.pop(_GRAPH_TENSOR, torch.zeros(0, dtype=torch.uint8))
+    if graph_tensor.dtype != torch.uint8 or graph_tensor.dim() != 1:
         raise EngineLoadError(f"{path}: the engine's graph is not a byte string; the file is corrupt")
-    graph = graph.numpy().tobytes()
+    graph = graph_tensor.numpy().tobytes()
     nodes = _graph_nodes(graph, path)
     try:
         engine_schema.check_tensor_tables(header, stored, _GRAPH_TENSOR)
@@ -286,7 +299,9 @@ def load_engine(path: str | os.PathLike[str], device: str | None = None, *, key:
     except KilnError:
         raise
     except Exception as error:  # noqa: BLE001 - a plan that does not fit together is a corrupt engine
-        raise EngineLoadError(f"{path}: the engine's plan is inconsistent ({type(error).__name__}: {error}); rebuild it") from error
+        raise EngineLoadError(
+            f"{path}: the engine's plan is inconsistent ({type(error).__name__}: {error}); rebuild it"
+        ) from error
 
 
 def _read_engine(path: str) -> bytes:
@@ -314,7 +329,10 @@ def _graph_nodes(graph: bytes, path: str) -> dict[str, engine_schema.GraphNode]:
             proto = load_embedded_model(graph, f"{path}: the engine's graph")
         except KilnError as error:
             raise EngineLoadError(str(error)) from error
-        nodes = {node.name: engine_schema.GraphNode(node.op_type, len(node.input), len(node.output)) for node in proto.graph.node}
+        nodes = {
+            node.name: engine_schema.GraphNode(node.op_type, len(node.input), len(node.output))
+            for node in proto.graph.node
+        }
         _CHECKED_GRAPHS[graph_sha] = nodes
         while len(_CHECKED_GRAPHS) > 16:
             _CHECKED_GRAPHS.popitem(last=False)
@@ -336,8 +354,10 @@ def read_key(path: str | os.PathLike[str]) -> bytes:
     except OSError as error:
         raise KilnError(f"engine key {path}: cannot read it ({error.strerror or error})") from error
     if not MIN_KEY_BYTES <= len(key) <= MAX_KEY_BYTES:
-        raise KilnError(f"engine key {path}: a key is {MIN_KEY_BYTES} to {MAX_KEY_BYTES} bytes, this file holds {len(key)}; "
-                        "make one with: openssl rand -hex 32 > engine.key")
+        raise KilnError(
+            f"engine key {path}: a key is {MIN_KEY_BYTES} to {MAX_KEY_BYTES} bytes, this file holds {len(key)}; "
+            "make one with: openssl rand -hex 32 > engine.key"
+        )
     return key
 
 
@@ -400,7 +420,8 @@ def _storable(tensor: torch.Tensor) -> tuple[torch.Tensor, list[int] | None]:
     tensor = tensor.detach()
     if tensor.is_contiguous():
         return tensor.cpu(), None
-    perm = sorted(range(tensor.dim()), key=lambda d: (-tensor.stride(d), d))
+    strides = tensor.stride()
+    perm = sorted(range(tensor.dim()), key=lambda d: (-strides[d], d))
     return tensor.permute(perm).contiguous().cpu(), perm
 
 

@@ -103,7 +103,10 @@ def _number(value: Any, where: str, *, finite: bool = True, lo: float = -math.in
 
 def _str(value: Any, where: str, *, empty: bool = False) -> str:
     if not isinstance(value, str) or len(value) > MAX_NAME or (not empty and not value):
-        raise SchemaError(where, f"must be a {'' if empty else 'non-empty '}string of at most {MAX_NAME} characters, not {show(value)}")
+        raise SchemaError(
+            where,
+            f"must be a {'' if empty else 'non-empty '}string of at most {MAX_NAME} characters, not {show(value)}",
+        )
     return value
 
 
@@ -181,7 +184,9 @@ def tensor_table(data: bytes, metadata_keys: tuple[str, ...]) -> dict[str, str]:
     if length > len(data) - 8 or length > MAX_HEADER_BYTES:
         raise SchemaError("the safetensors header length", f"({length}) runs past the end of the {len(data)}-byte file")
     try:
-        header = json.loads(data[8:8 + length].decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        header = json.loads(
+            data[8:8 + length].decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant
+        )
     except (UnicodeDecodeError, ValueError, RecursionError) as error:
         raise SchemaError("the safetensors header", f"is not valid JSON ({type(error).__name__})") from None
     _dict(header, "the safetensors header")
@@ -198,11 +203,18 @@ def tensor_table(data: bytes, metadata_keys: tuple[str, ...]) -> dict[str, str]:
         _object(entry, where, ("dtype", "shape", "data_offsets"))
         itemsize = SAFETENSORS_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
         if itemsize is None:
-            raise SchemaError(f"{where}.dtype", f"must be one of {sorted(SAFETENSORS_DTYPES)}, not {show(entry['dtype'])}")
+            raise SchemaError(
+                f"{where}.dtype", f"must be one of {sorted(SAFETENSORS_DTYPES)}, not {show(entry['dtype'])}"
+            )
         count = math.prod(_shape(entry["shape"], f"{where}.shape"))
-        begin, end = (_int(o, f"{where}.data_offsets[{i}]", 0, size) for i, o in enumerate(_list(entry["data_offsets"], f"{where}.data_offsets", 2)))
+        begin, end = (
+            _int(o, f"{where}.data_offsets[{i}]", 0, size)
+            for i, o in enumerate(_list(entry["data_offsets"], f"{where}.data_offsets", 2))
+        )
         if end - begin != count * itemsize:
-            raise SchemaError(where, f"has shape {entry['shape']} ({count * itemsize} bytes) but offsets {begin}..{end}")
+            raise SchemaError(
+                where, f"has shape {entry['shape']} ({count * itemsize} bytes) but offsets {begin}..{end}"
+            )
     return header.get("__metadata__", {})
 
 
@@ -218,7 +230,9 @@ def check_header(header: Mapping[str, Any]) -> None:
     _int(header["version"], "the header's 'version'")  # equal to kiln's already; not true, which == 1
     for field in _ENVIRONMENT_FIELDS:
         if field in header and (not isinstance(header[field], str) or len(header[field]) > 256):
-            raise SchemaError(f"the header's {field!r}", f"must be a string of at most 256 characters, not {show(header[field])}")
+            raise SchemaError(
+                f"the header's {field!r}", f"must be a string of at most 256 characters, not {show(header[field])}"
+            )
     _choice(header["device"], "the header's 'device'", ("cpu", "cuda"))
 
 
@@ -234,18 +248,23 @@ def check_tensor_tables(header: Mapping[str, Any], stored: Mapping[str, torch.Te
         where = f"layouts[{show(name)}]"
         if name not in weights:
             raise SchemaError(where, "names no stored weight")
-        if not isinstance(perm, list) or sorted(p if type(p) is int else -1 for p in perm) != list(range(stored[name].dim())):
+        if (not isinstance(perm, list)
+                or sorted(p if type(p) is int else -1 for p in perm) != list(range(stored[name].dim()))):
             raise SchemaError(where, f"is not a permutation of the tensor's {stored[name].dim()} dims")
     aliases = header.get("aliases", {})
     if not isinstance(aliases, dict):
-        raise SchemaError("aliases", "must be an object of tensor name -> stored tensor name (the tensor aliases are inconsistent)")
+        raise SchemaError(
+            "aliases", "must be an object of tensor name -> stored tensor name (the tensor aliases are inconsistent)"
+        )
     for name, target in aliases.items():
         where = f"aliases[{show(name)}]"
         _str(name, where)
         if name in stored or name == graph_tensor:
             raise SchemaError(where, "names a stored tensor (the tensor aliases are inconsistent)")
         if not isinstance(target, str) or target not in weights:
-            raise SchemaError(where, f"points at {show(target)}, not a stored weight (the tensor aliases are inconsistent)")
+            raise SchemaError(
+                where, f"points at {show(target)}, not a stored weight (the tensor aliases are inconsistent)"
+            )
 
 
 # -- the plan ----------------------------------------------------------------------------------
@@ -325,7 +344,7 @@ def _pointwise_attrs(attrs: dict, where: str, layer: dict) -> int:
         if op == "const":
             _number(_object(step, at, ("op", "value"))["value"], f"{at}.value", finite=False)
             continue
-        _choice(op, f"{at}.op", ELEMENTWISE)
+        op = _choice(op, f"{at}.op", ELEMENTWISE)
         _object(step, at, ("op", "args", "attrs"))
         for k, arg in enumerate(_list(step["args"], f"{at}.args", 2 if op in BINARY or op in VARIADIC else 1)):
             _int(arg, f"{at}.args[{k}]", 0, i - 1)
@@ -342,7 +361,9 @@ def _pointwise_attrs(attrs: dict, where: str, layer: dict) -> int:
     if program[-1]["op"] in ("input", "const"):
         raise SchemaError(f"{where}.program", "must end with an op")
     if sorted(layer["weights"]) != sorted(f"c{i}" for i in range(len(layer["weights"]))):
-        raise SchemaError(f"{where[:-len('.attrs')]}.weights", "must be the roles c0, c1, ... of the program's constant inputs")
+        raise SchemaError(
+            f"{where[:-len('.attrs')]}.weights", "must be the roles c0, c1, ... of the program's constant inputs"
+        )
     return len(layer["inputs"])
 
 
@@ -365,7 +386,9 @@ def _node_attrs(attrs: dict, where: str, layer: dict) -> int:
         else:
             raise SchemaError(at, 'must be null, {"input": N} or {"weight": NAME}')
     if sorted(weights) != sorted(layer["weights"]):
-        raise SchemaError(f"{where[:-len('.attrs')]}.weights", "must name exactly the weights the node's args and subgraphs read")
+        raise SchemaError(
+            f"{where[:-len('.attrs')]}.weights", "must name exactly the weights the node's args and subgraphs read"
+        )
     return len(layer["inputs"])
 
 
@@ -439,8 +462,9 @@ def _check_choices(layer: dict, where: str, profiles: int, device: str, tensors:
     from kiln.builder.tactics import registry
 
     kind, precision = layer["kind"], layer["precision"]
-    as_layer = Layer(name=layer["name"], kind=kind, nodes=layer["nodes"], inputs=layer["inputs"], outputs=layer["outputs"],
-                     attrs=layer["attrs"], weights=layer["weights"], op_types=layer["op_types"], origins=layer.get("origins", []))
+    as_layer = Layer(name=layer["name"], kind=kind, nodes=layer["nodes"], inputs=layer["inputs"],
+                     outputs=layer["outputs"], attrs=layer["attrs"], weights=layer["weights"],
+                     op_types=layer["op_types"], origins=layer.get("origins", []))
     for p, choice in enumerate(_list(layer["choices"], f"{where}.choices", profiles)):
         at = f"{where}.choices[{p}]"
         _object(choice, at, ("tactic", "config", "time_ms", "weights", "roles"))
@@ -460,7 +484,9 @@ def _check_choices(layer: dict, where: str, profiles: int, device: str, tensors:
         roles = _strs(choice["roles"], f"{at}.roles", unique=True)
         held = tensors.under(prefix + ".")
         if sorted(held) != sorted(roles):
-            raise SchemaError(f"{at}.roles", f"lists {sorted(roles)[:8]}, the engine holds {sorted(held)[:8]} under {show(prefix)}")
+            raise SchemaError(
+                f"{at}.roles", f"lists {sorted(roles)[:8]}, the engine holds {sorted(held)[:8]} under {show(prefix)}"
+            )
         _check_weights(layer, at, held)
 
 
@@ -488,7 +514,9 @@ def _check_weights(layer: dict, where: str, held: dict[str, torch.Tensor]) -> No
             raise SchemaError(f"{where}.roles", f"conv weights must be [O, C/group, kH, kW] and bias [O], not {shape}")
     elif kind == "Gemm":
         if shape["w"] != [attrs["n"], attrs["k"]] or ("b" in shape and shape["b"] != [attrs["n"]]):
-            raise SchemaError(f"{where}.roles", f"GEMM weights must be [n, k] = {[attrs['n'], attrs['k']]} and bias [n], not {shape}")
+            raise SchemaError(
+                f"{where}.roles", f"GEMM weights must be [n, k] = {[attrs['n'], attrs['k']]} and bias [n], not {shape}"
+            )
 
 
 class _Tensors:
@@ -513,7 +541,9 @@ def check_plan(plan: Any, tensors: Mapping[str, torch.Tensor], device: str, node
     from kiln.builder.schedule import static_layers
     from kiln.precision import PRECISIONS
 
-    _object(plan, "plan", ("name", "inputs", "outputs", "profiles", "layers"), ("aux_streams", "opsets", "config", "passes"))
+    _object(
+        plan, "plan", ("name", "inputs", "outputs", "profiles", "layers"), ("aux_streams", "opsets", "config", "passes")
+    )
     _str(plan["name"], "plan.name")
     aux = _int(plan.get("aux_streams", 0), "plan.aux_streams", 0, MAX_AUX_STREAMS)
     for field in ("opsets", "passes"):
@@ -559,12 +589,19 @@ def check_plan(plan: Any, tensors: Mapping[str, torch.Tensor], device: str, node
         if kind in _KIND_WEIGHTS:
             required, optional = _KIND_WEIGHTS[kind]
             if not set(required) <= set(weights) <= set(required) | set(optional):
-                raise SchemaError(f"{where}.weights", f"a {kind} layer has roles {list(required)} and optionally {list(optional)}")
+                raise SchemaError(
+                    f"{where}.weights", f"a {kind} layer has roles {list(required)} and optionally {list(optional)}"
+                )
         arity = _KIND_ATTRS[kind](_dict(layer["attrs"], f"{where}.attrs"), f"{where}.attrs", layer)
         if len(reads) != arity:
-            raise SchemaError(f"{where}.inputs", f"a {kind} layer with these attributes reads {arity} value(s), not {len(reads)}")
+            raise SchemaError(
+                f"{where}.inputs", f"a {kind} layer with these attributes reads {arity} value(s), not {len(reads)}"
+            )
         _choice(layer["precision"], f"{where}.precision", (*PRECISIONS, "native"))
-        casts = [_int(c, f"{where}.cast_inputs[{i}]", 0, len(reads) - 1) for i, c in enumerate(_list(layer["cast_inputs"], f"{where}.cast_inputs"))]
+        casts = [
+            _int(c, f"{where}.cast_inputs[{i}]", 0, len(reads) - 1)
+            for i, c in enumerate(_list(layer["cast_inputs"], f"{where}.cast_inputs"))
+        ]
         if len(set(casts)) != len(casts):
             raise SchemaError(f"{where}.cast_inputs", "lists an input twice")
         for name, shape in _dict(layer["shapes"], f"{where}.shapes").items():
@@ -576,7 +613,10 @@ def check_plan(plan: Any, tensors: Mapping[str, torch.Tensor], device: str, node
             if len(names) != 1 or node is None or node.op_type != layer["op_types"][0]:
                 raise SchemaError(f"{where}.nodes", f"must name one {layer['op_types'][0]} node of the engine's graph")
             if len(layer["attrs"]["args"]) != node.inputs or len(made) != node.outputs:
-                raise SchemaError(f"{where}.attrs.args", f"node {show(names[0])} has {node.inputs} input(s) and {node.outputs} output(s)")
+                raise SchemaError(
+                    f"{where}.attrs.args",
+                    f"node {show(names[0])} has {node.inputs} input(s) and {node.outputs} output(s)",
+                )
         _check_choices(layer, where, profiles, device, indexed)
     from kiln import dtypes
 
@@ -591,7 +631,9 @@ def check_plan(plan: Any, tensors: Mapping[str, torch.Tensor], device: str, node
         if tensor.dtype != dtypes.to_torch_dtype(dtype_names[spec["dtype"]]):
             raise SchemaError(f"{where}.constant", f"is {tensor.dtype}, the output's dtype is {spec['dtype']}")
         if spec["name"] in written:
-            raise SchemaError(f"{where}.name", f"names {show(spec['name'])}, which is also an input or a layer's output")
+            raise SchemaError(
+                f"{where}.name", f"names {show(spec['name'])}, which is also an input or a layer's output"
+            )
         written.add(spec["name"])
     for i, name in enumerate(outputs):
         if name not in written:

@@ -86,9 +86,17 @@ def _overflow_model(rng):
     """m * 3e4 * 3e4 overflows fp16 (max 65504) but not bf16 or fp32. The two Muls fuse into one
     pointwise layer (computed in fp32 inside), so the overflow shows where its result is stored: b
     is also a graph output."""
-    return model([node("MatMul", ["x", "w"], ["m"]), node("Mul", ["m", "k"], ["a"]), node("Mul", ["a", "k"], ["b"]),
-                  node("Sigmoid", ["b"], ["y"])],
-                 [("x", [4, 8])], [("y", [4, 16]), ("b", [4, 16])], [("w", weights(rng, 8, 16)), ("k", np.array(3e4, np.float32))])
+    return model(
+        [
+            node("MatMul", ["x", "w"], ["m"]),
+            node("Mul", ["m", "k"], ["a"]),
+            node("Mul", ["a", "k"], ["b"]),
+            node("Sigmoid", ["b"], ["y"]),
+        ],
+        [("x", [4, 8])],
+        [("y", [4, 16]), ("b", [4, 16])],
+        [("w", weights(rng, 8, 16)), ("k", np.array(3e4, np.float32))],
+    )
 
 
 def _check(engine, m, rng, tol):
@@ -128,7 +136,9 @@ def test_without_the_check_fp16_overflows(rng):
 
 def test_layer_precision_constraint_by_op_type_and_node_name(rng):
     m = _overflow_model(rng)
-    engine = kiln.build(m, BuildConfig(device="cpu", fp16=True, opt_level=1, layer_precisions={"MatMul": "fp32", "y": "fp16"}))
+    engine = kiln.build(
+        m, BuildConfig(device="cpu", fp16=True, opt_level=1, layer_precisions={"MatMul": "fp32", "y": "fp16"})
+    )
     precisions = {layer["nodes"][0]: layer["precision"] for layer in engine.plan["layers"]}
     assert precisions["m"] == "fp32" and precisions["y"] == "fp16"
     with pytest.raises(KilnError, match="neither node names nor op types"):
@@ -140,9 +150,13 @@ def test_layer_precision_constraint_by_op_type_and_node_name(rng):
 def test_strongly_typed_fp16_model_runs_in_fp16(rng):
     from onnx import TensorProto
 
-    m = model([node("MatMul", ["x", "w"], ["m"]), node("Add", ["m", "b"], ["a"]), node("Relu", ["a"], ["y"])],
-              [("x", [4, 8])], [("y", [4, 16])], [("w", weights(rng, 8, 16, dtype=np.float16)), ("b", weights(rng, 16, dtype=np.float16))],
-              elem=TensorProto.FLOAT16)
+    m = model(
+        [node("MatMul", ["x", "w"], ["m"]), node("Add", ["m", "b"], ["a"]), node("Relu", ["a"], ["y"])],
+        [("x", [4, 8])],
+        [("y", [4, 16])],
+        [("w", weights(rng, 8, 16, dtype=np.float16)), ("b", weights(rng, 16, dtype=np.float16))],
+        elem=TensorProto.FLOAT16,
+    )
     engine = kiln.build(m, BuildConfig(device="cpu", strongly_typed=True, opt_level=1))
     assert [layer["precision"] for layer in engine.plan["layers"]] == ["fp16"]
     feeds = {"x": rng.standard_normal((4, 8)).astype(np.float16)}
@@ -163,13 +177,19 @@ def test_every_optimization_level_builds_a_correct_engine(rng, level):
 
 
 def _conv_model(rng):
-    return model([node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), node("Relu", ["c"], ["y"])],
-                 [("x", [2, 4, 6, 6])], [("y", [2, 8, 6, 6])], [("w", weights(rng, 8, 4, 3, 3)), ("b", weights(rng, 8))])
+    return model(
+        [node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), node("Relu", ["c"], ["y"])],
+        [("x", [2, 4, 6, 6])],
+        [("y", [2, 8, 6, 6])],
+        [("w", weights(rng, 8, 4, 3, 3)), ("b", weights(rng, 8))],
+    )
 
 
 def test_tactic_allow_and_deny_lists(rng):
     m = _conv_model(rng)
-    engine = kiln.build(m, BuildConfig(device="cpu", opt_level=4, allow_tactics=["conv.nhwc"], deny_tactics=["conv.nchw"]))
+    engine = kiln.build(
+        m, BuildConfig(device="cpu", opt_level=4, allow_tactics=["conv.nhwc"], deny_tactics=["conv.nchw"])
+    )
     assert engine.plan["layers"][0]["choices"][0]["tactic"] == "conv.nhwc"
     with pytest.raises(KilnError, match="no tactic is left"):
         kiln.build(m, BuildConfig(device="cpu", opt_level=1, deny_tactics=["conv.nchw", "conv.nhwc"]))
@@ -217,7 +237,9 @@ def test_corrupt_timing_cache_is_ignored_with_a_warning(rng, tmp_path):
 
 def test_calibration_inputs_must_have_the_opt_shape(rng):
     with pytest.raises(InputError, match="calibration"):
-        kiln.build(_conv_model(rng), BuildConfig(device="cpu", fp16=True), calibration={"x": np.ones((1, 4, 6, 6), np.float32)})
+        kiln.build(
+            _conv_model(rng), BuildConfig(device="cpu", fp16=True), calibration={"x": np.ones((1, 4, 6, 6), np.float32)}
+        )
 
 
 def test_a_minus_one_batch_builds_with_a_profile_and_runs_in_its_range(tmp_path):
@@ -230,11 +252,26 @@ def test_a_minus_one_batch_builds_with_a_profile_and_runs_in_its_range(tmp_path)
     proto.graph.value_info.append(onnx.helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, [-1, 4, 6, 8]))
     path = tmp_path / "minus_one.onnx"
     onnx.save(proto, path)
-    engine = kiln.build(path, BuildConfig(device="cpu", opt_level=1, profiles=[Profile.from_lists(
-        {"x": (1, 3, 6, 8), "r": (1, 4, 6, 8)}, {"x": (2, 3, 6, 8), "r": (2, 4, 6, 8)}, {"x": (4, 3, 6, 8), "r": (4, 4, 6, 8)})]))
+    engine = kiln.build(
+        path,
+        BuildConfig(
+            device="cpu",
+            opt_level=1,
+            profiles=[
+                Profile.from_lists(
+                    {"x": (1, 3, 6, 8), "r": (1, 4, 6, 8)},
+                    {"x": (2, 3, 6, 8), "r": (2, 4, 6, 8)},
+                    {"x": (4, 3, 6, 8), "r": (4, 4, 6, 8)},
+                )
+            ],
+        ),
+    )
     assert [spec["shape"] for spec in engine.inputs] == [[None, 3, 6, 8], [None, 4, 6, 8]]
     rng = np.random.default_rng(3)
-    feeds = {"x": rng.standard_normal((3, 3, 6, 8)).astype(np.float32), "r": rng.standard_normal((3, 4, 6, 8)).astype(np.float32)}
+    feeds = {
+        "x": rng.standard_normal((3, 3, 6, 8)).astype(np.float32),
+        "r": rng.standard_normal((3, 4, 6, 8)).astype(np.float32),
+    }
     assert scaled_error(engine.run(feeds)["y"], run_onnxruntime(path, feeds)["y"]) <= 1e-4
     with pytest.raises(InputError, match="optimization profile"):
         engine.run({k: np.concatenate([v, v]) for k, v in feeds.items()})
@@ -280,5 +317,7 @@ def test_a_rank_0_input_in_the_build_command_line(tmp_path):
 
 
 def test_calibration_inputs_the_model_does_not_have_are_refused(rng):
-    with pytest.raises(InputError, match=r"calibration input\(s\) \['sr'\] are not inputs of the model; its inputs are \['x'\]"):
+    with pytest.raises(
+        InputError, match=r"calibration input\(s\) \['sr'\] are not inputs of the model; its inputs are \['x'\]"
+    ):
         kiln.build(_conv_model(rng), BuildConfig(device="cpu"), calibration={"sr": np.array(16000)})

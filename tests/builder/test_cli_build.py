@@ -147,7 +147,8 @@ def test_repeated_shape_flags_make_two_profiles(dynamic_model_path, tmp_path, ca
     assert info["profiles"][1]["r"] == [[3, 4, 6, 8], [4, 4, 6, 8], [8, 4, 6, 8]]
     assert all(len(row["tactics_per_profile"]) == 2 for row in info["layers"])
     for batch in (1, 5):
-        assert main(["run", str(out), "--shapes", shapes(batch), "--compare", "onnxruntime", "--onnx", str(dynamic_model_path)]) == 0
+        assert main(["run", str(out), "--shapes", shapes(batch), "--compare", "onnxruntime", "--onnx",
+                     str(dynamic_model_path)]) == 0
         assert f"{batch}x4x5x6" in capsys.readouterr().out
     assert main(["run", str(out), "--shapes", shapes(9)]) == 2
     assert "profile" in one_line_error(capsys)
@@ -196,8 +197,8 @@ def test_run_engine_against_onnxruntime(engine_path, model_path, tmp_path, capsy
     rng = np.random.default_rng(3)
     np.savez(tmp_path / "in.npz", x=rng.standard_normal((2, 3, 6, 8)).astype(np.float32),
              r=rng.standard_normal((2, 4, 6, 8)).astype(np.float32))
-    assert main(["run", str(engine_path), "--inputs", str(tmp_path / "in.npz"), "--save-outputs", str(tmp_path / "out.npz"),
-                 "--compare", "onnxruntime", "--onnx", str(model_path)]) == 0
+    assert main(["run", str(engine_path), "--inputs", str(tmp_path / "in.npz"), "--save-outputs",
+                 str(tmp_path / "out.npz"), "--compare", "onnxruntime", "--onnx", str(model_path)]) == 0
     with np.load(tmp_path / "out.npz") as saved:
         assert saved["y"].shape == (2, 4, 5, 6) and saved["y"].dtype == np.float32
         np.testing.assert_allclose(saved["y"].sum(axis=2), 1.0, rtol=1e-5)  # softmax over the transposed axis

@@ -67,7 +67,9 @@ def test_if_reading_outer_values_builds_and_runs(model_file, tmp_path, level):
 
 def test_fp16_build_keeps_control_flow_in_fp32(model_file):
     """The branches' weights are captured as they are: the If runs in fp32 in a reduced-precision build."""
-    engine = kiln.build(_model(), BuildConfig(device="cpu", fp16=True, opt_level=1, profiles=[PROFILE]), calibration=SR16K)
+    engine = kiln.build(
+        _model(), BuildConfig(device="cpu", fp16=True, opt_level=1, profiles=[PROFILE]), calibration=SR16K
+    )
     precisions = {layer["op_types"][0]: layer["precision"] for layer in engine.plan["layers"]}
     assert precisions["If"] == "fp32"
     _check_engine(engine, model_file, "fp16")
@@ -112,7 +114,9 @@ def test_cli_build_without_inputs_exits_2_and_with_them_builds(model_file, tmp_p
     feeds = tmp_path / "feeds.npz"
     np.savez(feeds, **_feeds(2, 16000, False))
     capsys.readouterr()
-    assert main(["run", str(engine), "--inputs", str(feeds), "--compare", "onnxruntime", "--onnx", str(model_file)]) == 0
+    assert (
+        main(["run", str(engine), "--inputs", str(feeds), "--compare", "onnxruntime", "--onnx", str(model_file)]) == 0
+    )
 
 
 @pytest.mark.cuda
@@ -131,6 +135,8 @@ def test_calibration_inputs_serve_every_profile_they_fit(model_file):
     x but on the given sr (a scalar fits every profile), so its run takes the 16 kHz branch too."""
     second = Profile.from_lists({"x": (4, 4)}, {"x": (5, 4)}, {"x": (6, 4)})
     calibration = {**SR16K, "x": _feeds(2, 16000, True)["x"], "c": np.array(True)}
-    engine = kiln.build(_model(), BuildConfig(device="cpu", opt_level=1, profiles=[PROFILE, second]), calibration=calibration)
+    engine = kiln.build(
+        _model(), BuildConfig(device="cpu", opt_level=1, profiles=[PROFILE, second]), calibration=calibration
+    )
     assert len(engine.plan["layers"][0]["choices"]) == 2
     _check_engine(engine, model_file)

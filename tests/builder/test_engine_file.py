@@ -182,7 +182,8 @@ def _tensor_offsets(data: bytes, name: str) -> tuple[int, int]:
 def test_flipped_tensor_byte_is_a_checksum_error(engine_path, tmp_path, which):
     data = bytearray(engine_path.read_bytes())
     header, stored = read_engine(engine_path)
-    name = "__graph__" if which == "graph" else max((n for n in stored if n != "__graph__"), key=lambda n: stored[n].numel())
+    name = ("__graph__" if which == "graph"
+            else max((n for n in stored if n != "__graph__"), key=lambda n: stored[n].numel()))
     lo, hi = _tensor_offsets(bytes(data), name)
     assert hi > lo
     data[(lo + hi) // 2] ^= 0x01
@@ -398,7 +399,8 @@ def test_forged_malformed_layouts_are_refused(forged, layouts):
         name = _matrix_name(stored)
         rank = stored[name].dim()
         header["layouts"] = {
-            "int-perm": {name: 7}, "str-items": {name: [0] + ["a"] * (rank - 1)}, "float-items": {name: [float(i) for i in range(rank)]},
+            "int-perm": {name: 7}, "str-items": {name: [0] + ["a"] * (rank - 1)},
+            "float-items": {name: [float(i) for i in range(rank)]},
             "layouts-list": [name], "layouts-null": None,
         }[layouts]
 
@@ -475,12 +477,14 @@ def _drop_layouts_and_transpose_gemm(header, stored):
     (_edit(_layer("Softmax"), precision="fp8"), r"plan\.layers\[2\]\.precision must be one of"),
     (_edit(_layer("Softmax"), cast_inputs=[0, 3]), r"cast_inputs\[1\]"),
     (_edit(_layer("Softmax"), stream=5), r"plan\.layers\[2\]\.stream must be an integer in \[0, 0\]"),
-    (_edit(_layer("Softmax"), outputs=["a"]), r"plan\.layers\[2\]\.outputs\[0\] writes \"a\", which is written elsewhere"),
+    (_edit(_layer("Softmax"), outputs=["a"]),
+     r"plan\.layers\[2\]\.outputs\[0\] writes \"a\", which is written elsewhere"),
     (_edit(_layer("Softmax"), extra=[]), r"plan\.layers\[2\] has unknown field"),
     (_edit(_first_choice(_layer("Softmax")), time_ms="fast"), r"choices\[0\]\.time_ms must be a number"),
     (_edit(_first_choice(_layer("Softmax")), time_ms=-1), r"choices\[0\]\.time_ms"),
     (_edit(_first_choice(_layer("Softmax")), config={"block": 10**9}), r"choices\[0\]\.config is not a configuration"),
-    (_edit(_first_choice(_conv), tactic="conv.cudnn_fused"), r"choices\[0\]\.tactic conv\.cudnn_fused does not run on cpu"),
+    (_edit(_first_choice(_conv), tactic="conv.cudnn_fused"),
+     r"choices\[0\]\.tactic conv\.cudnn_fused does not run on cpu"),
     (_edit(_first_choice(_node), tactic="gemm.torch"), r"plan\.layers\[3\]\.choices\[0\]\.tactic names unknown tactic"),
     (_edit(_node, nodes=["conv"]), r"plan\.layers\[3\]\.nodes must name one Transpose node"),
     (_edit(_attrs(_node), args=[{"input": 0}, {"input": 0}]), r"plan\.layers\[3\]\.attrs\.args"),
@@ -491,7 +495,8 @@ def _drop_layouts_and_transpose_gemm(header, stored):
     (lambda h, s: h["plan"]["inputs"][0].update(shape=[2, 3, -6, 8]), r"plan\.inputs\[0\]\.shape\[2\]"),
     (lambda h, s: h["plan"]["inputs"][0].update(shape=[1] * 65), r"plan\.inputs\[0\]\.shape has rank 65"),
     (lambda h, s: h["plan"]["profiles"][0]["x"].__setitem__(0, [3, 3, 6, 8]), r"min <= opt <= max"),
-    (lambda h, s: h["plan"]["profiles"][0]["x"].__setitem__(2, [2**40, 3, 6, 8]), r"plan\.profiles\[0\]\[\"x\"\]\[2\]\[0\]"),
+    (lambda h, s: h["plan"]["profiles"][0]["x"].__setitem__(2, [2**40, 3, 6, 8]),
+     r"plan\.profiles\[0\]\[\"x\"\]\[2\]\[0\]"),
     (lambda h, s: h["plan"]["profiles"][0].update(ghost=[[1], [1], [1]]), r"names no input"),
     (lambda h, s: h["plan"].update(aux_streams=10**6), r"plan\.aux_streams"),
     (lambda h, s: h["plan"].update(name=7), r"plan\.name"),
@@ -525,13 +530,16 @@ def _loop_model() -> onnx.ModelProto:
     body = helper.make_graph(
         [helper.make_node("Add", ["v_in", "c"], ["v_out"], name="body_add"),
          helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond")], "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
          helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [4])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [4])],
         [numpy_helper.from_array(np.zeros(4, np.float32), "c")])
     graph = helper.make_graph(
         [helper.make_node("Loop", ["M", "cond", "x"], ["y"], name="loop", body=body)], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
         [numpy_helper.from_array(np.array(1, np.int64), "M"), numpy_helper.from_array(np.array(True), "cond")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
@@ -604,7 +612,8 @@ def _serialized(mutate):
     (_serialized(lambda h: _tensor_entry(h).update(data_offsets=[0, 2**62])), r"data_offsets\[1\]"),
     (_serialized(lambda h: _tensor_entry(h).update(shape=[1] * 100)), "rank 100"),
     (_serialized(lambda h: h["__metadata__"].update(extra="1")), "unknown field"),
-    (lambda h: json.dumps(h).encode()[:-1] + b', "__graph__": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}}', "twice"),
+    (lambda h: json.dumps(h).encode()[:-1] + b', "__graph__": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}}',
+     "twice"),
 ], ids=["zero-by-huge", "dtype-f4", "offset-past-end", "rank-100", "extra-metadata", "duplicate-key"])
 def test_hostile_safetensors_header_is_one_line_refusal(engine_path, tmp_path, edit, match):
     """What safetensors leaves unchecked (or checks only after allocating) is refused before it runs."""
@@ -718,8 +727,10 @@ def static_engine(engine_path):
     (lambda f: f.update(x=torch.from_numpy(f["x"]).half()), "dtype"),
     (lambda f: f.update(x=np.ones((2, 3), dtype=np.int64)), "dtype"),
     (lambda f: f.update(x=f["x"][0]), "rank"),
-    (lambda f: f.update(x=np.random.default_rng(2).standard_normal((2, 3, 6, 9)).astype(np.float32)), "axis 3 must be 8"),
-    (lambda f: f.update(r=np.random.default_rng(2).standard_normal((3, 4, 6, 8)).astype(np.float32)), "axis 0 must be 2"),
+    (lambda f: f.update(x=np.random.default_rng(2).standard_normal((2, 3, 6, 9)).astype(np.float32)),
+     "axis 3 must be 8"),
+    (lambda f: f.update(r=np.random.default_rng(2).standard_normal((3, 4, 6, 8)).astype(np.float32)),
+     "axis 0 must be 2"),
     (lambda f: f.update(extra=f["x"]), "unknown input"),
     (lambda f: f.pop("r"), "missing input"),
 ], ids=["float64", "torch-fp16", "int64", "rank", "static-dim", "static-batch", "unknown", "missing"])

@@ -86,13 +86,19 @@ def test_matmul_with_a_full_tensor_add_keeps_the_add(rng):
 @pytest.mark.parametrize("trans_b, alpha, beta", [(0, 1.0, 1.0), (1, 0.5, 2.0)])
 def test_gemm_folds_alpha_beta_and_transpose(rng, trans_b, alpha, beta):
     w = weights(rng, 16, 8) if trans_b else weights(rng, 8, 16)
-    m = model([node("Gemm", ["x", "w", "c"], ["g"], transB=trans_b, alpha=alpha, beta=beta), node("Relu", ["g"], ["y"])],
-              [("x", [4, 8])], [("y", [4, 16])], [("w", w), ("c", weights(rng, 1, 16))])
+    m = model(
+        [node("Gemm", ["x", "w", "c"], ["g"], transB=trans_b, alpha=alpha, beta=beta), node("Relu", ["g"], ["y"])],
+        [("x", [4, 8])],
+        [("y", [4, 16])],
+        [("w", w), ("c", weights(rng, 1, 16))],
+    )
     assert build_and_check(m, rng) == [("Gemm", ["Gemm", "Relu"])]
 
 
 def test_gemm_trans_a_stays_a_node(rng):
-    m = model([node("Gemm", ["x", "w"], ["y"], transA=1)], [("x", [8, 4])], [("y", [4, 16])], [("w", weights(rng, 8, 16))])
+    m = model(
+        [node("Gemm", ["x", "w"], ["y"], transA=1)], [("x", [8, 4])], [("y", [4, 16])], [("w", weights(rng, 8, 16))]
+    )
     assert build_and_check(m, rng) == [("Node", ["Gemm"])]
 
 
@@ -117,8 +123,12 @@ def test_softmax_only_over_the_last_axis(rng, axis, kind):
 
 
 def test_decomposed_gelu_is_one_pointwise_layer(rng):
-    inits = [("sq", np.array(1.4142135, np.float32)), ("one", np.array(1.0, np.float32)), ("half", np.array(0.5, np.float32)),
-             ("bias", weights(rng, 16))]
+    inits = [
+        ("sq", np.array(1.4142135, np.float32)),
+        ("one", np.array(1.0, np.float32)),
+        ("half", np.array(0.5, np.float32)),
+        ("bias", weights(rng, 16)),
+    ]
     m = model([node("Add", ["x", "bias"], ["xb"]), node("Div", ["xb", "sq"], ["d"]), node("Erf", ["d"], ["e"]),
                node("Add", ["e", "one"], ["a"]), node("Mul", ["xb", "a"], ["m"]), node("Mul", ["m", "half"], ["y"])],
               [("x", [3, 16])], [("y", [3, 16])], inits)
@@ -150,8 +160,12 @@ def test_every_pointwise_op_matches_its_reference(rng, op):
 
 def test_constant_subgraphs_fold_into_weights(rng):
     """A weight reached through Identity/Transpose of an initializer (as exporters write) still fuses."""
-    m = model([node("Transpose", ["wt"], ["w"], perm=[1, 0]), node("MatMul", ["x", "w"], ["m"]), node("Relu", ["m"], ["y"])],
-              [("x", [4, 8])], [("y", [4, 16])], [("wt", weights(rng, 16, 8))])
+    m = model(
+        [node("Transpose", ["wt"], ["w"], perm=[1, 0]), node("MatMul", ["x", "w"], ["m"]), node("Relu", ["m"], ["y"])],
+        [("x", [4, 8])],
+        [("y", [4, 16])],
+        [("wt", weights(rng, 16, 8))],
+    )
     assert build_and_check(m, rng) == [("Gemm", ["MatMul", "Relu"])]
 
 
@@ -174,7 +188,11 @@ def _attention_nodes(cleanup: bool, post_scale: bool):
     nodes += [node("Where", ["m", "zero", "ninf"], ["bias"]), node("Add", ["s", "bias"], ["x"]),
               node("Softmax", ["x"], ["p"], axis=-1)]
     if cleanup:
-        nodes += [node("IsNaN", ["p"], ["nan"]), node("Where", ["nan", "zero", "p"], ["pc"]), node("MatMul", ["pc", "v"], ["y"])]
+        nodes += [
+            node("IsNaN", ["p"], ["nan"]),
+            node("Where", ["nan", "zero", "p"], ["pc"]),
+            node("MatMul", ["pc", "v"], ["y"]),
+        ]
     else:
         nodes += [node("MatMul", ["p", "v"], ["y"])]
     return nodes
@@ -192,7 +210,10 @@ def test_attention_becomes_one_layer(rng, cleanup, post_scale):
     engine = kiln.build(m, BuildConfig(device="cpu", opt_level=1))
     kinds = [(layer["kind"], layer["op_types"]) for layer in engine.plan["layers"]]
     assert ("Node", ["Where"]) in kinds and sum(k == "Attention" for k, _ in kinds) == 1
-    feeds = {n: rng.standard_normal(s).astype(np.float32) for n, s in (("q", (2, 3, 5, 8)), ("k", (2, 3, 8, 6)), ("v", (2, 3, 6, 4)))}
+    feeds = {
+        n: rng.standard_normal(s).astype(np.float32)
+        for n, s in (("q", (2, 3, 5, 8)), ("k", (2, 3, 8, 6)), ("v", (2, 3, 6, 4)))
+    }
     mask = rng.random((2, 1, 1, 6)) < 0.7
     mask[1] = False  # every key masked for the second batch: NaN rows, cleaned to zeros (or NaN without the clean-up)
     feeds["m"] = mask
@@ -221,7 +242,10 @@ def test_attention_with_a_constant_mask_reads_it_as_a_weight(rng, tmp_path, tact
                                        deny_tactics=[] if tactic == "attention.torch" else ["attention.torch"]))
     (layer,) = engine.plan["layers"]
     assert layer["kind"] == "Attention" and layer["inputs"] == ["q", "k", "v"] and layer["weights"] == {"mask": "where"}
-    feeds = {n: rng.standard_normal(s).astype(np.float32) for n, s in (("q", (2, 3, 5, 8)), ("k", (2, 3, 8, 5)), ("v", (2, 3, 5, 4)))}
+    feeds = {
+        n: rng.standard_normal(s).astype(np.float32)
+        for n, s in (("q", (2, 3, 5, 8)), ("k", (2, 3, 8, 5)), ("v", (2, 3, 5, 4)))
+    }
     ref = kiln.Executor(m).run(feeds)["y"]
     engine.save(tmp_path / "causal.kiln")
     for e in (engine, kiln.load_engine(tmp_path / "causal.kiln")):
@@ -229,9 +253,22 @@ def test_attention_with_a_constant_mask_reads_it_as_a_weight(rng, tmp_path, tact
 
 
 def test_attention_probabilities_read_elsewhere_stay_unfused(rng):
-    inits = [("r", np.array(0.5, np.float32)), ("zero", np.array(0.0, np.float32)), ("ninf", np.array(-1e9, np.float32))]
-    nodes = [node("MatMul", ["q", "k"], ["s"]), node("Softmax", ["s"], ["p"], axis=-1), node("MatMul", ["p", "v"], ["y"])]
-    m = model(nodes, [("q", [1, 2, 4, 8]), ("k", [1, 2, 8, 4]), ("v", [1, 2, 4, 8])], [("y", [1, 2, 4, 8]), ("p", [1, 2, 4, 4])], inits)
+    inits = [
+        ("r", np.array(0.5, np.float32)),
+        ("zero", np.array(0.0, np.float32)),
+        ("ninf", np.array(-1e9, np.float32)),
+    ]
+    nodes = [
+        node("MatMul", ["q", "k"], ["s"]),
+        node("Softmax", ["s"], ["p"], axis=-1),
+        node("MatMul", ["p", "v"], ["y"]),
+    ]
+    m = model(
+        nodes,
+        [("q", [1, 2, 4, 8]), ("k", [1, 2, 8, 4]), ("v", [1, 2, 4, 8])],
+        [("y", [1, 2, 4, 8]), ("p", [1, 2, 4, 4])],
+        inits,
+    )
     assert build_and_check(m, rng) == [("Node", ["MatMul"]), ("Softmax", ["Softmax"]), ("Node", ["MatMul"])]
 
 
@@ -255,14 +292,27 @@ def test_layout_pass_marks_reach_the_conv_layers(rng):
     tactics read them (conv_runs_nhwc); an fp32 build has none."""
     from kiln.builder.tactics.conv import conv_runs_nhwc
 
-    m = model([node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), node("Relu", ["c"], ["r"]),
-               node("Conv", ["r", "w2", "b2"], ["y"], pads=[1, 1, 1, 1])],
-              [("x", [1, 8, 6, 6])], [("y", [1, 8, 6, 6])],
-              [("w", weights(rng, 8, 8, 3, 3)), ("b", weights(rng, 8)), ("w2", weights(rng, 8, 8, 3, 3)), ("b2", weights(rng, 8))])
+    m = model(
+        [
+            node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+            node("Relu", ["c"], ["r"]),
+            node("Conv", ["r", "w2", "b2"], ["y"], pads=[1, 1, 1, 1]),
+        ],
+        [("x", [1, 8, 6, 6])],
+        [("y", [1, 8, 6, 6])],
+        [
+            ("w", weights(rng, 8, 8, 3, 3)),
+            ("b", weights(rng, 8)),
+            ("w2", weights(rng, 8, 8, 3, 3)),
+            ("b2", weights(rng, 8)),
+        ],
+    )
     fp16 = kiln.build(m, BuildConfig(device="cpu", opt_level=1, fp16=True))
     convs = [layer for layer in fp16.plan["layers"] if layer["kind"] == "Conv"]
     assert len(convs) == 2 and all(layer["attrs"].get("layout") == "nhwc" for layer in convs)
-    assert conv_runs_nhwc(_Layer(convs[0]), "fp32", "cuda") and not conv_runs_nhwc(_Layer({"attrs": {}}), "fp32", "cuda")
+    assert conv_runs_nhwc(_Layer(convs[0]), "fp32", "cuda") and not conv_runs_nhwc(
+        _Layer({"attrs": {}}), "fp32", "cuda"
+    )
     fp32 = kiln.build(m, BuildConfig(device="cpu", opt_level=1))
     assert not any("layout" in layer["attrs"] for layer in fp32.plan["layers"])
 
@@ -301,7 +351,9 @@ def test_dynamo_export_at_static_shapes_with_a_causal_mask_builds(tmp_path):
     path = tmp_path / "causal.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(Causal().eval(), (x,), str(path), input_names=["x"], opset_version=18, dynamo=True, verbose=False)
+        torch.onnx.export(
+            Causal().eval(), (x,), str(path), input_names=["x"], opset_version=18, dynamo=True, verbose=False
+        )
     engine = kiln.build(kiln.load_model(path), BuildConfig(device="cpu"))
     assert [layer["kind"] for layer in engine.plan["layers"]].count("Attention") == 1
     feeds = {"x": x.numpy()}

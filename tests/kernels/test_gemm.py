@@ -73,7 +73,10 @@ def test_tf32(gen, device, rel_err):
 
 
 def test_fp16(gen, device, rel_err):
-    a, w_t = randn(gen, 33, 48, dtype=torch.float16, device=device), randn(gen, 50, 48, dtype=torch.float16, device=device)
+    a, w_t = (
+        randn(gen, 33, 48, dtype=torch.float16, device=device),
+        randn(gen, 50, 48, dtype=torch.float16, device=device),
+    )
     bias = randn(gen, 50, dtype=torch.float16, device=device)
     out = gemm(a, w_t, bias, "gelu_tanh", SMALL, "fp16")
     assert out.dtype == torch.float16
@@ -82,7 +85,10 @@ def test_fp16(gen, device, rel_err):
 
 @pytest.mark.cuda  # the interpreter multiplies bf16 tiles as raw uint16 bits
 def test_bf16(gen, device, rel_err):
-    a, w_t = randn(gen, 33, 48, dtype=torch.bfloat16, device=device), randn(gen, 50, 48, dtype=torch.bfloat16, device=device)
+    a, w_t = (
+        randn(gen, 33, 48, dtype=torch.bfloat16, device=device),
+        randn(gen, 50, 48, dtype=torch.bfloat16, device=device),
+    )
     out = gemm(a, w_t, None, "relu", SMALL, "bf16")
     assert out.dtype == torch.bfloat16
     assert rel_err(out, reference(a, w_t, None, "relu")) < 1e-2
@@ -91,7 +97,10 @@ def test_bf16(gen, device, rel_err):
 @pytest.mark.cuda
 @pytest.mark.parametrize("config", WIDE_CONFIGS, ids=lambda c: f"{c.block_m}x{c.block_n}x{c.block_k}")
 def test_every_listed_config(config, gen, device, rel_err):
-    a, w_t = randn(gen, 300, 200, dtype=torch.float16, device=device), randn(gen, 260, 200, dtype=torch.float16, device=device)
+    a, w_t = (
+        randn(gen, 300, 200, dtype=torch.float16, device=device),
+        randn(gen, 260, 200, dtype=torch.float16, device=device),
+    )
     bias = randn(gen, 260, device=device)
     assert rel_err(gemm(a, w_t, bias, "silu", config, "fp16"), reference(a, w_t, bias, "silu")) < 1e-2
 

@@ -59,7 +59,11 @@ ONNX = {
     "HardSwish": (1, {}, lambda x: x * (x / 6 + 0.5).clamp(0, 1)),
     "Gelu": (1, {}, lambda x: 0.5 * x * (1 + torch.erf(x / 2**0.5))),
     "Elu": (1, {}, lambda x: torch.where(x < 0, torch.exp(x) - 1, x)),
-    "Selu": (1, {}, lambda x: torch.where(x <= 0, SELU_GAMMA * (SELU_ALPHA * torch.exp(x) - SELU_ALPHA), SELU_GAMMA * x)),
+    "Selu": (
+        1,
+        {},
+        lambda x: torch.where(x <= 0, SELU_GAMMA * (SELU_ALPHA * torch.exp(x) - SELU_ALPHA), SELU_GAMMA * x),
+    ),
     "Softplus": (1, {}, lambda x: torch.log(torch.exp(x) + 1)),
     "Softsign": (1, {}, lambda x: x / (1 + x.abs())),
     "Identity": (1, {}, lambda x: x),
@@ -102,7 +106,11 @@ def test_each_op(op, gen, device, rel_err):
         ("LeakyRelu", {"alpha": 0.2}, lambda x: torch.where(x < 0, 0.2 * x, x)),
         ("HardSigmoid", {"alpha": 0.3, "beta": 0.4}, lambda x: (0.3 * x + 0.4).clamp(0, 1)),
         ("Elu", {"alpha": 0.5}, lambda x: torch.where(x < 0, 0.5 * (torch.exp(x) - 1), x)),
-        ("Selu", {"alpha": 1.5, "gamma": 2.0}, lambda x: torch.where(x <= 0, 2.0 * (1.5 * torch.exp(x) - 1.5), 2.0 * x)),
+        (
+            "Selu",
+            {"alpha": 1.5, "gamma": 2.0},
+            lambda x: torch.where(x <= 0, 2.0 * (1.5 * torch.exp(x) - 1.5), 2.0 * x),
+        ),
         ("ThresholdedRelu", {"alpha": 0.5}, lambda x: torch.where(x > 0.5, x, 0.0)),
         ("Celu", {"alpha": 2.0}, lambda x: x.clamp(min=0) + (2.0 * (torch.exp(x / 2.0) - 1)).clamp(max=0)),
         ("Gelu", {"approximate": "tanh"}, lambda x: F.gelu(x, approximate="tanh")),
@@ -210,7 +218,10 @@ def test_inputs_with_other_strides_than_the_output(gen, device, rel_err):
     x = randn(gen, 9, 40, device=device)
     y = randn(gen, 40, 9, device=device).T  # same shape, transposed strides
     z = randn(gen, 9, 80, device=device)[:, ::2]  # same shape, gaps between elements
-    program = [{"op": "input", "index": k} for k in range(3)] + [{"op": "Mul", "args": [0, 1]}, {"op": "Add", "args": [3, 2]}]
+    program = [{"op": "input", "index": k} for k in range(3)] + [
+        {"op": "Mul", "args": [0, 1]},
+        {"op": "Add", "args": [3, 2]},
+    ]
     out = PointwiseKernel(program, 3)([x, y, z], torch.float32)
     assert rel_err(out, x.double() * y.double() + z.double()) < 1e-4
     out = PointwiseKernel(program, 3)([y, x, z], torch.float32)  # the output copies y's layout
@@ -225,7 +236,10 @@ def test_mixed_dtypes_in_and_out(gen, device, rel_err):
     x = randn(gen, 5, 70, dtype=torch.float16, device=device)
     y = randn(gen, 70, dtype=torch.bfloat16, device=device)
     z = randn(gen, 5, 1, device=device)
-    program = [{"op": "input", "index": k} for k in range(3)] + [{"op": "Mul", "args": [0, 1]}, {"op": "Add", "args": [3, 2]}]
+    program = [{"op": "input", "index": k} for k in range(3)] + [
+        {"op": "Mul", "args": [0, 1]},
+        {"op": "Add", "args": [3, 2]},
+    ]
     reference = x.double() * y.double() + z.double()
     for out_dtype in (torch.float32, torch.float16, torch.bfloat16):
         out = PointwiseKernel(program, 3)([x, y, z], out_dtype)
@@ -246,7 +260,9 @@ def test_result_of_scalars_only_fills_the_output(gen, device):
     out = PointwiseKernel(program, 2)([s, x], torch.float32)
     assert out.shape == (4, 6) and torch.allclose(out.cpu(), torch.full((4, 6), 0.25).exp())
     program = [{"op": "input", "index": 1}, {"op": "const", "value": 3.0}]  # the output is the const
-    assert torch.equal(PointwiseKernel(program, 2)([s, x], torch.float16).cpu(), torch.full((4, 6), 3.0, dtype=torch.float16))
+    assert torch.equal(
+        PointwiseKernel(program, 2)([s, x], torch.float16).cpu(), torch.full((4, 6), 3.0, dtype=torch.float16)
+    )
 
 
 def test_repeated_input_and_input_as_output(gen, device, rel_err):
@@ -258,7 +274,9 @@ def test_repeated_input_and_input_as_output(gen, device, rel_err):
 
 def test_empty_and_zero_dim_outputs(gen, device):
     program = single_op("Add", 2, {})
-    assert PointwiseKernel(program, 2)([torch.empty(0, 5, device=device), torch.ones(5, device=device)], torch.float32).shape == (0, 5)
+    assert PointwiseKernel(program, 2)(
+        [torch.empty(0, 5, device=device), torch.ones(5, device=device)], torch.float32
+    ).shape == (0, 5)
     a, b = torch.tensor(2.0, device=device), torch.tensor(3.0, device=device)
     out = PointwiseKernel(program, 2)([a, b], torch.float32)
     assert out.shape == () and out.item() == 5.0

@@ -141,4 +141,6 @@ def assert_matches_unfused(before: onnx.ModelProto, after: ir.Model, precision: 
             a, ref = got[name].astype(np.float64), np.asarray(ref).astype(np.float64)
             assert a.shape == ref.shape, (name, a.shape, ref.shape)
             excess = np.abs(a - ref) - (tol.atol + tol.rtol * np.abs(ref))
-            assert not np.any(excess > 0), f"output {name!r}: {int(np.sum(excess > 0))} elements beyond {precision} tolerance"
+            assert not np.any(excess > 0), (
+                f"output {name!r}: {int(np.sum(excess > 0))} elements beyond {precision} tolerance"
+            )

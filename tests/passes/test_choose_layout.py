@@ -67,9 +67,15 @@ def test_annotations_survive_serialization_as_standard_onnx():
     model, _, _ = run_pass(_net(), "choose_layout", precision="fp16")
     proto = to_proto(model)
     onnx.checker.check_model(proto, full_check=True)
-    assert {n.name for n in proto.graph.node if any(p.key == "kiln.layout" and p.value == "nhwc" for p in n.metadata_props)} == REGION
-    value_infos = {v.name: {p.key: p.value for p in v.metadata_props} for v in [*proto.graph.input, *proto.graph.value_info]}
-    assert value_infos["x"] == {"kiln.layout_change": "to_nhwc"} and value_infos["g"] == {"kiln.layout_change": "to_nchw"}
+    assert {
+        n.name for n in proto.graph.node if any(p.key == "kiln.layout" and p.value == "nhwc" for p in n.metadata_props)
+    } == REGION
+    value_infos = {
+        v.name: {p.key: p.value for p in v.metadata_props} for v in [*proto.graph.input, *proto.graph.value_info]
+    }
+    assert value_infos["x"] == {"kiln.layout_change": "to_nhwc"} and value_infos["g"] == {
+        "kiln.layout_change": "to_nchw"
+    }
     again = load(proto)
     assert _layouts(again) == _layouts(model)
 
@@ -99,10 +105,16 @@ def _split_net():
              helper.make_node("Conv", ["s", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
              helper.make_node("Add", ["c2", "r"], ["y"], name="add")]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", F, [2, 4, 8, 8]), helper.make_tensor_value_info("r", F, [2, 8, 8, 8])],
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", F, [2, 4, 8, 8]), helper.make_tensor_value_info("r", F, [2, 8, 8, 8])],
         [helper.make_tensor_value_info("y", F, [2, 8, 8, 8]), helper.make_tensor_value_info("r1", F, [2, 8, 8, 8])],
-        [_init("w1", [8, 4, 3, 3], 1), _init("w2", [8, 8, 3, 3], 2),
-         numpy_helper.from_array(np.asarray([2, 8, 8, 8], dtype=np.int64), "shape")])
+        [
+            _init("w1", [8, 4, 3, 3], 1),
+            _init("w2", [8, 8, 3, 3], 2),
+            numpy_helper.from_array(np.asarray([2, 8, 8, 8], dtype=np.int64), "shape"),
+        ],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 

@@ -79,7 +79,10 @@ def test_bias_add_stays_next_to_its_matmul():
 
 def test_full_shaped_add_stays_after_the_reshape():
     other = numpy_helper.from_array(np.ones([5, 7], np.float32), "bias")
-    nodes = [helper.make_node("MatMul", ["a", "w"], ["h"], name="mm"), helper.make_node("Add", ["h", "bias"], ["y"], name="add")]
+    nodes = [
+        helper.make_node("MatMul", ["a", "w"], ["h"], name="mm"),
+        helper.make_node("Add", ["h", "bias"], ["y"], name="add"),
+    ]
     proto = _model(nodes, [_w([6, 7]), other], ["B", 5, 6], ["B", 5, 7])
     model, count, _ = run_pass(proto, "flatten_matmul")
     assert count == 1 and ops(model) == ["Reshape", "MatMul", "Reshape", "Add"]
@@ -88,7 +91,10 @@ def test_full_shaped_add_stays_after_the_reshape():
 
 def test_matmuls_reading_one_input_share_the_view_and_the_target():
     nodes = [helper.make_node("MatMul", ["a", f"w{i}"], [f"h{i}"], name=f"mm{i}") for i in range(3)]
-    nodes += [helper.make_node("Add", ["h0", "h1"], ["s"], name="add1"), helper.make_node("Add", ["s", "h2"], ["y"], name="add2")]
+    nodes += [
+        helper.make_node("Add", ["h0", "h1"], ["s"], name="add1"),
+        helper.make_node("Add", ["s", "h2"], ["y"], name="add2"),
+    ]
     proto = _model(nodes, [_w([6, 7], f"w{i}", i) for i in range(3)], ["B", "S", 6], ["B", "S", 7])
     model, count, _ = run_pass(proto, "flatten_matmul")
     assert count == 3
@@ -98,7 +104,9 @@ def test_matmuls_reading_one_input_share_the_view_and_the_target():
 
 def test_non_constant_rank2_b_and_symbolic_n():
     nodes = [helper.make_node("MatMul", ["a", "b"], ["y"], name="mm")]
-    proto = _model(nodes, [], ["B", "S", 6], ["B", "S", "N"], extra_inputs=[helper.make_tensor_value_info("b", F, [6, "N"])])
+    proto = _model(
+        nodes, [], ["B", "S", 6], ["B", "S", "N"], extra_inputs=[helper.make_tensor_value_info("b", F, [6, "N"])]
+    )
     model, count, _ = run_pass(proto, "flatten_matmul")
     assert count == 1 and ops(model).count("Shape") == 2  # N comes from B's shape
     assert_same(proto, model, dims={"B": 2, "S": 3, "N": 5})
@@ -113,7 +121,9 @@ def test_left_alone(case):
         proto = _model(nodes, [_w([2, 6, 7])], [2, 5, 6], [2, 5, 7])
     elif case == "unknown-k":
         nodes = [helper.make_node("MatMul", ["a", "b"], ["y"], name="mm")]
-        proto = _model(nodes, [], [2, 5, "K"], [2, 5, 7], extra_inputs=[helper.make_tensor_value_info("b", F, ["K", 7])])
+        proto = _model(
+            nodes, [], [2, 5, "K"], [2, 5, 7], extra_inputs=[helper.make_tensor_value_info("b", F, ["K", 7])]
+        )
     elif case == "old-opset-dynamic":
         proto = _matmul(["B", "S", 6], opset=13)
     else:
@@ -144,7 +154,9 @@ def test_find_reports_exactly_what_apply_rewrites():
     assert_same(proto, model, dims={"B": 3})
 
 
-@pytest.mark.parametrize("family,exporter", [("bert", "torchscript"), ("bert", "dynamo"), ("gpt2", "dynamo"), ("vit", "torchscript")])
+@pytest.mark.parametrize(
+    "family,exporter", [("bert", "torchscript"), ("bert", "dynamo"), ("gpt2", "dynamo"), ("vit", "torchscript")]
+)
 def test_exported_families_stay_correct(tmp_path, family, exporter):
     proto = onnx.load(export_family(tmp_path, family, exporter))
     model, count, _ = run_pass(proto, "flatten_matmul")

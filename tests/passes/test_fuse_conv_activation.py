@@ -82,7 +82,8 @@ ACTIVATIONS = [
     ("HardSigmoid", [helper.make_node("HardSigmoid", ["c"], ["y"], alpha=0.3, beta=0.4)], [], 17,
      "HardSigmoid", [0.3, 0.4]),
     ("HardSwish", [helper.make_node("HardSwish", ["c"], ["y"])], [], 14, "HardSwish", []),
-    ("SiLU", [helper.make_node("Sigmoid", ["c"], ["s"]), helper.make_node("Mul", ["c", "s"], ["y"])], [], 17, "SiLU", []),
+    ("SiLU", [helper.make_node("Sigmoid", ["c"], ["s"]), helper.make_node("Mul", ["c", "s"], ["y"])], [], 17,
+     "SiLU", []),
     ("SiLU-swapped", [helper.make_node("Sigmoid", ["c"], ["s"]), helper.make_node("Mul", ["s", "c"], ["y"])], [], 17,
      "SiLU", []),
     ("Gelu-erf", [helper.make_node("Gelu", ["c"], ["y"])], [], 20, "Gelu", [0.0]),
@@ -155,7 +156,8 @@ def test_bias_add_then_activation_fuses_with_the_bias_as_b():
 def test_bias_add_then_residual_add(activation):
     bias = numpy_helper.from_array(_array([C_OUT, 1, 1], 2), "b")
     residual = helper.make_tensor_value_info("r", TensorProto.FLOAT, OUT)
-    nodes = [helper.make_node("Add", ["c", "b"], ["cb1"]), helper.make_node("Add", ["r", "cb1"], ["a" if activation else "y"])]
+    nodes = [helper.make_node("Add", ["c", "b"], ["cb1"]),
+             helper.make_node("Add", ["r", "cb1"], ["a" if activation else "y"])]
     if activation:
         nodes.append(helper.make_node(activation, ["a"], ["y"]))
     _check_fused(_model(nodes, [bias], inputs=[residual]), activation or "", [], n_inputs=4)

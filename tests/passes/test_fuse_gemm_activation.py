@@ -36,12 +36,23 @@ def _attrs(model):
 
 ACTIVATIONS = [
     ("Relu", [helper.make_node("Relu", ["h"], ["y"])], [], "Relu", []),
-    ("Relu6", [helper.make_node("Clip", ["h", "lo", "hi"], ["y"])],
-     [numpy_helper.from_array(np.float32(0.0), "lo"), numpy_helper.from_array(np.float32(6.0), "hi")], "Clip", [0.0, 6.0]),
+    (
+        "Relu6",
+        [helper.make_node("Clip", ["h", "lo", "hi"], ["y"])],
+        [numpy_helper.from_array(np.float32(0.0), "lo"), numpy_helper.from_array(np.float32(6.0), "hi")],
+        "Clip",
+        [0.0, 6.0],
+    ),
     ("LeakyRelu", [helper.make_node("LeakyRelu", ["h"], ["y"], alpha=0.2)], [], "LeakyRelu", [0.2]),
     ("Sigmoid", [helper.make_node("Sigmoid", ["h"], ["y"])], [], "Sigmoid", []),
     ("Tanh", [helper.make_node("Tanh", ["h"], ["y"])], [], "Tanh", []),
-    ("HardSigmoid", [helper.make_node("HardSigmoid", ["h"], ["y"], alpha=0.3, beta=0.4)], [], "HardSigmoid", [0.3, 0.4]),
+    (
+        "HardSigmoid",
+        [helper.make_node("HardSigmoid", ["h"], ["y"], alpha=0.3, beta=0.4)],
+        [],
+        "HardSigmoid",
+        [0.3, 0.4],
+    ),
     ("HardSwish", [helper.make_node("HardSwish", ["h"], ["y"])], [], "HardSwish", []),
     ("SiLU", [helper.make_node("Sigmoid", ["h"], ["s"]), helper.make_node("Mul", ["s", "h"], ["y"])], [], "SiLU", []),
     ("Gelu-tanh", [helper.make_node("Gelu", ["h"], ["y"], approximate="tanh")], [], "Gelu", [1.0]),

@@ -15,7 +15,9 @@ SHAPE = ["N", 5, 16]
 
 
 def _init(name, shape, seed=0, offset=0.0):
-    return numpy_helper.from_array((np.random.default_rng(seed).standard_normal(shape) + offset).astype(np.float32), name)
+    return numpy_helper.from_array(
+        (np.random.default_rng(seed).standard_normal(shape) + offset).astype(np.float32), name
+    )
 
 
 def _model(nodes, inits, r_shape=SHAPE, outputs=("y",), opset=17):
@@ -42,14 +44,34 @@ def test_residual_add_and_layernorm_are_one_node(bias, axis):
 
 
 DOES_NOT_FIRE = {
-    "sum-read-again": ([helper.make_node("Add", ["x", "r"], ["s"]), helper.make_node("LayerNormalization", ["s", "g"], ["n"]),
-                        helper.make_node("Add", ["n", "s"], ["y"])], SHAPE, ("y",)),
-    "sum-is-an-output": ([helper.make_node("Add", ["x", "r"], ["s"]), helper.make_node("LayerNormalization", ["s", "g"], ["y"])],
-                         SHAPE, ("y", "s")),
-    "broadcast-operand": ([helper.make_node("Add", ["x", "r"], ["s"]), helper.make_node("LayerNormalization", ["s", "g"], ["y"])],
-                          [1, 16], ("y",)),
-    "constant-operand": ([helper.make_node("Add", ["x", "c"], ["s"]), helper.make_node("LayerNormalization", ["s", "g"], ["y"]),
-                          helper.make_node("Identity", ["r"], ["unused"])], SHAPE, ("y",)),
+    "sum-read-again": (
+        [
+            helper.make_node("Add", ["x", "r"], ["s"]),
+            helper.make_node("LayerNormalization", ["s", "g"], ["n"]),
+            helper.make_node("Add", ["n", "s"], ["y"]),
+        ],
+        SHAPE,
+        ("y",),
+    ),
+    "sum-is-an-output": (
+        [helper.make_node("Add", ["x", "r"], ["s"]), helper.make_node("LayerNormalization", ["s", "g"], ["y"])],
+        SHAPE,
+        ("y", "s"),
+    ),
+    "broadcast-operand": (
+        [helper.make_node("Add", ["x", "r"], ["s"]), helper.make_node("LayerNormalization", ["s", "g"], ["y"])],
+        [1, 16],
+        ("y",),
+    ),
+    "constant-operand": (
+        [
+            helper.make_node("Add", ["x", "c"], ["s"]),
+            helper.make_node("LayerNormalization", ["s", "g"], ["y"]),
+            helper.make_node("Identity", ["r"], ["unused"]),
+        ],
+        SHAPE,
+        ("y",),
+    ),
 }
 
 

@@ -33,8 +33,15 @@ def _fused(proto):
 
 def test_bias_gelu_and_scale_are_one_node():
     inits = [_const("half", 0.5), _const("bias", np.random.default_rng(0).standard_normal(5))]
-    proto = _model([helper.make_node("Add", ["x", "bias"], ["xb"]), helper.make_node("Gelu", ["xb"], ["g"], approximate="tanh"),
-                    helper.make_node("Mul", ["g", "half"], ["y"])], inits, opset=20)
+    proto = _model(
+        [
+            helper.make_node("Add", ["x", "bias"], ["xb"]),
+            helper.make_node("Gelu", ["xb"], ["g"], approximate="tanh"),
+            helper.make_node("Mul", ["g", "half"], ["y"]),
+        ],
+        inits,
+        opset=20,
+    )
     model, count = _fused(proto)
     assert count == 1 and ops(model) == ["ai.kiln::FusedPointwise"]
     (node,) = model.graph

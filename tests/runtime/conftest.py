@@ -31,8 +31,11 @@ def branches_model() -> onnx.ModelProto:
                   helper.make_node(act, [f"h{i}"], [f"a{i}"], name=f"act{i}"),
                   helper.make_node("MatMul", [f"a{i}", f"v{i}"], [f"b{i}"], name=f"down{i}")]
         outs.append(f"b{i}")
-    inits += [numpy_helper.from_array(np.array([0], np.int64), "zero"), numpy_helper.from_array(np.array([1], np.int64), "one"),
-              numpy_helper.from_array(np.array([4, 4], np.int64), "tail")]
+    inits += [
+        numpy_helper.from_array(np.array([0], np.int64), "zero"),
+        numpy_helper.from_array(np.array([1], np.int64), "one"),
+        numpy_helper.from_array(np.array([4, 4], np.int64), "tail"),
+    ]
     nodes += [
         helper.make_node("Add", [outs[0], outs[1]], ["s01"], name="sum01"),
         helper.make_node("Add", ["s01", outs[2]], ["s"], name="sum"),
@@ -52,7 +55,9 @@ PROFILES = [Profile.from_lists({"x": (1, WIDTH)}, {"x": (2, WIDTH)}, {"x": (4, W
 
 def build_branches(device: str = "cpu", aux: int = 0, **config) -> kiln.Engine:
     model = kiln.load_model_proto(branches_model(), name="branches")
-    return kiln.build(model, BuildConfig(device=device, opt_level=1, profiles=list(PROFILES), max_aux_streams=aux, **config))
+    return kiln.build(
+        model, BuildConfig(device=device, opt_level=1, profiles=list(PROFILES), max_aux_streams=aux, **config)
+    )
 
 
 def build_branches_file(folder, device: str) -> tuple:
@@ -63,9 +68,10 @@ def build_branches_file(folder, device: str) -> tuple:
     model = folder / "branches.onnx"
     onnx.save(branches_model(), model)
     engine = folder / "branches.kiln"
-    assert main(["build", str(model), "-o", str(engine), "--device", device, "--opt-level", "1", "--quiet", "--aux-streams", "2",
-                 "--min-shapes", f"x:1x{WIDTH}", "--opt-shapes", f"x:2x{WIDTH}", "--max-shapes", f"x:4x{WIDTH}",
-                 "--min-shapes", f"x:5x{WIDTH}", "--opt-shapes", f"x:8x{WIDTH}", "--max-shapes", f"x:16x{WIDTH}"]) == 0
+    assert main(["build", str(model), "-o", str(engine), "--device", device, "--opt-level", "1", "--quiet",
+                 "--aux-streams", "2", "--min-shapes", f"x:1x{WIDTH}", "--opt-shapes", f"x:2x{WIDTH}", "--max-shapes",
+                 f"x:4x{WIDTH}", "--min-shapes", f"x:5x{WIDTH}", "--opt-shapes", f"x:8x{WIDTH}", "--max-shapes",
+                 f"x:16x{WIDTH}"]) == 0
     return model, engine
 
 

@@ -32,8 +32,8 @@ def test_build_with_aux_streams_and_inspect_shows_them(files, capsys):
 
 def test_run_in_several_contexts_with_a_profile(files, capsys):
     model, engine = files
-    assert main(["run", str(engine), "--contexts", "3", "--profile", "1", "--aux-streams", "1", "--shapes", f"x:8x{WIDTH}",
-                 "--compare", "onnxruntime", "--onnx", str(model)]) == 0
+    assert main(["run", str(engine), "--contexts", "3", "--profile", "1", "--aux-streams", "1", "--shapes",
+                 f"x:8x{WIDTH}", "--compare", "onnxruntime", "--onnx", str(model)]) == 0
     out = capsys.readouterr().out
     assert "3 context(s)" in out and "contexts 1-2: two runs each" in out
 

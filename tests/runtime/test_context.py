@@ -31,7 +31,9 @@ def test_context_runs_the_engine_on_numpy_and_torch_inputs(engine):
 def test_contexts_share_the_engine_weights(engine):
     a, b = engine.create_context(), engine.create_context()
     assert a.program is b.program is engine.program
-    assert engine.weights_bytes == sum(t.untyped_storage().nbytes() for t in {id(t): t for t in engine.tensors.values()}.values())
+    assert engine.weights_bytes == sum(
+        t.untyped_storage().nbytes() for t in {id(t): t for t in engine.tensors.values()}.values()
+    )
     assert engine.weights_bytes > 0
 
 
@@ -183,12 +185,21 @@ def _if_model():
     one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
     three = helper.make_tensor("three", TensorProto.FLOAT, [], [3.0])
     out = [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["N", 4])]
-    then = helper.make_graph([helper.make_node("Constant", [], ["k"], value=one), helper.make_node("Add", ["x", "k"], ["t"])],
-                             "then", [], out)
+    then = helper.make_graph(
+        [helper.make_node("Constant", [], ["k"], value=one), helper.make_node("Add", ["x", "k"], ["t"])],
+        "then",
+        [],
+        out,
+    )
     out_else = [helper.make_tensor_value_info("e", TensorProto.FLOAT, ["N", 4])]
-    other = helper.make_graph([helper.make_node("Constant", [], ["k3"], value=three), helper.make_node("Mul", ["x", "k3"], ["e"])],
-                              "else", [], out_else)
-    graph = helper.make_graph([helper.make_node("Relu", ["x0"], ["x"]), helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)],
+    other = helper.make_graph(
+        [helper.make_node("Constant", [], ["k3"], value=three), helper.make_node("Mul", ["x", "k3"], ["e"])],
+        "else",
+        [],
+        out_else,
+    )
+    graph = helper.make_graph([helper.make_node("Relu", ["x0"], ["x"]),
+                               helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)],
                               "if", [helper.make_tensor_value_info("x0", TensorProto.FLOAT, ["N", 4]),
                                      helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
@@ -204,7 +215,9 @@ def test_threads_running_control_flow_keep_their_own_scopes():
     profile = Profile.from_lists({"x0": (1, 4)}, {"x0": (2, 4)}, {"x0": (8, 4)})
     engine = kiln.build(model, BuildConfig(device="cpu", opt_level=0, profiles=[profile]))
     rng = np.random.default_rng(5)
-    inputs = [{"x0": rng.standard_normal((1 + t % 8, 4)).astype(np.float32), "c": np.array(t % 2 == 0)} for t in range(8)]
+    inputs = [
+        {"x0": rng.standard_normal((1 + t % 8, 4)).astype(np.float32), "c": np.array(t % 2 == 0)} for t in range(8)
+    ]
     expected = [np.maximum(f["x0"], 0) + 1 if f["c"] else np.maximum(f["x0"], 0) * 3 for f in inputs]
 
     def same(got, want) -> bool:
@@ -250,8 +263,12 @@ def test_which_layers_read_torchs_process_wide_switches():
         return {"kind": kind, "precision": precision, "op_types": [op]}
 
     assert layer_reads_torch_flags(layer("Conv", "fp16", "Conv"))  # cuDNN's benchmark switch picks its algorithm
-    assert layer_reads_torch_flags(layer("Gemm", "fp32")) and layer_reads_torch_flags(layer("Attention", "tf32", "Softmax"))
-    assert layer_reads_torch_flags(layer("Node", "fp32", "Einsum")) and layer_reads_torch_flags(layer("Node", "fp32", "Loop"))
-    assert not layer_reads_torch_flags(layer("Gemm", "fp16")) and not layer_reads_torch_flags(layer("Node", "fp32", "Gather"))
+    assert layer_reads_torch_flags(layer("Gemm", "fp32"))
+    assert layer_reads_torch_flags(layer("Attention", "tf32", "Softmax"))
+    assert layer_reads_torch_flags(layer("Node", "fp32", "Einsum"))
+    assert layer_reads_torch_flags(layer("Node", "fp32", "Loop"))
+    assert not layer_reads_torch_flags(layer("Gemm", "fp16"))
+    assert not layer_reads_torch_flags(layer("Node", "fp32", "Gather"))
     assert layer_reads_torch_flags(layer("Node", "tf32", "Gather"))
-    assert not layer_reads_torch_flags(layer("Pointwise", "fp32", "Add")) and not layer_reads_torch_flags(layer("LayerNorm", "fp32"))
+    assert not layer_reads_torch_flags(layer("Pointwise", "fp32", "Add"))
+    assert not layer_reads_torch_flags(layer("LayerNorm", "fp32"))

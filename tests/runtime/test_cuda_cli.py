@@ -33,7 +33,8 @@ def test_bench_with_graphs_contexts_and_aux_streams(files, tmp_path, capsys):
     out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
     assert main(["bench", str(engine), "--onnx", str(model), "--batch", "2,8", "--shapes", f"x:1x{WIDTH}",
                  "--iterations", "20", "--warmup-ms", "5", "--cuda-graph", "--contexts", "2", "--aux-streams", "2",
-                 "--peers", "eager,onnxruntime", "--profile-layers", "--json", str(out_json), "--plot", str(out_png)]) == 0
+                 "--peers", "eager,onnxruntime", "--profile-layers", "--json", str(out_json), "--plot",
+                 str(out_png)]) == 0
     capsys.readouterr()
     data = json.loads(out_json.read_text())
     assert data["device"] == "cuda" and data["config"]["cuda_graph"] and data["config"]["contexts"] == 2

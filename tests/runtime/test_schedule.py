@@ -54,7 +54,11 @@ def test_a_sequential_chain_never_leaves_stream_zero():
 
 def test_a_stream_idle_for_a_layer_is_reused():
     """After the branch on stream 1 joined, a new independent branch may take stream 1 again."""
-    layers = fork_join(2) + [layer("c0", ["y"], ["c0"]), layer("c1", ["y"], ["c1"]), layer("end", ["c0", "c1"], ["z"], op="Sum")]
+    layers = fork_join(2) + [
+        layer("c0", ["y"], ["c0"]),
+        layer("c1", ["y"], ["c1"]),
+        layer("end", ["c0", "c1"], ["z"], op="Sum"),
+    ]
     streams = assign_streams(layers, 3)
     assert streams[layers.index(layers[-2])] == 1  # c1: stream 1 is idle (its tail b1 is an ancestor)
 
@@ -67,9 +71,13 @@ def test_waits_are_not_repeated():
 
 
 def test_static_layers_are_shape_arithmetic_only():
-    layers = [layer("shape", ["x"], ["xs"], op="Shape", kind="Node"), layer("slice", ["xs", "c"], ["n"], op="Slice", kind="Node"),
-              layer("relu", ["x"], ["r"]), layer("reshape", ["r", "n"], ["y"], op="Reshape", kind="Node"),
-              layer("random", [], ["u"], op="RandomUniform", kind="Node")]
+    layers = [
+        layer("shape", ["x"], ["xs"], op="Shape", kind="Node"),
+        layer("slice", ["xs", "c"], ["n"], op="Slice", kind="Node"),
+        layer("relu", ["x"], ["r"]),
+        layer("reshape", ["r", "n"], ["y"], op="Reshape", kind="Node"),
+        layer("random", [], ["u"], op="RandomUniform", kind="Node"),
+    ]
     layers[1]["inputs"] = ["xs"]
     assert static_layers(layers) == [True, True, False, False, False]
     assert assign_streams(layers, 2)[:2] == [0, 0]

@@ -26,14 +26,14 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import onnx_ir as ir
 import torch
 
 from kiln.activations import FUSED, layer_spec
 from kiln.passes.choose_layout import LAYOUT
-from kiln.passes.rewriting import fused_from
+from kiln.passes.rewriting import fused_from, node_names
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 KILN_DOMAIN = "ai.kiln"
@@ -79,6 +79,11 @@ class GraphFacts:
     constants: Mapping[str, torch.Tensor]
 
 
+def _name(value: ir.Value | None) -> str:
+    """A value's name in the plan: "" for an unnamed or absent one, as in the ONNX file."""
+    return value.name or "" if value is not None else ""
+
+
 def lower(graph: ir.Graph, facts: GraphFacts, opset: int) -> list[Layer]:
     """The graph's layers, in execution order. Node names must be unique (the builder ensures it)."""
     return _Lowering(graph, facts, opset).run()
@@ -91,7 +96,7 @@ class _Lowering:
         self.facts = facts
         self.nodes = list(graph)
         self.index = {id(n): i for i, n in enumerate(self.nodes)}
-        self.graph_outputs = {v.name for v in graph.outputs}
+        self.graph_outputs = {_name(v) for v in graph.outputs}
         self.layers: list[Layer] = []
 
     # -- helpers ------------------------------------------------------------------------------
@@ -100,17 +105,17 @@ class _Lowering:
             return None
         return self.facts.constants.get(value.name)
 
-    def is_float(self, value: ir.Value | None) -> bool:
-        return value is not None and self.facts.dtypes.get(value.name) in FLOAT_TYPES
+    def is_float(self, value: ir.Value | None) -> TypeGuard[ir.Value]:
+        return value is not None and self.facts.dtypes.get(_name(value)) in FLOAT_TYPES
 
-    def shape(self, value: ir.Value) -> tuple[int, ...] | None:
-        return self.facts.shapes.get(value.name)
+    def shape(self, value: ir.Value | None) -> tuple[int, ...] | None:
+        return self.facts.shapes.get(_name(value))
 
     def add(self, kind: str, node: ir.Node, inputs: list[str], outputs: list[str], attrs=None, weights=None) -> bool:
         origins = [[name, op] for name, op in fused_from(node)]
         op_types = [origins[0][1]] if kind != "Node" and node.op_type in _NAMED_BY_ORIGINS else [node.op_type]
         self.layers.append(Layer(
-            name=node.name, kind=kind, nodes=[node.name], inputs=inputs, outputs=outputs,
+            name=node_names([node])[0], kind=kind, nodes=node_names([node]), inputs=inputs, outputs=outputs,
             attrs=attrs or {}, weights=weights or {}, op_types=op_types, position=self.index[id(node)], origins=origins,
         ))
         return True
@@ -157,7 +162,7 @@ class _Lowering:
         captured_weights = [name for name in captured if name in constants]
         captured_inputs = [name for name in captured if name not in constants]
         weights.update({name: name for name in captured_weights})
-        self.add("Node", node, inputs + captured_inputs, [v.name for v in node.outputs], attrs={
+        self.add("Node", node, inputs + captured_inputs, [_name(v) for v in node.outputs], attrs={
             "args": args, "captured": captured_inputs, "captured_weights": captured_weights,
         }, weights=weights)
 
@@ -171,15 +176,20 @@ class _Lowering:
         weight = self.const(w)
         geometry = self._conv_geometry(node, weight) if weight is not None and weight.ndim == 4 else None
         activation = _fused_activation(node) if node.domain == KILN_DOMAIN else None
-        if geometry is None or activation is False or not self.is_float(x) or (b is not None and b.name and self.const(b) is None):
+        if (
+            geometry is None
+            or activation is False
+            or not self.is_float(x)
+            or (b is not None and b.name and self.const(b) is None)
+        ):
             return False
         attrs, pads = geometry
-        inputs = [x.name] + ([z.name] if z is not None and z.name else [])
-        weights = {"w": w.name}
+        inputs = [_name(x)] + ([z.name] if z is not None and z.name else [])
+        weights = {"w": _name(w)}
         if b is not None and b.name:
             weights["b"] = b.name
         layout = node.metadata_props.get(LAYOUT)
-        return self.add("Conv", node, inputs, [node.outputs[0].name], attrs={
+        return self.add("Conv", node, inputs, [_name(node.outputs[0])], attrs={
             "strides": list(attrs.get("strides", [1, 1])), "pads": pads,
             "dilations": list(attrs.get("dilations", [1, 1])), "group": int(attrs.get("group", 1)),
             "residual": len(inputs) == 2, "activation": activation, **({"layout": layout} if layout else {}),
@@ -209,27 +219,43 @@ class _Lowering:
         # A constant mask (a causal mask folded at static shapes) is a weight: no layer writes it.
         weights = {"mask": mask.name} if mask is not None and self.const(mask) is not None else {}
         attrs = {k: a.value for k, a in node.attributes.items()}
-        return self.add("Attention", node, [q.name, k.name, v.name] + ([mask.name] if mask is not None and not weights else []),
-                        [node.outputs[0].name], attrs={"scale": float(attrs.get("scale", 1.0)), "mask": mask is not None,
-                                                       "nan_to_zero": bool(attrs.get("nan_to_zero", 0))}, weights=weights)
+        return self.add(
+            "Attention",
+            node,
+            [_name(q), _name(k), _name(v)] + ([_name(mask)] if mask is not None and not weights else []),
+            [_name(node.outputs[0])],
+            attrs={
+                "scale": float(attrs.get("scale", 1.0)),
+                "mask": mask is not None,
+                "nan_to_zero": bool(attrs.get("nan_to_zero", 0)),
+            },
+            weights=weights,
+        )
 
     # -- Gemm / MatMul ------------------------------------------------------------------------
     def _gemm(self, node: ir.Node) -> bool:
         """Gemm, MatMul by a constant 2-D weight, or ai.kiln::FusedGemm as fuse_gemm_activation wrote it."""
         a, w = node.inputs[0], node.inputs[1]
         weight = self.const(w)
-        if weight is None or weight.ndim != 2 or not self.is_float(a) or self.facts.dtypes.get(w.name) not in FLOAT_TYPES:
+        if (
+            weight is None
+            or weight.ndim != 2
+            or not self.is_float(a)
+            or self.facts.dtypes.get(_name(w)) not in FLOAT_TYPES
+        ):
             return False
         a_shape = self.shape(a)
         if a_shape is None or len(a_shape) < 2:
             return False
         attrs: dict[str, Any] = {"alpha": 1.0, "beta": 1.0, "trans_b": False, "activation": None}
-        weights = {"w": w.name}
+        weights = {"w": _name(w)}
         if node.op_type != "MatMul":
             g = {k: a.value for k, a in node.attributes.items()}
             if g.get("transA", 0) or (node.op_type == "Gemm" and len(a_shape) != 2):
                 return False
-            attrs.update(alpha=float(g.get("alpha", 1.0)), beta=float(g.get("beta", 1.0)), trans_b=bool(g.get("transB", 0)))
+            attrs.update(
+                alpha=float(g.get("alpha", 1.0)), beta=float(g.get("beta", 1.0)), trans_b=bool(g.get("transB", 0))
+            )
             c = node.inputs[2] if len(node.inputs) > 2 else None
             if c is not None and c.name:
                 bias = self.const(c)
@@ -243,13 +269,13 @@ class _Lowering:
                 return False
         attrs["k"] = int(weight.shape[1] if attrs["trans_b"] else weight.shape[0])
         attrs["n"] = int(weight.shape[0] if attrs["trans_b"] else weight.shape[1])
-        return self.add("Gemm", node, [a.name], [node.outputs[0].name], attrs=attrs, weights=weights)
+        return self.add("Gemm", node, [_name(a)], [_name(node.outputs[0])], attrs=attrs, weights=weights)
 
     # -- LayerNormalization -------------------------------------------------------------------
     def _layernorm(self, node: ir.Node) -> bool:
         """LayerNormalization(X, Scale, [B]), or ai.kiln::AddLayerNormalization(A, R, Scale, [B]) as
         fuse_layernorm_residual wrote it (both operands of one shape and dtype)."""
-        if any(v.uses() or v.name in self.graph_outputs for v in node.outputs[1:]):
+        if any(v.uses() or _name(v) in self.graph_outputs for v in node.outputs[1:]):
             return False
         residual = node.op_type == "AddLayerNormalization"
         operands = list(node.inputs[:2] if residual else node.inputs[:1])
@@ -257,21 +283,22 @@ class _Lowering:
         scale = node.inputs[len(operands)]
         bias = node.inputs[len(operands) + 1] if len(node.inputs) > len(operands) + 1 else None
         shape = self.shape(x)
-        if shape is None or not shape or not all(self.is_float(v) for v in operands) or self.const(scale) is None \
+        scale_weight = self.const(scale)
+        if shape is None or not shape or not all(self.is_float(v) for v in operands) or scale_weight is None \
                 or (bias is not None and bias.name and self.const(bias) is None):
             return False
         if residual and (any(self.const(v) is not None or self.shape(v) != shape for v in operands)
-                         or self.facts.dtypes.get(operands[0].name) != self.facts.dtypes.get(operands[1].name)):
+                         or self.facts.dtypes.get(_name(operands[0])) != self.facts.dtypes.get(_name(operands[1]))):
             return False
         g = {k: a.value for k, a in node.attributes.items()}
         axis = int(g.get("axis", -1)) % len(shape)
         normalized = list(shape[axis:])
-        if list(self.const(scale).shape) != normalized[len(normalized) - self.const(scale).ndim:]:
+        if list(scale_weight.shape) != normalized[len(normalized) - scale_weight.ndim:]:
             return False
-        weights = {"scale": scale.name}
+        weights = {"scale": _name(scale)}
         if bias is not None and bias.name:
             weights["bias"] = bias.name
-        return self.add("LayerNorm", node, [v.name for v in operands], [node.outputs[0].name], attrs={
+        return self.add("LayerNorm", node, [_name(v) for v in operands], [_name(node.outputs[0])], attrs={
             "axis": axis, "epsilon": float(g.get("epsilon", 1e-5)), "residual": residual,
         }, weights=weights)
 
@@ -285,7 +312,8 @@ class _Lowering:
         axis = int(node.attributes["axis"].value) if "axis" in node.attributes else default
         if axis % len(shape) != len(shape) - 1:
             return False
-        return self.add("Softmax", node, [x.name], [node.outputs[0].name], attrs={"log": node.op_type == "LogSoftmax"})
+        return self.add("Softmax", node, [_name(x)], [_name(node.outputs[0])],
+                        attrs={"log": node.op_type == "LogSoftmax"})
 
     # -- pointwise chains ---------------------------------------------------------------------
     def _pointwise(self, node: ir.Node) -> bool:
@@ -303,9 +331,9 @@ class _Lowering:
         for step in program:
             if step["op"] == "input":
                 step["index"] = position[step["index"]]
-        return self.add("Pointwise", node, [node.inputs[i].name for i in runtime], [node.outputs[0].name],
+        return self.add("Pointwise", node, [_name(node.inputs[i]) for i in runtime], [_name(node.outputs[0])],
                         attrs={"program": program},
-                        weights={f"c{k}": node.inputs[i].name for k, i in enumerate(constant)})
+                        weights={f"c{k}": _name(node.inputs[i]) for k, i in enumerate(constant)})
 
 
 def _standard(node: ir.Node) -> bool:
@@ -317,7 +345,9 @@ def _fused_activation(node: ir.Node) -> dict | None | bool:
     """The activation spec of a FusedConv or FusedGemm node, None for none, False for one the layer cannot hold."""
     name = node.attributes["activation"].value if "activation" in node.attributes else ""
     name = name.decode() if isinstance(name, bytes) else name
-    params = [float(p) for p in node.attributes["activation_params"].value] if "activation_params" in node.attributes else []
+    params = (
+        [float(p) for p in node.attributes["activation_params"].value] if "activation_params" in node.attributes else []
+    )
     if name != "" and name not in FUSED:
         return False
     return layer_spec(name, params)

@@ -27,7 +27,7 @@ Two playbook rules live here:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from kiln.ops.registry import op_facts
 
@@ -90,7 +90,8 @@ def assign_streams(layers: Sequence[Mapping[str, Any]], max_aux_streams: int) ->
         if chosen is None:
             chosen = next((s for s, tail in enumerate(tails) if tail is None or mask >> tail & 1), None)
         if chosen is None:
-            chosen = min(range(len(tails)), key=lambda s: tails[s])
+            # every stream has a tail here (a free one was taken above): the one that ends earliest
+            chosen = min(range(len(tails)), key=lambda s: cast(int, tails[s]))
         streams[index] = chosen
         tails[chosen] = index
     return streams

@@ -118,9 +118,15 @@ def _check(
         if param.numel() != n or param.dim() > 1:
             raise ValueError(f"layer_norm: {name} must have shape ({n},), got {tuple(param.shape)}")
         if param.dtype not in _FLOAT or param.device != x.device:
-            raise ValueError(f"layer_norm: {name} must be a float tensor on {x.device}, got {param.dtype} on {param.device}")
+            raise ValueError(
+                f"layer_norm: {name} must be a float tensor on {x.device}, got {param.dtype} on {param.device}"
+            )
     if residual is not None:
         if residual.shape != x.shape or not residual.is_contiguous():
-            raise ValueError(f"layer_norm: residual must be contiguous with x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+            raise ValueError(
+                f"layer_norm: residual must be contiguous with x's shape {tuple(x.shape)}, got {tuple(residual.shape)}"
+            )
         if residual.dtype not in _FLOAT or residual.device != x.device:
-            raise ValueError(f"layer_norm: residual must be a float tensor on {x.device}, got {residual.dtype} on {residual.device}")
+            raise ValueError(
+                f"layer_norm: residual must be a float tensor on {x.device}, got {residual.dtype} on {residual.device}"
+            )

@@ -116,7 +116,9 @@ def _validate(program: Any, num_inputs: int) -> list[dict[str, Any]]:
         else:
             low, high = (1, 1) if op in UNARY else (2, 2) if op in BINARY else (1, None)
             if len(args) < low or (high is not None and len(args) > high):
-                raise ValueError(f"pointwise: {where} ({op}) takes {low}{'' if high == low else '+'} args, got {len(args)}")
+                raise ValueError(
+                    f"pointwise: {where} ({op}) takes {low}{'' if high == low else '+'} args, got {len(args)}"
+                )
             args = [_index(a, i, f"{where}'s arg {k}") for k, a in enumerate(args)]
         steps.append({"op": op, "args": args, "attrs": _attrs(op, step.get("attrs") or {}, where)})
     return steps
@@ -209,7 +211,8 @@ class _Source:
         if not self.block[out]:
             body.append(f"{out} = {out} + tl.zeros([BLOCK], dtype=tl.float32)")
         body.append(f"tl.store(out_ptr + idx, {out}.to(out_ptr.dtype.element_ty), mask=mask)")
-        params = ["out_ptr", *(f"in{k}_ptr" for k in range(n_in)), *self.scalars, "n", *sizes, *strides, "BLOCK: tl.constexpr"]
+        params = ["out_ptr", *(f"in{k}_ptr" for k in range(n_in)), *self.scalars, "n", *sizes, *strides,
+                  "BLOCK: tl.constexpr"]
         head = "@triton.jit\ndef pointwise_kernel(" + ", ".join(params) + "):\n"
         return _PRELUDE + "\n\n" + head + "".join(f"    {line}\n" for line in body)
 
@@ -370,7 +373,9 @@ _EMITTERS: dict[str, Callable[..., str]] = {
     "HardSwish": _emit_hard_swish,
     "Gelu": _emit_gelu,
     "Elu": _unary("tl.where({x} < 0.0, {alpha} * (tl.exp({x}) - 1.0), {x})", "alpha"),
-    "Selu": _unary("tl.where({x} <= 0.0, {gamma} * ({alpha} * tl.exp({x}) - {alpha}), {gamma} * {x})", "alpha", "gamma"),
+    "Selu": _unary(
+        "tl.where({x} <= 0.0, {gamma} * ({alpha} * tl.exp({x}) - {alpha}), {gamma} * {x})", "alpha", "gamma"
+    ),
     "Softplus": _unary("_softplus({x})"),
     "Softsign": _unary("{x} / (1.0 + tl.abs({x}))"),
     "Identity": _unary("{x}"),
@@ -439,22 +444,23 @@ class _Plan:
 def _plan(inputs: list[torch.Tensor], out: torch.Tensor, like: int | None) -> _Plan:
     shape = tuple(out.shape)
     # Visit the output in memory order (size-1 dims do not matter), so the flat index is its offset.
-    dims = sorted((d for d in range(len(shape)) if shape[d] != 1), key=lambda d: -out.stride(d))
+    out_stride = out.stride()
+    dims = sorted((d for d in range(len(shape)) if shape[d] != 1), key=lambda d: -out_stride[d])
     expanded = [t.expand(shape).stride() if t.dim() else (0,) * len(shape) for t in inputs]
-    tensors = [[out.stride(d) for d in dims]] + [[s[d] for d in dims] for s in expanded]
+    tensors = [[out_stride[d] for d in dims]] + [[s[d] for d in dims] for s in expanded]
     sizes: list[int] = []
     groups: list[list[int]] = [[] for _ in tensors]
     for j, d in enumerate(dims):
         size = shape[d]
         # Merge into the dim outside when every tensor steps over this dim exactly as that one's stride.
-        if j and all(g[-1] == t[j] * size for g, t in zip(groups, tensors)):
+        if j and all(g[-1] == st[j] * size for g, st in zip(groups, tensors)):
             sizes[-1] *= size
-            for g, t in zip(groups, tensors):
-                g[-1] = t[j]
+            for g, st in zip(groups, tensors):
+                g[-1] = st[j]
         else:
             sizes.append(size)
-            for g, t in zip(groups, tensors):
-                g.append(t[j])
+            for g, st in zip(groups, tensors):
+                g.append(st[j])
     out_strides, in_strides = groups[0], groups[1:]
     kinds, zero, strides = [], [], []
     largest = out.numel() - 1
@@ -524,7 +530,9 @@ class PointwiseKernel:
         kernel, scalars = self._kernel(plan.layout)
         strides = [s for st in plan.strides for s in st]
         grid = (triton.cdiv(numel, self.block),)
-        kernel[grid](out, *inputs, *scalars, numel, *plan.sizes[1:], *strides, BLOCK=self.block, num_warps=self.num_warps)
+        kernel[grid](
+            out, *inputs, *scalars, numel, *plan.sizes[1:], *strides, BLOCK=self.block, num_warps=self.num_warps
+        )
         return out
 
     def _check(self, inputs: list[torch.Tensor], out_dtype: torch.dtype) -> None:
@@ -534,6 +542,9 @@ class PointwiseKernel:
             raise ValueError(f"pointwise: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
         for k, t in enumerate(inputs):
             if not isinstance(t, torch.Tensor) or t.dtype not in _FLOAT:
-                raise ValueError(f"pointwise: input {k} must be a float32/float16/bfloat16 tensor, got {getattr(t, 'dtype', type(t))}")
+                raise ValueError(
+                    f"pointwise: input {k} must be a float32/float16/bfloat16 tensor, "
+                    f"got {getattr(t, 'dtype', type(t))}"
+                )
             if t.device != inputs[0].device:
                 raise ValueError(f"pointwise: input {k} is on {t.device}, input 0 on {inputs[0].device}")

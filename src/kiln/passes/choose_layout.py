@@ -45,7 +45,7 @@ import onnx_ir as ir
 
 from kiln.passes._conv import is_conv
 from kiln.passes.framework import KILN_DOMAIN, Finding, Pass, PassContext, register_pass
-from kiln.passes.rewriting import attrs_of, connected_components, shapes_of, unique_node_names
+from kiln.passes.rewriting import attrs_of, connected_components, node_names, shapes_of, unique_node_names
 
 LAYOUT = "kiln.layout"
 LAYOUT_CHANGE = "kiln.layout_change"
@@ -59,8 +59,12 @@ _POINTWISE = {"Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish
               "Pow", "Where", "Cast"}
 _RESHAPING = {"Resize", "Upsample", "Concat", "Pad", "Slice", "DepthToSpace", "SpaceToDepth"}
 _REDUCES = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum"}
-_FIRST_INPUT_ONLY = _POOLS | _NORMS | _REDUCES | {"Resize", "Upsample", "Pad", "Slice", "Clip", "Dropout", "DepthToSpace",
-                                                  "SpaceToDepth"}
+_FIRST_INPUT_ONLY = (
+    _POOLS
+    | _NORMS
+    | _REDUCES
+    | {"Resize", "Upsample", "Pad", "Slice", "Clip", "Dropout", "DepthToSpace", "SpaceToDepth"}
+)
 
 
 # GPU precisions whose convs run NHWC even without a mark (tensor-core kernels read NHWC)
@@ -180,7 +184,7 @@ class ChooseLayout(Pass):
             findings.append(Finding(
                 rule="nchw-conv-low-precision",
                 title=f"{len(convs)} convs run NCHW at {ctx.precision} ({len(r.nodes)} nodes in one conv region)",
-                nodes=[convs[0].name] + [n.name for n in r.nodes if n is not convs[0]],
+                nodes=node_names([convs[0]] + [n for n in r.nodes if n is not convs[0]]),
                 why="tensor-core conv kernels read NHWC; NCHW data is transposed in and out around every conv "
                     "(2 layout changes per conv) unless the whole region runs NHWC",
                 fix=f"fixed automatically by pass {self.name} (the builder runs the region channels_last)",
@@ -208,5 +212,7 @@ class ChooseLayout(Pass):
             ctx.log.append(f"region {i} (from {r.convs[0].name}): {len(r.convs)} convs, {len(r.nodes)} nodes NHWC; "
                            f"layout changes {n_before} per-conv -> {n_after} at its borders")
         if regions:
-            ctx.log.append(f"{len(regions)} NHWC regions: layout changes {before} per-conv -> {after} at region borders")
+            ctx.log.append(
+                f"{len(regions)} NHWC regions: layout changes {before} per-conv -> {after} at region borders"
+            )
         return len(regions)

@@ -43,7 +43,7 @@ Does not fire when:
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import onnx_ir as ir
@@ -51,7 +51,7 @@ from onnxscript.rewriter import MatchResult, RewriteRuleClassBase
 
 from kiln.passes._shuffles import apply_rules, int64s, rule_matches
 from kiln.passes.framework import Finding, Pass, PassContext, register_pass
-from kiln.passes.rewriting import Names, opset, shapes_of, single_consumer, unique_node_names
+from kiln.passes.rewriting import Names, node_names, opset, shapes_of, single_consumer, unique_node_names
 
 
 def _plan(model_opset: int, a: ir.Value, b: ir.Value) -> dict | str:
@@ -71,7 +71,7 @@ def _plan(model_opset: int, a: ir.Value, b: ir.Value) -> dict | str:
     if k == 0 or any(isinstance(d, int) and d <= 0 for d in dims):
         return "a size is 0 (empty tensor)"
     rows = None if any(not isinstance(d, int) for d in a.shape[:-1]) else _prod(a.shape[:-1])
-    plan = {"k": k, "n": b.shape[1], "rows": rows, "target": None}
+    plan: dict[str, Any] = {"k": k, "n": b.shape[1], "rows": rows, "target": None}
     if sum(not isinstance(d, int) for d in dims) <= 1:
         plan["target"] = [d if isinstance(d, int) else -1 for d in dims]
     elif model_opset < 14:
@@ -143,11 +143,15 @@ class _FlattenMatMul(RewriteRuleClassBase):
         out = op.MatMul(a2, b)
         out.dtype, out.shape = y.dtype, ir.Shape([plan["rows"], n])
         if self.bias is not None:
-            add, _, bias = _bias(y)
-            bias_value = op.initializer(ir.tensor(bias), name=f"{add.inputs[1 if add.inputs[0] is y else 0].name}/flat")
+            found = _bias(y)
+            assert found is not None, "check() found the bias Add"
+            _, constant, bias = found
+            bias_value = op.initializer(ir.tensor(bias), name=f"{constant.name}/flat")
             out = op.Add(out, bias_value) if self.bias == "right" else op.Add(bias_value, out)
             out.dtype, out.shape = y.dtype, ir.Shape([plan["rows"], n])
-        return op.Reshape(out, self._target(op, a, b, plan, base), **({} if plan["target"] is not None else {"allowzero": 1}))
+        return op.Reshape(
+            out, self._target(op, a, b, plan, base), **({} if plan["target"] is not None else {"allowzero": 1})
+        )
 
     def _target(self, op, a: ir.Value, b: ir.Value, plan: dict, base: str) -> ir.Value:
         """The shape to reshape back to: a constant, or Shape(A)[:-1] ++ N (shared per A and N)."""
@@ -157,6 +161,7 @@ class _FlattenMatMul(RewriteRuleClassBase):
         key = ("target", id(a), n if isinstance(n, int) else id(b))
         if key in self.shared:
             return self.shared[key]
+        assert a.shape is not None, "_plan found A's rank"
         lead = self._shape_slice(op, a, 0, len(a.shape) - 1, base)
         if isinstance(n, int):
             last = op.initializer(ir.tensor(int64s([n])), name=f"{base}/n")
@@ -173,6 +178,7 @@ class _FlattenMatMul(RewriteRuleClassBase):
             out = op.Shape(value, start=start, end=end)
         else:
             whole = op.Shape(value)
+            assert value.shape is not None, "_plan found A's and B's ranks"
             whole.dtype, whole.shape = ir.DataType.INT64, ir.Shape([len(value.shape)])
             out = op.Slice(whole, op.initializer(ir.tensor(int64s([start])), name=f"{base}/starts"),
                            op.initializer(ir.tensor(int64s([end])), name=f"{base}/ends"),
@@ -203,7 +209,7 @@ class FlattenMatMul(Pass):
 
         def log(match) -> None:
             node = _matmul(match.nodes)
-            shapes = " x ".join(str(shapes_of([v]).get(v.name, "?")) for v in node.inputs)
+            shapes = " x ".join(str(shapes_of([v]).get(v.name or "", "?")) for v in node.inputs if v is not None)
             bias = " with its bias Add" if len(match.nodes) > 1 else ""
             ctx.log.append(f"flattened {node.name} ({shapes}){bias} into one 2-D MatMul")
 
@@ -212,14 +218,16 @@ class FlattenMatMul(Pass):
     def _finding(self, nodes, ctx: PassContext) -> Finding:
         node = _matmul(nodes)
         a, b = node.inputs[0], node.inputs[1]
+        assert a is not None and a.shape is not None, "_plan accepted A of known rank"
         y = node.outputs[0]
         return Finding(
             rule="matmul-nd",
             title=f"rank-{len(a.shape)} MatMul by a 2-D matrix is one GEMM written as a batched one",
-            nodes=[node.name] + [n.name for n in nodes if n is not node],
+            nodes=node_names([node] + [n for n in nodes if n is not node]),
             why="an N-D MatMul reaches the GEMM libraries as a broadcast batched product; one 2-D GEMM "
                 "over all rows gives larger tiles and the tensor-core paths (playbook: 4-D MatMul -> 2-D)",
-            fix=f"fixed automatically by pass {self.name} (kiln optimize); kiln build views the input as 2-D without a copy",
+            fix=f"fixed automatically by pass {self.name} (kiln optimize); "
+                "kiln build views the input as 2-D without a copy",
             pass_name=self.name,
             shapes=shapes_of([a, b, y]),
         )

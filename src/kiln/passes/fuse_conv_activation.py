@@ -45,6 +45,7 @@ from kiln.passes.rewriting import (
     Names,
     add_initializer,
     constant_array,
+    node_names,
     record_fusion,
     remove_unused_producers,
     shapes_of,
@@ -138,7 +139,7 @@ class _Fusion:
 def _channel_bias(value: ir.Value | None, channels: int, rank: int, dtype: ir.DataType | None) -> np.ndarray | None:
     """A constant that broadcasts against [N, C, ...] along the channel axis only, as a [C] array."""
     array = constant_array(value)
-    if array is None or value.dtype != dtype or array.ndim > rank:
+    if array is None or value is None or value.dtype != dtype or array.ndim > rank:
         return None
     aligned = [1] * (rank - array.ndim) + list(array.shape)
     if any(d != 1 for i, d in enumerate(aligned) if i != 1) or aligned[1] not in (1, channels):
@@ -164,6 +165,7 @@ def _analyse(model: ir.Model, spec: _Spec, bindings: dict, nodes: list[ir.Node])
     """The fusion a structural match stands for, or None where a precondition fails."""
     conv_out: ir.Value = bindings["conv_out"]
     conv = conv_out.producer()
+    assert conv is not None, "the pattern binds conv_out to the Conv's output"
     x, w = bindings["x"], bindings["w"]
     weights = constant_array(w)
     if weights is None or x.dtype not in FLOAT_TYPES or len(conv.inputs) > 3 or weights.ndim < 3:
@@ -237,15 +239,17 @@ class FuseConvActivation(Pass):
         findings = []
         for f in _fusions(model):
             out = f.output
+            assert out is not None, "_analyse sets every fusion's output"
             _, known = elements(out.shape, ctx)
             findings.append(Finding(
                 rule="conv-without-fused-epilogue",
                 title=f"{f.describe()} run as {len(f.nodes)} kernels",
-                nodes=[n.name for n in f.nodes],
+                nodes=node_names(f.nodes),
                 why="each op after the Conv writes the conv-sized tensor to memory and reads it back; "
                     "a fused conv applies bias, residual and activation before writing once",
                 fix=f"fixed automatically by pass {self.name}"
-                    + ("" if f.standard_conv else " (emits ai.kiln::FusedConv: the builder, or kiln optimize --kiln-ops)"),
+                    + ("" if f.standard_conv
+                       else " (emits ai.kiln::FusedConv: the builder, or kiln optimize --kiln-ops)"),
                 pass_name=self.name,
                 shapes=shapes_of([f.x, f.w, f.z, out]),
                 details={"activation": f.activation, "activation_params": list(f.params),
@@ -283,10 +287,11 @@ class FuseConvActivation(Pass):
                 if f.params:
                     attributes.append(ir.AttrFloat32s("activation_params", [float(p) for p in f.params]))
                 node = ir.Node(KILN_DOMAIN, "FusedConv", inputs, attributes=attributes, name=f.conv.name)
-            new_out = node.outputs[0]
+            new_out, output = node.outputs[0], f.output
+            assert output is not None, "_analyse sets every fusion's output"
             record_fusion([node], f.nodes)
-            ir.convenience.replace_nodes_and_values(graph, f.nodes[-1], f.nodes, [node], [f.output], [new_out])
-            replaced[id(f.output)] = new_out
+            ir.convenience.replace_nodes_and_values(graph, f.nodes[-1], f.nodes, [node], [output], [new_out])
+            replaced[id(output)] = new_out
             remove_unused_producers(graph, [*f.extra_inputs, f.bias_source])
             ctx.log.append(f"{f.conv.name}: {f.describe()} -> "
                            f"{'Conv with bias' if f.standard_conv else 'FusedConv'} ({len(f.nodes)} nodes -> 1)")

@@ -14,9 +14,9 @@ than ``A``, or one element; ``act`` an activation of ``kiln.passes.match_activat
 4. ``act(Gemm(A, W[, C]))``                      -> ``FusedGemm(A, W, [C], activation=act)`` with
    the Gemm's alpha, beta and transB (C a constant bias as b above).
 
-``A`` may have any rank >= 2 for a MatMul (an unknown rank too, with a bias of at most one dim) (FusedGemm views it as 2-D, one GEMM over all rows: the
-"4-D MatMul -> 2-D" rule as the builder's GEMM layers run it), rank 2 for a Gemm. The longest chain
-wins (an activation is never left behind a fused bias). A MatMul or Gemm alone is left as it is:
+``A`` may have any rank >= 2 for a MatMul (an unknown rank too, with a bias of at most one dim) (FusedGemm views
+it as 2-D, one GEMM over all rows: the "4-D MatMul -> 2-D" rule as the builder's GEMM layers run it), rank 2 for a
+Gemm. The longest chain wins (an activation is never left behind a fused bias). A MatMul or Gemm alone is left as it is:
 the builder runs it as one GEMM layer already.
 
 Does not fire when: W is not a constant of rank 2, or not float16/bfloat16/float; A's type is known
@@ -39,6 +39,7 @@ from kiln.passes.framework import KILN_DOMAIN, KILN_DOMAIN_VERSION, Finding, Pas
 from kiln.passes.match_activation import PATTERNS, activation_of
 from kiln.passes.rewriting import (
     constant_array,
+    node_names,
     record_fusion,
     remove_unused_producers,
     shapes_of,
@@ -115,7 +116,7 @@ class _Fusion:
 def _is_bias(value: ir.Value | None, n: int | None, rank: int, dtype: ir.DataType | None) -> bool:
     """A constant of ``dtype`` that broadcasts along the last axis only and adds no dims to a rank-``rank`` result."""
     array = constant_array(value)
-    if array is None or value.dtype != dtype or array.ndim > rank:
+    if array is None or value is None or value.dtype != dtype or array.ndim > rank:
         return False
     if array.size == 1:
         return True
@@ -194,10 +195,11 @@ class FuseGemmActivation(Pass):
         return [Finding(
             rule="gemm-epilogue",
             title=f"{f.describe()} run as {len(f.nodes)} kernels",
-            nodes=[n.name for n in f.nodes],
+            nodes=node_names(f.nodes),
             why="each op after the GEMM writes its output to memory and reads it back; a GEMM epilogue "
                 "adds the bias and applies the activation before writing once",
-            fix=f"fixed automatically by pass {self.name} (emits ai.kiln::FusedGemm: the builder, or kiln optimize --kiln-ops)",
+            fix=f"fixed automatically by pass {self.name} "
+                "(emits ai.kiln::FusedGemm: the builder, or kiln optimize --kiln-ops)",
             pass_name=self.name,
             shapes=shapes_of([f.a, f.w, f.output]),
             details={"activation": f.activation, "activation_params": list(f.params), "bias": f.bias is not None,
@@ -226,11 +228,13 @@ class FuseGemmActivation(Pass):
                 attributes.append(ir.AttrFloat32s("activation_params", [float(p) for p in f.params]))
             inputs = [current(f.a), f.w] + ([f.bias] if f.bias is not None else [])
             node = ir.Node(KILN_DOMAIN, "FusedGemm", inputs, attributes=attributes, name=f.gemm.name)
-            new_out = node.outputs[0]
-            new_out.dtype, new_out.shape = f.output.dtype, f.output.shape
+            new_out, output = node.outputs[0], f.output
+            assert output is not None, "_analyse sets every fusion's output"
+            # onnx_ir types the dtype setter DataType, its getter DataType | None: an unknown dtype is copied as is
+            new_out.dtype, new_out.shape = output.dtype, output.shape  # type: ignore[assignment]
             record_fusion([node], f.nodes)
-            ir.convenience.replace_nodes_and_values(graph, f.nodes[-1], f.nodes, [node], [f.output], [new_out])
-            replaced[id(f.output)] = new_out
+            ir.convenience.replace_nodes_and_values(graph, f.nodes[-1], f.nodes, [node], [output], [new_out])
+            replaced[id(output)] = new_out
             remove_unused_producers(graph, f.extra_inputs)
             ctx.log.append(f"{f.gemm.name}: {f.describe()} -> FusedGemm ({len(f.nodes)} nodes -> 1)")
             count += 1

@@ -25,7 +25,7 @@ from onnxscript.rewriter.pattern import Pattern
 
 from kiln.errors import KilnError
 from kiln.passes.framework import KILN_DOMAIN, KILN_DOMAIN_VERSION, Finding, Pass, PassContext, register_pass
-from kiln.passes.rewriting import constant_array, record_fusion, shapes_of, unique_node_names
+from kiln.passes.rewriting import constant_array, node_names, record_fusion, shapes_of, unique_node_names
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
@@ -63,7 +63,7 @@ def _matches(model: ir.Model) -> list[tuple[ir.Node, ir.Node]]:
         if add.attributes or constant_array(a) is not None or constant_array(r) is not None:
             continue
         # Add takes one type (a pass may have left one operand's unset); LayerNormalization's X and Scale share it
-        dtypes = {v.dtype for v in (a, r, node.inputs[1]) if v.dtype is not None}
+        dtypes = {v.dtype for v in (a, r, b["scale"]) if v.dtype is not None}
         if len(dtypes) != 1 or not dtypes <= set(FLOAT_TYPES) or _provably_different(a, r):
             continue
         if any(v is not None and constant_array(v) is None for v in node.inputs[1:]):
@@ -85,8 +85,9 @@ class FuseLayerNormResidual(Pass):
         return [Finding(
             rule="layernorm-residual",
             title="residual Add + LayerNormalization run as 2 kernels",
-            nodes=[add.name, norm.name],
-            why="the Add writes the sum to memory and the LayerNorm reads it back; fused, the sum never leaves registers",
+            nodes=node_names([add, norm]),
+            why="the Add writes the sum to memory and the LayerNorm reads it back; "
+                "fused, the sum never leaves registers",
             fix=f"fixed automatically by pass {self.name} (emits ai.kiln::AddLayerNormalization: the builder, "
                 "or kiln optimize --kiln-ops)",
             pass_name=self.name,
@@ -95,7 +96,8 @@ class FuseLayerNormResidual(Pass):
 
     def apply(self, model: ir.Model, ctx: PassContext) -> int:
         if not ctx.kiln_ops:
-            raise KilnError(f"pass {self.name} emits ai.kiln::AddLayerNormalization; run it with kiln_ops=True (--kiln-ops)")
+            raise KilnError(
+                f"pass {self.name} emits ai.kiln::AddLayerNormalization; run it with kiln_ops=True (--kiln-ops)")
         graph = model.graph
         unique_node_names(model)
         count = 0

@@ -35,7 +35,14 @@ import onnx_ir as ir
 from kiln.activations import ELEMENTWISE, FLOAT_ATTRS, OTHER_ATTRS
 from kiln.errors import KilnError
 from kiln.passes.framework import KILN_DOMAIN, KILN_DOMAIN_VERSION, Finding, Pass, PassContext, register_pass
-from kiln.passes.rewriting import connected_components, constant_array, record_fusion, shapes_of, unique_node_names
+from kiln.passes.rewriting import (
+    connected_components,
+    constant_array,
+    node_names,
+    record_fusion,
+    shapes_of,
+    unique_node_names,
+)
 
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
@@ -50,7 +57,7 @@ def _clip_bounds(node: ir.Node) -> tuple[float | None, float | None] | None:
     if "min" in node.attributes or "max" in node.attributes:  # opset < 11
         lo, hi = node.attributes.get("min"), node.attributes.get("max")
         return (float(lo.value) if lo else None, float(hi.value) if hi else None)
-    bounds = []
+    bounds: list[float | None] = []
     for value in list(node.inputs[1:3]) + [None] * (3 - len(node.inputs)):
         if value is None or not value.name:
             bounds.append(None)
@@ -119,8 +126,11 @@ def _program(members: list[ir.Node]) -> tuple[list[dict], list[ir.Value]]:
 
     for node in members:
         if node.op_type == "Clip":
-            lo, hi = _clip_bounds(node)
-            args, attrs = [operand(node.inputs[0])], {"min": lo, "max": hi}
+            bounds = _clip_bounds(node)
+            x = node.inputs[0]
+            assert bounds is not None and x is not None, "_eligible takes a Clip of X with constant bounds"
+            lo, hi = bounds
+            args, attrs = [operand(x)], {"min": lo, "max": hi}
         else:
             args = [operand(v) for v in node.inputs if v is not None and v.name]
             attrs = {k: a.value for k, a in node.attributes.items()
@@ -143,11 +153,13 @@ class FusePointwise(Pass):
         unique_node_names(model)
         return [Finding(
             rule="pointwise-chain",
-            title=f"a chain of {len(chain)} elementwise ops ({', '.join(n.op_type for n in chain)}) runs as {len(chain)} kernels",
-            nodes=[n.name for n in chain],
+            title=f"a chain of {len(chain)} elementwise ops ({', '.join(n.op_type for n in chain)}) "
+                  f"runs as {len(chain)} kernels",
+            nodes=node_names(chain),
             why="each elementwise op reads its inputs from memory and writes its output back; one fused kernel "
                 "reads each input once and writes once",
-            fix=f"fixed automatically by pass {self.name} (emits ai.kiln::FusedPointwise: the builder, or kiln optimize --kiln-ops)",
+            fix=f"fixed automatically by pass {self.name} "
+                "(emits ai.kiln::FusedPointwise: the builder, or kiln optimize --kiln-ops)",
             pass_name=self.name,
             shapes=shapes_of([chain[-1].outputs[0]]),
             details={"ops": [n.op_type for n in chain]},

@@ -110,9 +110,13 @@ class ExecutionContext:
         self.name = program.name
         on_cuda = self.device.type == "cuda"
         if cuda_graph and not on_cuda:
-            raise KilnError(f"{self.name}: CUDA graphs need an engine built for CUDA; this one runs on {self.device.type}")
+            raise KilnError(
+                f"{self.name}: CUDA graphs need an engine built for CUDA; this one runs on {self.device.type}"
+            )
         if not isinstance(graph_cache_size, int) or graph_cache_size < 1:
-            raise KilnError(f"{self.name}: graph_cache_size must be a positive number of graphs, got {graph_cache_size!r}")
+            raise KilnError(
+                f"{self.name}: graph_cache_size must be a positive number of graphs, got {graph_cache_size!r}"
+            )
         if aux_streams is not None and (not isinstance(aux_streams, int) or aux_streams < 0):
             raise KilnError(f"{self.name}: aux_streams must be a number >= 0, got {aux_streams!r}")
         self.profile = self._valid_profile(profile)
@@ -135,7 +139,7 @@ class ExecutionContext:
         used = planned if aux_streams is None else min(aux_streams, planned)
         self.aux_streams = used if on_cuda else 0
         if on_cuda:
-            self.stream = torch.cuda.Stream(self.device)
+            self.stream: torch.cuda.Stream | None = torch.cuda.Stream(self.device)
             self._aux = [torch.cuda.Stream(self.device) for _ in range(self.aux_streams)]
             self._streams = [self.stream, *self._aux]
             # the plan's stream i -> one of this context's streams (several may share one)
@@ -162,8 +166,12 @@ class ExecutionContext:
     # -- configuration ---------------------------------------------------------------------------
     def _valid_profile(self, profile: int | None) -> int | None:
         count = len(self.program.profiles)
-        if profile is not None and (not isinstance(profile, int) or isinstance(profile, bool) or not 0 <= profile < count):
-            raise KilnError(f"{self.name}: no optimization profile {profile!r}; the engine has {count} (0..{count - 1})")
+        if profile is not None and (
+            not isinstance(profile, int) or isinstance(profile, bool) or not 0 <= profile < count
+        ):
+            raise KilnError(
+                f"{self.name}: no optimization profile {profile!r}; the engine has {count} (0..{count - 1})"
+            )
         return profile
 
     def set_profile(self, profile: int | None) -> None:
@@ -196,7 +204,9 @@ class ExecutionContext:
                     raise InputError(f"{self.name}: bound output {name!r} must be a tensor on {self.device}")
                 want = dtypes.to_torch_dtype(getattr(dtypes.DT, known[name]["dtype"].upper()))
                 if tensor.dtype != want:
-                    raise InputError(f"{self.name}: bound output {name!r} has dtype {tensor.dtype}, the engine writes {want}")
+                    raise InputError(
+                        f"{self.name}: bound output {name!r} has dtype {tensor.dtype}, the engine writes {want}"
+                    )
                 if not tensor.is_contiguous():
                     raise InputError(f"{self.name}: bound output {name!r} must be contiguous")
                 bound[name] = tensor
@@ -248,11 +258,15 @@ class ExecutionContext:
         there are no streams and this is ``run``."""
         if self.stream is None:
             if stream is not None:
-                raise KilnError(f"{self.name}: this engine runs on the CPU, which has no streams; call run_async without one")
+                raise KilnError(
+                    f"{self.name}: this engine runs on the CPU, which has no streams; call run_async without one"
+                )
             return self.run(inputs, timeout_s)
         with self._entered(timeout_s):
             values, profile = self.program.check_inputs(inputs, self.profile)
-            return self._async(lambda: self._enqueue([self._on_device(v, pinned=True) for v in values], profile), stream)
+            return self._async(
+                lambda: self._enqueue([self._on_device(v, pinned=True) for v in values], profile), stream
+            )
 
     def execute(self, timeout_s: float | None = None) -> dict[str, Any]:
         """Run the plan on the bound tensors (``bind``) and wait for it."""
@@ -266,7 +280,9 @@ class ExecutionContext:
         """``execute`` queued behind ``stream``'s work (default: the current stream), without waiting."""
         if self.stream is None:
             if stream is not None:
-                raise KilnError(f"{self.name}: this engine runs on the CPU, which has no streams; call execute_async without one")
+                raise KilnError(
+                    f"{self.name}: this engine runs on the CPU, which has no streams; call execute_async without one"
+                )
             return self.execute(timeout_s)
         with self._entered(timeout_s):
             values, profile = self._bound()
@@ -307,16 +323,22 @@ class ExecutionContext:
             raise KilnError(f"{self.name}: execute() runs on bound tensors; call bind(inputs, outputs) first")
         return self._bound_inputs, self._bound_profile
 
+    def _cuda_stream(self) -> torch.cuda.Stream:
+        """The context's stream, on the CUDA paths (it is None only on the CPU)."""
+        assert self.stream is not None, "a CUDA path ran in a CPU context"
+        return self.stream
+
     def _sync(self, enqueue, device_inputs: bool) -> dict[str, Any]:
         """Run ``enqueue`` on the context's stream and wait for it on the host. The context's stream
         waits for the caller's only where the inputs are GPU tensors the caller's stream may still
         be writing, and the caller's stream is never made to wait: contexts driven by ``run`` from
         several threads (whose current stream is the default one) stay independent."""
+        own = self._cuda_stream()
         if device_inputs:
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
+            own.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(own):
             outputs = enqueue()
-        self.stream.synchronize()
+        own.synchronize()
         caller = torch.cuda.current_stream(self.device)
         for value in outputs.values():
             if isinstance(value, torch.Tensor) and value.device.type == "cuda":
@@ -325,20 +347,21 @@ class ExecutionContext:
 
     def _async(self, enqueue, stream: torch.cuda.Stream | None) -> dict[str, Any]:
         caller = stream if stream is not None else torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(caller)
-        with torch.cuda.stream(self.stream):
+        own = self._cuda_stream()
+        own.wait_stream(caller)
+        with torch.cuda.stream(own):
             outputs = enqueue()
         for value in outputs.values():
             if isinstance(value, torch.Tensor) and value.device.type == "cuda":
                 value.record_stream(caller)  # the caller may free it while its stream still reads it
-        caller.wait_stream(self.stream)
+        caller.wait_stream(own)
         return outputs
 
     def _on_device(self, value: torch.Tensor, pinned: bool) -> torch.Tensor:
         """An input on the engine's device, copied on the context's stream; a device tensor given by
         the caller is marked as used by that stream, so freeing it early is safe."""
         if value.device.type == "cuda":
-            value.record_stream(self.stream)
+            value.record_stream(self._cuda_stream())
             return value
         if pinned:
             return value.pin_memory().to(self.device, non_blocking=True)
@@ -372,7 +395,7 @@ class ExecutionContext:
                 return {name: value if name in (into or {}) or not isinstance(value, torch.Tensor) else value.clone()
                         for name, value in entry.outputs.items()}
         if self.profiler is not None:
-            return self._deliver(self._profiled(program.lean[profile], values, cached), into)
+            return self._deliver(self._profiled(program.lean[profile], values, cached, self.profiler), into)
         results, _ = self._execute(program.lean[profile], values, cached)
         self.stats.eager_runs += 1
         return self._deliver(results, into)
@@ -382,7 +405,8 @@ class ExecutionContext:
         if deadline is not None and deadline.expired():
             raise named(deadline.stopped(where), self.name)
 
-    def _profiled(self, steps: list[Step], values: list[torch.Tensor], cached: dict[int, Any]) -> dict[str, Any]:
+    def _profiled(self, steps: list[Step], values: list[torch.Tensor], cached: dict[int, Any],
+                  profiler: Callable[[str, float], None]) -> dict[str, Any]:
         """One eager run that reports each layer's time to ``profiler`` (CUDA events on the layer's
         stream, or the host clock on the CPU); waits for the GPU to read the events."""
         timings: list[tuple] = []
@@ -391,7 +415,7 @@ class ExecutionContext:
         if self.stream is not None:
             self.stream.synchronize()
         for name, start, end in timings:
-            self.profiler(name, start.elapsed_time(end) if self.stream is not None else (end - start) * 1e3)
+            profiler(name, start.elapsed_time(end) if self.stream is not None else (end - start) * 1e3)
         return results
 
     def _deliver(self, results: dict[str, Any], into: Mapping[str, torch.Tensor] | None) -> dict[str, Any]:
@@ -410,7 +434,11 @@ class ExecutionContext:
         plan cannot be captured: an op that waits for the GPU; the reason is in ``graph_errors``)."""
         key = shape_key
         if bound:
-            key += ("bound", *(v.data_ptr() for v in values), *sorted((n, t.data_ptr(), tuple(t.shape)) for n, t in (into or {}).items()))
+            key += (
+                "bound",
+                *(v.data_ptr() for v in values),
+                *sorted((n, t.data_ptr(), tuple(t.shape)) for n, t in (into or {}).items()),
+            )
         if key in self._graphs:
             self._graphs.move_to_end(key)
             return self._graphs[key]
@@ -429,9 +457,10 @@ class ExecutionContext:
             # Captured on the context's own stream, which alone is synchronized first: unlike
             # torch.cuda.graph(), nothing here waits for the whole device or empties torch's cache,
             # so contexts in other threads go on running (their streams are not captured).
-            with _CAPTURE, torch.cuda.stream(self.stream):
-                self.stream.synchronize()
-                graph.capture_begin(*((self._pool,) if self._pool is not None else ()), capture_error_mode="thread_local")
+            own = self._cuda_stream()
+            with _CAPTURE, torch.cuda.stream(own):
+                own.synchronize()
+                graph.capture_begin(self._pool, capture_error_mode="thread_local")
                 try:
                     results, _ = self._execute(self.program.lean[profile], inputs, cached)
                     outputs = self._deliver(results, into)
@@ -495,7 +524,7 @@ class ExecutionContext:
                     if deadline is not None and deadline.expired():
                         raise deadline.stopped(step.where)
                     if first and step.broadcast is not None:
-                        self._check_broadcast(step, env)
+                        self._check_broadcast(step, step.broadcast, env)
                     if several:
                         stream = self._streams[self._stream_of[step.stream]]
                         for event in step.waits:
@@ -522,6 +551,7 @@ class ExecutionContext:
                     for s in frees:
                         env[s] = None
                 if several:
+                    assert main is not None  # several streams run on CUDA only
                     for aux, join in zip(self._aux, self._joins):
                         join.record(aux)
                         main.wait_event(join)
@@ -544,11 +574,11 @@ class ExecutionContext:
             raise OpError(f"{self.name}: {where} failed: {type(error).__name__}: {error}") from error
         return results, captured
 
-    def _check_broadcast(self, step: Step, env: list[Any]) -> None:
+    def _check_broadcast(self, step: Step, broadcast: list[tuple[int, ...]], env: list[Any]) -> None:
         """A Pointwise layer's output (the broadcast of its inputs and weights) against the tensor-size
         ceiling, before it is computed: on the first run at a shape, which later runs repeat."""
         inputs = [env[s] for s in step.in_slots]
-        shape = torch.broadcast_shapes(*(tuple(v.shape) for v in inputs), *step.broadcast)
+        shape = torch.broadcast_shapes(*(tuple(v.shape) for v in inputs), *broadcast)
         check_tensor_bytes(shape, step.cast_dtype or inputs[0].dtype, f"{step.where}: its output", device=self.device)
 
     def _timed_step(self, step: Step, env: list[Any], on_cuda: bool, timings: list | None, stream) -> None:
@@ -561,9 +591,9 @@ class ExecutionContext:
             end.record(stream)
             timings.append((step.name, start, end))
         else:
-            start = time.perf_counter()
+            began = time.perf_counter()
             self._step(step, env, on_cuda)
-            timings.append((step.name, start, time.perf_counter()))
+            timings.append((step.name, began, time.perf_counter()))
 
     @staticmethod
     def _step(step: Step, env: list[Any], on_cuda: bool) -> None:

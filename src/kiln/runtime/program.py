@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -62,7 +62,7 @@ class Step:
     stream: int = 0
     waits: tuple[int, ...] = ()
     record: int | None = None
-    free_lean: list[int] | None = None
+    free_lean: list[int] = field(default_factory=list)  # set for every step when there are several
     where: str = ""  # "layer 'name' (op Conv+Relu)", for errors and time limits
     # a Pointwise layer's weight shapes: its output is the broadcast of them and its inputs, checked
     # against the tensor-size ceiling on the first run at each input shape (None: other kinds)
@@ -120,9 +120,10 @@ class Program:
         graph_outputs = {o["name"] for o in self.outputs}
         self.steps: list[list[Step]] = [[] for _ in self.profiles]
         for index, record in enumerate(layers):
-            layer = Layer(name=record["name"], kind=record["kind"], nodes=list(record["nodes"]), inputs=list(record["inputs"]),
-                          outputs=list(record["outputs"]), attrs=record["attrs"], weights=dict(record["weights"]),
-                          op_types=list(record["op_types"]), origins=[list(o) for o in record.get("origins", [])])
+            layer = Layer(name=record["name"], kind=record["kind"], nodes=list(record["nodes"]),
+                          inputs=list(record["inputs"]), outputs=list(record["outputs"]), attrs=record["attrs"],
+                          weights=dict(record["weights"]), op_types=list(record["op_types"]),
+                          origins=[list(o) for o in record.get("origins", [])])
             in_slots = []
             for value in layer.inputs:
                 if value not in slots:
@@ -254,7 +255,10 @@ class Program:
             for i, p in enumerate(self.profiles)
         )
         given = ", ".join(f"{n} {list(s)}" for n, s in shapes.items())
-        raise InputError(f"{self.name}: input shapes {given} fit no optimization profile ({ranges}); rebuild with a profile that covers them")
+        raise InputError(
+            f"{self.name}: input shapes {given} fit no optimization profile ({ranges}); "
+            "rebuild with a profile that covers them"
+        )
 
     def check_profile(self, index: int, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """Refuse shapes outside profile ``index``, naming the input, its shape and the allowed range."""
@@ -288,19 +292,30 @@ class Program:
                                      f"{self.device}: pass it there, on the CPU, or as a numpy array")
             else:
                 try:
-                    value = dtypes.tensor_from_numpy(np.asarray(given), "cpu")
+                    converted = dtypes.tensor_from_numpy(np.asarray(given), "cpu")
                 except KeyError as error:
-                    raise InputError(f"{self.name}: input {spec['name']!r} has dtype {np.asarray(given).dtype}, which kiln cannot hold") from error
-                if not isinstance(value, torch.Tensor):
-                    raise InputError(f"{self.name}: input {spec['name']!r} is a string tensor; engines take numeric inputs")
-            got = dtypes.onnx_name(dtypes.ONNX_DTYPES[value.dtype]) if value.dtype in dtypes.ONNX_DTYPES else str(value.dtype)
+                    raise InputError(
+                        f"{self.name}: input {spec['name']!r} has dtype {np.asarray(given).dtype}, "
+                        "which kiln cannot hold"
+                    ) from error
+                if not isinstance(converted, torch.Tensor):
+                    raise InputError(
+                        f"{self.name}: input {spec['name']!r} is a string tensor; engines take numeric inputs"
+                    )
+                value = converted
+            got = (dtypes.onnx_name(dtypes.ONNX_DTYPES[value.dtype]) if value.dtype in dtypes.ONNX_DTYPES
+                   else str(value.dtype))
             if got != spec["dtype"]:
-                raise InputError(f"{self.name}: input {spec['name']!r} has dtype {got}, the engine expects {spec['dtype']}")
+                raise InputError(
+                    f"{self.name}: input {spec['name']!r} has dtype {got}, the engine expects {spec['dtype']}"
+                )
             shape = spec["shape"]
             if shape is not None:
                 if len(shape) != value.dim():
-                    raise InputError(f"{self.name}: input {spec['name']!r} has rank {value.dim()} (shape {list(value.shape)}), "
-                                     f"the engine expects rank {len(shape)}")
+                    raise InputError(
+                        f"{self.name}: input {spec['name']!r} has rank {value.dim()} (shape {list(value.shape)}), "
+                        f"the engine expects rank {len(shape)}"
+                    )
                 for axis, (dim, size) in enumerate(zip(shape, value.shape)):
                     if dim is not None and dim != size:
                         raise InputError(f"{self.name}: input {spec['name']!r} has shape {list(value.shape)}, "
@@ -343,7 +358,9 @@ def layer_reads_torch_flags(layer: Mapping[str, Any]) -> bool:
         return True
     if layer["precision"] not in ("fp32", "tf32"):
         return False
-    return layer["kind"] in ("Gemm", "Attention") or (layer["kind"] == "Node" and op_facts(layer["op_types"][0], None).reads_torch_flags)
+    return layer["kind"] in ("Gemm", "Attention") or (
+        layer["kind"] == "Node" and op_facts(layer["op_types"][0], None).reads_torch_flags
+    )
 
 
 def _host_position(layer: Mapping[str, Any], index: int) -> bool:

@@ -51,7 +51,9 @@ class Tactic:
         """Rank used at optimization level 0 and to order short lists: higher is tried first."""
         return 0
 
-    def prepare(self, layer: Layer, weights: Mapping[str, torch.Tensor], precision: str, config: Mapping) -> dict[str, torch.Tensor]:
+    def prepare(
+        self, layer: Layer, weights: Mapping[str, torch.Tensor], precision: str, config: Mapping
+    ) -> dict[str, torch.Tensor]:
         return {}
 
     def prep_id(self, config: Mapping) -> str:

@@ -5,8 +5,8 @@ NHWC is the tensor-core layout, and oneDNN's own on the CPU (an NCHW conv there 
 its input and output on every call). Which one a conv layer runs in is choose_layout's decision
 (``kiln.passes.choose_layout.runs_nhwc``: the pass's mark in the layer's ``layout``, the device and
 the precision): an NHWC conv is tried in NHWC from level 1, with NCHW only at levels 4-5 (a layout
-alternative); an NCHW conv the other way round. An NHWC conv leaves its output channels_last, so the next conv in the region reads
-it without a reformat; torch's pointwise ops keep the layout.
+alternative); an NCHW conv the other way round. An NHWC conv leaves its output channels_last, so the next
+conv in the region reads it without a reformat; torch's pointwise ops keep the layout.
 """
 
 from __future__ import annotations
@@ -119,7 +119,9 @@ class ConvCudnnFused(Tactic):
 
     def supports(self, layer, precision, device):
         act = layer.attrs["activation"]
-        return act is not None and act["op"] == "relu" and _symmetric(layer) and hasattr(torch, "cudnn_convolution_relu")
+        return (
+            act is not None and act["op"] == "relu" and _symmetric(layer) and hasattr(torch, "cudnn_convolution_relu")
+        )
 
     def configs(self, layer, level, precision, device):
         preferred = "nhwc" if conv_runs_nhwc(layer, precision, device) else "nchw"

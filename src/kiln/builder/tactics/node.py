@@ -79,7 +79,9 @@ class NodeReference(Tactic):
             if not isinstance(result, tuple):
                 result = (result,)
             if upcast:
-                result = tuple(r.to(dtype) if isinstance(r, torch.Tensor) and r.dtype == torch.float32 else r for r in result)
+                result = tuple(
+                    r.to(dtype) if isinstance(r, torch.Tensor) and r.dtype == torch.float32 else r for r in result
+                )
             return list(result)
 
         return run

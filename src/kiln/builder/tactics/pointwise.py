@@ -1,7 +1,7 @@
 """Pointwise tactics: a fused chain of elementwise ops as one Triton kernel, or op by op in torch.
 
-The chain is a small program (``ai.kiln::FusedPointwise``'s, see ``kiln.passes.fuse_pointwise``); both tactics compute it in fp32 and
-store the result in the layer's precision, so a chain costs one rounding, not one per op.
+The chain is a small program (``ai.kiln::FusedPointwise``'s, see ``kiln.passes.fuse_pointwise``); both tactics
+compute it in fp32 and store the result in the layer's precision, so a chain costs one rounding, not one per op.
 """
 
 from __future__ import annotations
