@@ -40,7 +40,7 @@ from onnxscript.rewriter.pattern import Pattern
 from kiln.errors import KilnError
 from kiln.passes._conv import elements
 from kiln.passes.framework import KILN_DOMAIN, KILN_DOMAIN_VERSION, Finding, Pass, PassContext, register_pass
-from kiln.passes.match_activation import PATTERNS, activation_of
+from kiln.passes.match_activation import PATTERNS, activation_of, match_chains
 from kiln.passes.rewriting import (
     Names,
     add_initializer,
@@ -206,26 +206,7 @@ def _analyse(model: ir.Model, spec: _Spec, bindings: dict, nodes: list[ir.Node])
 
 def _fusions(model: ir.Model) -> list[_Fusion]:
     """Every chain this pass fuses, in graph order of the phases (the one matcher of find and apply)."""
-    graph = model.graph
-    claimed: set[int] = set()
-    found: list[_Fusion] = []
-    order = {id(n): i for i, n in enumerate(graph)}
-    for phase in _PHASES:
-        for node in graph:
-            if id(node) in claimed:
-                continue
-            for spec, pattern in phase.get((node.domain if node.domain != "ai.onnx" else "", node.op_type), []):
-                match = pattern.match(model, graph, node)
-                if not match or any(id(n) in claimed for n in match.nodes):
-                    continue
-                nodes = sorted(match.nodes, key=lambda n: order[id(n)])
-                fusion = _analyse(model, spec, dict(match.bindings), nodes)
-                if fusion is None:
-                    continue
-                claimed.update(id(n) for n in nodes)
-                found.append(fusion)
-                break
-    return found
+    return match_chains(model, _PHASES, _analyse)
 
 
 @register_pass

@@ -9,13 +9,17 @@ spec's +-FLT_MAX) or constant scalar inputs (absent = unbounded), Relu6 being Cl
 in either order; Gelu (the standard op, or ``ai.kiln::Gelu`` that ``fuse_gelu`` writes for older
 opsets) with ``approximate`` "none" or "tanh".
 
+``match_chains`` is the two passes' one matcher: phases of patterns indexed by their root op, tried
+in turn over the graph, each node claimed by at most one chain.
+
 ``activation_of`` returns None (the chain must not fuse) for an attribute the fused op does not
 model, a non-constant Clip bound, or an unknown GELU approximation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx_ir as ir
@@ -96,3 +100,34 @@ def activation_of(model: ir.Model, name: str, bindings: dict) -> tuple[str, list
             bounds.append(bound)
         return "Clip", bounds, list(node.inputs[1:])
     raise AssertionError(name)
+
+
+_Spec = TypeVar("_Spec")
+_Fusion = TypeVar("_Fusion")
+
+
+def match_chains(model: ir.Model, phases: Sequence[Mapping[tuple[str, str], list[tuple[_Spec, Any]]]],
+                 analyse: Callable[[ir.Model, _Spec, dict, list[ir.Node]], _Fusion | None]) -> list[_Fusion]:
+    """Every chain to fuse, phase by phase (an earlier phase's longer chains win): at each node not yet
+    claimed, the phase's patterns rooted at its op are tried in order; the first whose match
+    ``analyse(model, spec, bindings, nodes in graph order)`` accepts claims its nodes."""
+    graph = model.graph
+    claimed: set[int] = set()
+    found: list[_Fusion] = []
+    order = {id(n): i for i, n in enumerate(graph)}
+    for phase in phases:
+        for node in graph:
+            if id(node) in claimed:
+                continue
+            for spec, pattern in phase.get((node.domain if node.domain != "ai.onnx" else "", node.op_type), []):
+                match = pattern.match(model, graph, node)
+                if not match or any(id(n) in claimed for n in match.nodes):
+                    continue
+                nodes = sorted(match.nodes, key=lambda n: order[id(n)])
+                fusion = analyse(model, spec, dict(match.bindings), nodes)
+                if fusion is None:
+                    continue
+                claimed.update(id(n) for n in nodes)
+                found.append(fusion)
+                break
+    return found
