@@ -3,12 +3,7 @@
 Models (random weights, nothing is downloaded), each exported once to ONNX in fp32 by the TorchScript
 exporter (opset 17, batch axis dynamic) as ``benchmarks.models`` makes and exports them:
 
-    name          model                                                  inputs                         large batch
-    resnet50      torchvision resnet50(weights=None)                     images 3x224x224               256
-    mobilenet_v2  torchvision mobilenet_v2(weights=None)                 images 3x224x224               256
-    vit_b_16      torchvision vit_b_16(weights=None), head re-drawn      images 3x224x224               64
-    bert          transformers BertModel(BertConfig()), no pooler        ids, mask, token types x 128   64
-    gpt2          transformers GPT2Model(GPT2Config()), no cache         ids, mask x 128                32
+    resnet50, mobilenet_v2, vit_b_16, bert, gpt2 (the table of ``benchmarks.models``: model, inputs, large batch)
 
 (torchvision zero-initializes ViT's head; an all-zero output would compare nothing, so it is drawn
 from N(0, 0.02).) Every number comes from kiln's own ``kiln.bench.run.run_bench``: kiln builds an engine
