@@ -360,3 +360,15 @@ def test_dynamo_export_at_static_shapes_with_a_causal_mask_builds(tmp_path):
     got, ref = engine.run(feeds), run_onnxruntime(path, feeds)
     for name in ref:
         assert scaled_error(got[name].float(), torch.from_numpy(ref[name])) <= 1e-4, name
+
+
+def test_a_layer_fused_by_a_pass_is_described_by_the_ops_it_fused(rng):
+    """Errors and logs name what a fused layer computes (MatMul+Add+Gelu), not only its first op; a
+    FusedConv layer keeps its own name, an unfused layer its op."""
+    m = model([node("MatMul", ["x", "w"], ["m"]), node("Add", ["m", "b"], ["a"]), node("Gelu", ["a"], ["g"]),
+               node("Neg", ["g"], ["y"])],
+              [("x", [2, 3, 8])], [("y", [2, 3, 16])], [("w", weights(rng, 8, 16)), ("b", weights(rng, 16))], opset=20)
+    engine = kiln.build(m, BuildConfig(device="cpu", opt_level=1))
+    wheres = [step.where for step in engine.program.steps[0]]
+    assert any(w.endswith("(op MatMul+Add+Gelu)") for w in wheres), wheres
+    assert any(w.endswith("(op Neg)") for w in wheres), wheres

@@ -127,7 +127,7 @@ def _build(state: BuildState) -> BuiltPlan:
     planned = assign_precisions(state, layers)
     for index, item in enumerate(planned):
         state.progress("tactics", index, len(planned))
-        state.check_time(f"tactic selection for layer {item.layer.name!r} (op {'+'.join(item.layer.op_types)})")
+        state.check_time(f"tactic selection for layer {item.layer.name!r} (op {item.layer.described_ops})")
         item.choices = select_all(state, index, item)
         prefer_faster_wide(state, index, item)
     state.progress("tactics", len(planned), len(planned))

@@ -89,7 +89,7 @@ def check_outputs(state: BuildState, planned: list[PlannedLayer]) -> None:
             item.choices = select_all(state, index, item, target)
             if target == "tf32":
                 movable.append(index)
-            message = (f"layer {item.layer.name!r} ({'+'.join(item.layer.op_types)}): moved from {before} to {target}: "
+            message = (f"layer {item.layer.name!r} ({item.layer.described_ops}): moved from {before} to {target}: "
                        f"the engine's outputs were over the {precision} tolerance of fp32 end to end "
                        f"(its own drift in {before}: {item.drift:.3g})")
             item.notes.append(message)
@@ -140,7 +140,7 @@ def _plan_outputs(state: BuildState, planned: list[PlannedLayer], runners: dict)
     env: dict[str, Any] = dict(state.opt_feeds[0])
     for index, item in enumerate(planned):
         layer = item.layer
-        where = f"layer {layer.name!r} (op {'+'.join(layer.op_types)})"
+        where = f"layer {layer.name!r} (op {layer.described_ops})"
         state.check_time(f"the end-to-end check, {where}")
         try:
             result = run_choice(state, index, item, item.choices[0], item.precision, [env[n] for n in layer.inputs],
@@ -155,7 +155,7 @@ def _plan_outputs(state: BuildState, planned: list[PlannedLayer], runners: dict)
             upstream = f" or the reduced-precision layers before it ({', '.join(reduced[-3:])}" \
                        f"{', ...' if len(reduced) > 3 else ''})" if reduced else ""
             raise OpError(
-                f"{state.name}: layer {layer.name!r} ({'+'.join(layer.op_types)}, {item.precision}) failed in the "
+                f"{state.name}: layer {layer.name!r} ({layer.described_ops}, {item.precision}) failed in the "
                 f"end-to-end run of the planned engine, where the fp32 reference ran: {type(error).__name__}: "
                 f"{first_line(error)}; pin it{upstream} to fp32 with --layer-precision NAME:fp32") from error
         env.update((name, value) for name, value in zip(layer.outputs, result) if name)

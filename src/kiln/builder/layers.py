@@ -68,6 +68,13 @@ class Layer:
     def fused(self) -> bool:
         return len(self.origins or self.nodes) > 1
 
+    @property
+    def described_ops(self) -> str:
+        """What the layer computes, for messages: the model's ops a pass fused into it where the layer
+        is named after them (``MatMul+Add+Relu`` for a FusedGemm), else its own op types."""
+        named_by_origins = self.kind != "Node" and bool(self.origins) and self.op_types[:1] == self.origins[0][1:]
+        return "+".join(op for _, op in self.origins) if named_by_origins else "+".join(self.op_types)
+
 
 @dataclass
 class GraphFacts:

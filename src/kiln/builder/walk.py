@@ -76,7 +76,7 @@ def _check_precision(state: BuildState, index: int, item: PlannedLayer, ref_inpu
         reason = _precision_problem(state, index, item, precision, ref_inputs, ref_out)
         if reason is None:
             return
-        message = (f"layer {item.layer.name!r} ({'+'.join(item.layer.op_types)}): {reason} in {precision}; "
+        message = (f"layer {item.layer.name!r} ({item.layer.described_ops}): {reason} in {precision}; "
                    f"falls back to {order[position + 1]}")
         item.notes.append(message)
         state.report.fallbacks.append(message)

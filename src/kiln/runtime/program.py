@@ -151,7 +151,7 @@ class Program:
                 self.steps[profile].append(Step(
                     layer.name, runners[key], in_slots, out_slots, list(record["cast_inputs"]),
                     PRECISION_DTYPES.get(precision), precision == "tf32", free,
-                    where=f"layer {layer.name!r} (op {'+'.join(layer.op_types)})", broadcast=broadcast,
+                    where=f"layer {layer.name!r} (op {layer.described_ops})", broadcast=broadcast,
                 ))
         static = self._plan_static(layers, slots)
         # Whether the layers of a run after the first at a shape (the static ones are cached then)
